@@ -69,6 +69,14 @@ pub struct LocalModelConfig {
     pub queue: usize,
     #[serde(default)]
     pub force_cpu: bool,
+    /// Rewrite Q4_1 tensors as Q8_0 before loading (once, cached beside the file): candle has
+    /// SIMD kernels for Q8_0 and none for Q4_1.
+    #[serde(default = "default_true")]
+    pub requantize_q4_1: bool,
+}
+
+pub fn default_true() -> bool {
+    true
 }
 
 pub fn default_max_seqs() -> usize {

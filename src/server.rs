@@ -59,6 +59,7 @@ fn local_models(config: &Config) -> Vec<LocalModelConfig> {
             max_concurrent: crate::config::default_max_concurrent(),
             queue: crate::config::default_queue(),
             force_cpu: false,
+            requantize_q4_1: true,
         }];
     }
     config
@@ -83,6 +84,13 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                     .await
                     .context("model fetch task failed")??
             }
+        };
+        let gguf = if m.requantize_q4_1 {
+            tokio::task::spawn_blocking(move || crate::backend::requantize::prefer_q8_0(&gguf))
+                .await
+                .context("requantize task failed")??
+        } else {
+            gguf
         };
         let backend = LocalBackend::new(LocalSettings {
             id: m.id.clone(),

@@ -6,6 +6,7 @@
 //! and so that dropping the consumer always cancels generation.
 
 pub mod fetch;
+pub mod requantize;
 pub mod local;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
