@@ -10,13 +10,68 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use experient::experience::{Change, Provenance, Source, Store, StoreOptions};
 
 const WORDS: &[&str] = &[
-    "units", "convert", "minutes", "hours", "percent", "discount", "price", "total", "average",
-    "ratio", "fraction", "divide", "multiply", "subtract", "remainder", "interest", "rate",
-    "distance", "speed", "time", "area", "perimeter", "volume", "weight", "cost", "profit",
-    "loss", "share", "equal", "groups", "twice", "half", "double", "triple", "each", "every",
-    "per", "week", "month", "year", "day", "people", "students", "apples", "boxes", "pages",
-    "check", "verify", "estimate", "restate", "question", "answer", "step", "equation",
-    "carefully", "first", "before", "after", "compare", "largest", "smallest", "difference",
+    "units",
+    "convert",
+    "minutes",
+    "hours",
+    "percent",
+    "discount",
+    "price",
+    "total",
+    "average",
+    "ratio",
+    "fraction",
+    "divide",
+    "multiply",
+    "subtract",
+    "remainder",
+    "interest",
+    "rate",
+    "distance",
+    "speed",
+    "time",
+    "area",
+    "perimeter",
+    "volume",
+    "weight",
+    "cost",
+    "profit",
+    "loss",
+    "share",
+    "equal",
+    "groups",
+    "twice",
+    "half",
+    "double",
+    "triple",
+    "each",
+    "every",
+    "per",
+    "week",
+    "month",
+    "year",
+    "day",
+    "people",
+    "students",
+    "apples",
+    "boxes",
+    "pages",
+    "check",
+    "verify",
+    "estimate",
+    "restate",
+    "question",
+    "answer",
+    "step",
+    "equation",
+    "carefully",
+    "first",
+    "before",
+    "after",
+    "compare",
+    "largest",
+    "smallest",
+    "difference",
 ];
 
 /// A small deterministic generator, so every run indexes the same texts.
@@ -29,13 +84,23 @@ impl Rng {
         self.0 as usize
     }
     fn words(&mut self, n: usize) -> String {
-        (0..n).map(|_| WORDS[self.next() % WORDS.len()]).collect::<Vec<_>>().join(" ")
+        (0..n)
+            .map(|_| WORDS[self.next() % WORDS.len()])
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 }
 
 fn library(n: usize, cache_entries: u64) -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), StoreOptions { cache_entries, ..Default::default() }).unwrap();
+    let store = Store::open(
+        dir.path(),
+        StoreOptions {
+            cache_entries,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     store.create("bench").unwrap();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let changes = (0..n)
@@ -67,7 +132,9 @@ fn percentiles(store: &Store, queries: &[String]) -> (Duration, Duration) {
 
 fn search(c: &mut Criterion) {
     let mut group = c.benchmark_group("search");
-    group.sample_size(30).measurement_time(Duration::from_secs(3));
+    group
+        .sample_size(30)
+        .measurement_time(Duration::from_secs(3));
     for n in [1_000, 10_000, 100_000] {
         let mut rng = Rng(42);
         let queries: Vec<String> = (0..5000).map(|_| rng.words(3)).collect();
@@ -91,12 +158,18 @@ fn search(c: &mut Criterion) {
 
 fn writes(c: &mut Criterion) {
     let mut group = c.benchmark_group("write");
-    group.sample_size(20).measurement_time(Duration::from_secs(5));
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(5));
     for n in [1_000, 100_000] {
         let (_dir, store) = library(n, 10_000);
         let mut rng = Rng(7);
         group.bench_with_input(BenchmarkId::new("add", n), &n, |b, _| {
-            b.iter(|| store.add("bench", &format!("New lesson: {}.", rng.words(12)), vec![]).unwrap())
+            b.iter(|| {
+                store
+                    .add("bench", &format!("New lesson: {}.", rng.words(12)), vec![])
+                    .unwrap()
+            })
         });
     }
     group.finish();

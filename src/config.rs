@@ -13,6 +13,21 @@ pub struct Config {
     /// Models exposed in `/v1/models`. Empty means the embedded default model.
     #[serde(default)]
     pub models: Vec<ModelConfig>,
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+/// Inbound API keys. Keys from the environment (`EXPERIENT_API_KEYS`, `EXPERIENT_ADMIN_KEYS`,
+/// comma-separated) are added to these, so secrets need not live in the file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Keys that may use the OpenAI routes.
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    /// Keys that may also administer libraries and jobs.
+    #[serde(default)]
+    pub admin_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

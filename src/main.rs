@@ -20,10 +20,21 @@ enum Command {
     Serve(ServeArgs),
     /// Curate experience libraries: list, search, add, edit, rm, export, import, versions, rollback.
     Experience(experient::cli::ExperienceArgs),
-    /// Download the embedded default model into the cache and print its path.
+    /// Download the embedded default model into the cache, prepare its Q8_0 rewrite, and print
+    /// the path of the original.
     FetchModel {
         #[arg(long, env = "EXPERIENT_MODEL_CACHE")]
         model_cache: Option<PathBuf>,
+    },
+    /// Exit 0 if the server at URL answers /health with 200 (for container health checks,
+    /// where no curl is installed).
+    Health {
+        #[arg(
+            long,
+            env = "EXPERIENT_HEALTH_URL",
+            default_value = "http://127.0.0.1:8080/health"
+        )]
+        url: String,
     },
 }
 
@@ -60,8 +71,13 @@ fn main() -> std::process::ExitCode {
         Command::Experience(a) => experient::cli::run(a),
         Command::FetchModel { model_cache } => {
             let cache = model_cache.unwrap_or_else(fetch::default_cache_dir);
-            fetch::ensure_default_model(&cache).map(|p| println!("{}", p.display()))
+            fetch::ensure_default_model(&cache).and_then(|p| {
+                experient::backend::requantize::prefer_q8_0(&p)?;
+                println!("{}", p.display());
+                Ok(())
+            })
         }
+        Command::Health { url } => health(&url),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -77,15 +93,46 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
+    let model_cache = a.model_cache.unwrap_or_else(fetch::default_cache_dir);
+    // mistral.rs asks hf-hub for a cache directory even for local files. Point it into our
+    // cache. This runs before any thread exists, so setting the environment is sound.
+    if std::env::var_os("HF_HOME").is_none() {
+        std::env::set_var("HF_HOME", model_cache.join("hf"));
+    }
+    // hf-hub's default cache looks up the home directory and panics without one, whatever
+    // HF_HOME says; a user with no passwd entry and no HOME would never load a model.
+    if std::env::var_os("HOME").is_none() {
+        std::env::set_var("HOME", &model_cache);
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(server::serve(ServeOptions {
         addr: a.addr,
         config,
         experience_dir: a.experience_dir,
-        model_cache: a.model_cache.unwrap_or_else(fetch::default_cache_dir),
+        model_cache,
         prompts_dir: a.prompts_dir,
     }))?;
     // Don't wait for blocking tasks (a generation still running) past the grace period.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(())
+}
+
+fn health(url: &str) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow::anyhow!("only http:// URLs are supported: {url}"))?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut s = std::net::TcpStream::connect(host)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head)?;
+    match &head[9..12] {
+        b"200" => Ok(()),
+        code => anyhow::bail!("{url} answered {}", String::from_utf8_lossy(code)),
+    }
 }

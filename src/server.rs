@@ -130,6 +130,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         metrics: api::metrics::Metrics::install(),
         store: store.clone(),
         prompts: Arc::new(Prompts::load(opts.prompts_dir.as_deref())?),
+        keys: keys(&opts.config),
     };
     let app = api::app(
         state,
@@ -146,7 +147,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     println!("experient: listening on http://{local}");
 
     for b in locals {
-        tokio::spawn(async move {
+        let id = b.settings().id.clone();
+        let load = tokio::spawn(async move {
             let t = std::time::Instant::now();
             match b.load().await {
                 Ok(()) => tracing::info!(
@@ -162,6 +164,13 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                     );
                     std::process::exit(1);
                 }
+            }
+        });
+        // A panic inside the loader must not leave a server that answers 503 forever.
+        tokio::spawn(async move {
+            if let Err(e) = load.await {
+                eprintln!("experient: loading model '{id}' crashed: {e}");
+                std::process::exit(1);
             }
         });
     }
@@ -188,6 +197,25 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     }
     store.flush();
     Ok(())
+}
+
+fn keys(config: &Config) -> api::auth::Keys {
+    let env = |name: &str| std::env::var(name).unwrap_or_default();
+    let (users, admins) = (env("EXPERIENT_API_KEYS"), env("EXPERIENT_ADMIN_KEYS"));
+    api::auth::Keys::new(
+        config
+            .auth
+            .api_keys
+            .iter()
+            .map(String::as_str)
+            .chain(users.split(',')),
+        config
+            .auth
+            .admin_keys
+            .iter()
+            .map(String::as_str)
+            .chain(admins.split(',')),
+    )
 }
 
 async fn shutdown_signal() {

@@ -186,3 +186,79 @@ fn chunks(
         yield "[DONE]".to_string();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::methods::Method;
+
+    fn applied() -> Applied {
+        Applied {
+            method: Method::Direct,
+            model: "m".into(),
+            library: None,
+            experiences: None,
+        }
+    }
+
+    async fn run(events: Vec<crate::Result<Event>>, include_usage: bool) -> Vec<Value> {
+        let s = futures::stream::iter(events).boxed();
+        chunks(s, "m".into(), 1, include_usage, applied(), "m".into())
+            .map(|d| {
+                if d == "[DONE]" {
+                    json!("[DONE]")
+                } else {
+                    serde_json::from_str(&d).unwrap()
+                }
+            })
+            .collect()
+            .await
+    }
+
+    #[tokio::test]
+    async fn an_error_after_the_stream_started_is_an_envelope_then_done() {
+        let out = run(
+            vec![
+                Ok(Event::Delta {
+                    index: 0,
+                    text: "Hel".into(),
+                }),
+                Err(Error::Internal("the model fell over".into())),
+            ],
+            true,
+        )
+        .await;
+        assert_eq!(out[0]["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(out[1]["choices"][0]["delta"]["content"], "Hel");
+        assert_eq!(out[2]["error"]["message"], "the model fell over");
+        assert_eq!(out[2]["error"]["type"], "server_error");
+        assert!(out[2]["error"].get("param").is_some() && out[2]["error"].get("code").is_some());
+        assert_eq!(out[3], "[DONE]");
+        assert_eq!(out.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_missing_finish_is_supplied_once() {
+        let out = run(
+            vec![
+                Ok(Event::Delta {
+                    index: 0,
+                    text: "Hi".into(),
+                }),
+                Ok(Event::Usage(Usage {
+                    prompt_tokens: 3,
+                    completion_tokens: 1,
+                })),
+            ],
+            false,
+        )
+        .await;
+        let finishes: Vec<&Value> = out
+            .iter()
+            .filter_map(|c| c.get("choices")?.get(0)?.get("finish_reason"))
+            .filter(|f| !f.is_null())
+            .collect();
+        assert_eq!(finishes, vec![&json!("stop")]);
+        assert_eq!(out.last().unwrap(), "[DONE]");
+    }
+}

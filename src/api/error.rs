@@ -66,8 +66,9 @@ impl Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
-            tracing::error!(%status, error = %self, "request failed");
+        match &self {
+            Error::Internal(_) => tracing::error!(%status, error = %self, "request failed"),
+            _ => tracing::debug!(%status, error = %self, "request refused"),
         }
         let mut resp = (status, axum::Json(self.envelope())).into_response();
         if let Error::Overloaded {

@@ -1,5 +1,6 @@
 //! HTTP: routes, wire types, errors, metrics. The only module that knows HTTP exists.
 
+pub mod auth;
 pub mod chat;
 pub mod error;
 pub mod libraries;
@@ -30,6 +31,7 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
     pub store: Arc<Store>,
     pub prompts: Arc<crate::prompts::Prompts>,
+    pub keys: auth::Keys,
 }
 
 pub struct AppSettings {
@@ -47,6 +49,10 @@ pub fn app(state: AppState, settings: &AppSettings) -> axum::Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::check,
+        ))
         .layer(axum::middleware::from_fn(metrics::track))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             |_: Box<dyn std::any::Any + Send>| {

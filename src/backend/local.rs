@@ -256,7 +256,21 @@ fn sequence_events(
             }
         }
         if !finished {
-            yield Err(Error::Internal("the engine closed the sequence without finishing it".into()));
+            // mistral.rs 0.8.1 sends no final chunk when the last sampled token decodes to no
+            // text (half of a multi-byte character, say): the sequence simply ends. It did
+            // finish, so finish it here, inferring the reason and counting the usage ourselves.
+            let rest = stop.finish();
+            if !rest.is_empty() {
+                yield Ok(Event::Delta { index, text: rest });
+            }
+            let completion_tokens = generated + 1;
+            let reason = match request.sampling.max_tokens {
+                Some(m) if completion_tokens >= u64::from(m) => FinishReason::Length,
+                _ => FinishReason::Stop,
+            };
+            yield Ok(Event::Finish { index, reason });
+            let prompt_tokens = count_prompt(&model, &request).await;
+            yield Ok(Event::Usage(Usage { prompt_tokens, completion_tokens }));
         }
     };
     s.boxed()

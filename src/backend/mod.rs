@@ -6,8 +6,8 @@
 //! and so that dropping the consumer always cancels generation.
 
 pub mod fetch;
-pub mod requantize;
 pub mod local;
+pub mod requantize;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -1,0 +1,118 @@
+//! Inbound API keys. With no keys configured the server is open. With keys, every route but
+//! `/health` and `/metrics` needs `Authorization: Bearer KEY`, and the admin routes
+//! (`/v1/libraries`, `/v1/jobs`) need an admin key.
+//!
+//! Keys are kept as SHA-256 digests and compared in constant time, so neither the comparison's
+//! timing nor a key's length leaks through the check.
+
+use axum::extract::{Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::AppState;
+use crate::error::Error;
+
+#[derive(Default, Clone)]
+pub struct Keys {
+    users: Vec<[u8; 32]>,
+    admins: Vec<[u8; 32]>,
+}
+
+fn digest(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+enum Who {
+    Nobody,
+    User,
+    Admin,
+}
+
+impl Keys {
+    pub fn new<'a>(
+        users: impl IntoIterator<Item = &'a str>,
+        admins: impl IntoIterator<Item = &'a str>,
+    ) -> Keys {
+        let clean = |k: &&str| !k.trim().is_empty();
+        Keys {
+            users: users
+                .into_iter()
+                .filter(clean)
+                .map(|k| digest(k.trim()))
+                .collect(),
+            admins: admins
+                .into_iter()
+                .filter(clean)
+                .map(|k| digest(k.trim()))
+                .collect(),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        !self.users.is_empty() || !self.admins.is_empty()
+    }
+
+    fn identify(&self, presented: &str) -> Who {
+        let d = digest(presented);
+        // Every configured key is compared, whichever matches, so timing says nothing about
+        // which (or whether) one did.
+        let mut admin = subtle::Choice::from(0);
+        for k in &self.admins {
+            admin |= k.ct_eq(&d);
+        }
+        let mut user = subtle::Choice::from(0);
+        for k in &self.users {
+            user |= k.ct_eq(&d);
+        }
+        if bool::from(admin) {
+            Who::Admin
+        } else if bool::from(user) {
+            Who::User
+        } else {
+            Who::Nobody
+        }
+    }
+}
+
+fn is_admin_route(path: &str) -> bool {
+    ["/v1/libraries", "/v1/jobs"]
+        .iter()
+        .any(|p| path == *p || path.starts_with(&format!("{p}/")))
+}
+
+pub async fn check(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if !s.keys.enabled() || path == "/health" || path == "/metrics" {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let who = match presented {
+        None => {
+            return Error::Unauthorized(
+                "missing API key: send it as 'Authorization: Bearer KEY'".into(),
+            )
+            .into_response()
+        }
+        Some(k) => s.keys.identify(k),
+    };
+    match (who, is_admin_route(path)) {
+        (Who::Nobody, _) => Error::Unauthorized("invalid API key".into()).into_response(),
+        (Who::User, true) => Error::Forbidden(
+            "this route needs an admin key (libraries and jobs are administered with admin keys)"
+                .into(),
+        )
+        .into_response(),
+        _ => next.run(req).await,
+    }
+}
