@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod experience;
+pub mod learn;
 pub mod methods;
 pub mod prompts;
 pub mod router;

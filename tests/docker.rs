@@ -1,7 +1,8 @@
 //! Runs the built binary exactly as docker/Dockerfile's image does: the runtime stage's
-//! ENTRYPOINT and CMD with exactly its ENV, as its USER, with the model where the image puts
-//! it, the experience volume as the only writable place, and the root filesystem read-only
-//! (a private mount namespace stands in for the container). No Docker engine is needed.
+//! ENTRYPOINT and CMD with exactly its ENV, as its USER, with the binary and the model where
+//! the image puts them, the experience volume as the only writable place, and the root
+//! filesystem read-only (a private mount namespace stands in for the container). No Docker
+//! engine is needed.
 //!
 //! Needs root for the mount namespace, as CI has; elsewhere it says so and does nothing.
 
@@ -122,9 +123,12 @@ mount -t tmpfs tmpfs /var/lib
 mkdir -p {model_dir} {exp_dir}
 mount --bind -o ro "$1" {model_dir}
 mount --bind "$2" {exp_dir}
+mount -t tmpfs tmpfs /usr/local/bin
+touch /usr/local/bin/experient
+mount --bind -o ro "$3" /usr/local/bin/experient
 mount -t tmpfs tmpfs /tmp
 mount -o remount,bind,ro /
-shift 2
+shift 3
 exec setpriv --reuid={uid} --regid={uid} --clear-groups "$@""#
     );
     let mut cmd = Command::new("unshare");
@@ -132,7 +136,8 @@ exec setpriv --reuid={uid} --regid={uid} --clear-groups "$@""#
         .arg(cache.path())
         .arg(volume.path())
         .arg(bin)
-        .args(&img.argv[1..])
+        // The image's own argv, "experient" found on PATH where the image installs it.
+        .args(&img.argv)
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .envs(img.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

@@ -1,0 +1,181 @@
+//! Verifiers: does a model's answer match the known one?
+//!
+//! Numeric answers are read the way people write them: GSM8K's `#### N`, LaTeX `\boxed{N}`,
+//! "the answer is N", thousands separators, currency signs, units and percent signs; failing
+//! all of those, the last number in the text.
+
+use std::sync::LazyLock;
+
+use regex::Regex;
+
+/// How a rollout's answer is compared with the reference.
+#[derive(Debug, Clone)]
+pub enum Verifier {
+    /// Both sides read as numbers, equal within a relative 1e-6.
+    Numeric,
+    /// Equal after trimming and case folding.
+    Exact,
+    /// The answer matches the pattern; `{answer}` in it stands for the escaped reference.
+    Regex(String),
+}
+
+impl Verifier {
+    /// 1.0 for a correct answer, 0.0 otherwise.
+    pub fn score(&self, output: &str, reference: &str) -> f64 {
+        let ok = match self {
+            Verifier::Numeric => match (extract_number(output), extract_number(reference)) {
+                (Some(a), Some(b)) => numbers_equal(a, b),
+                _ => false,
+            },
+            Verifier::Exact => normalise(output) == normalise(reference),
+            Verifier::Regex(p) => {
+                let p = p.replace("{answer}", &regex::escape(reference.trim()));
+                Regex::new(&p).is_ok_and(|r| r.is_match(output))
+            }
+        };
+        if ok {
+            1.0
+        } else {
+            0.0
+        }
+    }
+}
+
+fn normalise(s: &str) -> String {
+    s.trim().trim_end_matches('.').to_lowercase()
+}
+
+pub fn numbers_equal(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-6 * b.abs().max(1.0)
+}
+
+/// A number as written: optional sign and currency, digits with optional thousands commas,
+/// optional decimals, or a simple fraction.
+const NUMBER: &str = r"-?\s?[$€£]?\s?-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?";
+
+static HASHES: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(&format!(r"####\s*({NUMBER})")).unwrap());
+static BOXED: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\\boxed\{([^{}]*)\}").unwrap());
+static ANSWER_IS: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(&format!(
+        r"(?i)answer\s*(?:is|:|=)\s*(?:\*\*)?\s*({NUMBER})"
+    ))
+    .unwrap()
+});
+static ANY: LazyLock<Regex> = LazyLock::new(|| Regex::new(NUMBER).unwrap());
+
+/// The answer's number, by the first rule that finds one (the last match of that rule).
+pub fn extract_number(text: &str) -> Option<f64> {
+    for rule in [&*HASHES, &*ANSWER_IS] {
+        if let Some(n) = rule
+            .captures_iter(text)
+            .filter_map(|c| parse_number(&c[1]))
+            .last()
+        {
+            return Some(n);
+        }
+    }
+    if let Some(n) = BOXED
+        .captures_iter(text)
+        .filter_map(|c| {
+            ANY.find_iter(&c[1])
+                .last()
+                .and_then(|m| parse_number(m.as_str()))
+        })
+        .last()
+    {
+        return Some(n);
+    }
+    ANY.find_iter(text)
+        .filter_map(|m| parse_number(m.as_str()))
+        .last()
+}
+
+fn parse_number(s: &str) -> Option<f64> {
+    let cleaned: String = s
+        .chars()
+        .filter(|c| !matches!(c, '$' | '€' | '£' | ',' | ' '))
+        .collect();
+    if let Some((n, d)) = cleaned.split_once('/') {
+        let (n, d): (f64, f64) = (n.parse().ok()?, d.parse().ok()?);
+        return (d != 0.0).then(|| n / d);
+    }
+    // "-$5" and "$-5" both mean minus five.
+    let neg = cleaned.matches('-').count() % 2 == 1;
+    let v: f64 = cleaned.replace('-', "").parse().ok()?;
+    Some(if neg { -v } else { v })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_answers_as_people_write_them() {
+        let cases = [
+            ("Natalia sold 48/2 = 24 clips in May.\n#### 72", 72.0),
+            ("So the total is \\boxed{1,250}.", 1250.0),
+            ("Therefore, the answer is $18.", 18.0),
+            ("The answer is: **-3**", -3.0),
+            ("She pays $1,234.50 in total", 1234.5),
+            ("He walks 3 miles a day, so 21 miles a week.", 21.0),
+            ("The final answer is 3/4", 0.75),
+            ("about 40%", 40.0),
+            ("Answer = 7 apples, not 9", 7.0),
+        ];
+        for (text, want) in cases {
+            assert_eq!(extract_number(text), Some(want), "{text}");
+        }
+        assert_eq!(extract_number("no digits here"), None);
+    }
+
+    #[test]
+    fn scores_numeric_exact_and_regex() {
+        assert_eq!(
+            Verifier::Numeric.score("so it costs $1,000.", "#### 1000"),
+            1.0
+        );
+        assert_eq!(
+            Verifier::Numeric.score("the answer is 999", "#### 1000"),
+            0.0
+        );
+        assert_eq!(Verifier::Exact.score(" True. ", "true"), 1.0);
+        assert_eq!(Verifier::Exact.score("False", "True"), 0.0);
+        let r = Verifier::Regex(r"(?i)\b{answer}\b".into());
+        assert_eq!(r.score("I think the answer is yes.", "Yes"), 1.0);
+        assert_eq!(r.score("yesterday", "Yes"), 0.0);
+    }
+
+    /// Every GSM8K reference solution scores as correct against its own final answer, and the
+    /// worked solution (the text before `####`) mostly ends on that number too.
+    #[test]
+    fn agrees_with_real_gsm8k_answers() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/data/gsm8k/train.jsonl"
+        );
+        let Ok(text) = std::fs::read_to_string(path) else {
+            panic!("GSM8K data not found at {path}");
+        };
+        let mut worked_ok = 0;
+        let rows: Vec<serde_json::Value> = text
+            .lines()
+            .take(500)
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        for row in &rows {
+            let answer = row["answer"].as_str().unwrap();
+            let gold = answer.rsplit("####").next().unwrap().trim();
+            assert_eq!(Verifier::Numeric.score(answer, gold), 1.0, "{answer}");
+            let worked = answer.split("####").next().unwrap();
+            worked_ok += Verifier::Numeric.score(worked, gold) as usize;
+        }
+        // The worked solutions end on the answer in the great majority of cases; the rest end
+        // on a unit conversion or a restatement. This guards the last-number fallback.
+        assert!(
+            worked_ok * 100 / rows.len() >= 85,
+            "{worked_ok}/{}",
+            rows.len()
+        );
+    }
+}
