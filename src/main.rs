@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// Run the OpenAI-compatible HTTP server.
     Serve(ServeArgs),
+    /// Accuracy on a task set (GSM8K JSONL or BBH JSON), with and without a library.
+    Eval(EvalArgs),
     /// Curate experience libraries: list, search, add, edit, rm, export, import, versions, rollback.
     Experience(experient::cli::ExperienceArgs),
     /// Download the embedded default model into the cache, prepare its Q8_0 rewrite, and print
@@ -69,6 +71,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(a) => run_serve(a),
         Command::Experience(a) => experient::cli::run(a),
+        Command::Eval(a) => run_eval(a),
         Command::FetchModel { model_cache } => {
             let cache = model_cache.unwrap_or_else(fetch::default_cache_dir);
             fetch::ensure_default_model(&cache).and_then(|p| {
@@ -86,6 +89,99 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// Task file: GSM8K-style JSONL (question, answer) or BBH JSON (examples: input, target).
+    #[arg(long)]
+    dataset: PathBuf,
+    /// Model alias, as in the config (default: the embedded model).
+    #[arg(long, default_value = fetch::DEFAULT_MODEL_ID)]
+    model: String,
+    /// Also evaluate with this library injected, and report both.
+    #[arg(long)]
+    library: Option<String>,
+    /// Answers per task; accuracy is mean@k.
+    #[arg(long, default_value_t = 1)]
+    samples: u32,
+    /// Tasks to evaluate (after --offset).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Tasks to skip first, to keep the evaluation split disjoint from a learning split.
+    #[arg(long, default_value_t = 0)]
+    offset: usize,
+    /// Shuffle the tasks with this seed before --offset and --limit.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Sampling temperature (default: 0, or 0.7 when --samples > 1).
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: u32,
+    #[arg(long, default_value_t = 2)]
+    concurrency: usize,
+    /// Also write the JSON report here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long, env = "EXPERIENT_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "EXPERIENT_EXPERIENCE_DIR", default_value = "experience")]
+    experience_dir: PathBuf,
+    #[arg(long, env = "EXPERIENT_MODEL_CACHE")]
+    model_cache: Option<PathBuf>,
+}
+
+fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
+    use std::sync::Arc;
+
+    use experient::experience::{Store, StoreOptions};
+    use experient::learn::{dataset::Dataset, eval};
+
+    let config = match &a.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let mut ds = Dataset::load(&a.dataset)?;
+    if let Some(seed) = a.seed {
+        ds.shuffle(seed);
+    }
+    let model_cache = a.model_cache.unwrap_or_else(fetch::default_cache_dir);
+    if std::env::var_os("HF_HOME").is_none() {
+        std::env::set_var("HF_HOME", model_cache.join("hf"));
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    let report = runtime.block_on(async {
+        server::check_cpu()?;
+        let (router, locals) = server::backends(&config, &model_cache).await?;
+        for b in &locals {
+            b.load().await?;
+        }
+        let store = Store::open(&a.experience_dir, StoreOptions::default())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let ctx = experient::methods::Context {
+            store: Arc::new(store),
+            prompts: Arc::new(experient::prompts::Prompts::builtin()),
+        };
+        let opts = eval::EvalOptions {
+            samples: a.samples.max(1),
+            limit: a.limit,
+            offset: a.offset,
+            temperature: a
+                .temperature
+                .unwrap_or(if a.samples > 1 { 0.7 } else { 0.0 }),
+            max_tokens: a.max_tokens,
+            concurrency: a.concurrency,
+        };
+        eval::evaluate(&ctx, &router, &a.model, a.library.as_deref(), &ds, &opts).await
+    })?;
+    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(p) = &a.out {
+        std::fs::write(p, &json)?;
+    }
+    println!("{json}");
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    Ok(())
 }
 
 fn run_serve(a: ServeArgs) -> anyhow::Result<()> {

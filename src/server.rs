@@ -71,15 +71,19 @@ fn local_models(config: &Config) -> Vec<LocalModelConfig> {
         .collect()
 }
 
-pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
-    check_cpu()?;
+/// Builds the router and its local backends from the configuration, fetching and rewriting
+/// model files as needed. The backends are not loaded yet.
+pub async fn backends(
+    config: &Config,
+    model_cache: &std::path::Path,
+) -> anyhow::Result<(Router, Vec<Arc<LocalBackend>>)> {
     let mut router = Router::default();
     let mut locals = Vec::new();
-    for m in local_models(&opts.config) {
+    for m in local_models(config) {
         let gguf = match &m.gguf {
             Some(p) => p.clone(),
             None => {
-                let cache = opts.model_cache.clone();
+                let cache = model_cache.to_owned();
                 tokio::task::spawn_blocking(move || fetch::ensure_default_model(&cache))
                     .await
                     .context("model fetch task failed")??
@@ -103,6 +107,12 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         router.add(m.id.clone(), backend.clone());
         locals.push(backend);
     }
+    Ok((router, locals))
+}
+
+pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    check_cpu()?;
+    let (router, locals) = backends(&opts.config, &opts.model_cache).await?;
 
     let store_dir = opts.experience_dir.clone();
     let store =

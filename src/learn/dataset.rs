@@ -1,0 +1,124 @@
+//! Task sets with known answers: GSM8K-style JSONL (`question`, `answer`), or BIG-Bench-Hard
+//! JSON (`{"examples": [{"input", "target"}]}`).
+
+use std::path::Path;
+
+use anyhow::Context;
+
+use super::verify::Verifier;
+
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub question: String,
+    /// The reference answer as the verifier reads it.
+    pub answer: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub name: String,
+    pub tasks: Vec<Task>,
+    /// The verifier that fits the answers: numeric for GSM8K, exact for BBH.
+    pub verifier: Verifier,
+    /// What the model is told besides the question.
+    pub instruction: String,
+}
+
+impl Dataset {
+    pub fn load(path: &Path) -> anyhow::Result<Dataset> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+            if let Some(examples) = v.get("examples").and_then(|e| e.as_array()) {
+                let tasks = examples
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| {
+                        Ok(Task {
+                            question: e["input"]
+                                .as_str()
+                                .with_context(|| {
+                                    format!("{}: examples[{i}].input", path.display())
+                                })?
+                                .to_owned(),
+                            answer: e["target"]
+                                .as_str()
+                                .with_context(|| {
+                                    format!("{}: examples[{i}].target", path.display())
+                                })?
+                                .to_owned(),
+                        })
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let numeric = tasks.iter().all(|t| t.answer.trim().parse::<f64>().is_ok());
+                return Ok(Dataset {
+                    name,
+                    verifier: if numeric {
+                        Verifier::Numeric
+                    } else {
+                        Verifier::Exact
+                    },
+                    instruction: if numeric {
+                        "Solve the task. End with 'The answer is N.'".into()
+                    } else {
+                        "Solve the task. Reply with the answer alone.".into()
+                    },
+                    tasks,
+                });
+            }
+        }
+        let tasks = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                let v: serde_json::Value = serde_json::from_str(l)
+                    .with_context(|| format!("{} line {}", path.display(), i + 1))?;
+                let question = v["question"]
+                    .as_str()
+                    .with_context(|| format!("{} line {}: no 'question'", path.display(), i + 1))?;
+                let answer = v["answer"]
+                    .as_str()
+                    .with_context(|| format!("{} line {}: no 'answer'", path.display(), i + 1))?;
+                // GSM8K's answers are worked solutions ending in "#### N"; keep N.
+                let answer = answer.rsplit("####").next().unwrap_or(answer).trim();
+                Ok(Task {
+                    question: question.to_owned(),
+                    answer: answer.to_owned(),
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Dataset {
+            name,
+            tasks,
+            verifier: Verifier::Numeric,
+            instruction:
+                "Solve the problem step by step. End with 'The answer is N.' where N is a number."
+                    .into(),
+        })
+    }
+}
+
+impl Dataset {
+    /// Shuffles the tasks deterministically: the same seed gives the same order everywhere,
+    /// so `--seed S --offset A --limit B` names the same split on every machine.
+    pub fn shuffle(&mut self, seed: u64) {
+        // splitmix64, then Fisher-Yates.
+        let mut state = seed;
+        let mut next = move || {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        for i in (1..self.tasks.len()).rev() {
+            let j = (next() % (i as u64 + 1)) as usize;
+            self.tasks.swap(i, j);
+        }
+    }
+}

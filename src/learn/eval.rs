@@ -1,0 +1,195 @@
+//! `experient eval`: accuracy on a task set, with and without an experience library.
+//!
+//! Each task is answered `samples` times; a task's score is the mean over its samples (mean@k)
+//! and the accuracy is the mean over tasks, with a 95% confidence interval from the spread of
+//! task scores (normal approximation). Requests go through the same methods as the server's,
+//! so what is measured is what clients get.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use super::dataset::Dataset;
+use crate::backend::{self, ChatRequest, Message, Role, Sampling};
+use crate::methods::{self, Context, Method};
+use crate::router::Route;
+
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    pub samples: u32,
+    pub limit: Option<usize>,
+    /// Tasks are taken in file order after skipping this many (for a disjoint split).
+    pub offset: usize,
+    pub temperature: f32,
+    pub max_tokens: u32,
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Arm {
+    pub library: Option<String>,
+    pub tasks: usize,
+    pub samples: u32,
+    pub accuracy: f64,
+    pub ci95: [f64; 2],
+    pub experiences: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub dataset: String,
+    pub model: String,
+    pub arms: Vec<Arm>,
+}
+
+fn prompt(ds: &Dataset, question: &str) -> Vec<Message> {
+    vec![
+        Message::new(Role::System, ds.instruction.clone()),
+        Message::new(Role::User, question.to_owned()),
+    ]
+}
+
+/// Runs one arm: every task `samples` times through `route`.
+pub async fn run_arm(
+    ctx: &Context,
+    route: &Route,
+    ds: &Dataset,
+    opts: &EvalOptions,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<Arm> {
+    let tasks: Vec<_> = ds
+        .tasks
+        .iter()
+        .skip(opts.offset)
+        .take(opts.limit.unwrap_or(usize::MAX))
+        .collect();
+    let jobs = tasks
+        .iter()
+        .enumerate()
+        .flat_map(|(t, task)| (0..opts.samples).map(move |_| (t, *task)));
+    let used = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let results: Vec<(usize, f64)> = futures::stream::iter(jobs)
+        .map(|(t, task)| {
+            let route = route.clone();
+            let used = used.clone();
+            async move {
+                let request = ChatRequest {
+                    messages: prompt(ds, &task.question),
+                    sampling: Sampling {
+                        max_tokens: Some(opts.max_tokens),
+                        temperature: Some(opts.temperature),
+                        n: 1,
+                        ..Default::default()
+                    },
+                };
+                let out = methods::run(ctx, route, request, None).await?;
+                if let Some(e) = &out.applied.experiences {
+                    used.store(e.len(), std::sync::atomic::Ordering::Relaxed);
+                }
+                let done = backend::collect(out.events, 1).await?;
+                progress.inc(1);
+                Ok::<_, crate::Error>((t, ds.verifier.score(&done.choices[0].text, &task.answer)))
+            }
+        })
+        .buffer_unordered(opts.concurrency.max(1))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut per_task = vec![(0.0, 0u32); tasks.len()];
+    for (t, s) in results {
+        per_task[t].0 += s;
+        per_task[t].1 += 1;
+    }
+    let scores: Vec<f64> = per_task
+        .iter()
+        .map(|(s, n)| s / f64::from((*n).max(1)))
+        .collect();
+    let (mean, half) = mean_ci(&scores);
+    Ok(Arm {
+        library: route.library.clone(),
+        tasks: scores.len(),
+        samples: opts.samples,
+        accuracy: mean,
+        ci95: [(mean - half).max(0.0), (mean + half).min(1.0)],
+        experiences: used.load(std::sync::atomic::Ordering::Relaxed),
+    })
+}
+
+/// Mean and the half-width of its 95% confidence interval.
+pub fn mean_ci(xs: &[f64]) -> (f64, f64) {
+    if xs.is_empty() {
+        return (0.0, 0.0);
+    }
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    if xs.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, 1.96 * (var / n).sqrt())
+}
+
+/// Evaluates `model` on `ds` without a library and, when one is named, with it.
+pub async fn evaluate(
+    ctx: &Context,
+    router: &crate::router::Router,
+    model: &str,
+    library: Option<&str>,
+    ds: &Dataset,
+    opts: &EvalOptions,
+) -> anyhow::Result<Report> {
+    let base = router
+        .resolve(model, Some(Method::Direct.name()), None)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut routes = vec![base.clone()];
+    if let Some(l) = library {
+        ctx.store.library(l).map_err(|e| anyhow::anyhow!("{e}"))?;
+        routes.push(Route {
+            library: Some(l.to_owned()),
+            ..base
+        });
+    }
+    let n = ds
+        .tasks
+        .len()
+        .saturating_sub(opts.offset)
+        .min(opts.limit.unwrap_or(usize::MAX));
+    let mut arms = Vec::new();
+    for route in &routes {
+        let bar = indicatif::ProgressBar::new((n as u64) * u64::from(opts.samples));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg:<24} [{bar:30}] {pos}/{len} ({eta})")
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+        bar.set_message(match &route.library {
+            Some(l) => format!("with library {l}"),
+            None => "without a library".into(),
+        });
+        let arm = run_arm(ctx, route, ds, opts, &bar).await?;
+        bar.finish_and_clear();
+        arms.push(arm);
+    }
+    Ok(Report {
+        dataset: ds.name.clone(),
+        model: model.to_owned(),
+        arms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mean_ci;
+
+    #[test]
+    fn confidence_interval_of_task_scores() {
+        let (m, h) = mean_ci(&[1.0, 0.0, 1.0, 0.0]);
+        assert_eq!(m, 0.5);
+        assert!((h - 1.96 * (1.0f64 / 3.0 / 4.0).sqrt()).abs() < 1e-12);
+        assert_eq!(mean_ci(&[]), (0.0, 0.0));
+        assert_eq!(mean_ci(&[0.7]), (0.7, 0.0));
+    }
+}
