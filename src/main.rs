@@ -40,12 +40,10 @@ enum Command {
     },
 }
 
+/// Flags shared by every command that runs models.
 #[derive(clap::Args)]
-struct ServeArgs {
-    /// Address to listen on; port 0 picks a free one (printed at startup).
-    #[arg(long, env = "EXPERIENT_ADDR", default_value = "127.0.0.1:8080")]
-    addr: SocketAddr,
-    /// TOML configuration file (models, limits). Without one, the embedded default model is served.
+struct ModelArgs {
+    /// TOML configuration file (models, limits). Without one, the embedded default model is used.
     #[arg(long, env = "EXPERIENT_CONFIG")]
     config: Option<PathBuf>,
     /// Directory holding the experience libraries.
@@ -54,6 +52,42 @@ struct ServeArgs {
     /// Where downloaded models are cached (default: $XDG_CACHE_HOME/experient or ~/.cache/experient).
     #[arg(long, env = "EXPERIENT_MODEL_CACHE")]
     model_cache: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    fn config(&self) -> anyhow::Result<Config> {
+        match &self.config {
+            Some(p) => Config::load(p),
+            None => Ok(Config::default()),
+        }
+    }
+
+    /// The model cache, with the environment mistral.rs needs pointed into it. mistral.rs asks
+    /// hf-hub for a cache directory even for local files, and hf-hub panics when there is no
+    /// home directory (a user with no passwd entry and no HOME would never load a model).
+    /// Called before any thread exists, so setting the environment is sound.
+    fn model_cache(&self) -> PathBuf {
+        let cache = self
+            .model_cache
+            .clone()
+            .unwrap_or_else(fetch::default_cache_dir);
+        if std::env::var_os("HF_HOME").is_none() {
+            std::env::set_var("HF_HOME", cache.join("hf"));
+        }
+        if std::env::var_os("HOME").is_none() {
+            std::env::set_var("HOME", &cache);
+        }
+        cache
+    }
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on; port 0 picks a free one (printed at startup).
+    #[arg(long, env = "EXPERIENT_ADDR", default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    #[command(flatten)]
+    models: ModelArgs,
     /// Directory of prompt templates that override the built-in ones, file by file.
     #[arg(long, env = "EXPERIENT_PROMPTS_DIR")]
     prompts_dir: Option<PathBuf>,
@@ -124,12 +158,8 @@ struct EvalArgs {
     /// Also write the JSON report here.
     #[arg(long)]
     out: Option<PathBuf>,
-    #[arg(long, env = "EXPERIENT_CONFIG")]
-    config: Option<PathBuf>,
-    #[arg(long, env = "EXPERIENT_EXPERIENCE_DIR", default_value = "experience")]
-    experience_dir: PathBuf,
-    #[arg(long, env = "EXPERIENT_MODEL_CACHE")]
-    model_cache: Option<PathBuf>,
+    #[command(flatten)]
+    models: ModelArgs,
 }
 
 fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
@@ -138,18 +168,12 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     use experient::experience::{Store, StoreOptions};
     use experient::learn::{dataset::Dataset, eval};
 
-    let config = match &a.config {
-        Some(p) => Config::load(p)?,
-        None => Config::default(),
-    };
+    let config = a.models.config()?;
     let mut ds = Dataset::load(&a.dataset)?;
     if let Some(seed) = a.seed {
         ds.shuffle(seed);
     }
-    let model_cache = a.model_cache.unwrap_or_else(fetch::default_cache_dir);
-    if std::env::var_os("HF_HOME").is_none() {
-        std::env::set_var("HF_HOME", model_cache.join("hf"));
-    }
+    let model_cache = a.models.model_cache();
     let runtime = tokio::runtime::Runtime::new()?;
     let report = runtime.block_on(async {
         server::check_cpu()?;
@@ -157,7 +181,7 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         for b in &locals {
             b.load().await?;
         }
-        let store = Store::open(&a.experience_dir, StoreOptions::default())
+        let store = Store::open(&a.models.experience_dir, StoreOptions::default())
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let ctx = experient::methods::Context {
             store: Arc::new(store),
@@ -185,26 +209,13 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
 }
 
 fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
-    let config = match &a.config {
-        Some(p) => Config::load(p)?,
-        None => Config::default(),
-    };
-    let model_cache = a.model_cache.unwrap_or_else(fetch::default_cache_dir);
-    // mistral.rs asks hf-hub for a cache directory even for local files. Point it into our
-    // cache. This runs before any thread exists, so setting the environment is sound.
-    if std::env::var_os("HF_HOME").is_none() {
-        std::env::set_var("HF_HOME", model_cache.join("hf"));
-    }
-    // hf-hub's default cache looks up the home directory and panics without one, whatever
-    // HF_HOME says; a user with no passwd entry and no HOME would never load a model.
-    if std::env::var_os("HOME").is_none() {
-        std::env::set_var("HOME", &model_cache);
-    }
+    let config = a.models.config()?;
+    let model_cache = a.models.model_cache();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(server::serve(ServeOptions {
         addr: a.addr,
         config,
-        experience_dir: a.experience_dir,
+        experience_dir: a.models.experience_dir,
         model_cache,
         prompts_dir: a.prompts_dir,
     }))?;
