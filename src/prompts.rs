@@ -10,11 +10,22 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 
+macro_rules! template {
+    ($name:literal) => {
+        ($name, include_str!(concat!("../prompts/", $name)))
+    };
+}
+
 /// (name, built-in text) of every template.
-const DEFAULTS: &[(&str, &str)] = &[(
-    "experience_prior.j2",
-    include_str!("../prompts/experience_prior.j2"),
-)];
+const DEFAULTS: &[(&str, &str)] = &[
+    template!("experience_prior.j2"),
+    template!("learner_system.j2"),
+    template!("rollout_summary.j2"),
+    template!("group_advantage.j2"),
+    template!("group_update.j2"),
+    template!("batch_consolidate.j2"),
+    template!("judge.j2"),
+];
 
 pub struct Prompts {
     env: Environment<'static>,

@@ -18,9 +18,7 @@ fn eval_reports_accuracy_with_and_without_a_library() {
     let out = tmp.path().join("report.json");
     let run = Command::new(env!("CARGO_BIN_EXE_experient"))
         .args(["eval", "--dataset"])
-        .arg(format!(
-            "{root}/../shared/data/bbh/boolean_expressions.json"
-        ))
+        .arg(format!("{root}/tests/data/boolean_expressions.json"))
         .args([
             "--limit",
             "4",

@@ -12,7 +12,7 @@ mod index;
 mod library;
 mod store;
 
-pub use library::{Change, Diff, Library, Op, Version, VersionSummary};
+pub use library::{write_atomic, Change, Diff, Library, Op, Version, VersionSummary};
 pub use store::{SearchHit, Store, StoreOptions};
 
 use chrono::{DateTime, Utc};

@@ -54,21 +54,7 @@ impl Dataset {
                         })
                     })
                     .collect::<anyhow::Result<Vec<_>>>()?;
-                let numeric = tasks.iter().all(|t| t.answer.trim().parse::<f64>().is_ok());
-                return Ok(Dataset {
-                    name,
-                    verifier: if numeric {
-                        Verifier::Numeric
-                    } else {
-                        Verifier::Exact
-                    },
-                    instruction: if numeric {
-                        "Solve the task. End with 'The answer is N.'".into()
-                    } else {
-                        "Solve the task. Reply with the answer alone.".into()
-                    },
-                    tasks,
-                });
+                return Ok(Dataset::from_tasks(&name, tasks));
             }
         }
         let tasks = text
@@ -104,6 +90,26 @@ impl Dataset {
 }
 
 impl Dataset {
+    /// A task set given inline: numeric answers are compared as numbers, anything else
+    /// exactly.
+    pub fn from_tasks(name: &str, tasks: Vec<Task>) -> Dataset {
+        let numeric = tasks.iter().all(|t| t.answer.trim().parse::<f64>().is_ok());
+        Dataset {
+            name: name.to_owned(),
+            verifier: if numeric {
+                Verifier::Numeric
+            } else {
+                Verifier::Exact
+            },
+            instruction: if numeric {
+                "Solve the task. End with 'The answer is N.'".into()
+            } else {
+                "Solve the task. Reply with the answer alone.".into()
+            },
+            tasks,
+        }
+    }
+
     /// Shuffles the tasks deterministically: the same seed gives the same order everywhere,
     /// so `--seed S --offset A --limit B` names the same split on every machine.
     pub fn shuffle(&mut self, seed: u64) {

@@ -64,16 +64,13 @@ pub async fn run_arm(
         .skip(opts.offset)
         .take(opts.limit.unwrap_or(usize::MAX))
         .collect();
-    let jobs = tasks
-        .iter()
-        .enumerate()
-        .flat_map(|(t, task)| (0..opts.samples).map(move |_| (t, *task)));
     let used = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let results: Vec<(usize, f64)> = futures::stream::iter(jobs)
-        .map(|(t, task)| {
+    let mut work = Vec::new();
+    for (t, task) in tasks.iter().enumerate() {
+        for _ in 0..opts.samples {
             let route = route.clone();
             let used = used.clone();
-            async move {
+            work.push(async move {
                 let request = ChatRequest {
                     messages: prompt(ds, &task.question),
                     sampling: Sampling {
@@ -90,8 +87,10 @@ pub async fn run_arm(
                 let done = backend::collect(out.events, 1).await?;
                 progress.inc(1);
                 Ok::<_, crate::Error>((t, ds.verifier.score(&done.choices[0].text, &task.answer)))
-            }
-        })
+            });
+        }
+    }
+    let results: Vec<(usize, f64)> = futures::stream::iter(work)
         .buffer_unordered(opts.concurrency.max(1))
         .collect::<Vec<_>>()
         .await

@@ -1,10 +1,14 @@
 //! Training-Free GRPO: learning experience libraries from scored groups of rollouts, and
 //! measuring what they do.
 //!
-//! So far: task sets, the verifiers that score a rollout against a known answer, and the
-//! evaluation that compares accuracy with and without a library. The learning loop builds on
-//! them.
+//! `grpo` is the learning loop; `ops` reads and merges the library operations the learner
+//! model proposes; `verify` scores rollouts; `eval` measures accuracy with and without a
+//! library; `jobs` runs learning in the server; `plot` draws the results.
 
 pub mod dataset;
 pub mod eval;
+pub mod grpo;
+pub mod jobs;
+pub mod ops;
+pub mod plot;
 pub mod verify;

@@ -8,6 +8,10 @@ use std::sync::LazyLock;
 
 use regex::Regex;
 
+use crate::backend::{Backend, ChatRequest, Message, Role, Sampling};
+use crate::error::Result;
+use crate::prompts::Prompts;
+
 /// How a rollout's answer is compared with the reference.
 #[derive(Debug, Clone)]
 pub enum Verifier {
@@ -38,6 +42,69 @@ impl Verifier {
         } else {
             0.0
         }
+    }
+}
+
+/// An LLM judge: another model (or the same one) reads the question, the reference and the
+/// answer and says CORRECT or INCORRECT. For answers no rule can compare (free text, web
+/// research), at the price of one model call per rollout.
+pub struct Judge {
+    pub backend: std::sync::Arc<dyn Backend>,
+    pub prompts: std::sync::Arc<Prompts>,
+    /// Extra attempts when the judge's reply carries no grade.
+    pub retries: u32,
+    pub max_tokens: u32,
+}
+
+static GRADE: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?i)grade\s*:\s*\**\s*(correct|incorrect)").unwrap());
+
+/// The judge's grade: the last `GRADE: CORRECT|INCORRECT` in the reply.
+pub fn parse_grade(reply: &str) -> Option<bool> {
+    GRADE
+        .captures_iter(&reply.replace("**", ""))
+        .last()
+        .map(|c| c[1].eq_ignore_ascii_case("correct"))
+}
+
+impl Judge {
+    /// The reward (1.0 or 0.0) and the judge's reasoning. A judge that never gives a grade
+    /// scores the answer 0 and says so in the reasoning, so that the run goes on.
+    pub async fn grade(
+        &self,
+        question: &str,
+        answer: &str,
+        reference: &str,
+    ) -> Result<(f64, String)> {
+        let prompt = self.prompts.render(
+            "judge.j2",
+            minijinja::context! { question, answer, reference },
+        )?;
+        let mut last = String::new();
+        for _ in 0..=self.retries {
+            let out = self
+                .backend
+                .complete(ChatRequest {
+                    messages: vec![Message::new(Role::User, prompt.clone())],
+                    sampling: Sampling {
+                        max_tokens: Some(self.max_tokens),
+                        temperature: Some(0.0),
+                        n: 1,
+                        ..Default::default()
+                    },
+                })
+                .await?;
+            last = out
+                .choices
+                .into_iter()
+                .next()
+                .map(|c| c.text)
+                .unwrap_or_default();
+            if let Some(ok) = parse_grade(&last) {
+                return Ok((if ok { 1.0 } else { 0.0 }, last));
+            }
+        }
+        Ok((0.0, format!("[the judge gave no grade] {last}")))
     }
 }
 
@@ -130,6 +197,17 @@ mod tests {
     }
 
     #[test]
+    fn reads_judge_grades() {
+        assert_eq!(parse_grade("Same number.\nGRADE: CORRECT"), Some(true));
+        assert_eq!(parse_grade("**GRADE:** INCORRECT"), Some(false));
+        assert_eq!(
+            parse_grade("grade: correct? no.\nGRADE: INCORRECT"),
+            Some(false)
+        );
+        assert_eq!(parse_grade("I think it is right."), None);
+    }
+
+    #[test]
     fn scores_numeric_exact_and_regex() {
         assert_eq!(
             Verifier::Numeric.score("so it costs $1,000.", "#### 1000"),
@@ -152,7 +230,7 @@ mod tests {
     fn agrees_with_real_gsm8k_answers() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/data/gsm8k/train.jsonl"
+            "/tests/data/gsm8k_train_head500.jsonl"
         );
         let Ok(text) = std::fs::read_to_string(path) else {
             panic!("GSM8K data not found at {path}");

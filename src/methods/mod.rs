@@ -89,3 +89,106 @@ pub async fn run(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::backend::{Backend, Event, FinishReason, Message, Role, Sampling, Usage};
+    use crate::experience::StoreOptions;
+
+    /// A backend that keeps every request it receives and answers "ok".
+    #[derive(Default)]
+    struct Recording(Mutex<Vec<ChatRequest>>);
+
+    #[async_trait::async_trait]
+    impl Backend for Recording {
+        fn ready(&self) -> bool {
+            true
+        }
+        async fn stream(&self, request: ChatRequest) -> Result<EventStream> {
+            self.0.lock().unwrap().push(request);
+            Ok(futures::stream::iter([
+                Ok(Event::Delta {
+                    index: 0,
+                    text: "ok".into(),
+                }),
+                Ok(Event::Finish {
+                    index: 0,
+                    reason: FinishReason::Stop,
+                }),
+                Ok(Event::Usage(Usage::default())),
+            ])
+            .boxed())
+        }
+    }
+
+    #[tokio::test]
+    async fn the_backend_receives_the_library_as_a_system_prior() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), StoreOptions::default()).unwrap());
+        store.create("math").unwrap();
+        store
+            .add(
+                "math",
+                "Units: convert every quantity to one unit first.",
+                vec![],
+            )
+            .unwrap();
+        store
+            .add(
+                "math",
+                "Percentages: a discount of p% leaves (100-p)%.",
+                vec![],
+            )
+            .unwrap();
+        let ctx = Context {
+            store: store.clone(),
+            prompts: Arc::new(Prompts::builtin()),
+        };
+        let backend = Arc::new(Recording::default());
+        let route = Route {
+            method: Method::Direct,
+            model: "m".into(),
+            backend: backend.clone(),
+            library: Some("math".into()),
+        };
+        let request = ChatRequest {
+            messages: vec![
+                Message::new(Role::System, "Be brief."),
+                Message::new(Role::User, "A shirt costs $20 with a 25% discount. Price?"),
+            ],
+            sampling: Sampling::default(),
+        };
+
+        let out = run(&ctx, route.clone(), request.clone(), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            out.applied.experiences.as_deref(),
+            Some(&["E1".to_string(), "E2".to_string()][..])
+        );
+        let got = backend.0.lock().unwrap()[0].clone();
+        assert_eq!(
+            got.messages.len(),
+            2,
+            "the prior joins the existing system message"
+        );
+        let system = &got.messages[0].content;
+        assert!(system.starts_with("Be brief.\n\n"), "{system}");
+        assert!(system.contains("[E1]. Units: convert every quantity to one unit first."));
+        assert!(system.contains("[E2]. Percentages: a discount of p% leaves (100-p)%."));
+        assert_eq!(got.messages[1], request.messages[1]);
+
+        // top_k picks the experience that matches the conversation.
+        run(&ctx, route, request, Some(Selection::TopK(1)))
+            .await
+            .unwrap();
+        let got = backend.0.lock().unwrap()[1].clone();
+        assert!(got.messages[0].content.contains("[E2]. Percentages"));
+        assert!(!got.messages[0].content.contains("[E1]"));
+    }
+}

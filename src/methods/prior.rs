@@ -14,6 +14,26 @@ pub async fn inject(
     request: &mut ChatRequest,
     selection: Option<Selection>,
 ) -> Result<Vec<String>> {
+    let chosen = choose(ctx, library, request, selection).await?;
+    if chosen.is_empty() {
+        return Ok(vec![]);
+    }
+    apply_prior(request, &render(ctx, &chosen)?);
+    let ids: Vec<String> = chosen.into_iter().map(|e| e.id).collect();
+    let lib = ctx.store.library(library)?;
+    let used = ids.clone();
+    tokio::task::spawn_blocking(move || lib.record_use(&used));
+    Ok(ids)
+}
+
+/// The experiences a conversation gets: all of the library, or the most relevant ones to its
+/// user messages, as the request or else the library's settings say.
+pub async fn choose(
+    ctx: &Context,
+    library: &str,
+    request: &ChatRequest,
+    selection: Option<Selection>,
+) -> Result<Vec<Experience>> {
     let store = ctx.store.clone();
     let lib = store.library(library).map_err(|e| match e {
         Error::NotFound { message, .. } => Error::NotFound {
@@ -35,32 +55,26 @@ pub async fn inject(
         .collect::<Vec<_>>()
         .join("\n");
     let name = library.to_owned();
-    let chosen: Vec<Experience> =
-        tokio::task::spawn_blocking(move || -> Result<Vec<Experience>> {
-            Ok(match selection {
-                Selection::All => lib.all(),
-                Selection::TopK(k) => store
-                    .search(&name, Some(&query), None, k)?
-                    .into_iter()
-                    .map(|h| h.experience)
-                    .collect(),
-            })
+    tokio::task::spawn_blocking(move || -> Result<Vec<Experience>> {
+        Ok(match selection {
+            Selection::All => lib.all(),
+            Selection::TopK(k) => store
+                .search(&name, Some(&query), None, k)?
+                .into_iter()
+                .map(|h| h.experience)
+                .collect(),
         })
-        .await
-        .map_err(Error::internal)??;
-    if chosen.is_empty() {
-        return Ok(vec![]);
-    }
-    let prior = ctx.prompts.render(
+    })
+    .await
+    .map_err(Error::internal)?
+}
+
+/// The prior's text: the instruction to apply the lessons, then one `[id]. text` line each.
+pub fn render(ctx: &Context, chosen: &[Experience]) -> Result<String> {
+    ctx.prompts.render(
         "experience_prior.j2",
         minijinja::context! { experiences => chosen.iter().map(|e| minijinja::context!{ id => e.id, text => e.text }).collect::<Vec<_>>() },
-    )?;
-    apply_prior(request, &prior);
-    let ids: Vec<String> = chosen.into_iter().map(|e| e.id).collect();
-    let lib = ctx.store.library(library)?;
-    let used = ids.clone();
-    tokio::task::spawn_blocking(move || lib.record_use(&used));
-    Ok(ids)
+    )
 }
 
 /// Adds the prior to the first system message, or puts a system message first.

@@ -1,0 +1,181 @@
+//! Learning over HTTP: `POST /v1/libraries/{name}/learn` starts a Training-Free GRPO run as a
+//! job; `/v1/jobs/{id}` shows its progress and result, and `DELETE` cancels it.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::{parse_json, JsonBody};
+use super::AppState;
+use crate::error::{Error, Result};
+use crate::learn::dataset::{Dataset, Task};
+use crate::learn::grpo::{LearnOptions, Run};
+use crate::methods::Context;
+
+pub fn routes() -> axum::Router<AppState> {
+    axum::Router::new()
+        .route("/v1/libraries/{name}/learn", post(start))
+        .route("/v1/jobs", get(list))
+        .route("/v1/jobs/{id}", get(get_job).delete(cancel))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskBody {
+    question: String,
+    answer: String,
+}
+
+/// The fields of a learn request that say what to learn from; everything else in the body is
+/// a [`LearnOptions`] field.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Source {
+    tasks: Option<Vec<TaskBody>>,
+    /// A task file on the server (GSM8K JSONL or BBH JSON); admins only, like every job route.
+    dataset: Option<String>,
+    validation: Option<Vec<TaskBody>>,
+    /// Shuffle the data set with this seed before `offset` and `limit`.
+    split_seed: Option<u64>,
+    offset: usize,
+    limit: Option<usize>,
+    /// Held-out tasks after the learning split, evaluated after every step.
+    validation_size: usize,
+    /// The id of an earlier run of this library to continue.
+    resume: Option<String>,
+}
+
+const SOURCE_FIELDS: [&str; 8] = [
+    "tasks",
+    "dataset",
+    "validation",
+    "split_seed",
+    "offset",
+    "limit",
+    "validation_size",
+    "resume",
+];
+
+fn tasks(list: Vec<TaskBody>) -> Vec<Task> {
+    list.into_iter()
+        .map(|t| Task {
+            question: t.question,
+            answer: t.answer,
+        })
+        .collect()
+}
+
+async fn start(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Response> {
+    let Value::Object(mut fields) = body else {
+        return Err(Error::invalid("the body must be a JSON object", None));
+    };
+    let mut source_fields = serde_json::Map::new();
+    for k in SOURCE_FIELDS {
+        if let Some(v) = fields.remove(k) {
+            source_fields.insert(k.to_owned(), v);
+        }
+    }
+    let src: Source = parse_json(&serde_json::to_vec(&source_fields).map_err(Error::internal)?)?;
+    if let Some(l) = fields.get("library") {
+        if l.as_str() != Some(name.as_str()) {
+            return Err(Error::invalid(
+                "'library' in the body differs from the library in the path",
+                "library",
+            ));
+        }
+    }
+    fields.insert("library".into(), json!(name));
+    let options: LearnOptions = parse_json(&serde_json::to_vec(&fields).map_err(Error::internal)?)?;
+    options.check()?;
+    s.router.resolve(&options.model, None, None)?;
+
+    let runs_dir = s.jobs.runs_dir().to_owned();
+    let run = if let Some(id) = &src.resume {
+        if id.contains(['/', '\\']) || id.starts_with('.') {
+            return Err(Error::invalid("invalid run id", "resume"));
+        }
+        let dir = runs_dir.join(id);
+        if !dir.join("run.json").is_file() {
+            return Err(Error::not_found(
+                format!("no run '{id}' to resume"),
+                "resume",
+            ));
+        }
+        let run = tokio::task::spawn_blocking(move || Run::open(&dir))
+            .await
+            .map_err(Error::internal)??;
+        if run.info.options.library != name {
+            return Err(Error::invalid(
+                format!(
+                    "run '{id}' belongs to library '{}'",
+                    run.info.options.library
+                ),
+                "resume",
+            ));
+        }
+        run
+    } else {
+        let mut data = match (src.tasks, &src.dataset) {
+            (Some(t), None) => Dataset::from_tasks("inline", tasks(t)),
+            (None, Some(path)) => {
+                let path = std::path::PathBuf::from(path);
+                tokio::task::spawn_blocking(move || Dataset::load(&path))
+                    .await
+                    .map_err(Error::internal)?
+                    .map_err(|e| Error::invalid(format!("{e:#}"), "dataset"))?
+            }
+            _ => {
+                return Err(Error::invalid(
+                    "give either 'tasks' (a list of {question, answer}) or 'dataset' (a task file on the server)",
+                    "tasks",
+                ))
+            }
+        };
+        if let Some(seed) = src.split_seed {
+            data.shuffle(seed);
+        }
+        let rest: Vec<Task> = data.tasks.iter().skip(src.offset).cloned().collect();
+        let n = src.limit.unwrap_or(rest.len()).min(rest.len());
+        let train = rest[..n].to_vec();
+        let validation = match src.validation {
+            Some(v) => tasks(v),
+            None => rest[n..]
+                .iter()
+                .take(src.validation_size)
+                .cloned()
+                .collect(),
+        };
+        tokio::task::spawn_blocking(move || {
+            Run::create(&runs_dir, options, &data, train, validation)
+        })
+        .await
+        .map_err(Error::internal)??
+    };
+    let ctx = Context {
+        store: s.store.clone(),
+        prompts: s.prompts.clone(),
+    };
+    let job = s.jobs.start(ctx, s.router.clone(), run)?;
+    Ok((StatusCode::ACCEPTED, Json(job.view())).into_response())
+}
+
+async fn list(State(s): State<AppState>) -> Json<Value> {
+    let data: Vec<Value> = s.jobs.list().iter().map(|j| j.view()).collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+async fn get_job(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>> {
+    Ok(Json(s.jobs.get(&id)?.view()))
+}
+
+async fn cancel(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>> {
+    Ok(Json(s.jobs.cancel(&id)?.view()))
+}

@@ -1,0 +1,1098 @@
+//! The Training-Free GRPO learning loop.
+//!
+//! A run walks its tasks in batches, `epochs` times. Per batch (a *step*): every task is tried
+//! `group_size` times with the library as it is; each attempt is scored; groups whose scores are
+//! all equal teach nothing and are skipped; for each other group the learner model summarises
+//! every attempt, names what separated winners from losers (the semantic advantage), and
+//! proposes operations on the library; one consolidation call per step merges the proposals,
+//! and the result is committed as one new library version.
+//!
+//! Everything a step produced is written to the run directory before the step counts as done,
+//! and the version's message names the run and step, so a crashed run resumes at the first
+//! step that has neither a `result.json` nor a committed version. Model output is never
+//! trusted: replies that do not parse are retried, then skipped with the reason recorded, and
+//! every proposal is checked against the library before the commit, which is all or nothing.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use super::dataset::{Dataset, Task};
+use super::ops::{self, Proposal, Rejected};
+use super::verify::{Judge, Verifier};
+use crate::backend::{Backend, ChatRequest, Message, Role, Sampling};
+use crate::error::{Error, Result};
+use crate::experience::Experience;
+use crate::methods::{self, prior, Context};
+use crate::router::{Route, Router};
+
+/// What a run does. Stored in the run directory, so a resumed run does exactly the same.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LearnOptions {
+    pub library: String,
+    /// The model that makes the attempts.
+    pub model: String,
+    /// The model that summarises, compares and edits the library (default: `model`).
+    pub learner_model: Option<String>,
+    pub epochs: u32,
+    pub batch_size: usize,
+    /// Attempts per task (G).
+    pub group_size: u32,
+    pub temperature: f32,
+    /// Token limit of an attempt.
+    pub max_tokens: u32,
+    /// Token limit of a learner call.
+    pub learner_max_tokens: u32,
+    /// Model calls in flight at once.
+    pub concurrency: usize,
+    /// `numeric`, `exact`, `regex:PATTERN` or `judge`; default: what fits the data set.
+    pub verifier: Option<String>,
+    /// The judge's model (default: `learner_model`).
+    pub judge_model: Option<String>,
+    /// What the model is told besides the question (default: what fits the data set).
+    pub instruction: Option<String>,
+    /// Most lessons one group may yield.
+    pub max_lessons: usize,
+    /// Extra attempts at a learner call whose reply does not parse.
+    pub retries: u32,
+    /// Seed of the per-epoch task order.
+    pub seed: u64,
+    /// Tags put on every learned experience.
+    pub tags: Vec<String>,
+}
+
+impl Default for LearnOptions {
+    fn default() -> Self {
+        LearnOptions {
+            library: String::new(),
+            model: crate::backend::fetch::DEFAULT_MODEL_ID.into(),
+            learner_model: None,
+            epochs: 3,
+            batch_size: 8,
+            group_size: 5,
+            temperature: 0.7,
+            max_tokens: 512,
+            learner_max_tokens: 384,
+            concurrency: 4,
+            verifier: None,
+            judge_model: None,
+            instruction: None,
+            max_lessons: 2,
+            retries: 2,
+            seed: 42,
+            tags: vec![],
+        }
+    }
+}
+
+impl LearnOptions {
+    /// Checks what can be checked before any model runs.
+    pub fn check(&self) -> Result<()> {
+        crate::experience::validate_library_name(&self.library)?;
+        let bad = |m: &str, p: &'static str| Err(Error::invalid(m.to_owned(), p));
+        if self.epochs == 0 {
+            return bad("epochs must be at least 1", "epochs");
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size must be at least 1", "batch_size");
+        }
+        if self.group_size < 2 {
+            return bad(
+                "group_size must be at least 2: a group of one has no winners and losers to compare",
+                "group_size",
+            );
+        }
+        if !(0.0..=2.0).contains(&self.temperature) {
+            return bad("temperature must be between 0 and 2", "temperature");
+        }
+        if self.max_tokens == 0 || self.learner_max_tokens == 0 {
+            return bad("token limits must be at least 1", "max_tokens");
+        }
+        if self.concurrency == 0 {
+            return bad("concurrency must be at least 1", "concurrency");
+        }
+        if let Some(v) = &self.verifier {
+            parse_verifier(v)?;
+        }
+        crate::experience::validate_tags(&self.tags)?;
+        Ok(())
+    }
+
+    fn learner(&self) -> &str {
+        self.learner_model.as_deref().unwrap_or(&self.model)
+    }
+}
+
+enum Scoring {
+    Rule(Verifier),
+    Judge,
+}
+
+fn parse_verifier(s: &str) -> Result<Scoring> {
+    Ok(match s {
+        "numeric" => Scoring::Rule(Verifier::Numeric),
+        "exact" => Scoring::Rule(Verifier::Exact),
+        "judge" => Scoring::Judge,
+        r if r.starts_with("regex:") => {
+            let p = &r["regex:".len()..];
+            regex::Regex::new(&p.replace("{answer}", "x")).map_err(|e| {
+                Error::invalid(format!("the verifier's regex is invalid: {e}"), "verifier")
+            })?;
+            Scoring::Rule(Verifier::Regex(p.to_owned()))
+        }
+        other => {
+            return Err(Error::invalid(
+                format!("unknown verifier '{other}': use numeric, exact, regex:PATTERN or judge"),
+                "verifier",
+            ))
+        }
+    })
+}
+
+/// A run on disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub id: String,
+    pub created: chrono::DateTime<chrono::Utc>,
+    pub dataset: String,
+    pub instruction: String,
+    /// The verifier the data set calls for, when the options name none.
+    pub default_verifier: String,
+    pub tasks: usize,
+    pub validation: usize,
+    pub steps: u64,
+    pub options: LearnOptions,
+}
+
+pub struct Run {
+    pub info: RunInfo,
+    pub dir: PathBuf,
+    tasks: Vec<Task>,
+    validation: Vec<Task>,
+}
+
+fn verifier_name(v: &Verifier) -> String {
+    match v {
+        Verifier::Numeric => "numeric".into(),
+        Verifier::Exact => "exact".into(),
+        Verifier::Regex(p) => format!("regex:{p}"),
+    }
+}
+
+fn io(context: &str, e: impl std::fmt::Display) -> Error {
+    Error::internal(format!("{context}: {e}"))
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(Error::internal)?;
+    crate::experience::write_atomic(path, &bytes)
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| io(&path.display().to_string(), e))?;
+    serde_json::from_str(&text).map_err(|e| io(&path.display().to_string(), e))
+}
+
+fn write_tasks(path: &Path, tasks: &[Task]) -> Result<()> {
+    let mut text = String::new();
+    for t in tasks {
+        text.push_str(
+            &serde_json::to_string(
+                &serde_json::json!({"question": t.question, "answer": t.answer}),
+            )
+            .map_err(Error::internal)?,
+        );
+        text.push('\n');
+    }
+    crate::experience::write_atomic(path, text.as_bytes())
+}
+
+fn read_tasks(path: &Path) -> Result<Vec<Task>> {
+    let text = std::fs::read_to_string(path).map_err(|e| io(&path.display().to_string(), e))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).map_err(|e| io(&path.display().to_string(), e))?;
+            Ok(Task {
+                question: v["question"].as_str().unwrap_or_default().to_owned(),
+                answer: v["answer"].as_str().unwrap_or_default().to_owned(),
+            })
+        })
+        .collect()
+}
+
+impl Run {
+    /// Starts a new run directory under `runs_dir` for `train` (and `validation`, evaluated
+    /// after every step when not empty).
+    pub fn create(
+        runs_dir: &Path,
+        options: LearnOptions,
+        data: &Dataset,
+        train: Vec<Task>,
+        validation: Vec<Task>,
+    ) -> Result<Run> {
+        options.check()?;
+        if train.is_empty() {
+            return Err(Error::invalid("there are no tasks to learn from", "tasks"));
+        }
+        let id = format!(
+            "{}-{}-{}",
+            options.library,
+            chrono::Utc::now().format("%Y%m%dT%H%M%S"),
+            &uuid::Uuid::new_v4().simple().to_string()[..6]
+        );
+        let dir = runs_dir.join(&id);
+        std::fs::create_dir_all(&dir).map_err(|e| io(&dir.display().to_string(), e))?;
+        let per_epoch = train.len().div_ceil(options.batch_size) as u64;
+        let info = RunInfo {
+            id,
+            created: chrono::Utc::now(),
+            dataset: data.name.clone(),
+            instruction: options
+                .instruction
+                .clone()
+                .unwrap_or_else(|| data.instruction.clone()),
+            default_verifier: verifier_name(&data.verifier),
+            tasks: train.len(),
+            validation: validation.len(),
+            steps: per_epoch * u64::from(options.epochs),
+            options,
+        };
+        write_tasks(&dir.join("tasks.jsonl"), &train)?;
+        write_tasks(&dir.join("validation.jsonl"), &validation)?;
+        write_json(&dir.join("run.json"), &info)?;
+        Ok(Run {
+            info,
+            dir,
+            tasks: train,
+            validation,
+        })
+    }
+
+    /// Opens a run directory to resume it.
+    pub fn open(dir: &Path) -> Result<Run> {
+        let info: RunInfo = read_json(&dir.join("run.json"))?;
+        Ok(Run {
+            tasks: read_tasks(&dir.join("tasks.jsonl"))?,
+            validation: read_tasks(&dir.join("validation.jsonl"))?,
+            info,
+            dir: dir.to_owned(),
+        })
+    }
+
+    fn step_dir(&self, step: u64) -> PathBuf {
+        self.dir.join(format!("step-{step:04}"))
+    }
+
+    fn message(&self, step: u64) -> String {
+        format!("learn run {} step {step}/{}", self.info.id, self.info.steps)
+    }
+
+    /// The task indices of `step` (1-based): epoch `e` visits the tasks in an order shuffled
+    /// by `seed + e`, cut into batches.
+    fn batch(&self, step: u64) -> (u32, Vec<usize>) {
+        let per_epoch = self.tasks.len().div_ceil(self.info.options.batch_size) as u64;
+        let epoch = (step - 1) / per_epoch;
+        let b = ((step - 1) % per_epoch) as usize;
+        let mut order = Dataset {
+            name: String::new(),
+            tasks: (0..self.tasks.len())
+                .map(|i| Task {
+                    question: i.to_string(),
+                    answer: String::new(),
+                })
+                .collect(),
+            verifier: Verifier::Exact,
+            instruction: String::new(),
+        };
+        order.shuffle(self.info.options.seed.wrapping_add(epoch));
+        let idx: Vec<usize> = order
+            .tasks
+            .iter()
+            .map(|t| t.question.parse().unwrap())
+            .skip(b * self.info.options.batch_size)
+            .take(self.info.options.batch_size)
+            .collect();
+        (epoch as u32 + 1, idx)
+    }
+
+    /// Results of the finished steps, in order.
+    pub fn results(&self) -> Vec<StepResult> {
+        (1..=self.info.steps)
+            .map_while(|s| read_json(&self.step_dir(s).join("result.json")).ok())
+            .collect()
+    }
+
+    pub fn baseline(&self) -> Option<f64> {
+        read_json::<Validation>(&self.dir.join("baseline.json"))
+            .ok()
+            .map(|v| v.accuracy)
+    }
+}
+
+/// Live progress of a run, read by the CLI's progress bar and by `GET /v1/jobs/{id}`.
+#[derive(Default)]
+pub struct Progress {
+    pub step: AtomicU64,
+    pub steps: AtomicU64,
+    pub rollouts_done: AtomicU64,
+    pub rollouts_total: AtomicU64,
+    phase: Mutex<String>,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgressSnapshot {
+    pub step: u64,
+    pub steps: u64,
+    pub rollouts_done: u64,
+    pub rollouts_total: u64,
+    pub phase: String,
+}
+
+impl Progress {
+    /// Progress shown as a bar with ETA on the terminal.
+    pub fn with_bar() -> Progress {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:<34} [{bar:30}] {pos}/{len} attempts ({elapsed} elapsed, ETA {eta})",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        Progress {
+            bar: Some(bar),
+            ..Default::default()
+        }
+    }
+
+    fn phase(&self, step: u64, what: &str) {
+        let steps = self.steps.load(Ordering::Relaxed);
+        let text = format!("step {step}/{steps}: {what}");
+        self.step.store(step, Ordering::Relaxed);
+        if let Some(b) = &self.bar {
+            b.set_message(text.clone());
+        }
+        *self.phase.lock().unwrap() = text;
+    }
+
+    fn rollout_done(&self) {
+        self.rollouts_done.fetch_add(1, Ordering::Relaxed);
+        if let Some(b) = &self.bar {
+            b.inc(1);
+        }
+    }
+
+    pub fn snapshot(&self) -> ProgressSnapshot {
+        ProgressSnapshot {
+            step: self.step.load(Ordering::Relaxed),
+            steps: self.steps.load(Ordering::Relaxed),
+            rollouts_done: self.rollouts_done.load(Ordering::Relaxed),
+            rollouts_total: self.rollouts_total.load(Ordering::Relaxed),
+            phase: self.phase.lock().unwrap().clone(),
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// One attempt at one task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Rollout {
+    pub task: usize,
+    pub attempt: u32,
+    pub output: String,
+    pub reward: f64,
+    /// The judge's reasoning, when a judge scored it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub critique: Option<String>,
+    /// Why the attempt has no output, when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What the learner made of one group.
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupRecord {
+    pub task: usize,
+    pub question: String,
+    pub answer: String,
+    pub rewards: Vec<f64>,
+    pub summaries: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advantage_reply: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lessons: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update_reply: Option<String>,
+    pub proposals: Vec<Proposal>,
+    pub rejected: Vec<Rejected>,
+    /// Why the group yielded nothing, when it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Consolidation {
+    pub proposals: Vec<Proposal>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply: Option<String>,
+    pub rejected: Vec<Rejected>,
+    /// Set when the model's merge could not be used and the rule-based merge was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+    pub result: Vec<Proposal>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Validation {
+    pub accuracy: f64,
+    pub ci95: [f64; 2],
+    pub tasks: usize,
+}
+
+/// The outcome of one finished step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepResult {
+    pub step: u64,
+    pub epoch: u32,
+    pub tasks: Vec<usize>,
+    pub rollouts: usize,
+    pub failed_rollouts: usize,
+    pub mean_reward: f64,
+    pub mixed_groups: usize,
+    pub skipped_groups: usize,
+    /// The library version this step committed, if it changed anything.
+    pub version: Option<u64>,
+    pub added: Vec<String>,
+    pub updated: Vec<String>,
+    pub deleted: Vec<String>,
+    pub library_size: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<Validation>,
+}
+
+/// What a whole run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub run: String,
+    pub dir: PathBuf,
+    pub library: String,
+    pub steps: Vec<StepResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_validation: Option<f64>,
+    pub version: u64,
+    pub experiences: usize,
+}
+
+struct Learner<'a> {
+    ctx: &'a Context,
+    run: &'a Run,
+    rollout: Route,
+    learner: Arc<dyn Backend>,
+    scoring: Scoring,
+    judge: Option<Judge>,
+    rule: Verifier,
+    progress: &'a Progress,
+}
+
+/// Runs (or resumes) `run` to its end and returns what it did. Dropping the future stops the
+/// run between model calls; the library keeps the last committed step.
+pub async fn learn(
+    ctx: &Context,
+    router: &Router,
+    run: &Run,
+    progress: &Progress,
+) -> Result<RunSummary> {
+    let o = &run.info.options;
+    let rollout = router.resolve(&o.model, Some(methods::Method::Direct.name()), None)?;
+    let learner = router
+        .resolve(o.learner(), None, None)
+        .map_err(|e| rename_param(e, "learner_model"))?
+        .backend;
+    let scoring = parse_verifier(o.verifier.as_deref().unwrap_or(&run.info.default_verifier))?;
+    let rule = match parse_verifier(&run.info.default_verifier)? {
+        Scoring::Rule(v) => v,
+        Scoring::Judge => Verifier::Exact,
+    };
+    let judge = match scoring {
+        Scoring::Judge => Some(Judge {
+            backend: router
+                .resolve(o.judge_model.as_deref().unwrap_or(o.learner()), None, None)
+                .map_err(|e| rename_param(e, "judge_model"))?
+                .backend,
+            prompts: ctx.prompts.clone(),
+            retries: o.retries,
+            max_tokens: 128,
+        }),
+        Scoring::Rule(_) => None,
+    };
+    if ctx.store.library(&o.library).is_err() {
+        ctx.store.create(&o.library)?;
+    }
+    let l = Learner {
+        ctx,
+        run,
+        rollout,
+        learner,
+        scoring,
+        judge,
+        rule,
+        progress,
+    };
+    progress.steps.store(run.info.steps, Ordering::Relaxed);
+    progress.rollouts_total.store(
+        (run.info.tasks as u64) * u64::from(o.group_size) * u64::from(o.epochs),
+        Ordering::Relaxed,
+    );
+    if let Some(b) = &progress.bar {
+        b.set_length(progress.rollouts_total.load(Ordering::Relaxed));
+    }
+    if !run.validation.is_empty() && !run.dir.join("baseline.json").is_file() {
+        progress.phase(0, "validating the starting library");
+        let v = l.validate().await?;
+        write_json(&run.dir.join("baseline.json"), &v)?;
+    }
+    for step in 1..=run.info.steps {
+        let done = run.step_dir(step).join("result.json");
+        if done.is_file() {
+            progress.rollouts_done.fetch_add(
+                (run.batch(step).1.len() as u64) * u64::from(o.group_size),
+                Ordering::Relaxed,
+            );
+            if let Some(b) = &progress.bar {
+                b.set_position(progress.rollouts_done.load(Ordering::Relaxed));
+            }
+            continue;
+        }
+        let result = l.step(step).await?;
+        write_json(&done, &result)?;
+        tracing::info!(
+            run = %run.info.id, step, reward = result.mean_reward, mixed = result.mixed_groups,
+            version = ?result.version, "learning step done"
+        );
+    }
+    progress.finish();
+    let lib = ctx.store.library(&o.library)?;
+    let summary = RunSummary {
+        run: run.info.id.clone(),
+        dir: run.dir.clone(),
+        library: o.library.clone(),
+        steps: run.results(),
+        baseline_validation: run.baseline(),
+        version: lib.version(),
+        experiences: lib.len(),
+    };
+    write_json(&run.dir.join("summary.json"), &summary)?;
+    std::fs::write(
+        run.dir.join("progress.svg"),
+        super::plot::run_chart(&summary),
+    )
+    .map_err(|e| io("writing progress.svg", e))?;
+    Ok(summary)
+}
+
+fn rename_param(e: Error, param: &str) -> Error {
+    match e {
+        Error::NotFound { message, .. } => Error::NotFound {
+            message,
+            param: Some(param.to_owned()),
+        },
+        other => other,
+    }
+}
+
+impl Learner<'_> {
+    fn options(&self) -> &LearnOptions {
+        &self.run.info.options
+    }
+
+    async fn step(&self, step: u64) -> Result<StepResult> {
+        let o = self.options();
+        let dir = self.run.step_dir(step);
+        std::fs::create_dir_all(&dir).map_err(|e| io(&dir.display().to_string(), e))?;
+        let lib = self.ctx.store.library(&o.library)?;
+        let (epoch, batch) = self.run.batch(step);
+
+        // A crash between the commit and result.json: the step is done, only its record is
+        // missing. Rebuild it from the library's log instead of learning the step twice.
+        let message = self.run.message(step);
+        if let Some(v) = lib.versions().into_iter().find(|v| v.message == message) {
+            return Ok(StepResult {
+                step,
+                epoch,
+                tasks: batch,
+                rollouts: 0,
+                failed_rollouts: 0,
+                mean_reward: 0.0,
+                mixed_groups: 0,
+                skipped_groups: 0,
+                version: Some(v.version),
+                added: vec![],
+                updated: vec![],
+                deleted: vec![],
+                library_size: lib.len(),
+                validation: None,
+            });
+        }
+
+        let snapshot = lib.all();
+        self.progress.phase(step, "attempts");
+        let rollouts = self.rollouts(&batch).await?;
+        write_lines(&dir.join("rollouts.jsonl"), &rollouts)?;
+
+        let mut groups: BTreeMap<usize, Vec<&Rollout>> = BTreeMap::new();
+        for r in rollouts.iter().filter(|r| r.error.is_none()) {
+            groups.entry(r.task).or_default().push(r);
+        }
+        let mixed: Vec<(usize, Vec<&Rollout>)> = groups
+            .into_iter()
+            .filter(|(_, g)| g.len() >= 2 && g.iter().any(|r| r.reward != g[0].reward))
+            .collect();
+        let skipped_groups = batch.len() - mixed.len();
+
+        self.progress.phase(step, "comparing attempts");
+        let mut work = Vec::new();
+        for (task, group) in mixed {
+            work.push(self.group(task, group, &snapshot));
+        }
+        let records: Vec<GroupRecord> = bounded(work, o.concurrency.div_ceil(2)).await?;
+        write_json(&dir.join("groups.json"), &records)?;
+
+        let proposals: Vec<Proposal> = records
+            .iter()
+            .flat_map(|g| g.proposals.iter().cloned())
+            .collect();
+        let mut result = StepResult {
+            step,
+            epoch,
+            tasks: batch,
+            rollouts: rollouts.len(),
+            failed_rollouts: rollouts.iter().filter(|r| r.error.is_some()).count(),
+            mean_reward: mean(
+                rollouts
+                    .iter()
+                    .filter(|r| r.error.is_none())
+                    .map(|r| r.reward),
+            ),
+            mixed_groups: records.len(),
+            skipped_groups,
+            version: None,
+            added: vec![],
+            updated: vec![],
+            deleted: vec![],
+            library_size: snapshot.len(),
+            validation: None,
+        };
+        if !proposals.is_empty() {
+            self.progress.phase(step, "consolidating");
+            let c = self.consolidate(proposals, &snapshot).await?;
+            write_json(&dir.join("consolidation.json"), &c)?;
+            let changes = ops::to_changes(&c.result, &self.run.info.id, step, &o.tags);
+            if !changes.is_empty() {
+                let store = self.ctx.store.clone();
+                let (library, message) = (o.library.clone(), message.clone());
+                let v =
+                    tokio::task::spawn_blocking(move || store.commit(&library, &message, changes))
+                        .await
+                        .map_err(Error::internal)??;
+                result.version = Some(v.version);
+                for op in &v.ops {
+                    let list = match op {
+                        crate::experience::Op::Add { .. } => &mut result.added,
+                        crate::experience::Op::Update { .. } => &mut result.updated,
+                        crate::experience::Op::Delete { .. } => &mut result.deleted,
+                        crate::experience::Op::Restore { .. } => continue,
+                    };
+                    list.push(op.id().to_owned());
+                }
+                result.library_size = lib.len();
+            }
+        }
+        if !self.run.validation.is_empty() {
+            self.progress.phase(step, "validating");
+            result.validation = Some(self.validate().await?);
+        }
+        Ok(result)
+    }
+
+    /// `group_size` attempts at every task of the batch, scored. An attempt that fails after
+    /// the retries is kept with its error and left out of its group.
+    async fn rollouts(&self, batch: &[usize]) -> Result<Vec<Rollout>> {
+        let o = self.options();
+        let mut work = Vec::new();
+        for &task in batch {
+            for attempt in 0..o.group_size {
+                work.push(async move {
+                    let r = self.rollout(task, attempt).await;
+                    self.progress.rollout_done();
+                    r
+                });
+            }
+        }
+        let out = bounded(work, o.concurrency).await?;
+        Ok(out)
+    }
+
+    async fn rollout(&self, task: usize, attempt: u32) -> Result<Rollout> {
+        let o = self.options();
+        let t = &self.run.tasks[task];
+        let mut request = ChatRequest {
+            messages: vec![
+                Message::new(Role::System, self.run.info.instruction.clone()),
+                Message::new(Role::User, t.question.clone()),
+            ],
+            sampling: Sampling {
+                max_tokens: Some(o.max_tokens),
+                temperature: Some(o.temperature),
+                n: 1,
+                ..Default::default()
+            },
+        };
+        // The same selection as at inference, so the prior learned against is the prior
+        // served; learning does not count as use.
+        let chosen = prior::choose(self.ctx, &o.library, &request, None).await?;
+        if !chosen.is_empty() {
+            prior::apply_prior(&mut request, &prior::render(self.ctx, &chosen)?);
+        }
+        let mut error = None;
+        for _ in 0..=o.retries {
+            match self.rollout.backend.complete(request.clone()).await {
+                Ok(c) => {
+                    let output = c
+                        .choices
+                        .into_iter()
+                        .next()
+                        .map(|c| c.text)
+                        .unwrap_or_default();
+                    let (reward, critique) = match (&self.scoring, &self.judge) {
+                        (Scoring::Judge, Some(j)) => {
+                            let (r, why) = j.grade(&t.question, &output, &t.answer).await?;
+                            (r, Some(why))
+                        }
+                        (Scoring::Rule(v), _) => (v.score(&output, &t.answer), None),
+                        (Scoring::Judge, None) => {
+                            unreachable!("a judge is built for judge scoring")
+                        }
+                    };
+                    return Ok(Rollout {
+                        task,
+                        attempt,
+                        output,
+                        reward,
+                        critique,
+                        error: None,
+                    });
+                }
+                // Overload and timeouts pass; anything else would fail again.
+                Err(e @ (Error::Overloaded { .. } | Error::Timeout(_) | Error::Unavailable(_))) => {
+                    error = Some(e.to_string());
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        tracing::warn!(task, attempt, error = ?error, "attempt failed after retries; left out");
+        Ok(Rollout {
+            task,
+            attempt,
+            output: String::new(),
+            reward: 0.0,
+            critique: None,
+            error,
+        })
+    }
+
+    /// One learner call; retried (sampling, since a greedy retry would say the same again)
+    /// until `parse` accepts the reply. `Err(reason)` once the retries are spent.
+    async fn ask<T>(
+        &self,
+        user: String,
+        parse: impl Fn(&str) -> std::result::Result<T, String>,
+    ) -> Result<(std::result::Result<T, String>, String)> {
+        let o = self.options();
+        let system = self.ctx.prompts.render(
+            "learner_system.j2",
+            minijinja::context! { instruction => self.run.info.instruction },
+        )?;
+        let mut last = (Err("no reply".to_owned()), String::new());
+        for attempt in 0..=o.retries {
+            let out = self
+                .learner
+                .complete(ChatRequest {
+                    messages: vec![
+                        Message::new(Role::System, system.clone()),
+                        Message::new(Role::User, user.clone()),
+                    ],
+                    sampling: Sampling {
+                        max_tokens: Some(o.learner_max_tokens),
+                        temperature: Some(if attempt == 0 { 0.0 } else { 0.7 }),
+                        n: 1,
+                        ..Default::default()
+                    },
+                })
+                .await?;
+            let reply = out
+                .choices
+                .into_iter()
+                .next()
+                .map(|c| c.text)
+                .unwrap_or_default();
+            match parse(&reply) {
+                Ok(v) => return Ok((Ok(v), reply)),
+                Err(why) => {
+                    tracing::debug!(attempt, reason = %why, "learner reply did not parse");
+                    last = (
+                        Err(format!("{why} (after {} attempts)", attempt + 1)),
+                        reply,
+                    );
+                }
+            }
+        }
+        Ok(last)
+    }
+
+    async fn group(
+        &self,
+        task: usize,
+        group: Vec<&Rollout>,
+        snapshot: &[Experience],
+    ) -> Result<GroupRecord> {
+        let o = self.options();
+        let t = &self.run.tasks[task];
+        let mut record = GroupRecord {
+            task,
+            question: t.question.clone(),
+            answer: t.answer.clone(),
+            rewards: group.iter().map(|r| r.reward).collect(),
+            summaries: vec![],
+            advantage_reply: None,
+            lessons: None,
+            update_reply: None,
+            proposals: vec![],
+            rejected: vec![],
+            skipped: None,
+        };
+        let mut work = Vec::new();
+        for r in &group {
+            work.push(async move {
+                let prompt = self.ctx.prompts.render(
+                    "rollout_summary.j2",
+                    minijinja::context! {
+                        question => t.question, answer => t.answer, attempt => r.output,
+                        reward => r.reward, critique => r.critique,
+                    },
+                )?;
+                let (summary, _) = self.ask(prompt, non_empty).await?;
+                // An unusable summary still lets the comparison see the attempt itself.
+                Ok::<_, Error>(summary.unwrap_or_else(|_| {
+                    format!("(no summary; the attempt read:) {}", reply_or(&r.output))
+                }))
+            });
+        }
+        let summaries: Vec<String> = bounded(work, 2).await?;
+        record.summaries = summaries;
+
+        let attempts: Vec<_> = group
+            .iter()
+            .zip(&record.summaries)
+            .map(|(r, s)| minijinja::context! { reward => r.reward, summary => s })
+            .collect();
+        let prompt = self.ctx.prompts.render(
+            "group_advantage.j2",
+            minijinja::context! {
+                question => t.question, answer => t.answer, attempts => attempts,
+                max_experiences => o.max_lessons,
+            },
+        )?;
+        let (lessons, reply) = self.ask(prompt, ops::parse_lessons).await?;
+        record.advantage_reply = Some(reply);
+        let lessons = match lessons {
+            Ok(l) => l,
+            Err(why) => {
+                tracing::warn!(task, reason = %why, "group advantage skipped");
+                record.skipped = Some(format!("comparison: {why}"));
+                return Ok(record);
+            }
+        };
+        record.lessons = Some(lessons.clone());
+
+        let prompt = self.ctx.prompts.render(
+            "group_update.j2",
+            minijinja::context! { experiences => exp_ctx(snapshot), lessons => lessons },
+        )?;
+        let (proposals, reply) = self.ask(prompt, ops::parse).await?;
+        record.update_reply = Some(reply);
+        match proposals {
+            Ok(p) => {
+                let (ok, rejected) =
+                    ops::check(p, snapshot, self.ctx.store.options().max_text_chars);
+                record.proposals = ok;
+                record.rejected = rejected;
+            }
+            Err(why) => {
+                tracing::warn!(task, reason = %why, "group operations skipped");
+                record.skipped = Some(format!("operations: {why}"));
+            }
+        }
+        Ok(record)
+    }
+
+    async fn consolidate(
+        &self,
+        proposals: Vec<Proposal>,
+        snapshot: &[Experience],
+    ) -> Result<Consolidation> {
+        let by_id: Vec<_> = snapshot
+            .iter()
+            .map(|e| {
+                minijinja::context! {
+                    id => e.id, text => e.text,
+                    proposals => proposals.iter()
+                        .filter(|p| p.id.as_deref() == Some(e.id.as_str()))
+                        .map(Proposal::line).collect::<Vec<_>>(),
+                }
+            })
+            .collect();
+        let adds: Vec<String> = proposals
+            .iter()
+            .filter(|p| p.op == ops::Kind::Add)
+            .filter_map(|p| p.text.clone())
+            .collect();
+        let prompt = self.ctx.prompts.render(
+            "batch_consolidate.j2",
+            minijinja::context! { experiences => by_id, adds => adds },
+        )?;
+        let (parsed, reply) = self.ask(prompt, ops::parse).await?;
+        let max = self.ctx.store.options().max_text_chars;
+        let mut c = Consolidation {
+            proposals: proposals.clone(),
+            reply: Some(reply),
+            rejected: vec![],
+            fallback: None,
+            result: vec![],
+        };
+        let merged = match parsed {
+            Ok(p) => {
+                let (ok, rejected) = ops::check(p, snapshot, max);
+                c.rejected = rejected;
+                if ok.is_empty() {
+                    c.fallback = Some("the merged list held no applicable change".into());
+                    proposals
+                } else {
+                    ok
+                }
+            }
+            Err(why) => {
+                tracing::warn!(reason = %why, "consolidation reply unusable; merging by rule");
+                c.fallback = Some(why);
+                proposals
+            }
+        };
+        // The rules hold whatever the model wrote.
+        c.result = ops::merge(merged, snapshot);
+        Ok(c)
+    }
+
+    async fn validate(&self) -> Result<Validation> {
+        let o = self.options();
+        let ds = Dataset {
+            name: "validation".into(),
+            tasks: self.run.validation.clone(),
+            verifier: self.rule.clone(),
+            instruction: self.run.info.instruction.clone(),
+        };
+        let route = Route {
+            library: Some(o.library.clone()),
+            ..self.rollout.clone()
+        };
+        let arm = super::eval::run_arm(
+            self.ctx,
+            &route,
+            &ds,
+            &super::eval::EvalOptions {
+                samples: 1,
+                limit: None,
+                offset: 0,
+                temperature: 0.0,
+                max_tokens: o.max_tokens,
+                concurrency: o.concurrency,
+            },
+            &indicatif::ProgressBar::hidden(),
+        )
+        .await
+        .map_err(|e| Error::internal(format!("validation: {e:#}")))?;
+        Ok(Validation {
+            accuracy: arm.accuracy,
+            ci95: arm.ci95,
+            tasks: arm.tasks,
+        })
+    }
+}
+
+fn exp_ctx(snapshot: &[Experience]) -> Vec<minijinja::Value> {
+    snapshot
+        .iter()
+        .map(|e| minijinja::context! { id => e.id, text => e.text })
+        .collect()
+}
+
+fn non_empty(reply: &str) -> std::result::Result<String, String> {
+    let t = ops::strip_thinking(reply);
+    if t.trim().is_empty() {
+        Err("empty reply".into())
+    } else {
+        Ok(t)
+    }
+}
+
+fn reply_or(s: &str) -> &str {
+    if s.trim().is_empty() {
+        "(nothing)"
+    } else {
+        s
+    }
+}
+
+fn mean(xs: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = xs.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    if n == 0 {
+        0.0
+    } else {
+        sum / n as f64
+    }
+}
+
+/// Runs `work` with at most `n` futures in flight, in order; the first error wins. (The
+/// futures are built in a loop rather than by a closure so that the spawned job stays `Send`.)
+async fn bounded<T>(
+    work: Vec<impl std::future::Future<Output = Result<T>>>,
+    n: usize,
+) -> Result<Vec<T>> {
+    futures::stream::iter(work)
+        .buffered(n.max(1))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+fn write_lines(path: &Path, items: &[impl Serialize]) -> Result<()> {
+    let mut text = String::new();
+    for i in items {
+        text.push_str(&serde_json::to_string(i).map_err(Error::internal)?);
+        text.push('\n');
+    }
+    crate::experience::write_atomic(path, text.as_bytes())
+}
