@@ -61,6 +61,77 @@ impl Default for ServerConfig {
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum ModelConfig {
     Local(LocalModelConfig),
+    Upstream(UpstreamModelConfig),
+}
+
+impl ModelConfig {
+    pub fn id(&self) -> &str {
+        match self {
+            ModelConfig::Local(l) => &l.id,
+            ModelConfig::Upstream(u) => &u.id,
+        }
+    }
+
+    pub fn fallback(&self) -> &[String] {
+        match self {
+            ModelConfig::Local(l) => &l.fallback,
+            ModelConfig::Upstream(u) => &u.fallback,
+        }
+    }
+}
+
+/// A model served by another OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, a hosted
+/// API, another experient).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamModelConfig {
+    /// The alias clients use as `model`.
+    pub id: String,
+    /// The upstream's API base, e.g. `http://vllm:8000/v1`.
+    pub base_url: String,
+    /// Name of the environment variable holding the upstream's API key (never the key itself,
+    /// so the file can be shared).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// The model id the upstream knows (default: `id`).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Seconds to establish a connection.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: f64,
+    /// Seconds from sending the request to the first streamed token.
+    #[serde(default = "default_first_byte_timeout")]
+    pub first_byte_timeout_secs: f64,
+    /// Seconds for the whole generation.
+    #[serde(default = "default_total_timeout")]
+    pub total_timeout_secs: f64,
+    /// Retries of a request that failed before its first byte (connect error, timeout, 429, 5xx).
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// Requests in flight at once; more wait in a queue of `queue`, past that 429.
+    #[serde(default = "default_upstream_concurrent")]
+    pub max_concurrent: usize,
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+    /// Aliases tried in order when this one fails before its first byte.
+    #[serde(default)]
+    pub fallback: Vec<String>,
+}
+
+fn default_connect_timeout() -> f64 {
+    5.0
+}
+fn default_first_byte_timeout() -> f64 {
+    60.0
+}
+fn default_total_timeout() -> f64 {
+    600.0
+}
+fn default_max_retries() -> u32 {
+    2
+}
+fn default_upstream_concurrent() -> usize {
+    256
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -88,6 +159,9 @@ pub struct LocalModelConfig {
     /// SIMD kernels for Q8_0 and none for Q4_1.
     #[serde(default = "default_true")]
     pub requantize_q4_1: bool,
+    /// Aliases tried in order when this one fails before its first byte.
+    #[serde(default)]
+    pub fallback: Vec<String>,
 }
 
 pub fn default_true() -> bool {
@@ -121,25 +195,70 @@ impl Config {
     fn check(&self) -> anyhow::Result<()> {
         let mut seen = std::collections::HashSet::new();
         for (i, m) in self.models.iter().enumerate() {
-            let ModelConfig::Local(l) = m;
-            if l.id.is_empty() || l.id.contains(['@', ':', '/']) {
+            let id = m.id();
+            if id.is_empty() || id.contains(['@', ':', '/']) {
                 anyhow::bail!(
-                    "models[{i}].id: '{}' must be non-empty and contain no '@', ':' or '/'",
-                    l.id
+                    "models[{i}].id: '{id}' must be non-empty and contain no '@', ':' or '/'"
                 );
             }
-            if !seen.insert(l.id.clone()) {
-                anyhow::bail!("models[{i}].id: '{}' is defined twice", l.id);
+            if !seen.insert(id.to_owned()) {
+                anyhow::bail!("models[{i}].id: '{id}' is defined twice");
             }
-            if l.max_seqs == 0 {
-                anyhow::bail!("models[{i}].max_seqs: must be at least 1");
+            match m {
+                ModelConfig::Local(l) => {
+                    if l.max_seqs == 0 {
+                        anyhow::bail!("models[{i}].max_seqs: must be at least 1");
+                    }
+                    if l.max_concurrent == 0 {
+                        anyhow::bail!("models[{i}].max_concurrent: must be at least 1");
+                    }
+                    if let Some(g) = &l.gguf {
+                        if !g.is_file() {
+                            anyhow::bail!("models[{i}].gguf: {} is not a file", g.display());
+                        }
+                    }
+                }
+                ModelConfig::Upstream(u) => {
+                    let url = reqwest::Url::parse(&u.base_url).map_err(|e| {
+                        anyhow::anyhow!("models[{i}].base_url: '{}' is not a URL: {e}", u.base_url)
+                    })?;
+                    if !matches!(url.scheme(), "http" | "https") {
+                        anyhow::bail!(
+                            "models[{i}].base_url: '{}' must be http or https",
+                            u.base_url
+                        );
+                    }
+                    for (key, v) in [
+                        ("connect_timeout_secs", u.connect_timeout_secs),
+                        ("first_byte_timeout_secs", u.first_byte_timeout_secs),
+                        ("total_timeout_secs", u.total_timeout_secs),
+                    ] {
+                        if !(v > 0.0 && v.is_finite()) {
+                            anyhow::bail!(
+                                "models[{i}].{key}: must be a positive number of seconds"
+                            );
+                        }
+                    }
+                    if u.max_concurrent == 0 {
+                        anyhow::bail!("models[{i}].max_concurrent: must be at least 1");
+                    }
+                    if let Some(var) = &u.api_key_env {
+                        if std::env::var_os(var).is_none() {
+                            anyhow::bail!(
+                                "models[{i}].api_key_env: the environment variable {var} is not set"
+                            );
+                        }
+                    }
+                }
             }
-            if l.max_concurrent == 0 {
-                anyhow::bail!("models[{i}].max_concurrent: must be at least 1");
-            }
-            if let Some(g) = &l.gguf {
-                if !g.is_file() {
-                    anyhow::bail!("models[{i}].gguf: {} is not a file", g.display());
+        }
+        for (i, m) in self.models.iter().enumerate() {
+            for (j, f) in m.fallback().iter().enumerate() {
+                if f == m.id() {
+                    anyhow::bail!("models[{i}].fallback[{j}]: '{f}' is the model itself");
+                }
+                if !self.models.iter().any(|o| o.id() == f) {
+                    anyhow::bail!("models[{i}].fallback[{j}]: no model has the id '{f}'");
                 }
             }
         }

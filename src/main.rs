@@ -20,6 +20,8 @@ enum Command {
     Serve(ServeArgs),
     /// Accuracy on a task set (GSM8K JSONL or BBH JSON), with and without a library.
     Eval(EvalArgs),
+    /// Learn an experience library with Training-Free GRPO from tasks with known answers.
+    Learn(Box<LearnArgs>),
     /// Curate experience libraries: list, search, add, edit, rm, export, import, versions, rollback.
     Experience(experient::cli::ExperienceArgs),
     /// Download the embedded default model into the cache, prepare its Q8_0 rewrite, and print
@@ -52,9 +54,46 @@ struct ModelArgs {
     /// Where downloaded models are cached (default: $XDG_CACHE_HOME/experient or ~/.cache/experient).
     #[arg(long, env = "EXPERIENT_MODEL_CACHE")]
     model_cache: Option<PathBuf>,
+    /// Where learning runs keep their records (default: .runs inside the experience directory).
+    #[arg(long, env = "EXPERIENT_RUNS_DIR")]
+    runs_dir: Option<PathBuf>,
+    /// Directory of prompt templates that override the built-in ones, file by file.
+    #[arg(long, env = "EXPERIENT_PROMPTS_DIR")]
+    prompts_dir: Option<PathBuf>,
 }
 
 impl ModelArgs {
+    fn runs_dir(&self) -> PathBuf {
+        self.runs_dir
+            .clone()
+            .unwrap_or_else(|| self.experience_dir.join(".runs"))
+    }
+
+    /// The backends of the configuration, loaded, and the context methods run in.
+    async fn load(
+        &self,
+        config: &Config,
+        model_cache: &std::path::Path,
+    ) -> anyhow::Result<(experient::router::Router, experient::methods::Context)> {
+        use std::sync::Arc;
+        server::check_cpu()?;
+        let (router, locals) = server::backends(config, model_cache).await?;
+        for b in &locals {
+            b.load().await?;
+        }
+        let store = experient::experience::Store::open(
+            &self.experience_dir,
+            experient::experience::StoreOptions::default(),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let ctx = experient::methods::Context {
+            store: Arc::new(store),
+            prompts: Arc::new(experient::prompts::Prompts::load(
+                self.prompts_dir.as_deref(),
+            )?),
+        };
+        Ok((router, ctx))
+    }
     fn config(&self) -> anyhow::Result<Config> {
         match &self.config {
             Some(p) => Config::load(p),
@@ -88,9 +127,6 @@ struct ServeArgs {
     addr: SocketAddr,
     #[command(flatten)]
     models: ModelArgs,
-    /// Directory of prompt templates that override the built-in ones, file by file.
-    #[arg(long, env = "EXPERIENT_PROMPTS_DIR")]
-    prompts_dir: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -106,6 +142,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(a) => run_serve(a),
         Command::Experience(a) => experient::cli::run(a),
         Command::Eval(a) => run_eval(a),
+        Command::Learn(a) => run_learn(*a),
         Command::FetchModel { model_cache } => {
             let cache = model_cache.unwrap_or_else(fetch::default_cache_dir);
             fetch::ensure_default_model(&cache).and_then(|p| {
@@ -158,14 +195,166 @@ struct EvalArgs {
     /// Also write the JSON report here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Also draw the accuracies, with their confidence intervals, as an SVG picture here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
     #[command(flatten)]
     models: ModelArgs,
 }
 
-fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
-    use std::sync::Arc;
+#[derive(clap::Args)]
+struct LearnArgs {
+    /// The library to learn into (created if missing).
+    #[arg(long)]
+    library: Option<String>,
+    /// Task file: GSM8K-style JSONL or BBH JSON.
+    #[arg(long)]
+    dataset: Option<PathBuf>,
+    /// Continue the run in this run directory where it stopped (all other options come from it).
+    #[arg(long, conflicts_with_all = ["library", "dataset"])]
+    resume: Option<PathBuf>,
+    /// Model alias that makes the attempts.
+    #[arg(long, default_value = fetch::DEFAULT_MODEL_ID)]
+    model: String,
+    /// Model alias that summarises, compares and edits the library (default: --model).
+    #[arg(long)]
+    learner_model: Option<String>,
+    #[arg(long, default_value_t = 3)]
+    epochs: u32,
+    /// Tasks per step; the library is updated once per step.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Attempts per task (G).
+    #[arg(long, default_value_t = 5)]
+    group_size: u32,
+    /// Sampling temperature of the attempts.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// Token limit of an attempt.
+    #[arg(long, default_value_t = 512)]
+    max_tokens: u32,
+    /// Token limit of a learner call.
+    #[arg(long, default_value_t = 384)]
+    learner_max_tokens: u32,
+    /// Model calls in flight at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// numeric, exact, regex:PATTERN ({answer} stands for the reference) or judge (default: what fits the data).
+    #[arg(long)]
+    verifier: Option<String>,
+    /// Model alias of the LLM judge (default: the learner model).
+    #[arg(long)]
+    judge_model: Option<String>,
+    /// What the model is told besides the question (default: what fits the data).
+    #[arg(long)]
+    instruction: Option<String>,
+    /// Most lessons one group may yield.
+    #[arg(long, default_value_t = 2)]
+    max_lessons: usize,
+    /// Extra attempts at a learner call whose reply does not parse.
+    #[arg(long, default_value_t = 2)]
+    retries: u32,
+    /// Tag every learned experience with these (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    tags: Vec<String>,
+    /// Shuffle the data set with this seed before --offset and --limit (as `eval --seed` does).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Tasks to skip first.
+    #[arg(long, default_value_t = 0)]
+    offset: usize,
+    /// Tasks to learn from (after --offset).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Evaluate this many held-out tasks (those after the learning split) after every step.
+    #[arg(long, default_value_t = 0)]
+    validation: usize,
+    /// Seed of the order tasks are visited in each epoch.
+    #[arg(long, default_value_t = 42)]
+    order_seed: u64,
+    #[command(flatten)]
+    models: ModelArgs,
+}
 
-    use experient::experience::{Store, StoreOptions};
+fn run_learn(a: LearnArgs) -> anyhow::Result<()> {
+    use experient::learn::dataset::Dataset;
+    use experient::learn::grpo::{self, LearnOptions, Progress, Run};
+
+    let config = a.models.config()?;
+    let runs_dir = a.models.runs_dir();
+    let run = match (&a.resume, &a.library, &a.dataset) {
+        (Some(dir), _, _) => Run::open(dir).map_err(|e| anyhow::anyhow!("{e}"))?,
+        (None, Some(library), Some(dataset)) => {
+            let mut data = Dataset::load(dataset)?;
+            if let Some(seed) = a.seed {
+                data.shuffle(seed);
+            }
+            let rest: Vec<_> = data.tasks.iter().skip(a.offset).cloned().collect();
+            let n = a.limit.unwrap_or(rest.len()).min(rest.len());
+            let options = LearnOptions {
+                library: library.clone(),
+                model: a.model.clone(),
+                learner_model: a.learner_model.clone(),
+                epochs: a.epochs,
+                batch_size: a.batch_size,
+                group_size: a.group_size,
+                temperature: a.temperature,
+                max_tokens: a.max_tokens,
+                learner_max_tokens: a.learner_max_tokens,
+                concurrency: a.concurrency,
+                verifier: a.verifier.clone(),
+                judge_model: a.judge_model.clone(),
+                instruction: a.instruction.clone(),
+                max_lessons: a.max_lessons,
+                retries: a.retries,
+                seed: a.order_seed,
+                tags: a.tags.clone(),
+            };
+            Run::create(
+                &runs_dir,
+                options,
+                &data,
+                rest[..n].to_vec(),
+                rest[n..].iter().take(a.validation).cloned().collect(),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+        }
+        _ => anyhow::bail!("give --library and --dataset, or --resume RUN_DIR"),
+    };
+    eprintln!(
+        "experient: learning run {} in {}",
+        run.info.id,
+        run.dir.display()
+    );
+    let model_cache = a.models.model_cache();
+    let runtime = tokio::runtime::Runtime::new()?;
+    let summary = runtime.block_on(async {
+        let (router, ctx) = a.models.load(&config, &model_cache).await?;
+        let progress = Progress::with_bar();
+        let summary = grpo::learn(&ctx, &router, &run, &progress)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{e}\nthe run can be resumed: experient learn --resume {}",
+                    run.dir.display()
+                )
+            })?;
+        ctx.store.flush();
+        anyhow::Ok(summary)
+    })?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    eprintln!(
+        "experient: library '{}' is at version {} with {} experiences; records and progress.svg in {}",
+        summary.library,
+        summary.version,
+        summary.experiences,
+        summary.dir.display()
+    );
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    Ok(())
+}
+
+fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     use experient::learn::{dataset::Dataset, eval};
 
     let config = a.models.config()?;
@@ -176,17 +365,7 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     let model_cache = a.models.model_cache();
     let runtime = tokio::runtime::Runtime::new()?;
     let report = runtime.block_on(async {
-        server::check_cpu()?;
-        let (router, locals) = server::backends(&config, &model_cache).await?;
-        for b in &locals {
-            b.load().await?;
-        }
-        let store = Store::open(&a.models.experience_dir, StoreOptions::default())
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let ctx = experient::methods::Context {
-            store: Arc::new(store),
-            prompts: Arc::new(experient::prompts::Prompts::builtin()),
-        };
+        let (router, ctx) = a.models.load(&config, &model_cache).await?;
         let opts = eval::EvalOptions {
             samples: a.samples.max(1),
             limit: a.limit,
@@ -203,6 +382,9 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     if let Some(p) = &a.out {
         std::fs::write(p, &json)?;
     }
+    if let Some(p) = &a.plot {
+        std::fs::write(p, experient::learn::plot::eval_chart(&report))?;
+    }
     println!("{json}");
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(())
@@ -215,9 +397,10 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(server::serve(ServeOptions {
         addr: a.addr,
         config,
+        runs_dir: a.models.runs_dir(),
+        prompts_dir: a.models.prompts_dir.clone(),
         experience_dir: a.models.experience_dir,
         model_cache,
-        prompts_dir: a.prompts_dir,
     }))?;
     // Don't wait for blocking tasks (a generation still running) past the grace period.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));

@@ -23,6 +23,8 @@ pub struct ServeOptions {
     pub experience_dir: PathBuf,
     pub model_cache: PathBuf,
     pub prompts_dir: Option<PathBuf>,
+    /// Where learning jobs write their run directories.
+    pub runs_dir: PathBuf,
 }
 
 /// Fails with a clear message on a CPU that lacks what this build was compiled for, instead of
@@ -60,13 +62,15 @@ fn local_models(config: &Config) -> Vec<LocalModelConfig> {
             queue: crate::config::default_queue(),
             force_cpu: false,
             requantize_q4_1: true,
+            fallback: vec![],
         }];
     }
     config
         .models
         .iter()
-        .map(|m| match m {
-            ModelConfig::Local(l) => l.clone(),
+        .filter_map(|m| match m {
+            ModelConfig::Local(l) => Some(l.clone()),
+            ModelConfig::Upstream(_) => None,
         })
         .collect()
 }
@@ -79,6 +83,8 @@ pub async fn backends(
 ) -> anyhow::Result<(Router, Vec<Arc<LocalBackend>>)> {
     let mut router = Router::default();
     let mut locals = Vec::new();
+    let mut raw: std::collections::HashMap<String, Arc<dyn crate::backend::Backend>> =
+        std::collections::HashMap::new();
     for m in local_models(config) {
         let gguf = match &m.gguf {
             Some(p) => p.clone(),
@@ -104,8 +110,45 @@ pub async fn backends(
             queue: m.queue,
             force_cpu: m.force_cpu,
         });
-        router.add(m.id.clone(), backend.clone());
+        raw.insert(
+            m.id.clone(),
+            backend.clone() as Arc<dyn crate::backend::Backend>,
+        );
         locals.push(backend);
+    }
+    for m in &config.models {
+        if let ModelConfig::Upstream(u) = m {
+            let backend = crate::backend::upstream::UpstreamBackend::new(u)
+                .with_context(|| format!("model '{}'", u.id))?;
+            raw.insert(u.id.clone(), Arc::new(backend));
+        }
+    }
+    // Aliases in configuration order; one with a fallback chain is served by the chain.
+    let order: Vec<String> = if config.models.is_empty() {
+        raw.keys().cloned().collect()
+    } else {
+        config.models.iter().map(|m| m.id().to_owned()).collect()
+    };
+    for id in order {
+        let primary = raw[&id].clone();
+        let fallback: Vec<(String, Arc<dyn crate::backend::Backend>)> = config
+            .models
+            .iter()
+            .find(|m| m.id() == id)
+            .map(|m| {
+                m.fallback()
+                    .iter()
+                    .map(|f| (f.clone(), raw[f].clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if fallback.is_empty() {
+            router.add(id, primary);
+        } else {
+            let mut chain = vec![(id.clone(), primary)];
+            chain.extend(fallback);
+            router.add(id, Arc::new(crate::backend::fallback::Chain::new(chain)));
+        }
     }
     Ok((router, locals))
 }
@@ -141,6 +184,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         store: store.clone(),
         prompts: Arc::new(Prompts::load(opts.prompts_dir.as_deref())?),
         keys: keys(&opts.config),
+        jobs: Arc::new(crate::learn::jobs::Jobs::new(&opts.runs_dir)),
     };
     let app = api::app(
         state,

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod chat;
 pub mod error;
+pub mod jobs;
 pub mod libraries;
 pub mod metrics;
 pub mod wire;
@@ -32,6 +33,7 @@ pub struct AppState {
     pub store: Arc<Store>,
     pub prompts: Arc<crate::prompts::Prompts>,
     pub keys: auth::Keys,
+    pub jobs: Arc<crate::learn::jobs::Jobs>,
 }
 
 pub struct AppSettings {
@@ -46,6 +48,7 @@ pub fn app(state: AppState, settings: &AppSettings) -> axum::Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics::render))
         .merge(libraries::routes())
+        .merge(jobs::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))

@@ -5,9 +5,11 @@
 //! Non-streaming is derived from streaming ([`collect`]) so that both paths share one code path,
 //! and so that dropping the consumer always cancels generation.
 
+pub mod fallback;
 pub mod fetch;
 pub mod local;
 pub mod requantize;
+pub mod upstream;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

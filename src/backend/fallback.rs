@@ -1,0 +1,57 @@
+//! A fallback chain: an alias served by its own backend first and, when that fails before its
+//! first token with an error worth retrying elsewhere (unreachable, timed out, overloaded,
+//! 5xx), by the next model in the chain. Errors that would fail anywhere (a bad request)
+//! return at once; once a backend has produced its first event the chain is committed to it.
+
+use std::sync::Arc;
+
+use super::{upstream::retryable, Backend, ChatRequest, EventStream};
+use crate::error::{Error, Result};
+
+pub struct Chain {
+    links: Vec<(String, Arc<dyn Backend>)>,
+}
+
+impl Chain {
+    pub fn new(links: Vec<(String, Arc<dyn Backend>)>) -> Self {
+        assert!(!links.is_empty(), "a chain has at least its own model");
+        Chain { links }
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for Chain {
+    fn ready(&self) -> bool {
+        self.links.iter().any(|(_, b)| b.ready())
+    }
+
+    async fn stream(&self, request: ChatRequest) -> Result<EventStream> {
+        let mut last: Option<Error> = None;
+        for (alias, backend) in &self.links {
+            if !backend.ready() {
+                continue;
+            }
+            match backend.stream(request.clone()).await {
+                Ok(s) => {
+                    if last.is_some() {
+                        metrics::counter!(
+                            "experient_fallbacks_total",
+                            "model" => self.links[0].0.clone(),
+                            "to" => alias.clone()
+                        )
+                        .increment(1);
+                    }
+                    return Ok(s);
+                }
+                Err(e) if retryable(&e) => {
+                    tracing::warn!(model = %alias, error = %e, "model failed; trying the next in its fallback chain");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            Error::Unavailable("no model of the fallback chain is ready".into())
+        }))
+    }
+}
