@@ -231,6 +231,14 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
 
     let grace = Duration::from_secs(opts.config.server.shutdown_grace_secs);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    // Streams are written a chunk at a time; without TCP_NODELAY, Nagle's algorithm holds each
+    // small write back until the client's delayed ACK (about 40 ms a chunk on Linux).
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown_signal().await;
         shutting_down.store(true, Ordering::SeqCst);

@@ -155,6 +155,8 @@ impl UpstreamBackend {
         };
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs_f64(c.connect_timeout_secs))
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(c.max_concurrent.min(1024))
             .build()?;
         let client = async_openai::Client::with_config(
             OpenAIConfig::new()
