@@ -163,4 +163,5 @@ fn main() {
         });
     }
     let _ = child.kill();
+    let _ = child.wait();
 }
