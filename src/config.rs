@@ -15,6 +15,40 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     #[serde(default)]
     pub auth: AuthConfig,
+    #[serde(default)]
+    pub methods: MethodsConfig,
+}
+
+/// Settings of the methods, `[methods.*]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MethodsConfig {
+    #[serde(default)]
+    pub iterresearch: IterResearchConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IterResearchConfig {
+    /// Rounds before an answer is forced (a request may ask for fewer or more, up to 64).
+    pub max_rounds: u32,
+    /// Extra attempts at a round whose reply cannot be read.
+    pub retries: u32,
+    /// Token limit of one round when the request sets none.
+    pub round_max_tokens: u32,
+    /// Whether the model may fetch URLs (off: a deployment decides what its server may reach).
+    pub fetch_urls: bool,
+}
+
+impl Default for IterResearchConfig {
+    fn default() -> Self {
+        IterResearchConfig {
+            max_rounds: 8,
+            retries: 2,
+            round_max_tokens: 384,
+            fetch_urls: false,
+        }
+    }
 }
 
 /// Inbound API keys. Keys from the environment (`EXPERIENT_API_KEYS`, `EXPERIENT_ADMIN_KEYS`,

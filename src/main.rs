@@ -91,6 +91,7 @@ impl ModelArgs {
             prompts: Arc::new(experient::prompts::Prompts::load(
                 self.prompts_dir.as_deref(),
             )?),
+            settings: Arc::new(config.methods.clone()),
         };
         Ok((router, ctx))
     }

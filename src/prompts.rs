@@ -25,6 +25,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     template!("group_update.j2"),
     template!("batch_consolidate.j2"),
     template!("judge.j2"),
+    template!("iterresearch_round.j2"),
 ];
 
 pub struct Prompts {

@@ -185,6 +185,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         prompts: Arc::new(Prompts::load(opts.prompts_dir.as_deref())?),
         keys: keys(&opts.config),
         jobs: Arc::new(crate::learn::jobs::Jobs::new(&opts.runs_dir)),
+        methods: Arc::new(opts.config.methods.clone()),
     };
     let app = api::app(
         state,

@@ -40,13 +40,29 @@ pub async fn chat_completions(
             ))
         }
     };
+    let full_history = match v.options.workspace.as_deref() {
+        None | Some("markovian") => false,
+        Some("full") => true,
+        Some(_) => {
+            return Err(Error::invalid(
+                "experient.workspace must be \"markovian\" or \"full\"",
+                "experient.workspace",
+            ))
+        }
+    };
+    let opts = methods::Options {
+        selection,
+        max_rounds: v.options.max_rounds,
+        full_history,
+    };
     let n = v.chat.sampling.n as usize;
     let model_label = route.model.clone();
     let ctx = methods::Context {
         store: state.store.clone(),
         prompts: state.prompts.clone(),
+        settings: state.methods.clone(),
     };
-    let output = methods::run(&ctx, route, v.chat, selection).await?;
+    let output = methods::run(&ctx, route, v.chat, &opts).await?;
     let applied_header = applied_header(&output.applied);
 
     if !v.stream {
@@ -59,20 +75,28 @@ pub async fn chat_completions(
                 ))
             })??;
         count_tokens(&model_label, done.usage);
+        let mut applied = output.applied;
+        applied.trace = done.trace;
         let body = json!({
             "id": wire::completion_id(),
             "object": "chat.completion",
             "created": wire::now_secs(),
             "model": v.model,
             "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": done.choices.iter().enumerate().map(|(i, c)| json!({
-                "index": i,
-                "message": {"role": "assistant", "content": c.text, "refusal": null},
-                "logprobs": null,
-                "finish_reason": c.finish_reason.as_str(),
-            })).collect::<Vec<_>>(),
+            "choices": done.choices.iter().enumerate().map(|(i, c)| {
+                let mut message = json!({"role": "assistant", "content": c.text, "refusal": null});
+                if !c.tool_calls.is_empty() {
+                    message["tool_calls"] = json!(c.tool_calls.iter().map(tool_call_json).collect::<Vec<_>>());
+                }
+                json!({
+                    "index": i,
+                    "message": message,
+                    "logprobs": null,
+                    "finish_reason": c.finish_reason.as_str(),
+                })
+            }).collect::<Vec<_>>(),
             "usage": WireUsage::from(done.usage),
-            "experient": output.applied,
+            "experient": applied,
         });
         let mut resp = axum::Json(body).into_response();
         insert_header(&mut resp, applied_header);
@@ -93,6 +117,10 @@ pub async fn chat_completions(
         .into_response();
     insert_header(&mut resp, applied_header);
     Ok(resp)
+}
+
+fn tool_call_json(c: &backend::ToolCall) -> Value {
+    json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}})
 }
 
 fn count_tokens(model: &str, u: Usage) {
@@ -125,7 +153,7 @@ fn chunks(
     model: String,
     n: usize,
     include_usage: bool,
-    applied: Applied,
+    mut applied: Applied,
     model_label: String,
 ) -> impl Stream<Item = String> {
     let id = wire::completion_id();
@@ -164,6 +192,19 @@ fn chunks(
                         }
                     }
                 }
+                Ok(Event::ToolCall { index, call }) => {
+                    let mut c = tool_call_json(&call);
+                    c["index"] = json!(0);
+                    yield chunk(json!([{"index": index, "delta": {"tool_calls": [c]}, "logprobs": null, "finish_reason": null}]), None);
+                }
+                Ok(Event::Progress(p)) => {
+                    // Progress rides on a chunk with an empty delta, so clients that only read
+                    // `choices[0].delta.content` see nothing and never miss a choice.
+                    let mut c: Value = serde_json::from_str(&chunk(json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": null}]), None)).unwrap_or_default();
+                    c["experient"] = json!({"round": p});
+                    yield c.to_string();
+                }
+                Ok(Event::Trace(t)) => applied.trace = Some(t),
                 Ok(Event::Usage(u)) => usage = u,
                 Err(e) => { failed = Some(e); break; }
             }
@@ -194,6 +235,7 @@ mod tests {
 
     fn applied() -> Applied {
         Applied {
+            trace: None,
             method: Method::Direct,
             model: "m".into(),
             library: None,

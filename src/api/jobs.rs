@@ -162,6 +162,7 @@ async fn start(
     let ctx = Context {
         store: s.store.clone(),
         prompts: s.prompts.clone(),
+        settings: s.methods.clone(),
     };
     let job = s.jobs.start(ctx, s.router.clone(), run)?;
     Ok((StatusCode::ACCEPTED, Json(job.view())).into_response())

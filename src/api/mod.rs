@@ -34,6 +34,7 @@ pub struct AppState {
     pub prompts: Arc<crate::prompts::Prompts>,
     pub keys: auth::Keys,
     pub jobs: Arc<crate::learn::jobs::Jobs>,
+    pub methods: Arc<crate::config::MethodsConfig>,
 }
 
 pub struct AppSettings {

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::backend::{ChatRequest, Message, Role, Sampling};
+use crate::backend::{ChatRequest, Message, Role, Sampling, ToolCall, ToolSpec};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Deserialize)]
@@ -86,6 +86,13 @@ pub struct ExperientOptions {
     /// How many experiences to inject: a number, or "all".
     #[serde(default)]
     pub experiences: Option<Value>,
+    /// IterResearch: most rounds before an answer is forced.
+    #[serde(default)]
+    pub max_rounds: Option<u32>,
+    /// IterResearch: "markovian" (the default: question, report, last action) or "full" (the
+    /// whole history, ReAct-style; a baseline for comparison).
+    #[serde(default)]
+    pub workspace: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,6 +102,8 @@ pub struct WireMessage {
     pub content: Option<Content>,
     #[serde(default)]
     pub tool_calls: Option<Value>,
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,17 +162,30 @@ impl ChatCompletionRequest {
         if self.top_logprobs.as_ref().is_some_and(|v| !v.is_null()) {
             return Err(unsupported("top_logprobs"));
         }
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(unsupported("tools"));
-        }
         if self.functions.as_ref().is_some_and(|t| !t.is_empty()) {
             return Err(unsupported("functions"));
         }
-        if let Some(tc) = &self.tool_choice {
-            if tc != "none" && !tc.is_null() {
-                return Err(unsupported("tool_choice"));
+        let tools_off = match &self.tool_choice {
+            None | Some(Value::Null) => false,
+            Some(Value::String(s)) if s == "auto" => false,
+            Some(Value::String(s)) if s == "none" => true,
+            Some(_) => {
+                return Err(Error::invalid(
+                    "tool_choice: only \"auto\" and \"none\" are supported",
+                    "tool_choice",
+                ))
             }
-        }
+        };
+        let tools = if tools_off {
+            vec![]
+        } else {
+            self.tools
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| convert_tool(i, t))
+                .collect::<Result<Vec<_>>>()?
+        };
         if self.function_call.as_ref().is_some_and(|v| !v.is_null()) {
             return Err(unsupported("function_call"));
         }
@@ -269,6 +291,7 @@ impl ChatCompletionRequest {
             include_usage,
             options: self.experient.unwrap_or_default(),
             chat: ChatRequest {
+                tools,
                 messages,
                 sampling: Sampling {
                     max_tokens: max_tokens.map(|m| m as u32),
@@ -301,10 +324,20 @@ fn convert_message(i: usize, m: WireMessage) -> Result<Message> {
             ))
         }
     };
-    if m.tool_calls.as_ref().is_some_and(|v| !v.is_null()) {
+    let tool_calls = match m.tool_calls {
+        None | Some(Value::Null) => vec![],
+        Some(v) => convert_tool_calls(i, v)?,
+    };
+    if !tool_calls.is_empty() && role != Role::Assistant {
         return Err(Error::invalid_param(
-            "assistant tool_calls are not supported by this server",
+            "only assistant messages carry tool_calls",
             format!("messages[{i}].tool_calls"),
+        ));
+    }
+    if role == Role::Tool && m.tool_call_id.is_none() {
+        return Err(Error::invalid_param(
+            "a tool message needs the tool_call_id it answers",
+            format!("messages[{i}].tool_call_id"),
         ));
     }
     let content = match m.content {
@@ -340,7 +373,68 @@ fn convert_message(i: usize, m: WireMessage) -> Result<Message> {
             text
         }
     };
-    Ok(Message { role, content })
+    Ok(Message {
+        role,
+        content,
+        tool_calls,
+        tool_call_id: m.tool_call_id,
+    })
+}
+
+/// `{"type": "function", "function": {"name", "description"?, "parameters"?}}`.
+fn convert_tool(i: usize, t: Value) -> Result<ToolSpec> {
+    let bad = |m: &str, at: &str| Error::invalid_param(m.to_owned(), format!("tools[{i}]{at}"));
+    if t.get("type").and_then(Value::as_str) != Some("function") {
+        return Err(bad("only tools of type 'function' are supported", ".type"));
+    }
+    let f = t
+        .get("function")
+        .ok_or_else(|| bad("a function tool needs 'function'", ".function"))?;
+    let name = f
+        .get("name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| bad("a function needs a 'name'", ".function.name"))?;
+    Ok(ToolSpec {
+        name: name.to_owned(),
+        description: f
+            .get("description")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        parameters: f.get("parameters").cloned().unwrap_or(Value::Null),
+    })
+}
+
+fn convert_tool_calls(i: usize, v: Value) -> Result<Vec<ToolCall>> {
+    let bad = |m: &str| Error::invalid_param(m.to_owned(), format!("messages[{i}].tool_calls"));
+    let list = v
+        .as_array()
+        .ok_or_else(|| bad("tool_calls must be an array"))?;
+    list.iter()
+        .map(|c| {
+            let f = c
+                .get("function")
+                .ok_or_else(|| bad("a tool call needs 'function'"))?;
+            Ok(ToolCall {
+                id: c
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| bad("a tool call needs an 'id'"))?
+                    .to_owned(),
+                name: f
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| bad("a tool call needs 'function.name'"))?
+                    .to_owned(),
+                arguments: match f.get("arguments") {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(other) => other.to_string(),
+                    None => "{}".into(),
+                },
+            })
+        })
+        .collect()
 }
 
 #[derive(Debug, Serialize)]

@@ -43,6 +43,10 @@ impl Role {
 pub struct Message {
     pub role: Role,
     pub content: String,
+    /// The calls an assistant message made (client tools, OpenAI's `tool_calls`).
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a tool message answers.
+    pub tool_call_id: Option<String>,
 }
 
 impl Message {
@@ -50,8 +54,27 @@ impl Message {
         Message {
             role,
             content: content.into(),
+            tool_calls: vec![],
+            tool_call_id: None,
         }
     }
+}
+
+/// A call of a function tool: `arguments` is a JSON object as text, as OpenAI sends it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: String,
+}
+
+/// A function tool a client offers (`tools` in the request).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: String,
+    /// JSON Schema of the arguments.
+    pub parameters: serde_json::Value,
 }
 
 /// Sampling settings with OpenAI's meaning: `temperature` 0 is greedy, anything above samples
@@ -69,10 +92,12 @@ pub struct Sampling {
     pub seed: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ChatRequest {
     pub messages: Vec<Message>,
     pub sampling: Sampling,
+    /// Client tools; only methods that run tool loops use them, backends never see them.
+    pub tools: Vec<ToolSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,8 +146,23 @@ impl Usage {
 /// `Delta`s then exactly one `Finish`, and ends with exactly one `Usage`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Delta { index: u32, text: String },
-    Finish { index: u32, reason: FinishReason },
+    Delta {
+        index: u32,
+        text: String,
+    },
+    Finish {
+        index: u32,
+        reason: FinishReason,
+    },
+    /// A call the client is to run (the choice then finishes with `tool_calls`).
+    ToolCall {
+        index: u32,
+        call: ToolCall,
+    },
+    /// A method's progress report (an IterResearch round), passed to streaming clients.
+    Progress(serde_json::Value),
+    /// What a method did, for the response's `experient` object; sent before `Usage`.
+    Trace(serde_json::Value),
     Usage(Usage),
 }
 
@@ -131,6 +171,7 @@ pub type EventStream = BoxStream<'static, Result<Event>>;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Choice {
     pub text: String,
+    pub tool_calls: Vec<ToolCall>,
     pub finish_reason: FinishReason,
 }
 
@@ -138,6 +179,7 @@ pub struct Choice {
 pub struct Completion {
     pub choices: Vec<Choice>,
     pub usage: Usage,
+    pub trace: Option<serde_json::Value>,
 }
 
 #[async_trait::async_trait]
@@ -159,8 +201,10 @@ pub trait Backend: Send + Sync + 'static {
 /// Drains a stream into a completion with `n` choices.
 pub async fn collect(mut stream: EventStream, n: usize) -> Result<Completion> {
     let mut texts = vec![String::new(); n];
+    let mut calls = vec![Vec::new(); n];
     let mut finishes = vec![None; n];
     let mut usage = Usage::default();
+    let mut trace = None;
     while let Some(event) = stream.next().await {
         match event? {
             Event::Delta { index, text } => {
@@ -168,6 +212,13 @@ pub async fn collect(mut stream: EventStream, n: usize) -> Result<Completion> {
                     t.push_str(&text)
                 }
             }
+            Event::ToolCall { index, call } => {
+                if let Some(c) = calls.get_mut(index as usize) {
+                    c.push(call)
+                }
+            }
+            Event::Progress(_) => {}
+            Event::Trace(t) => trace = Some(t),
             Event::Finish { index, reason } => {
                 if let Some(f) = finishes.get_mut(index as usize) {
                     *f = Some(reason)
@@ -178,13 +229,19 @@ pub async fn collect(mut stream: EventStream, n: usize) -> Result<Completion> {
     }
     let choices = texts
         .into_iter()
+        .zip(calls)
         .zip(finishes)
-        .map(|(text, f)| Choice {
+        .map(|((text, tool_calls), f)| Choice {
             text,
+            tool_calls,
             finish_reason: f.unwrap_or(FinishReason::Stop),
         })
         .collect();
-    Ok(Completion { choices, usage })
+    Ok(Completion {
+        choices,
+        usage,
+        trace,
+    })
 }
 
 /// Admission control: at most `slots` requests are admitted at once and at most `queue` more

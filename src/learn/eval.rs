@@ -72,6 +72,7 @@ pub async fn run_arm(
             let used = used.clone();
             work.push(async move {
                 let request = ChatRequest {
+                    tools: vec![],
                     messages: prompt(ds, &task.question),
                     sampling: Sampling {
                         max_tokens: Some(opts.max_tokens),
@@ -80,7 +81,7 @@ pub async fn run_arm(
                         ..Default::default()
                     },
                 };
-                let out = methods::run(ctx, route, request, None).await?;
+                let out = methods::run(ctx, route, request, &methods::Options::default()).await?;
                 if let Some(e) = &out.applied.experiences {
                     used.store(e.len(), std::sync::atomic::Ordering::Relaxed);
                 }

@@ -749,6 +749,7 @@ impl Learner<'_> {
         let o = self.options();
         let t = &self.run.tasks[task];
         let mut request = ChatRequest {
+            tools: vec![],
             messages: vec![
                 Message::new(Role::System, self.run.info.instruction.clone()),
                 Message::new(Role::User, t.question.clone()),
@@ -831,6 +832,7 @@ impl Learner<'_> {
             let out = self
                 .learner
                 .complete(ChatRequest {
+                    tools: vec![],
                     messages: vec![
                         Message::new(Role::System, system.clone()),
                         Message::new(Role::User, user.clone()),

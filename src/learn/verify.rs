@@ -85,6 +85,7 @@ impl Judge {
             let out = self
                 .backend
                 .complete(ChatRequest {
+                    tools: vec![],
                     messages: vec![Message::new(Role::User, prompt.clone())],
                     sampling: Sampling {
                         max_tokens: Some(self.max_tokens),

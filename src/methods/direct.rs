@@ -25,6 +25,7 @@ pub async fn run(
             model: route.model,
             library: route.library,
             experiences,
+            trace: None,
         },
     })
 }

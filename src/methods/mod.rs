@@ -5,6 +5,7 @@
 //! which backend it talks to, and it never sees HTTP.
 
 pub mod direct;
+pub mod iterresearch;
 pub mod prior;
 
 use std::sync::Arc;
@@ -47,6 +48,18 @@ impl Method {
 pub struct Context {
     pub store: Arc<Store>,
     pub prompts: Arc<Prompts>,
+    pub settings: Arc<crate::config::MethodsConfig>,
+}
+
+/// Per-request choices of the methods, from the `experient` request object.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// How many experiences to inject, overriding the library's setting.
+    pub selection: Option<Selection>,
+    /// IterResearch: most rounds, overriding the configuration.
+    pub max_rounds: Option<u32>,
+    /// IterResearch: keep the whole history (ReAct) instead of rebuilding the workspace.
+    pub full_history: bool,
 }
 
 /// How many experiences a request asks for, overriding the library's setting.
@@ -65,6 +78,9 @@ pub struct Applied {
     pub library: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub experiences: Option<Vec<String>>,
+    /// What a multi-round method did (rounds, tool calls, tokens), once it is known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace: Option<serde_json::Value>,
 }
 
 pub struct Output {
@@ -76,15 +92,31 @@ pub async fn run(
     ctx: &Context,
     route: Route,
     request: ChatRequest,
-    selection: Option<Selection>,
+    opts: &Options,
 ) -> Result<Output> {
+    if route.method != Method::IterResearch {
+        if !request.tools.is_empty() {
+            return Err(Error::invalid(
+                "'tools' are run by the iterresearch method only; use the model name 'iterresearch:MODEL'",
+                "tools",
+            ));
+        }
+        if let Some(i) = request
+            .messages
+            .iter()
+            .position(|m| !m.tool_calls.is_empty())
+        {
+            return Err(Error::invalid_param(
+                "tool_calls in the conversation are handled by the iterresearch method only",
+                format!("messages[{i}].tool_calls"),
+            ));
+        }
+    }
     match route.method {
-        Method::Direct => direct::run(ctx, route, request, selection).await,
-        m @ (Method::IterResearch | Method::Plan) => Err(Error::invalid(
-            format!(
-                "the method '{}' is not available in this build yet",
-                m.name()
-            ),
+        Method::Direct => direct::run(ctx, route, request, opts.selection).await,
+        Method::IterResearch => iterresearch::run(ctx, route, request, opts).await,
+        Method::Plan => Err(Error::invalid(
+            "the method 'plan' is not available in this build yet",
             "model",
         )),
     }
@@ -148,6 +180,7 @@ mod tests {
         let ctx = Context {
             store: store.clone(),
             prompts: Arc::new(Prompts::builtin()),
+            settings: Arc::default(),
         };
         let backend = Arc::new(Recording::default());
         let route = Route {
@@ -157,6 +190,7 @@ mod tests {
             library: Some("math".into()),
         };
         let request = ChatRequest {
+            tools: vec![],
             messages: vec![
                 Message::new(Role::System, "Be brief."),
                 Message::new(Role::User, "A shirt costs $20 with a 25% discount. Price?"),
@@ -164,7 +198,7 @@ mod tests {
             sampling: Sampling::default(),
         };
 
-        let out = run(&ctx, route.clone(), request.clone(), None)
+        let out = run(&ctx, route.clone(), request.clone(), &Options::default())
             .await
             .unwrap();
         assert_eq!(
@@ -184,9 +218,11 @@ mod tests {
         assert_eq!(got.messages[1], request.messages[1]);
 
         // top_k picks the experience that matches the conversation.
-        run(&ctx, route, request, Some(Selection::TopK(1)))
-            .await
-            .unwrap();
+        let top1 = Options {
+            selection: Some(Selection::TopK(1)),
+            ..Default::default()
+        };
+        run(&ctx, route, request, &top1).await.unwrap();
         let got = backend.0.lock().unwrap()[1].clone();
         assert!(got.messages[0].content.contains("[E2]. Percentages"));
         assert!(!got.messages[0].content.contains("[E1]"));

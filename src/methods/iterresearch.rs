@@ -1,0 +1,611 @@
+//! IterResearch: long-horizon tool use in a workspace rebuilt every round.
+//!
+//! Each round the model sees only the question, the report it has written so far and its last
+//! action with that action's result (`prompts/iterresearch_round.j2`), never the growing
+//! history, so the prompt stays the same size however many rounds a task takes. It answers
+//! with an updated report and either one action or a final answer. Built-in tools run here;
+//! a call of a client tool (the request's `tools`) is returned to the client as OpenAI
+//! `tool_calls`, with the report as the assistant message's content, and when the client sends
+//! the result back the workspace is rebuilt from the question, that report, the call and its
+//! result: the server keeps no state, and a client with a long history still sends the model
+//! a bounded prompt.
+//!
+//! `full_history` runs the same loop ReAct-style (every reply and result appended to the
+//! conversation), as the baseline the method is measured against.
+
+use std::sync::LazyLock;
+
+use futures::StreamExt;
+use regex::Regex;
+use serde_json::{json, Value};
+
+use super::{Applied, Context, Method, Options, Output};
+use crate::backend::{
+    ChatRequest, Event, FinishReason, Message, Role, Sampling, ToolCall, ToolSpec, Usage,
+};
+use crate::error::{Error, Result};
+use crate::router::Route;
+
+/// The most rounds a request may ask for.
+const MAX_ROUNDS_LIMIT: u32 = 64;
+/// Longest tool result put into the workspace, in characters.
+const MAX_OBSERVATION: usize = 4000;
+
+/// A model's reply, read.
+#[derive(Debug, Default, PartialEq)]
+pub struct Reply {
+    pub report: Option<String>,
+    pub action: Option<(String, String)>,
+    pub answer: Option<String>,
+}
+
+static ANSWER: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?im)^[\s*#>-]*(?:final\s+answer|answer)\**\s*:\**\s*").unwrap());
+static ACTION: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?im)^[\s*#>-]*action\**\s*:\**\s*(.+)$").unwrap());
+static REPORT: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?im)^[\s*#>-]*report\**\s*:\**\s*").unwrap());
+static CALL: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^`?([A-Za-z_][A-Za-z0-9_]*)`?\s*(?::\s*(.*)|\((.*)\)\s*)$").unwrap()
+});
+
+/// Reads a round's reply: `Report: ...`, then `Action: tool: argument` (or `tool(argument)`,
+/// or a JSON object with `name` and `arguments`) or `Final answer: ...`; whichever of action
+/// and answer comes first counts.
+pub fn parse_reply(text: &str) -> Reply {
+    let answer_at = ANSWER.find(text);
+    let action_at = ACTION.captures(text);
+    let report = REPORT.find(text).map(|m| {
+        let end = [
+            answer_at.map(|a| a.start()),
+            action_at.as_ref().map(|c| c.get(0).unwrap().start()),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|&e| e >= m.end())
+        .min()
+        .unwrap_or(text.len());
+        text[m.end()..end].trim().to_owned()
+    });
+    let action = action_at.as_ref().and_then(|c| {
+        let line = c[1].trim();
+        if let Ok(v) = serde_json::from_str::<Value>(line) {
+            let name = v.get("name")?.as_str()?.to_owned();
+            let args = v.get("arguments").cloned().unwrap_or(json!({}));
+            return Some((name, args.to_string()));
+        }
+        let m = CALL.captures(line)?;
+        let arg = m.get(2).or(m.get(3)).map_or("", |a| a.as_str());
+        Some((m[1].to_owned(), arg.trim().trim_matches('"').to_owned()))
+    });
+    let answer = answer_at.map(|m| text[m.end()..].trim().to_owned());
+    let action_first = match (&action_at, answer_at) {
+        (Some(c), Some(a)) => c.get(0).unwrap().start() < a.start(),
+        (Some(_), None) => true,
+        _ => false,
+    };
+    Reply {
+        report: report.filter(|r| !r.is_empty()),
+        action: if action_first { action } else { None },
+        answer: if action_first {
+            None
+        } else {
+            answer.filter(|a| !a.is_empty())
+        },
+    }
+}
+
+/// A tool the loop can offer.
+struct Tool {
+    name: String,
+    description: String,
+    /// What the one argument of the `Action: tool: argument` form means.
+    argument: String,
+    /// Client tools are returned to the client instead of run here.
+    client: Option<ToolSpec>,
+}
+
+fn builtin_tools(ctx: &Context) -> Vec<Tool> {
+    let mut tools = vec![
+        Tool {
+            name: "search_experience".into(),
+            description: "Searches the experience libraries for lessons and facts.".into(),
+            argument: "a few search words".into(),
+            client: None,
+        },
+        Tool {
+            name: "calculate".into(),
+            description: "Evaluates an arithmetic expression exactly.".into(),
+            argument: "an expression such as (17 * 23) + 4 / 2".into(),
+            client: None,
+        },
+    ];
+    if ctx.settings.iterresearch.fetch_urls {
+        tools.push(Tool {
+            name: "fetch_url".into(),
+            description: "Fetches a web page and returns its text.".into(),
+            argument: "an http or https URL".into(),
+            client: None,
+        });
+    }
+    tools
+}
+
+/// The name of a client tool's main argument: its first required property, else its first.
+fn main_argument(spec: &ToolSpec) -> Option<String> {
+    let p = &spec.parameters;
+    p.get("required")
+        .and_then(|r| r.as_array()?.first()?.as_str().map(str::to_owned))
+        .or_else(|| {
+            p.get("properties")?
+                .as_object()?
+                .keys()
+                .next()
+                .cloned()
+        })
+}
+
+/// Turns the model's argument text into the JSON arguments a client tool expects.
+fn client_arguments(spec: &ToolSpec, arg: &str) -> String {
+    if serde_json::from_str::<Value>(arg).is_ok_and(|v| v.is_object()) {
+        return arg.to_owned();
+    }
+    let key = main_argument(spec).unwrap_or_else(|| "input".into());
+    json!({ key: arg }).to_string()
+}
+
+async fn run_builtin(ctx: &Context, route: &Route, name: &str, arg: &str) -> String {
+    let out =
+        match name {
+            "calculate" => match evalexpr::eval(arg) {
+                Ok(v) => v.to_string(),
+                Err(e) => format!("error: {e}"),
+            },
+            "search_experience" => {
+                let store = ctx.store.clone();
+                let libraries = match &route.library {
+                    Some(l) => vec![l.clone()],
+                    None => store.names(),
+                };
+                let q = arg.to_owned();
+                tokio::task::spawn_blocking(move || {
+                    let mut lines = Vec::new();
+                    for l in libraries {
+                        if let Ok(hits) = store.search(&l, Some(&q), None, 5) {
+                            lines.extend(hits.into_iter().map(|h| {
+                                format!("[{l}/{}] {}", h.experience.id, h.experience.text)
+                            }));
+                        }
+                    }
+                    if lines.is_empty() {
+                        "nothing found".to_owned()
+                    } else {
+                        lines.truncate(5);
+                        lines.join("\n")
+                    }
+                })
+                .await
+                .unwrap_or_else(|e| format!("error: {e}"))
+            }
+            "fetch_url" if ctx.settings.iterresearch.fetch_urls => fetch(arg).await,
+            _ => unreachable!("only built-in tools are run here"),
+        };
+    truncate(out)
+}
+
+async fn fetch(url: &str) -> String {
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        return format!("error: '{url}' is not a URL");
+    };
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return "error: only http and https URLs can be fetched".into();
+    }
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(15))
+        .build();
+    let result = match client {
+        Ok(c) => c.get(parsed).send().await,
+        Err(e) => return format!("error: {e}"),
+    };
+    match result {
+        Ok(r) => match r.text().await {
+            Ok(t) => t,
+            Err(e) => format!("error: {e}"),
+        },
+        Err(e) => format!("error: {e}"),
+    }
+}
+
+fn truncate(mut s: String) -> String {
+    if s.chars().count() > MAX_OBSERVATION {
+        s = s.chars().take(MAX_OBSERVATION).collect::<String>() + " [...]";
+    }
+    s
+}
+
+/// Where a conversation stands: a new question, or a client tool's result to go on from.
+struct Workspace {
+    question: String,
+    report: String,
+    action: Option<String>,
+    observation: String,
+    round: u32,
+}
+
+fn workspace(messages: &[Message]) -> Result<Workspace> {
+    let question = messages
+        .iter()
+        .find(|m| m.role == Role::User)
+        .map(|m| m.content.clone())
+        .ok_or_else(|| Error::invalid("the conversation needs a user message", "messages"))?;
+    let calls = messages.iter().filter(|m| !m.tool_calls.is_empty()).count() as u32;
+    let Some(at) = messages.iter().rposition(|m| !m.tool_calls.is_empty()) else {
+        return Ok(Workspace {
+            question,
+            report: String::new(),
+            action: None,
+            observation: String::new(),
+            round: 1,
+        });
+    };
+    let assistant = &messages[at];
+    let results: Vec<&Message> = messages[at + 1..]
+        .iter()
+        .filter(|m| m.role == Role::Tool)
+        .collect();
+    if results.is_empty() {
+        return Err(Error::invalid_param(
+            "the last tool call has no tool message with its result",
+            format!("messages[{at}].tool_calls"),
+        ));
+    }
+    let report = parse_reply(&assistant.content)
+        .report
+        .unwrap_or_else(|| assistant.content.trim().to_owned());
+    let action = assistant
+        .tool_calls
+        .iter()
+        .map(|c| format!("{}: {}", c.name, c.arguments))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let observation = results
+        .iter()
+        .map(|m| m.content.as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
+    Ok(Workspace {
+        question,
+        report,
+        action: Some(action),
+        observation: truncate(observation),
+        round: calls + 1,
+    })
+}
+
+pub async fn run(
+    ctx: &Context,
+    route: Route,
+    request: ChatRequest,
+    opts: &Options,
+) -> Result<Output> {
+    if request.sampling.n > 1 {
+        return Err(Error::invalid(
+            "the iterresearch method gives one answer; n must be 1",
+            "n",
+        ));
+    }
+    let settings = ctx.settings.iterresearch.clone();
+    let max_rounds = opts.max_rounds.unwrap_or(settings.max_rounds);
+    if !(1..=MAX_ROUNDS_LIMIT).contains(&max_rounds) {
+        return Err(Error::invalid(
+            format!("experient.max_rounds must be between 1 and {MAX_ROUNDS_LIMIT}"),
+            "experient.max_rounds",
+        ));
+    }
+    let mut ws = workspace(&request.messages)?;
+    let mut tools = builtin_tools(ctx);
+    for t in &request.tools {
+        if tools.iter().any(|b| b.name == t.name) {
+            return Err(Error::invalid(
+                format!("the tool name '{}' is taken by a built-in tool", t.name),
+                "tools",
+            ));
+        }
+        tools.push(Tool {
+            name: t.name.clone(),
+            description: t.description.clone(),
+            argument: main_argument(t).unwrap_or_else(|| "the input".into()),
+            client: Some(t.clone()),
+        });
+    }
+    // The library's experiences go in front of every round, as with the direct method.
+    let mut system = request
+        .messages
+        .iter()
+        .filter(|m| m.role == Role::System)
+        .map(|m| m.content.clone())
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    let mut experiences = None;
+    if let Some(lib) = &route.library {
+        let probe = ChatRequest {
+            messages: vec![Message::new(Role::User, ws.question.clone())],
+            ..Default::default()
+        };
+        let chosen = super::prior::choose(ctx, lib, &probe, opts.selection).await?;
+        if !chosen.is_empty() {
+            let prior = super::prior::render(ctx, &chosen)?;
+            system = if system.is_empty() {
+                prior
+            } else {
+                format!("{system}\n\n{prior}")
+            };
+            experiences = Some(chosen.into_iter().map(|e| e.id).collect());
+        }
+    }
+    let applied = Applied {
+        method: Method::IterResearch,
+        model: route.model.clone(),
+        library: route.library.clone(),
+        experiences,
+        trace: None,
+    };
+    let sampling = Sampling {
+        max_tokens: Some(
+            request
+                .sampling
+                .max_tokens
+                .unwrap_or(settings.round_max_tokens),
+        ),
+        n: 1,
+        stop: vec![],
+        ..request.sampling.clone()
+    };
+    let ctx = ctx.clone();
+    let full = opts.full_history;
+    let label = route.model.clone();
+    let events = async_stream::stream! {
+        let tool_list: Vec<Value> = tools
+            .iter()
+            .map(|t| json!({"name": t.name, "description": t.description, "argument": t.argument}))
+            .collect();
+        let mut usage = Usage::default();
+        let mut rounds: Vec<Value> = Vec::new();
+        let mut history: Vec<Message> = Vec::new();
+        let mut tool_calls = 0u32;
+        let stopped;
+        let answer: String;
+        let first_round = ws.round;
+        loop {
+            let round = ws.round;
+            let last_round = round >= max_rounds;
+            let prompt = match ctx.prompts.render(
+                "iterresearch_round.j2",
+                minijinja::context! {
+                    question => ws.question, report => ws.report, action => ws.action,
+                    observation => ws.observation, tools => tool_list, round => round,
+                    max_rounds => max_rounds, last_round => last_round,
+                },
+            ) {
+                Ok(p) => p,
+                Err(e) => { yield Err(e); return; }
+            };
+            let mut messages = Vec::new();
+            if !system.is_empty() {
+                messages.push(Message::new(Role::System, system.clone()));
+            }
+            if full && round > first_round {
+                messages.extend(history.iter().cloned());
+            } else {
+                messages.push(Message::new(Role::User, prompt.clone()));
+                if full {
+                    history.push(Message::new(Role::User, prompt));
+                }
+            }
+            let mut reply = Reply::default();
+            let mut text = String::new();
+            let mut round_usage = Usage::default();
+            let mut retries = 0;
+            for attempt in 0..=settings.retries {
+                let mut s = sampling.clone();
+                if attempt > 0 && s.temperature.unwrap_or(1.0) == 0.0 {
+                    s.temperature = Some(0.7);
+                }
+                let out = match route
+                    .backend
+                    .complete(ChatRequest { messages: messages.clone(), sampling: s, tools: vec![] })
+                    .await
+                {
+                    Ok(o) => o,
+                    Err(e) => { yield Err(e); return; }
+                };
+                round_usage.prompt_tokens += out.usage.prompt_tokens;
+                round_usage.completion_tokens += out.usage.completion_tokens;
+                text = out.choices.into_iter().next().map(|c| c.text).unwrap_or_default();
+                reply = parse_reply(&text);
+                if reply.action.is_some() || reply.answer.is_some() {
+                    break;
+                }
+                retries += 1;
+            }
+            usage.prompt_tokens += round_usage.prompt_tokens;
+            usage.completion_tokens += round_usage.completion_tokens;
+            metrics::counter!("experient_iterresearch_rounds_total", "model" => label.clone()).increment(1);
+            if let Some(r) = &reply.report {
+                ws.report = r.clone();
+            }
+            if full {
+                history.push(Message::new(Role::Assistant, text.clone()));
+            }
+            let mut record = json!({
+                "round": round,
+                "prompt_tokens": round_usage.prompt_tokens,
+                "completion_tokens": round_usage.completion_tokens,
+                "report_chars": ws.report.chars().count(),
+                "retries": retries,
+            });
+            // The last round answers, whatever the model wrote.
+            let forced = last_round && reply.answer.is_none();
+            if let (Some(a), false) = (&reply.answer, forced) {
+                record["answer"] = json!(true);
+                rounds.push(record.clone());
+                yield Ok(Event::Progress(record));
+                answer = a.clone();
+                stopped = "answer";
+                break;
+            }
+            if forced {
+                record["forced"] = json!(true);
+                rounds.push(record.clone());
+                yield Ok(Event::Progress(record));
+                answer = if ws.report.is_empty() { text.trim().to_owned() } else { ws.report.clone() };
+                stopped = "round_limit";
+                break;
+            }
+            let Some((name, arg)) = reply.action else {
+                record["malformed"] = json!(true);
+                rounds.push(record.clone());
+                yield Ok(Event::Progress(record));
+                ws.action = Some("(a reply that could not be read)".into());
+                ws.observation = "Write 'Action: <tool name>: <argument>' or 'Final answer: <answer>'.".into();
+                if full {
+                    history.push(Message::new(Role::User, ws.observation.clone()));
+                }
+                ws.round += 1;
+                continue;
+            };
+            tool_calls += 1;
+            record["tool"] = json!(name);
+            record["argument"] = json!(arg);
+            match tools.iter().find(|t| t.name == name) {
+                Some(Tool { client: Some(spec), .. }) => {
+                    record["client_tool"] = json!(true);
+                    rounds.push(record.clone());
+                    yield Ok(Event::Progress(record));
+                    let call = ToolCall {
+                        id: format!("call_{}", uuid::Uuid::new_v4().simple()),
+                        name: name.clone(),
+                        arguments: client_arguments(spec, &arg),
+                    };
+                    // The report travels in the assistant message, so the next request can
+                    // rebuild the workspace without server state.
+                    yield Ok(Event::Delta { index: 0, text: format!("Report: {}", ws.report) });
+                    yield Ok(Event::ToolCall { index: 0, call });
+                    yield Ok(Event::Finish { index: 0, reason: FinishReason::ToolCalls });
+                    yield Ok(Event::Trace(json!({
+                        "workspace": if full { "full" } else { "markovian" },
+                        "rounds": rounds, "tool_calls": tool_calls, "stopped": "client_tool",
+                    })));
+                    yield Ok(Event::Usage(usage));
+                    return;
+                }
+                Some(_) => {
+                    let observation = run_builtin(&ctx, &route, &name, &arg).await;
+                    record["observation_chars"] = json!(observation.chars().count());
+                    ws.observation = observation;
+                }
+                None => {
+                    ws.observation = format!(
+                        "There is no tool named '{name}'. The tools are: {}.",
+                        tools.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
+                    );
+                }
+            }
+            rounds.push(record.clone());
+            yield Ok(Event::Progress(record));
+            ws.action = Some(format!("{name}: {arg}"));
+            if full {
+                history.push(Message::new(Role::User, format!("Result of {name}: {}", ws.observation)));
+            }
+            ws.round += 1;
+        }
+        yield Ok(Event::Delta { index: 0, text: answer });
+        yield Ok(Event::Finish { index: 0, reason: FinishReason::Stop });
+        yield Ok(Event::Trace(json!({
+            "workspace": if full { "full" } else { "markovian" },
+            "rounds": rounds, "tool_calls": tool_calls, "stopped": stopped,
+        })));
+        yield Ok(Event::Usage(usage));
+    }
+    .boxed();
+    Ok(Output { events, applied })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_replies_in_the_forms_models_write() {
+        let r = parse_reply(
+            "Report: The capital is Poseidonia.\nAction: search_experience: Poseidonia population",
+        );
+        assert_eq!(r.report.as_deref(), Some("The capital is Poseidonia."));
+        assert_eq!(
+            r.action,
+            Some(("search_experience".into(), "Poseidonia population".into()))
+        );
+        assert_eq!(r.answer, None);
+
+        let r = parse_reply("**Report:** found it\nline two\n**Final answer:** 4200 people.");
+        assert_eq!(r.report.as_deref(), Some("found it\nline two"));
+        assert_eq!(r.answer.as_deref(), Some("4200 people."));
+
+        let r = parse_reply("Report: x\nAction: calculate(17 * 23)");
+        assert_eq!(r.action, Some(("calculate".into(), "17 * 23".into())));
+        let r = parse_reply(r#"Action: {"name": "get_weather", "arguments": {"city": "Paris"}}"#);
+        assert_eq!(
+            r.action,
+            Some(("get_weather".into(), r#"{"city":"Paris"}"#.into()))
+        );
+        // Whichever comes first counts.
+        let r = parse_reply("Answer: 3\nAction: calculate: 1+2");
+        assert_eq!(
+            (r.answer.as_deref(), r.action),
+            (Some("3\nAction: calculate: 1+2"), None)
+        );
+        // Nothing to act on.
+        assert_eq!(parse_reply("I am not sure what to do."), Reply::default());
+        assert_eq!(parse_reply("Action: do the thing now please").action, None);
+    }
+
+    #[test]
+    fn client_arguments_follow_the_schema() {
+        let spec = ToolSpec {
+            name: "get_weather".into(),
+            description: String::new(),
+            parameters: json!({"type": "object", "properties": {"unit": {}, "city": {}}, "required": ["city"]}),
+        };
+        assert_eq!(client_arguments(&spec, "Paris"), r#"{"city":"Paris"}"#);
+        assert_eq!(
+            client_arguments(&spec, r#"{"city":"Oslo"}"#),
+            r#"{"city":"Oslo"}"#
+        );
+    }
+
+    #[test]
+    fn the_workspace_is_rebuilt_from_the_last_call() {
+        let mut assistant = Message::new(Role::Assistant, "Report: Paris is the city.");
+        assistant.tool_calls = vec![ToolCall {
+            id: "call_1".into(),
+            name: "get_weather".into(),
+            arguments: r#"{"city":"Paris"}"#.into(),
+        }];
+        let mut tool = Message::new(Role::Tool, "18 degrees, sunny");
+        tool.tool_call_id = Some("call_1".into());
+        let ws = workspace(&[
+            Message::new(Role::User, "What is the weather where the Louvre is?"),
+            assistant,
+            tool,
+        ])
+        .unwrap();
+        assert_eq!(ws.question, "What is the weather where the Louvre is?");
+        assert_eq!(ws.report, "Paris is the city.");
+        assert_eq!(
+            ws.action.as_deref(),
+            Some(r#"get_weather: {"city":"Paris"}"#)
+        );
+        assert_eq!(ws.observation, "18 degrees, sunny");
+        assert_eq!(ws.round, 2);
+    }
+}

@@ -1,0 +1,291 @@
+//! IterResearch with the real embedded model: a task that needs two tool calls, the round
+//! limit, unreadable replies, streaming of rounds, and the client-tools round trip through the
+//! OpenAI client.
+//!
+//! The 135M model cannot plan tool use, but it does repeat a short text under the system
+//! prompt "You repeat what the user says, word for word." So this test's deployment overrides
+//! the round prompt (`EXPERIENT_PROMPTS_DIR`) with one that, per question and round, tells the
+//! model what to say; the model still writes every reply, and the loop reads, acts on and
+//! rebuilds from what it wrote.
+
+mod common;
+
+use async_openai::types::chat::{
+    ChatCompletionMessageToolCalls, ChatCompletionRequestAssistantMessageArgs,
+    ChatCompletionRequestMessage, ChatCompletionRequestSystemMessageArgs,
+    ChatCompletionRequestToolMessageArgs, ChatCompletionRequestUserMessageArgs, ChatCompletionTool,
+    ChatCompletionTools, CreateChatCompletionRequestArgs, FinishReason, FunctionObjectArgs,
+};
+use serde_json::{json, Value};
+
+use common::{sse_data, Server};
+
+const REPEAT: &str = "You repeat what the user says, word for word.";
+
+const ROUND_PROMPT: &str = r#"{% if "Atlantis" in question %}{% if round == 1 %}Say exactly:
+Report: I must find the capital of Atlantis.
+Action: search_experience: Atlantis capital
+{% elif round == 2 %}Say exactly:
+Report: The capital of Atlantis is Poseidonia.
+Action: search_experience: Poseidonia population
+{% else %}Say exactly:
+Report: Poseidonia has 4200 people.
+Final answer: 4200 people
+{% endif %}{% elif "forever" in question %}Say exactly:
+Report: I am still looking.
+Action: search_experience: Atlantis
+{% elif "gibberish" in question %}Say exactly: I like green turtles.
+{% elif "weather" in question %}{% if action %}Say exactly:
+Report: {{ report }}
+Final answer: {{ observation }}
+{% else %}Say exactly:
+Report: The Louvre is in Paris.
+Action: get_weather: Paris
+{% endif %}{% endif %}"#;
+
+fn server() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts");
+    std::fs::create_dir_all(&prompts).unwrap();
+    std::fs::write(prompts.join("iterresearch_round.j2"), ROUND_PROMPT).unwrap();
+    let p = prompts.display().to_string();
+    common::start_in(dir, None, &[("EXPERIENT_PROMPTS_DIR", &p)])
+}
+
+async fn chat(server: &Server, body: Value) -> Value {
+    let r = reqwest::Client::new()
+        .post(server.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+fn ask(question: &str) -> Value {
+    json!({
+        "model": "iterresearch:smollm2-135m", "temperature": 0, "max_tokens": 48,
+        "messages": [{"role": "system", "content": REPEAT}, {"role": "user", "content": question}],
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rounds_tools_limits_and_streaming() {
+    let s = server();
+    let http = reqwest::Client::new();
+    http.post(s.url("/v1/libraries"))
+        .json(&json!({"name": "atlas"}))
+        .send()
+        .await
+        .unwrap();
+    for text in [
+        "Atlantis: its capital city is Poseidonia.",
+        "Poseidonia: about 4200 people live in the capital.",
+    ] {
+        http.post(s.url("/v1/libraries/atlas/experiences"))
+            .json(&json!({ "text": text }))
+            .send()
+            .await
+            .unwrap();
+    }
+
+    // Two tool calls, then an answer; each round's prompt holds no history.
+    let v = chat(&s, ask("How many people live in the capital of Atlantis?")).await;
+    let trace = &v["experient"]["trace"];
+    assert_eq!(v["experient"]["method"], "iterresearch");
+    assert_eq!(trace["stopped"], "answer", "{v}");
+    assert_eq!(trace["tool_calls"], 2, "{v}");
+    let rounds = trace["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 3);
+    assert_eq!(rounds[0]["tool"], "search_experience");
+    assert_eq!(rounds[1]["argument"], "Poseidonia population");
+    assert!(
+        rounds[0]["observation_chars"].as_u64().unwrap() > 20,
+        "the search found the library's lessons"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("4200"),
+        "{v}"
+    );
+    let used: u64 = rounds
+        .iter()
+        .map(|r| r["prompt_tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(v["usage"]["prompt_tokens"].as_u64().unwrap(), used);
+
+    // The round limit holds: a model that never answers is stopped and its report returned.
+    let mut body = ask("Keep searching forever.");
+    body["experient"] = json!({"max_rounds": 2});
+    let v = chat(&s, body).await;
+    let trace = &v["experient"]["trace"];
+    assert_eq!(trace["stopped"], "round_limit", "{v}");
+    assert_eq!(trace["rounds"].as_array().unwrap().len(), 2);
+    assert!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("looking"),
+        "{v}"
+    );
+
+    // Unreadable replies are retried, recorded, and do not break the loop.
+    let mut body = ask("Answer in gibberish.");
+    body["experient"] = json!({"max_rounds": 2});
+    let v = chat(&s, body).await;
+    let rounds = v["experient"]["trace"]["rounds"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(rounds[0]["malformed"], true, "{v}");
+    assert_eq!(rounds[0]["retries"], 3);
+    assert_eq!(v["experient"]["trace"]["stopped"], "round_limit");
+    assert!(!v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .is_empty());
+
+    // Streaming: each round is reported as it ends, then the answer as a normal completion.
+    let mut body = ask("How many people live in the capital of Atlantis?");
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let text = http
+        .post(s.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events = sse_data(&text);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let round_at: Vec<usize> = chunks
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c["experient"]["round"].is_object())
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(round_at.len(), 3, "{text}");
+    let content_at = chunks
+        .iter()
+        .position(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+        })
+        .unwrap();
+    assert!(round_at.iter().all(|&r| r < content_at));
+    for c in &chunks[..chunks.len() - 1] {
+        assert_eq!(
+            c["choices"].as_array().unwrap().len(),
+            1,
+            "every chunk but usage has its choice"
+        );
+    }
+    let last = chunks.last().unwrap();
+    assert_eq!(last["experient"]["trace"]["tool_calls"], 2);
+    assert!(last["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+
+    assert!(common::metric(&s, "experient_iterresearch_rounds_total", "").await >= 10.0);
+
+    // Other methods refuse tools, with the field named.
+    let r = http
+        .post(s.url("/v1/chat/completions"))
+        .json(
+            &json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}],
+                      "tools": [{"type": "function", "function": {"name": "f"}}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["param"], "tools");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_tools_round_trip_with_an_openai_client() {
+    let s = server();
+    let client = s.client();
+    let tool = ChatCompletionTools::Function(ChatCompletionTool {
+        function: FunctionObjectArgs::default()
+            .name("get_weather")
+            .description("The weather in a city now.")
+            .parameters(json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}))
+            .build()
+            .unwrap(),
+    });
+    let mut messages: Vec<ChatCompletionRequestMessage> = vec![
+        ChatCompletionRequestSystemMessageArgs::default()
+            .content(REPEAT)
+            .build()
+            .unwrap()
+            .into(),
+        ChatCompletionRequestUserMessageArgs::default()
+            .content("What is the weather where the Louvre is?")
+            .build()
+            .unwrap()
+            .into(),
+    ];
+    let request = |messages: Vec<ChatCompletionRequestMessage>| {
+        CreateChatCompletionRequestArgs::default()
+            .model("iterresearch:smollm2-135m")
+            .messages(messages)
+            .tools(vec![tool.clone()])
+            .temperature(0.0)
+            .max_tokens(48u32)
+            .build()
+            .unwrap()
+    };
+
+    let first = client
+        .chat()
+        .create(request(messages.clone()))
+        .await
+        .unwrap();
+    let choice = &first.choices[0];
+    assert_eq!(choice.finish_reason, Some(FinishReason::ToolCalls));
+    let calls = choice.message.tool_calls.clone().unwrap();
+    let ChatCompletionMessageToolCalls::Function(call) = &calls[0] else {
+        panic!("a function call: {calls:?}")
+    };
+    assert_eq!(call.function.name, "get_weather");
+    let args: Value = serde_json::from_str(&call.function.arguments).unwrap();
+    assert_eq!(args, json!({"city": "Paris"}));
+    let report = choice.message.content.clone().unwrap();
+    assert!(
+        report.starts_with("Report:"),
+        "the report travels in the message: {report}"
+    );
+
+    // The client runs the tool and sends the result back with the conversation so far.
+    messages.push(
+        ChatCompletionRequestAssistantMessageArgs::default()
+            .content(report)
+            .tool_calls(calls.clone())
+            .build()
+            .unwrap()
+            .into(),
+    );
+    messages.push(
+        ChatCompletionRequestToolMessageArgs::default()
+            .tool_call_id(call.id.clone())
+            .content("18 degrees and sunny")
+            .build()
+            .unwrap()
+            .into(),
+    );
+    let second = client.chat().create(request(messages)).await.unwrap();
+    let choice = &second.choices[0];
+    assert_eq!(choice.finish_reason, Some(FinishReason::Stop));
+    let answer = choice.message.content.clone().unwrap();
+    assert!(answer.contains("18 degrees"), "{answer}");
+}
