@@ -189,6 +189,34 @@ async fn experient_in_front_of_upstreams() {
     assert!(finish.is_some());
     assert_eq!(usage.unwrap().completion_tokens, du.completion_tokens);
 
+    // A client that goes away cancels the upstream's generation too.
+    let response = reqwest::Client::new()
+        .post(s.front.url("/v1/chat/completions"))
+        .json(
+            &json!({"model": "up", "max_tokens": 400, "temperature": 0, "stream": true,
+               "messages": [{"role": "user", "content": "Write a long story about a ship."}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut bytes = response.bytes_stream();
+    for _ in 0..3 {
+        bytes.next().await.unwrap().unwrap();
+    }
+    assert_eq!(
+        common::metric(&s.up, "experient_inflight_sequences", "").await,
+        1.0
+    );
+    drop(bytes);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while common::metric(&s.up, "experient_inflight_sequences", "").await != 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upstream kept generating for a client that left"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // Methods apply in front of an upstream: a library's prior goes along.
     let lib = reqwest::Client::new()
         .post(s.front.url("/v1/libraries"))

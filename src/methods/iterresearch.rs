@@ -136,13 +136,7 @@ fn main_argument(spec: &ToolSpec) -> Option<String> {
     let p = &spec.parameters;
     p.get("required")
         .and_then(|r| r.as_array()?.first()?.as_str().map(str::to_owned))
-        .or_else(|| {
-            p.get("properties")?
-                .as_object()?
-                .keys()
-                .next()
-                .cloned()
-        })
+        .or_else(|| p.get("properties")?.as_object()?.keys().next().cloned())
 }
 
 /// Turns the model's argument text into the JSON arguments a client tool expects.
