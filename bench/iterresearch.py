@@ -54,10 +54,17 @@ def main():
                 break
 
     exp = tempfile.mkdtemp()
+    os.makedirs(os.path.join(exp, "lib"))
     cmd = [os.path.join(ROOT, "target/release/experient"), "serve", "--addr", "127.0.0.1:0",
-           "--experience-dir", exp]
+           "--experience-dir", os.path.join(exp, "lib")]
     if a.config:
         cmd += ["--config", a.config]
+    else:
+        # Many rounds on a CPU can outlast the default non-streaming deadline.
+        cfg = os.path.join(exp, "bench.toml")
+        with open(cfg, "w") as f:
+            f.write("[server]\nrequest_timeout_secs = 7200\n")
+        cmd += ["--config", cfg]
     env = dict(os.environ, EXPERIENT_LOG="warn")
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     base = None

@@ -1,7 +1,8 @@
 //! experient: an OpenAI-compatible server that makes a local model better at inference time.
 //!
 //! See ARCHITECTURE.md for the map. The flow of a request mirrors the modules:
-//! `api` -> `router` -> `methods` -> `backend`, with `experience` beside them.
+//! `api` -> `router` -> `methods` -> `backend`, with `experience`, `learn` and `sandbox` beside
+//! them.
 
 pub mod api;
 pub mod backend;
@@ -13,6 +14,7 @@ pub mod learn;
 pub mod methods;
 pub mod prompts;
 pub mod router;
+pub mod sandbox;
 pub mod server;
 
 pub use error::{Error, Result};

@@ -30,6 +30,9 @@ enum Command {
         #[arg(long, env = "EXPERIENT_MODEL_CACHE")]
         model_cache: Option<PathBuf>,
     },
+    /// Run one Python program from stdin in the sandbox (the server's worker process).
+    #[command(hide = true)]
+    Sandbox,
     /// Exit 0 if the server at URL answers /health with 200 (for container health checks,
     /// where no curl is installed).
     Health {
@@ -153,6 +156,7 @@ fn main() -> std::process::ExitCode {
             })
         }
         Command::Health { url } => health(&url),
+        Command::Sandbox => std::process::exit(experient::sandbox::worker_main()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -34,7 +34,16 @@ Final answer: 4200 people
 {% endif %}{% elif "forever" in question %}Say exactly:
 Report: I am still looking.
 Action: search_experience: Atlantis
-{% elif "gibberish" in question %}Say exactly: I like green turtles.
+{% elif "program" in question %}{% if action %}Say exactly:
+Report: The program printed {{ observation }}.
+Final answer: {{ observation }}
+{% elif "spin" in question %}Say exactly:
+Report: I will run a program.
+Action: python: while True: pass
+{% else %}Say exactly:
+Report: I will run a program.
+Action: python: print(17 * 23)
+{% endif %}{% elif "gibberish" in question %}Say exactly: I like green turtles.
 {% elif "weather" in question %}{% if action %}Say exactly:
 Report: {{ report }}
 Final answer: {{ observation }}
@@ -196,6 +205,32 @@ async fn rounds_tools_limits_and_streaming() {
     assert!(last["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
 
     assert!(common::metric(&s, "experient_iterresearch_rounds_total", "").await >= 10.0);
+
+    // The python tool runs model-written code in the sandbox; a program that never ends is
+    // stopped and reported, and the server carries on.
+    let v = chat(&s, ask("Use a program to multiply 17 by 23.")).await;
+    assert_eq!(
+        v["experient"]["trace"]["rounds"][0]["tool"], "python",
+        "{v}"
+    );
+    assert!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("391"),
+        "{v}"
+    );
+    let v = chat(&s, ask("Run a program that makes the CPU spin.")).await;
+    let first = &v["experient"]["trace"]["rounds"][0];
+    assert_eq!(first["argument"], "while True: pass", "{v}");
+    assert!(
+        first["observation"]
+            .as_str()
+            .unwrap()
+            .contains("TimeoutError"),
+        "{v}"
+    );
+    assert_eq!(common::http_status(&s.url("/health")).unwrap(), 200);
 
     // Other methods refuse tools, with the field named.
     let r = http

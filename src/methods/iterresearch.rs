@@ -75,6 +75,12 @@ pub fn parse_reply(text: &str) -> Reply {
             return Some((name, args.to_string()));
         }
         let m = CALL.captures(line)?;
+        if &m[1] == "python" {
+            // A program may span lines: it runs to the end of the reply.
+            let start =
+                c.get(1).unwrap().start() + line.find("python").unwrap_or(0) + "python".len();
+            return Some(("python".to_owned(), program(&text[start..])));
+        }
         let arg = m.get(2).or(m.get(3)).map_or("", |a| a.as_str());
         Some((m[1].to_owned(), arg.trim().trim_matches('"').to_owned()))
     });
@@ -95,6 +101,17 @@ pub fn parse_reply(text: &str) -> Reply {
     }
 }
 
+/// The program after `Action: python`: a leading `:` and code fences removed.
+fn program(rest: &str) -> String {
+    let code = rest.trim_start_matches([':', ' ']).trim();
+    let code = code
+        .strip_prefix("```python")
+        .or_else(|| code.strip_prefix("```"))
+        .unwrap_or(code);
+    let code = code.split("```").next().unwrap_or(code);
+    code.trim().to_owned()
+}
+
 /// A tool the loop can offer.
 struct Tool {
     name: String,
@@ -111,6 +128,12 @@ fn builtin_tools(ctx: &Context) -> Vec<Tool> {
             name: "search_experience".into(),
             description: "Searches the experience libraries for lessons and facts.".into(),
             argument: "a few search words".into(),
+            client: None,
+        },
+        Tool {
+            name: "python".into(),
+            description: "Runs a short Python program in a sandbox and returns what it printed and the value of its last line.".into(),
+            argument: "the program, which may span several lines".into(),
             client: None,
         },
         Tool {
@@ -149,41 +172,47 @@ fn client_arguments(spec: &ToolSpec, arg: &str) -> String {
 }
 
 async fn run_builtin(ctx: &Context, route: &Route, name: &str, arg: &str) -> String {
-    let out =
-        match name {
-            "calculate" => match evalexpr::eval(arg) {
-                Ok(v) => v.to_string(),
-                Err(e) => format!("error: {e}"),
-            },
-            "search_experience" => {
-                let store = ctx.store.clone();
-                let libraries = match &route.library {
-                    Some(l) => vec![l.clone()],
-                    None => store.names(),
-                };
-                let q = arg.to_owned();
-                tokio::task::spawn_blocking(move || {
-                    let mut lines = Vec::new();
-                    for l in libraries {
-                        if let Ok(hits) = store.search(&l, Some(&q), None, 5) {
-                            lines.extend(hits.into_iter().map(|h| {
+    let out = match name {
+        "calculate" => match evalexpr::eval(arg) {
+            Ok(v) => v.to_string(),
+            Err(e) => format!("error: {e}"),
+        },
+        "search_experience" => {
+            let store = ctx.store.clone();
+            let libraries = match &route.library {
+                Some(l) => vec![l.clone()],
+                None => store.names(),
+            };
+            let q = arg.to_owned();
+            tokio::task::spawn_blocking(move || {
+                let mut lines = Vec::new();
+                for l in libraries {
+                    if let Ok(hits) = store.search(&l, Some(&q), None, 5) {
+                        lines.extend(
+                            hits.into_iter().map(|h| {
                                 format!("[{l}/{}] {}", h.experience.id, h.experience.text)
-                            }));
-                        }
+                            }),
+                        );
                     }
-                    if lines.is_empty() {
-                        "nothing found".to_owned()
-                    } else {
-                        lines.truncate(5);
-                        lines.join("\n")
-                    }
-                })
-                .await
-                .unwrap_or_else(|e| format!("error: {e}"))
-            }
-            "fetch_url" if ctx.settings.iterresearch.fetch_urls => fetch(arg).await,
-            _ => unreachable!("only built-in tools are run here"),
-        };
+                }
+                if lines.is_empty() {
+                    "nothing found".to_owned()
+                } else {
+                    lines.truncate(5);
+                    lines.join("\n")
+                }
+            })
+            .await
+            .unwrap_or_else(|e| format!("error: {e}"))
+        }
+        "python" => match crate::sandbox::run_python(arg, &crate::sandbox::Limits::default()).await
+        {
+            Ok(outcome) => outcome.describe(),
+            Err(e) => format!("error: the sandbox could not start: {e}"),
+        },
+        "fetch_url" if ctx.settings.iterresearch.fetch_urls => fetch(arg).await,
+        _ => unreachable!("only built-in tools are run here"),
+    };
     truncate(out)
 }
 
@@ -496,6 +525,7 @@ pub async fn run(
                 Some(_) => {
                     let observation = run_builtin(&ctx, &route, &name, &arg).await;
                     record["observation_chars"] = json!(observation.chars().count());
+                    record["observation"] = json!(observation.chars().take(200).collect::<String>());
                     ws.observation = observation;
                 }
                 None => {
@@ -545,6 +575,11 @@ mod tests {
         assert_eq!(r.report.as_deref(), Some("found it\nline two"));
         assert_eq!(r.answer.as_deref(), Some("4200 people."));
 
+        let r = parse_reply("Report: x\nAction: python:\n```python\nx = 17 * 23\nprint(x)\n```");
+        assert_eq!(
+            r.action,
+            Some(("python".into(), "x = 17 * 23\nprint(x)".into()))
+        );
         let r = parse_reply("Report: x\nAction: calculate(17 * 23)");
         assert_eq!(r.action, Some(("calculate".into(), "17 * 23".into())));
         let r = parse_reply(r#"Action: {"name": "get_weather", "arguments": {"city": "Paris"}}"#);
