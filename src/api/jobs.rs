@@ -95,7 +95,22 @@ async fn start(
     fields.insert("library".into(), json!(name));
     let options: LearnOptions = parse_json(&serde_json::to_vec(&fields).map_err(Error::internal)?)?;
     options.check()?;
-    s.router.resolve(&options.model, None, None)?;
+    // Unknown models are refused now rather than failing the job later.
+    for (param, name) in [
+        ("model", Some(&options.model)),
+        ("learner_model", options.learner_model.as_ref()),
+        ("judge_model", options.judge_model.as_ref()),
+    ] {
+        if let Some(name) = name {
+            s.router.resolve(name, None, None).map_err(|e| match e {
+                Error::NotFound { message, .. } => Error::NotFound {
+                    message,
+                    param: Some(param.to_owned()),
+                },
+                other => other,
+            })?;
+        }
+    }
 
     let runs_dir = s.jobs.runs_dir().to_owned();
     let run = if let Some(id) = &src.resume {
