@@ -12,6 +12,7 @@ pub mod error;
 pub mod experience;
 pub mod learn;
 pub mod methods;
+pub mod planning;
 pub mod prompts;
 pub mod router;
 pub mod sandbox;
