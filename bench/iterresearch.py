@@ -42,6 +42,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--config")
+    ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/experient"),
+                    help="the experient executable (a copy keeps a long run safe from rebuilds)")
     ap.add_argument("--data", default=os.path.join(ROOT, "tests/data/gsm8k_train_head500.jsonl"))
     a = ap.parse_args()
 
@@ -55,7 +57,7 @@ def main():
 
     exp = tempfile.mkdtemp()
     os.makedirs(os.path.join(exp, "lib"))
-    cmd = [os.path.join(ROOT, "target/release/experient"), "serve", "--addr", "127.0.0.1:0",
+    cmd = [a.binary, "serve", "--addr", "127.0.0.1:0",
            "--experience-dir", os.path.join(exp, "lib")]
     if a.config:
         cmd += ["--config", a.config]

@@ -25,6 +25,39 @@ pub struct Config {
 pub struct MethodsConfig {
     #[serde(default)]
     pub iterresearch: IterResearchConfig,
+    #[serde(default)]
+    pub plan: PlanConfig,
+}
+
+/// Code-driven planning, `[methods.plan]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlanConfig {
+    /// Refinement rounds after the first program (a request may ask for up to 16).
+    pub rounds: u32,
+    /// Training instances a program is refined on, when the request names none.
+    pub train: usize,
+    /// Worst training results shown to the model per refinement.
+    pub feedback: usize,
+    /// Token limit of one model call when the request sets none.
+    pub max_tokens: u32,
+    /// Wall-clock limit of one program on one instance, in seconds.
+    pub program_time_secs: u64,
+    /// Memory limit of one program, in MiB.
+    pub program_memory_mib: usize,
+}
+
+impl Default for PlanConfig {
+    fn default() -> Self {
+        PlanConfig {
+            rounds: 3,
+            train: 5,
+            feedback: 3,
+            max_tokens: 512,
+            program_time_secs: 2,
+            program_memory_mib: 128,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -22,6 +22,9 @@ enum Command {
     Eval(EvalArgs),
     /// Learn an experience library with Training-Free GRPO from tasks with known answers.
     Learn(Box<LearnArgs>),
+    /// Code-driven planning: the model writes a program for a task family, refines it on
+    /// training instances, and is compared with asking for each instance's actions directly.
+    Plan(PlanArgs),
     /// Curate experience libraries: list, search, add, edit, rm, export, import, versions, rollback.
     Experience(experient::cli::ExperienceArgs),
     /// Download the embedded default model into the cache, prepare its Q8_0 rewrite, and print
@@ -147,6 +150,7 @@ fn main() -> std::process::ExitCode {
         Command::Experience(a) => experient::cli::run(a),
         Command::Eval(a) => run_eval(a),
         Command::Learn(a) => run_learn(*a),
+        Command::Plan(a) => run_plan(a),
         Command::FetchModel { model_cache } => {
             let cache = model_cache.unwrap_or_else(fetch::default_cache_dir);
             fetch::ensure_default_model(&cache).and_then(|p| {
@@ -355,6 +359,150 @@ fn run_learn(a: LearnArgs) -> anyhow::Result<()> {
         summary.experiences,
         summary.dir.display()
     );
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct PlanArgs {
+    /// Task family: a MiniGrid id (MiniGrid-Empty-5x5-v0, MiniGrid-DoorKey-5x5-v0,
+    /// MiniGrid-Unlock-v0, MiniGrid-FourRooms-v0, MiniGrid-LavaCrossingS9N1-v0, ...) or
+    /// grasp[-diag][-carryN][-costX][-sizeN].
+    #[arg(long, env = "EXPERIENT_PLAN_ENV")]
+    env: String,
+    /// Evaluation episodes (seeds 0..N), never shown to the model.
+    #[arg(long, default_value_t = 10)]
+    episodes: usize,
+    /// Model alias, as in the config (default: the embedded model).
+    #[arg(long, default_value = fetch::DEFAULT_MODEL_ID)]
+    model: String,
+    /// Refinement rounds after the first program (default: the config's, 3).
+    #[arg(long)]
+    rounds: Option<u32>,
+    /// Training instances (seeds from 10000) the program is refined on (default: the config's, 5).
+    #[arg(long)]
+    train: Option<usize>,
+    /// Token limit of one model call (default: the config's, 512).
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Extra words about the task, added to every prompt.
+    #[arg(long, default_value = "")]
+    task: String,
+    /// Skip the direct-elicitation baseline.
+    #[arg(long)]
+    no_direct: bool,
+    /// Write a new program even if the family has a kept one in the cache.
+    #[arg(long)]
+    refresh: bool,
+    /// Also write the JSON report here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    models: ModelArgs,
+}
+
+fn run_plan(a: PlanArgs) -> anyhow::Result<()> {
+    use experient::planning::{cache::ProgramCache, ipp, Family};
+    use std::sync::Arc;
+
+    let config = a.models.config()?;
+    let family = Family::parse(&a.env)
+        .ok_or_else(|| anyhow::anyhow!("unknown --env '{}'; known: {}", a.env, Family::known()))?;
+    anyhow::ensure!(a.episodes >= 1, "--episodes must be at least 1");
+    let settings = config.methods.plan.clone();
+    let train = a.train.unwrap_or(settings.train).max(1) as u64;
+    let base = experient::methods::plan::TRAIN_SEED_BASE;
+    let spec = ipp::Spec {
+        family,
+        system: String::new(),
+        task: a.task.clone(),
+        train: (base..base + train).map(|s| family.instance(s)).collect(),
+        eval: (0..a.episodes as u64).map(|s| family.instance(s)).collect(),
+        rounds: a.rounds.unwrap_or(settings.rounds),
+        feedback: settings.feedback,
+        sampling: experient::backend::Sampling {
+            max_tokens: Some(a.max_tokens.unwrap_or(settings.max_tokens)),
+            temperature: Some(a.temperature),
+            n: 1,
+            ..Default::default()
+        },
+        limits: experient::sandbox::Limits {
+            time: std::time::Duration::from_secs(settings.program_time_secs),
+            memory_bytes: settings.program_memory_mib << 20,
+            ..Default::default()
+        },
+        direct: !a.no_direct,
+        reuse: None,
+    };
+    let model_cache = a.models.model_cache();
+    let runtime = tokio::runtime::Runtime::new()?;
+    let report = runtime.block_on(async {
+        let (router, ctx) = a.models.load(&config, &model_cache).await?;
+        let backend = router
+            .backend(&a.model)
+            .ok_or_else(|| anyhow::anyhow!("no model '{}' in the configuration", a.model))?
+            .clone();
+        let cache = ProgramCache::beside(&a.models.experience_dir);
+        let progress: ipp::Progress = Arc::new(|v| match v["stage"].as_str() {
+            Some("program" | "refine") => eprintln!(
+                "experient: round {}: training success {:.2}, mean reward {:.3}, errors {}",
+                v["round"],
+                v["train"]["success_rate"].as_f64().unwrap_or(0.0),
+                v["train"]["mean_reward"].as_f64().unwrap_or(0.0),
+                v["train"]["errors"]
+            ),
+            Some(stage) => eprintln!("experient: {stage}"),
+            None => {}
+        });
+        ipp::run_cached(
+            backend.as_ref(),
+            &ctx.prompts,
+            &cache,
+            &a.model,
+            spec,
+            a.refresh,
+            progress,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+    })?;
+    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(p) = &a.out {
+        std::fs::write(p, &json)?;
+    }
+    println!("{json}");
+    eprintln!(
+        "\n{}, model {}, {} evaluation episodes{}",
+        report.family,
+        a.model,
+        a.episodes,
+        if report.reused {
+            ", kept program reused"
+        } else {
+            ""
+        }
+    );
+    eprintln!(
+        "arm             | success | mean reward | model calls / instance | tokens / instance"
+    );
+    let arms = [
+        ("direct", report.direct.as_ref()),
+        ("first program", report.first_program.as_ref()),
+        ("refined program", Some(&report.refined_program)),
+    ];
+    for (name, arm) in arms {
+        if let Some(arm) = arm {
+            eprintln!(
+                "{name:<15} | {:>7.2} | {:>11.3} | {:>22.3} | {:>17.1}",
+                arm.summary.success_rate,
+                arm.summary.mean_reward,
+                arm.model_calls_per_instance,
+                arm.tokens_per_instance
+            );
+        }
+    }
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(())
 }

@@ -26,6 +26,11 @@ const DEFAULTS: &[(&str, &str)] = &[
     template!("batch_consolidate.j2"),
     template!("judge.j2"),
     template!("iterresearch_round.j2"),
+    template!("plan_rules.j2"),
+    template!("plan_pseudocode.j2"),
+    template!("plan_code.j2"),
+    template!("plan_refine.j2"),
+    template!("plan_direct.j2"),
 ];
 
 pub struct Prompts {

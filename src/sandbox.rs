@@ -43,6 +43,10 @@ pub struct Outcome {
     pub value: Option<String>,
     pub output: String,
     pub error: Option<String>,
+    /// The last expression's value as JSON, when it is made of None, booleans, numbers,
+    /// strings, lists, tuples and string-keyed dicts: how a host reads a program's result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json: Option<serde_json::Value>,
 }
 
 impl Outcome {
@@ -187,6 +191,30 @@ fn limit_process(limits: &Limits) {
     }
 }
 
+fn to_json(v: &monty_types::MontyObject) -> Option<serde_json::Value> {
+    use monty_types::MontyObject as M;
+    use serde_json::Value;
+    Some(match v {
+        M::None => Value::Null,
+        M::Bool(b) => Value::Bool(*b),
+        M::Int(i) => Value::from(*i),
+        M::Float(f) => Value::from(*f),
+        M::String(s) => Value::String(s.clone()),
+        M::List(items) | M::Tuple(items) => {
+            Value::Array(items.iter().map(to_json).collect::<Option<_>>()?)
+        }
+        M::Dict(pairs) => {
+            let mut map = serde_json::Map::new();
+            for (k, v) in pairs {
+                let M::String(k) = k else { return None };
+                map.insert(k.clone(), to_json(v)?);
+            }
+            Value::Object(map)
+        }
+        _ => return None,
+    })
+}
+
 /// Runs a program in this process with monty's own limits (time, recursion, output).
 fn run_here(code: &str, limits: &Limits) -> Outcome {
     use monty::MontyRun;
@@ -218,13 +246,14 @@ fn run_here(code: &str, limits: &Limits) -> Outcome {
         },
         Ok(v) => Outcome {
             value: Some(v.py_repr()),
+            json: to_json(&v),
             output,
             error: None,
         },
         Err(e) => Outcome {
             output,
             error: Some(e.to_string()),
-            value: None,
+            ..Default::default()
         },
     }
 }

@@ -54,6 +54,14 @@ pub async fn chat_completions(
         selection,
         max_rounds: v.options.max_rounds,
         full_history,
+        plan: methods::plan::PlanOptions {
+            env: v.options.env.clone(),
+            instances: v.options.instances.clone(),
+            train: v.options.train.clone(),
+            rounds: v.options.rounds,
+            direct: v.options.direct,
+            refresh: v.options.refresh,
+        },
     };
     let n = v.chat.sampling.n as usize;
     let model_label = route.model.clone();
@@ -201,7 +209,7 @@ fn chunks(
                     // Progress rides on a chunk with an empty delta, so clients that only read
                     // `choices[0].delta.content` see nothing and never miss a choice.
                     let mut c: Value = serde_json::from_str(&chunk(json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": null}]), None)).unwrap_or_default();
-                    c["experient"] = json!({"round": p});
+                    c["experient"] = p;
                     yield c.to_string();
                 }
                 Ok(Event::Trace(t)) => applied.trace = Some(t),

@@ -93,6 +93,24 @@ pub struct ExperientOptions {
     /// whole history, ReAct-style; a baseline for comparison).
     #[serde(default)]
     pub workspace: Option<String>,
+    /// Planning: the task family (a MiniGrid id such as "MiniGrid-DoorKey-5x5-v0", or "grasp").
+    #[serde(default)]
+    pub env: Option<String>,
+    /// Planning: what to solve: a count, a list of seeds, or GRASP grids (`{"grid": [...]}`).
+    #[serde(default)]
+    pub instances: Option<Value>,
+    /// Planning: training instances for refinement: a count or a list of seeds.
+    #[serde(default)]
+    pub train: Option<Value>,
+    /// Planning: refinement rounds after the first program.
+    #[serde(default)]
+    pub rounds: Option<u32>,
+    /// Planning: also ask for each instance's actions directly, as a baseline.
+    #[serde(default)]
+    pub direct: bool,
+    /// Planning: write a new program even when the family has a kept one.
+    #[serde(default)]
+    pub refresh: bool,
 }
 
 #[derive(Debug, Deserialize)]

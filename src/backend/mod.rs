@@ -130,7 +130,7 @@ impl FinishReason {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
@@ -159,7 +159,8 @@ pub enum Event {
         index: u32,
         call: ToolCall,
     },
-    /// A method's progress report (an IterResearch round), passed to streaming clients.
+    /// A method's progress report, passed to streaming clients as the chunk's `experient`
+    /// object: `{"round": ...}` for an IterResearch round, `{"plan": ...}` for a planning stage.
     Progress(serde_json::Value),
     /// What a method did, for the response's `experient` object; sent before `Usage`.
     Trace(serde_json::Value),

@@ -472,7 +472,7 @@ pub async fn run(
             if let (Some(a), false) = (&reply.answer, forced) {
                 record["answer"] = json!(true);
                 rounds.push(record.clone());
-                yield Ok(Event::Progress(record));
+                yield Ok(Event::Progress(json!({"round": record})));
                 answer = a.clone();
                 stopped = "answer";
                 break;
@@ -480,7 +480,7 @@ pub async fn run(
             if forced {
                 record["forced"] = json!(true);
                 rounds.push(record.clone());
-                yield Ok(Event::Progress(record));
+                yield Ok(Event::Progress(json!({"round": record})));
                 answer = if ws.report.is_empty() { text.trim().to_owned() } else { ws.report.clone() };
                 stopped = "round_limit";
                 break;
@@ -488,7 +488,7 @@ pub async fn run(
             let Some((name, arg)) = reply.action else {
                 record["malformed"] = json!(true);
                 rounds.push(record.clone());
-                yield Ok(Event::Progress(record));
+                yield Ok(Event::Progress(json!({"round": record})));
                 ws.action = Some("(a reply that could not be read)".into());
                 ws.observation = "Write 'Action: <tool name>: <argument>' or 'Final answer: <answer>'.".into();
                 if full {
@@ -504,7 +504,7 @@ pub async fn run(
                 Some(Tool { client: Some(spec), .. }) => {
                     record["client_tool"] = json!(true);
                     rounds.push(record.clone());
-                    yield Ok(Event::Progress(record));
+                    yield Ok(Event::Progress(json!({"round": record})));
                     let call = ToolCall {
                         id: format!("call_{}", uuid::Uuid::new_v4().simple()),
                         name: name.clone(),
@@ -536,7 +536,7 @@ pub async fn run(
                 }
             }
             rounds.push(record.clone());
-            yield Ok(Event::Progress(record));
+            yield Ok(Event::Progress(json!({"round": record})));
             ws.action = Some(format!("{name}: {arg}"));
             if full {
                 history.push(Message::new(Role::User, format!("Result of {name}: {}", ws.observation)));

@@ -6,6 +6,7 @@
 
 pub mod direct;
 pub mod iterresearch;
+pub mod plan;
 pub mod prior;
 
 use std::sync::Arc;
@@ -60,6 +61,8 @@ pub struct Options {
     pub max_rounds: Option<u32>,
     /// IterResearch: keep the whole history (ReAct) instead of rebuilding the workspace.
     pub full_history: bool,
+    /// Planning: the task family, instances and rounds.
+    pub plan: plan::PlanOptions,
 }
 
 /// How many experiences a request asks for, overriding the library's setting.
@@ -115,10 +118,7 @@ pub async fn run(
     match route.method {
         Method::Direct => direct::run(ctx, route, request, opts.selection).await,
         Method::IterResearch => iterresearch::run(ctx, route, request, opts).await,
-        Method::Plan => Err(Error::invalid(
-            "the method 'plan' is not available in this build yet",
-            "model",
-        )),
+        Method::Plan => plan::run(ctx, route, request, &opts.plan).await,
     }
 }
 

@@ -1,0 +1,96 @@
+//! Kept programs, one JSON file per task family in `<experience-dir>/.programs`: a program that
+//! solves a family once is played on every later instance of it without calling the model, so
+//! the model's cost is paid once per family.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use super::ipp::Cached;
+
+/// Read-modify-write of one file happens under this lock, so concurrent requests neither lose
+/// a better program nor tear a file.
+static LOCK: Mutex<()> = Mutex::new(());
+
+pub struct ProgramCache {
+    dir: PathBuf,
+}
+
+impl ProgramCache {
+    pub fn new(dir: impl Into<PathBuf>) -> ProgramCache {
+        ProgramCache { dir: dir.into() }
+    }
+
+    /// The cache beside an experience directory's libraries.
+    pub fn beside(experience_dir: &Path) -> ProgramCache {
+        ProgramCache::new(experience_dir.join(".programs"))
+    }
+
+    fn path(&self, family: &str) -> PathBuf {
+        let name: String = family
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || ".-".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.dir.join(format!("{name}.json"))
+    }
+
+    /// The kept program of a family; an unreadable file counts as none (and is logged).
+    pub fn get(&self, family: &str) -> Option<Cached> {
+        let path = self.path(family);
+        let text = std::fs::read_to_string(&path).ok()?;
+        match serde_json::from_str(&text) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable cached program");
+                None
+            }
+        }
+    }
+
+    /// Keeps `program` unless the family already has one that did better on its training
+    /// instances. Returns whether it was kept.
+    pub fn offer(&self, program: &Cached) -> std::io::Result<bool> {
+        let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = self.get(&program.family) {
+            let old_key = (old.train.success_rate, old.train.mean_reward);
+            if old_key >= (program.train.success_rate, program.train.mean_reward) {
+                return Ok(false);
+            }
+        }
+        self.write(program)?;
+        Ok(true)
+    }
+
+    /// Counts instances played with the family's kept program.
+    pub fn served(&self, family: &str, instances: u64) -> std::io::Result<()> {
+        let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mut c) = self.get(family) {
+            c.instances_served += instances;
+            self.write(&c)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets a family's program.
+    pub fn remove(&self, family: &str) -> std::io::Result<bool> {
+        let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        match std::fs::remove_file(self.path(family)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn write(&self, c: &Cached) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let path = self.path(&c.family);
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(c)?)?;
+        std::fs::rename(&tmp, &path)
+    }
+}

@@ -1,0 +1,644 @@
+//! Iterative programmatic planning: the model writes pseudocode, then a `solve(obs)` program;
+//! the program plays the training instances in the sandbox; the worst results (tracebacks
+//! first, then the lowest rewards) go back to the model with the code, for up to R rounds;
+//! the best program is kept. Direct elicitation (the model names each instance's actions) runs
+//! beside it on the same evaluation instances, so one report compares the two and what each
+//! costs in model calls.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::{Family, Instance, Played};
+use crate::backend::{Backend, ChatRequest, Message, Role, Sampling, Usage};
+use crate::error::{Error, Result};
+use crate::prompts::Prompts;
+use crate::sandbox::{self, Limits};
+
+/// What one planning run is asked to do.
+pub struct Spec {
+    pub family: Family,
+    /// The client's system prompt, sent as the system message of every model call.
+    pub system: String,
+    /// The user's own words about the task, added to every prompt (may be empty).
+    pub task: String,
+    /// Instances the program is refined on.
+    pub train: Vec<Instance>,
+    /// Instances the final comparison is made on; never shown to the model as feedback.
+    pub eval: Vec<Instance>,
+    /// Refinement rounds after the first program.
+    pub rounds: u32,
+    /// How many of the worst training results each refinement sees.
+    pub feedback: usize,
+    pub sampling: Sampling,
+    pub limits: Limits,
+    /// Also ask the model for each evaluation instance's actions directly.
+    pub direct: bool,
+    /// A program from the cache: play it without asking the model for a new one.
+    pub reuse: Option<Cached>,
+}
+
+/// A kept program, as the cache stores it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cached {
+    pub family: String,
+    pub program: String,
+    pub model: String,
+    pub train: Summary,
+    /// Model calls and tokens it took to write and refine the program.
+    pub model_calls: u32,
+    pub usage: Usage,
+    /// Instances it has been played on since it was written, this run's included.
+    pub instances_served: u64,
+    pub created: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub instances: usize,
+    pub success_rate: f64,
+    pub mean_reward: f64,
+    /// Instances where the program raised, timed out or returned something else than actions.
+    pub errors: usize,
+}
+
+impl Summary {
+    fn of(runs: &[Run]) -> Summary {
+        let n = runs.len().max(1) as f64;
+        Summary {
+            instances: runs.len(),
+            success_rate: runs.iter().filter(|r| r.played.success).count() as f64 / n,
+            mean_reward: runs.iter().map(|r| r.played.reward).sum::<f64>() / n,
+            errors: runs.iter().filter(|r| r.error.is_some()).count(),
+        }
+    }
+
+    /// Better means more successes, then more reward, then fewer programs that failed to run.
+    fn better_than(&self, other: &Summary) -> bool {
+        let key = |s: &Summary| (s.success_rate, s.mean_reward, -(s.errors as f64));
+        key(self) > key(other)
+    }
+}
+
+/// One instance played by a program or by direct elicitation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub instance: String,
+    /// The first actions (at most 64).
+    pub actions: Vec<String>,
+    pub played: Played,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One program the model wrote and how it did on the training instances.
+#[derive(Debug, Clone, Serialize)]
+pub struct Round {
+    /// 0 is the first program (after the pseudocode), 1.. are refinements.
+    pub round: u32,
+    pub code: String,
+    pub train: Summary,
+    /// The training instances whose results were shown to the model to write this program.
+    pub feedback: Vec<String>,
+    pub usage: Usage,
+    pub model_calls: u32,
+}
+
+/// One way of solving the evaluation instances.
+#[derive(Debug, Clone, Serialize)]
+pub struct Arm {
+    pub summary: Summary,
+    /// Model calls per evaluation instance; for programs, what writing them cost spread over
+    /// every instance they were played on.
+    pub model_calls_per_instance: f64,
+    pub tokens_per_instance: f64,
+    pub runs: Vec<Run>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub family: String,
+    pub reused: bool,
+    pub pseudocode: Option<String>,
+    pub rounds: Vec<Round>,
+    /// The kept program (the best round's, or the reused one).
+    pub program: String,
+    pub best_round: Option<u32>,
+    /// Model calls and tokens spent on the program in this run.
+    pub model_calls: u32,
+    pub usage: Usage,
+    /// Tokens spent on direct elicitation.
+    pub direct_usage: Usage,
+    pub direct: Option<Arm>,
+    pub first_program: Option<Arm>,
+    pub refined_program: Arm,
+}
+
+/// Where progress goes (a streaming client, a progress bar); receives small JSON objects.
+pub type Progress = Arc<dyn Fn(Value) + Send + Sync>;
+
+struct Asker<'a> {
+    backend: &'a dyn Backend,
+    system: &'a str,
+    sampling: &'a Sampling,
+    usage: Usage,
+    calls: u32,
+}
+
+impl Asker<'_> {
+    async fn ask(&mut self, mut messages: Vec<Message>) -> Result<String> {
+        if !self.system.is_empty() {
+            messages.insert(0, Message::new(Role::System, self.system));
+        }
+        let done = self
+            .backend
+            .complete(ChatRequest {
+                messages,
+                sampling: Sampling {
+                    n: 1,
+                    ..self.sampling.clone()
+                },
+                tools: vec![],
+            })
+            .await?;
+        self.calls += 1;
+        self.usage.prompt_tokens += done.usage.prompt_tokens;
+        self.usage.completion_tokens += done.usage.completion_tokens;
+        Ok(done
+            .choices
+            .into_iter()
+            .next()
+            .map(|c| c.text)
+            .unwrap_or_default())
+    }
+}
+
+pub async fn run(
+    backend: &dyn Backend,
+    prompts: &Prompts,
+    spec: &Spec,
+    progress: Progress,
+) -> Result<Report> {
+    if spec.train.is_empty() && spec.reuse.is_none() {
+        return Err(Error::invalid(
+            "planning needs at least one training instance",
+            "experient",
+        ));
+    }
+    if spec.eval.is_empty() {
+        return Err(Error::invalid(
+            "planning needs at least one evaluation instance",
+            "experient",
+        ));
+    }
+    let rules = spec.family.rules_context();
+    let with_rules = |extra: Value| {
+        let mut ctx = rules.clone();
+        ctx["task"] = json!(spec.task);
+        if let (Value::Object(c), Value::Object(e)) = (&mut ctx, extra) {
+            c.extend(e);
+        }
+        ctx
+    };
+    let mut asker = Asker {
+        backend,
+        system: &spec.system,
+        sampling: &spec.sampling,
+        usage: Usage::default(),
+        calls: 0,
+    };
+    let mut rounds: Vec<Round> = Vec::new();
+    let mut pseudocode = None;
+    let (program, best_round, first_code) = match &spec.reuse {
+        Some(cached) => (cached.program.clone(), None, None),
+        None => {
+            let example = spec.train[0].observation().to_string();
+            let ask_plan = prompts.render(
+                "plan_pseudocode.j2",
+                with_rules(json!({ "example": example })),
+            )?;
+            let mut messages = vec![Message::new(Role::User, ask_plan)];
+            let plan = asker.ask(messages.clone()).await?;
+            progress(json!({"stage": "pseudocode", "text": plan}));
+            messages.push(Message::new(Role::Assistant, plan.clone()));
+            messages.push(Message::new(
+                Role::User,
+                prompts.render("plan_code.j2", &rules)?,
+            ));
+            pseudocode = Some(plan);
+            let reply = asker.ask(messages).await?;
+            let code = extract_code(&reply);
+            let runs = play_all(&code, &spec.train, &spec.limits).await;
+            // The pseudocode call counts towards the first program.
+            let round = Round {
+                round: 0,
+                code,
+                train: Summary::of(&runs),
+                feedback: vec![],
+                usage: asker.usage,
+                model_calls: asker.calls,
+            };
+            progress(json!({"stage": "program", "round": 0, "train": round.train}));
+            let mut best = (0usize, round.train, runs);
+            rounds.push(round);
+            for r in 1..=spec.rounds {
+                if best.1.success_rate >= 1.0 {
+                    break;
+                }
+                let current = &rounds[best.0];
+                let worst = worst(&best.2, spec.feedback);
+                let failures: Vec<Value> = worst
+                    .iter()
+                    .map(|&i| {
+                        let inst = &spec.train[i];
+                        json!({
+                            "render": inst.render(),
+                            "obs": inst.observation().to_string(),
+                            "result": describe(&best.2[i]),
+                        })
+                    })
+                    .collect();
+                let keys: Vec<String> = match spec.train[0].observation() {
+                    Value::Object(m) => m.keys().cloned().collect(),
+                    _ => vec![],
+                };
+                let prompt = prompts.render(
+                    "plan_refine.j2",
+                    with_rules(json!({"code": current.code, "failures": failures, "keys": keys.join(", ")})),
+                )?;
+                let before = (asker.usage, asker.calls);
+                let reply = asker.ask(vec![Message::new(Role::User, prompt)]).await?;
+                let code = extract_code(&reply);
+                let runs = play_all(&code, &spec.train, &spec.limits).await;
+                let round = Round {
+                    round: r,
+                    code,
+                    train: Summary::of(&runs),
+                    feedback: worst.iter().map(|&i| spec.train[i].id()).collect(),
+                    usage: sub(asker.usage, before.0),
+                    model_calls: asker.calls - before.1,
+                };
+                progress(json!({"stage": "refine", "round": r, "train": round.train}));
+                if round.train.better_than(&best.1) {
+                    best = (rounds.len(), round.train, runs);
+                }
+                rounds.push(round);
+            }
+            let best_round = rounds[best.0].round;
+            (
+                rounds[best.0].code.clone(),
+                Some(best_round),
+                Some(rounds[0].code.clone()),
+            )
+        }
+    };
+
+    // The comparison, on instances the model never saw as feedback.
+    progress(json!({"stage": "evaluate"}));
+    let refined_runs = play_all(&program, &spec.eval, &spec.limits).await;
+    let program_cost = match &spec.reuse {
+        Some(c) => (
+            c.model_calls,
+            c.usage,
+            c.instances_served + spec.eval.len() as u64,
+        ),
+        None => (
+            asker.calls,
+            asker.usage,
+            (spec.train.len() + spec.eval.len()) as u64,
+        ),
+    };
+    let amortised = |runs: Vec<Run>| Arm {
+        summary: Summary::of(&runs),
+        model_calls_per_instance: program_cost.0 as f64 / program_cost.2 as f64,
+        tokens_per_instance: program_cost.1.total() as f64 / program_cost.2 as f64,
+        runs,
+    };
+    let first_program = match &first_code {
+        Some(code) if *code != program => {
+            Some(amortised(play_all(code, &spec.eval, &spec.limits).await))
+        }
+        Some(_) => Some(amortised(refined_runs.clone())),
+        None => None,
+    };
+    let refined_program = amortised(refined_runs);
+    let (model_calls, usage) = (asker.calls, asker.usage);
+
+    let mut direct_usage = Usage::default();
+    let direct = if spec.direct {
+        progress(json!({"stage": "direct"}));
+        let mut direct_asker = Asker {
+            backend,
+            system: &spec.system,
+            sampling: &spec.sampling,
+            usage: Usage::default(),
+            calls: 0,
+        };
+        let mut runs = Vec::new();
+        for inst in &spec.eval {
+            let prompt = prompts.render(
+                "plan_direct.j2",
+                with_rules(json!({
+                    "render": inst.render(),
+                    "obs": inst.observation().to_string(),
+                })),
+            )?;
+            let reply = direct_asker
+                .ask(vec![Message::new(Role::User, prompt)])
+                .await?;
+            let actions = parse_actions(&reply);
+            runs.push(Run {
+                instance: inst.id(),
+                played: inst.play(&actions),
+                actions: actions.into_iter().take(64).collect(),
+                error: None,
+            });
+        }
+        let n = spec.eval.len() as f64;
+        direct_usage = direct_asker.usage;
+        Some(Arm {
+            summary: Summary::of(&runs),
+            model_calls_per_instance: direct_asker.calls as f64 / n,
+            tokens_per_instance: direct_asker.usage.total() as f64 / n,
+            runs,
+        })
+    } else {
+        None
+    };
+
+    Ok(Report {
+        family: spec.family.name(),
+        reused: spec.reuse.is_some(),
+        pseudocode,
+        rounds,
+        program,
+        best_round,
+        model_calls,
+        usage,
+        direct_usage,
+        direct,
+        first_program,
+        refined_program,
+    })
+}
+
+/// [`run`] with the family's program cache: a kept program is reused unless `refresh`; a newly
+/// written one is kept when it beats the kept one on its training instances.
+pub async fn run_cached(
+    backend: &dyn Backend,
+    prompts: &Prompts,
+    cache: &super::cache::ProgramCache,
+    model: &str,
+    mut spec: Spec,
+    refresh: bool,
+    progress: Progress,
+) -> Result<Report> {
+    let family = spec.family.name();
+    if !refresh {
+        spec.reuse = cache.get(&family);
+    }
+    let report = run(backend, prompts, &spec, progress).await?;
+    let saved = if report.reused {
+        cache.served(&family, spec.eval.len() as u64)
+    } else {
+        let best = report
+            .rounds
+            .iter()
+            .find(|r| Some(r.round) == report.best_round)
+            .map(|r| r.train)
+            .unwrap_or_default();
+        cache
+            .offer(&Cached {
+                family: family.clone(),
+                program: report.program.clone(),
+                model: model.to_owned(),
+                train: best,
+                model_calls: report.model_calls,
+                usage: report.usage,
+                instances_served: (spec.train.len() + spec.eval.len()) as u64,
+                created: chrono::Utc::now().to_rfc3339(),
+            })
+            .map(|_| ())
+    };
+    if let Err(e) = saved {
+        tracing::warn!(family, error = %e, "could not update the program cache");
+    }
+    Ok(report)
+}
+
+fn sub(a: Usage, b: Usage) -> Usage {
+    Usage {
+        prompt_tokens: a.prompt_tokens - b.prompt_tokens,
+        completion_tokens: a.completion_tokens - b.completion_tokens,
+    }
+}
+
+/// Indices of the `k` worst runs: failures to run first, then failures to succeed, lowest
+/// reward first (the reference harness sorted these the wrong way round).
+fn worst(runs: &[Run], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..runs.len()).collect();
+    idx.sort_by(|&a, &b| {
+        let key = |r: &Run| (r.error.is_none(), r.played.success);
+        key(&runs[a])
+            .cmp(&key(&runs[b]))
+            .then(runs[a].played.reward.total_cmp(&runs[b].played.reward))
+    });
+    idx.truncate(k);
+    idx
+}
+
+/// The result of one run in words, for the refinement prompt.
+fn describe(run: &Run) -> String {
+    if let Some(e) = &run.error {
+        return format!("The program failed:\n{e}");
+    }
+    let shown: Vec<&str> = run.actions.iter().take(40).map(String::as_str).collect();
+    format!(
+        "actions {:?}{}; reward {:.3}; {}",
+        shown,
+        if run.actions.len() > shown.len() {
+            " ..."
+        } else {
+            ""
+        },
+        run.played.reward,
+        if run.played.success {
+            "succeeded"
+        } else {
+            "failed"
+        },
+    ) + &if run.played.note.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", run.played.note)
+    }
+}
+
+/// The program in a reply: the last ```python block, else the last fenced block, else the
+/// whole reply.
+pub fn extract_code(reply: &str) -> String {
+    let blocks: Vec<&str> = reply.split("```").collect();
+    // Odd-numbered pieces are inside fences.
+    let inside: Vec<&str> = blocks.iter().skip(1).step_by(2).copied().collect();
+    let pick = inside
+        .iter()
+        .rev()
+        .find(|b| b.starts_with("python") && b.contains("def solve"))
+        .or_else(|| inside.iter().rev().find(|b| b.contains("def solve")))
+        .or(inside.last());
+    match pick {
+        Some(b) => {
+            let b = b
+                .strip_prefix("python")
+                .or_else(|| b.strip_prefix("py"))
+                .unwrap_or(b);
+            b.trim_matches('\n').to_owned()
+        }
+        None => reply.trim().to_owned(),
+    }
+}
+
+/// Actions from a direct reply: the strings of its last `[...]` list, else its words that
+/// look like actions.
+pub fn parse_actions(reply: &str) -> Vec<String> {
+    let list = reply.rfind('[').and_then(|start| {
+        reply[start..]
+            .find(']')
+            .map(|end| &reply[start + 1..start + end])
+    });
+    let quoted = |s: &str| -> Vec<String> {
+        s.split(['"', '\''])
+            .skip(1)
+            .step_by(2)
+            .map(|a| a.trim().to_owned())
+            .filter(|a| !a.is_empty())
+            .collect()
+    };
+    if let Some(l) = list {
+        let got = quoted(l);
+        if !got.is_empty() {
+            return got;
+        }
+    }
+    reply
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| {
+            super::minigrid::Action::parse(w).is_some_and(|_| w.len() > 2)
+                || matches!(
+                    w.to_ascii_uppercase().as_str(),
+                    "UP" | "DOWN"
+                        | "TAKE"
+                        | "DROP"
+                        | "UP_LEFT"
+                        | "UP_RIGHT"
+                        | "DOWN_LEFT"
+                        | "DOWN_RIGHT"
+                )
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+async fn play_all(code: &str, instances: &[Instance], limits: &Limits) -> Vec<Run> {
+    // Futures made by an iterator, not a stream combinator, keep the future `Send` for every
+    // lifetime (a closure in `StreamExt::map` would not be general enough).
+    let runs: Vec<_> = instances
+        .iter()
+        .map(|inst| play_one(code, inst, limits))
+        .collect();
+    futures::stream::iter(runs).buffered(4).collect().await
+}
+
+/// Plays one instance with a program: `solve(obs)` in the sandbox, then the actions in the
+/// environment.
+pub async fn play_one(code: &str, inst: &Instance, limits: &Limits) -> Run {
+    let harness = format!(
+        "{code}\n\n__obs = {}\nsolve(__obs)\n",
+        py_literal(&inst.observation())
+    );
+    let failed = |error: String| Run {
+        instance: inst.id(),
+        actions: vec![],
+        played: inst.play(&[]),
+        error: Some(error),
+    };
+    let outcome = match sandbox::run_python(&harness, limits).await {
+        Ok(o) => o,
+        Err(e) => return failed(format!("the sandbox could not start: {e}")),
+    };
+    if let Some(e) = outcome.error {
+        return failed(e);
+    }
+    let actions = match outcome.json {
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => s,
+                other => other.to_string(),
+            })
+            .collect::<Vec<_>>(),
+        _ => {
+            return failed(format!(
+                "solve(obs) must return a list of action strings; it returned {}",
+                outcome.value.as_deref().unwrap_or("None")
+            ))
+        }
+    };
+    Run {
+        instance: inst.id(),
+        played: inst.play(&actions),
+        actions: actions.into_iter().take(64).collect(),
+        error: None,
+    }
+}
+
+/// A JSON value as a Python literal.
+fn py_literal(v: &Value) -> String {
+    match v {
+        Value::Null => "None".into(),
+        Value::Bool(true) => "True".into(),
+        Value::Bool(false) => "False".into(),
+        Value::Number(n) => n.to_string(),
+        Value::String(_) => v.to_string(),
+        Value::Array(items) => format!(
+            "[{}]",
+            items.iter().map(py_literal).collect::<Vec<_>>().join(", ")
+        ),
+        Value::Object(m) => format!(
+            "{{{}}}",
+            m.iter()
+                .map(|(k, v)| format!("{}: {}", Value::String(k.clone()), py_literal(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_and_actions_are_found_in_replies() {
+        let reply = "Here:\n```python\ndef solve(obs):\n    return ['forward']\n```\nDone.";
+        assert_eq!(
+            extract_code(reply),
+            "def solve(obs):\n    return ['forward']"
+        );
+        assert_eq!(
+            extract_code("def solve(o): return []"),
+            "def solve(o): return []"
+        );
+        assert_eq!(
+            parse_actions("Sure! [\"forward\", 'left', \"forward\"]"),
+            vec!["forward", "left", "forward"]
+        );
+        assert_eq!(parse_actions("Go RIGHT, then TAKE."), vec!["RIGHT", "TAKE"]);
+        assert_eq!(
+            py_literal(&json!({"a": [1, true, null, "x\"y"]})),
+            r#"{"a": [1, True, None, "x\"y"]}"#
+        );
+    }
+}

@@ -1,0 +1,276 @@
+//! Code-driven planning through the HTTP API with the real embedded model: the loop runs,
+//! records every round and keeps the best program; a kept program is reused without calling
+//! the model; progress streams; bad requests get the OpenAI error envelope.
+//!
+//! The 135M model cannot write a planner, but it repeats a short text under the system prompt
+//! "You repeat what the user says, word for word." One server overrides the planning prompts
+//! (`EXPERIENT_PROMPTS_DIR`) so that the model writes, in its own reply, first a program that
+//! never ends and then, only when the refinement prompt shows it that program's TimeoutError,
+//! a program that wins. Another runs the built-in prompts, where the model writes whatever it
+//! writes and the loop must still finish and account for every round.
+
+mod common;
+
+use async_openai::types::chat::{
+    ChatCompletionRequestSystemMessageArgs, ChatCompletionRequestUserMessageArgs,
+    CreateChatCompletionRequestArgs,
+};
+use serde_json::{json, Value};
+
+use common::{sse_data, Server};
+
+const REPEAT: &str = "You repeat what the user says, word for word.";
+/// Empty-5x5 from its fixed start: two steps along the top row, turn down, two steps onto the
+/// goal. (Written as a comprehension, the one shape of program the model repeats faithfully.)
+const WIN: &str =
+    "def solve(obs):\n    return [(\"forward\", \"right\")[k] for k in (0, 0, 1, 0, 0)]";
+const SPIN: &str = "def solve(obs): return [n for n in range(10 ** 12) if n < 0]";
+
+fn scripted() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts");
+    std::fs::create_dir_all(&prompts).unwrap();
+    std::fs::write(
+        prompts.join("plan_pseudocode.j2"),
+        "Say exactly: Walk to the goal.",
+    )
+    .unwrap();
+    std::fs::write(
+        prompts.join("plan_code.j2"),
+        format!("Say exactly:\n```python\n{SPIN}\n```"),
+    )
+    .unwrap();
+    std::fs::write(
+        prompts.join("plan_refine.j2"),
+        format!(
+            "{{% if \"TimeoutError\" in failures[0].result %}}Say exactly:\n```python\n{WIN}\n```\
+             {{% else %}}Say exactly: I give up.{{% endif %}}"
+        ),
+    )
+    .unwrap();
+    let p = prompts.display().to_string();
+    common::start_in(dir, None, &[("EXPERIENT_PROMPTS_DIR", &p)])
+}
+
+async fn post(server: &Server, body: &Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(server.url("/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+fn plan_request(experient: Value) -> Value {
+    json!({
+        "model": "plan:smollm2-135m", "temperature": 0, "max_tokens": 64,
+        "messages": [
+            {"role": "system", "content": REPEAT},
+            {"role": "user", "content": "Reach the green square."},
+        ],
+        "experient": experient,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refinement_keeps_the_best_program_and_reuses_it() {
+    let s = scripted();
+
+    // Through the OpenAI client: the method and the options ride on the request.
+    let request = CreateChatCompletionRequestArgs::default()
+        .model("plan:smollm2-135m")
+        .temperature(0.0)
+        .max_tokens(64u32)
+        .messages([
+            ChatCompletionRequestSystemMessageArgs::default()
+                .content(REPEAT)
+                .build()
+                .unwrap()
+                .into(),
+            ChatCompletionRequestUserMessageArgs::default()
+                .content("Reach the green square.")
+                .build()
+                .unwrap()
+                .into(),
+        ])
+        .build()
+        .unwrap();
+    let mut body = serde_json::to_value(&request).unwrap();
+    body["experient"] =
+        json!({"env": "MiniGrid-Empty-5x5-v0", "train": 2, "instances": [0, 1, 2], "rounds": 2});
+    let v: Value = s.client().chat().create_byot(body).await.unwrap();
+    let trace = &v["experient"]["trace"];
+    assert_eq!(v["experient"]["method"], "plan");
+    assert_eq!(trace["reused"], false);
+    let rounds = trace["rounds"].as_array().unwrap();
+    assert_eq!(
+        rounds.len(),
+        2,
+        "a perfect program ends refinement early: {trace}"
+    );
+    // Round 0: the program never returns; each training instance is a clean timeout.
+    assert!(
+        rounds[0]["code"]
+            .as_str()
+            .unwrap()
+            .contains("range(10 ** 12)"),
+        "{trace}"
+    );
+    assert_eq!(rounds[0]["train"]["errors"], 2);
+    assert_eq!(rounds[0]["model_calls"], 2, "pseudocode, then code");
+    // Round 1 saw that timeout (the override only then says the winning program) and wins.
+    assert_eq!(rounds[1]["feedback"], json!(["seed 10000", "seed 10001"]));
+    assert_eq!(rounds[1]["train"]["success_rate"], 1.0, "{trace}");
+    assert_eq!(trace["best_round"], 1);
+    assert_eq!(trace["model_calls"], 3);
+    let refined = &trace["refined_program"];
+    assert_eq!(refined["summary"]["success_rate"], 1.0);
+    assert_eq!(refined["summary"]["instances"], 3);
+    let reward = refined["summary"]["mean_reward"].as_f64().unwrap();
+    assert!(
+        (reward - (1.0 - 0.9 * 5.0 / 100.0)).abs() < 1e-9,
+        "5 of 100 steps: {reward}"
+    );
+    assert_eq!(trace["first_program"]["summary"]["success_rate"], 0.0);
+    // 3 calls spread over the 2 training and 3 evaluation instances.
+    assert_eq!(refined["model_calls_per_instance"], 0.6);
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(content.contains("for k in"), "{content}");
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+
+    // The family's program is kept: new instances are solved without the model.
+    let (status, v) = post(
+        &s,
+        &plan_request(json!({"env": "minigrid-empty-5x5", "instances": [7, 8]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let trace = &v["experient"]["trace"];
+    assert_eq!(trace["reused"], true, "{v}");
+    assert_eq!(trace["model_calls"], 0);
+    assert_eq!(trace["rounds"], json!([]));
+    assert_eq!(v["usage"]["total_tokens"], 0);
+    assert_eq!(trace["refined_program"]["summary"]["success_rate"], 1.0);
+    let actions = &trace["refined_program"]["runs"][1]["actions"];
+    assert_eq!(actions[0], "forward", "{actions}");
+    // Amortised: 3 calls over 5 + 2 instances served.
+    let per = trace["refined_program"]["model_calls_per_instance"]
+        .as_f64()
+        .unwrap();
+    assert!((per - 3.0 / 7.0).abs() < 1e-9, "{per}");
+    let cached = s
+        .dir
+        .path()
+        .join("experience/.programs/MiniGrid-Empty-5x5-v0.json");
+    let kept: Value = serde_json::from_str(&std::fs::read_to_string(cached).unwrap()).unwrap();
+    assert_eq!(kept["instances_served"], 7);
+    assert!(
+        kept["program"].as_str().unwrap().contains("for k in"),
+        "{kept}"
+    );
+
+    // Streaming: each stage arrives as it happens, then the answer in the chunk protocol.
+    let mut body = plan_request(
+        json!({"env": "MiniGrid-Empty-5x5-v0", "train": 1, "instances": 1, "rounds": 1, "refresh": true, "direct": true}),
+    );
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let text = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events = sse_data(&text);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let stages: Vec<&str> = chunks
+        .iter()
+        .filter_map(|c| c["experient"]["plan"]["stage"].as_str())
+        .collect();
+    assert_eq!(
+        stages,
+        ["pseudocode", "program", "refine", "evaluate", "direct"],
+        "{text}"
+    );
+    let ids: std::collections::HashSet<&str> =
+        chunks.iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 1, "one id for the whole stream");
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    let trace = &last["experient"]["trace"];
+    assert_eq!(trace["reused"], false);
+    assert_eq!(trace["direct"]["summary"]["instances"], 1);
+    assert_eq!(trace["direct"]["model_calls_per_instance"], 1.0);
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert!(streamed.contains("```python"), "{streamed}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_plan_requests_get_the_error_envelope() {
+    let s = common::shared();
+    for (experient, param) in [
+        (json!({}), "experient.env"),
+        (json!({"env": "MiniGrid-Maze-v9"}), "experient.env"),
+        (json!({"env": "grasp", "rounds": 99}), "experient.rounds"),
+        (
+            json!({"env": "grasp", "instances": 0}),
+            "experient.instances",
+        ),
+        (json!({"env": "grasp", "train": [-1]}), "experient.train"),
+        (
+            json!({"env": "grasp", "instances": [{"grid": ["A.E", "..X"]}]}),
+            "experient.instances[0].grid",
+        ),
+    ] {
+        let (status, v) = post(s, &plan_request(experient.clone())).await;
+        assert_eq!(status, 400, "{experient}: {v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["param"], param, "{experient}: {v}");
+        assert!(v["error"]["message"].as_str().unwrap().len() > 10);
+    }
+    // The server is unharmed.
+    assert_eq!(common::http_status(&s.url("/health")).unwrap(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_loop_with_built_in_prompts_records_every_round() {
+    // The model writes what it will; whatever the programs do, each round is accounted for.
+    let s = common::shared();
+    let mut body = plan_request(json!({
+        "env": "MiniGrid-Empty-5x5-v0", "train": 2, "instances": 2, "rounds": 1, "direct": true,
+        "refresh": true,
+    }));
+    body["messages"] = json!([{"role": "user", "content": "Reach the green square."}]);
+    body["max_tokens"] = json!(96);
+    let (status, v) = post(s, &body).await;
+    assert_eq!(status, 200, "{v}");
+    let trace = &v["experient"]["trace"];
+    let rounds = trace["rounds"].as_array().unwrap();
+    let won = rounds[0]["train"]["success_rate"] == 1.0;
+    assert_eq!(rounds.len(), if won { 1 } else { 2 }, "{trace}");
+    let mut calls = 0;
+    for (i, r) in rounds.iter().enumerate() {
+        assert_eq!(r["round"], i);
+        assert_eq!(r["train"]["instances"], 2);
+        assert!(r["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+        calls += r["model_calls"].as_u64().unwrap();
+    }
+    assert_eq!(trace["model_calls"], calls);
+    assert!(trace["pseudocode"].as_str().is_some());
+    for arm in ["direct", "first_program", "refined_program"] {
+        assert_eq!(trace[arm]["summary"]["instances"], 2, "{arm}");
+        assert_eq!(trace[arm]["runs"].as_array().unwrap().len(), 2, "{arm}");
+    }
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+}
