@@ -274,3 +274,22 @@ async fn the_loop_with_built_in_prompts_records_every_round() {
     }
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
 }
+
+/// A correct program does score: the hand-written breadth-first planner in bench/programs
+/// (the ceiling a model-written program can reach) wins every level through the same sandbox
+/// and scoring as model programs, in the sandbox's time limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_correct_program_wins_every_level_through_the_sandbox() {
+    use experient::planning::{ipp, minigrid::Level, Family};
+    std::env::set_var("EXPERIENT_SANDBOX_EXE", env!("CARGO_BIN_EXE_experient"));
+    let code = include_str!("../bench/programs/minigrid_bfs.py");
+    let limits = experient::sandbox::Limits::default();
+    for id in Level::IDS {
+        let family = Family::parse(id).unwrap();
+        for seed in [0, 1] {
+            let run = ipp::play_one(code, &family.instance(seed), &limits).await;
+            assert_eq!(run.error, None, "{id} seed {seed}");
+            assert!(run.played.success, "{id} seed {seed}: {run:?}");
+        }
+    }
+}
