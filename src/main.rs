@@ -396,6 +396,10 @@ struct PlanArgs {
     /// Write a new program even if the family has a kept one in the cache.
     #[arg(long)]
     refresh: bool,
+    /// Play this hand-written program instead of asking the model for one (the cache is left
+    /// alone): a ceiling, or a check of your own policy.
+    #[arg(long, conflicts_with = "refresh")]
+    program: Option<PathBuf>,
     /// Also write the JSON report here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -436,6 +440,20 @@ fn run_plan(a: PlanArgs) -> anyhow::Result<()> {
         direct: !a.no_direct,
         reuse: None,
     };
+    let given = match &a.program {
+        Some(p) => Some(ipp::Cached {
+            family: family.name(),
+            program: std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?,
+            model: "hand-written".into(),
+            train: Default::default(),
+            model_calls: 0,
+            usage: Default::default(),
+            instances_served: 0,
+            created: String::new(),
+        }),
+        None => None,
+    };
     let model_cache = a.models.model_cache();
     let runtime = tokio::runtime::Runtime::new()?;
     let report = runtime.block_on(async {
@@ -456,17 +474,29 @@ fn run_plan(a: PlanArgs) -> anyhow::Result<()> {
             Some(stage) => eprintln!("experient: {stage}"),
             None => {}
         });
-        ipp::run_cached(
-            backend.as_ref(),
-            &ctx.prompts,
-            &cache,
-            &a.model,
-            spec,
-            a.refresh,
-            progress,
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))
+        let report = match given {
+            Some(program) => {
+                let spec = ipp::Spec {
+                    reuse: Some(program),
+                    ..spec
+                };
+                ipp::run(backend.as_ref(), &ctx.prompts, &spec, progress).await
+            }
+            None => {
+                let prompts = &ctx.prompts;
+                ipp::run_cached(
+                    backend.as_ref(),
+                    prompts,
+                    &cache,
+                    &a.model,
+                    spec,
+                    a.refresh,
+                    progress,
+                )
+                .await
+            }
+        };
+        report.map_err(|e| anyhow::anyhow!("{e}"))
     })?;
     let json = serde_json::to_string_pretty(&report)?;
     if let Some(p) = &a.out {
@@ -478,10 +508,10 @@ fn run_plan(a: PlanArgs) -> anyhow::Result<()> {
         report.family,
         a.model,
         a.episodes,
-        if report.reused {
-            ", kept program reused"
-        } else {
-            ""
+        match (&a.program, report.reused) {
+            (Some(p), _) => format!(", program {}", p.display()),
+            (None, true) => ", kept program reused".into(),
+            (None, false) => String::new(),
         }
     );
     eprintln!(

@@ -275,9 +275,9 @@ async fn the_loop_with_built_in_prompts_records_every_round() {
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
 }
 
-/// A correct program does score: the hand-written breadth-first planner in bench/programs
-/// (the ceiling a model-written program can reach) wins every level through the same sandbox
-/// and scoring as model programs, in the sandbox's time limit.
+/// A correct program does score: the hand-written planners in bench/programs (the ceiling a
+/// model-written program can reach) win through the same sandbox and scoring as model
+/// programs, in the sandbox's time limit.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_correct_program_wins_every_level_through_the_sandbox() {
     use experient::planning::{ipp, minigrid::Level, Family};
@@ -291,5 +291,17 @@ async fn a_correct_program_wins_every_level_through_the_sandbox() {
             assert_eq!(run.error, None, "{id} seed {seed}");
             assert!(run.played.success, "{id} seed {seed}: {run:?}");
         }
+    }
+    let greedy = include_str!("../bench/programs/grasp_greedy.py");
+    for name in ["grasp", "grasp-diag-carry2-cost0.1"] {
+        let family = Family::parse(name).unwrap();
+        let mut won = 0;
+        for seed in 0..10 {
+            let run = ipp::play_one(greedy, &family.instance(seed), &limits).await;
+            assert_eq!(run.error, None, "{name} seed {seed}");
+            assert!(run.actions.len() <= 20, "{name} seed {seed}: {run:?}");
+            won += run.played.success as usize;
+        }
+        assert!(won >= 8, "{name}: {won} of 10");
     }
 }
