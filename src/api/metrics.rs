@@ -66,6 +66,22 @@ fn describe() {
         "experient_completion_tokens_total",
         "Completion tokens generated"
     );
+    metrics::describe_counter!(
+        "experient_iterresearch_rounds_total",
+        "IterResearch rounds run, by model"
+    );
+    metrics::describe_counter!(
+        "experient_plan_runs_total",
+        "Planning requests, by family and whether a kept program was reused"
+    );
+    metrics::describe_counter!(
+        "experient_plan_rounds_total",
+        "Programs the model wrote (first and refinements), by family"
+    );
+    metrics::describe_counter!(
+        "experient_plan_instances_total",
+        "Instances solved by planning programs, by family"
+    );
 }
 
 pub async fn render(State(s): State<AppState>) -> Response {

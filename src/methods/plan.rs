@@ -209,6 +209,13 @@ pub async fn run(
             Ok(r) => r,
             Err(e) => { yield Err(e); return; }
         };
+        let family = report.family.clone();
+        metrics::counter!("experient_plan_runs_total", "family" => family.clone(), "reused" => report.reused.to_string())
+            .increment(1);
+        metrics::counter!("experient_plan_rounds_total", "family" => family.clone())
+            .increment(report.rounds.len() as u64);
+        metrics::counter!("experient_plan_instances_total", "family" => family)
+            .increment(report.refined_program.summary.instances as u64);
         let usage = total_usage(&report);
         yield Ok(Event::Delta { index: 0, text: answer_text(&report) });
         yield Ok(Event::Finish { index: 0, reason: FinishReason::Stop });
