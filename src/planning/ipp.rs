@@ -91,6 +91,9 @@ pub struct Run {
     pub played: Played,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Direct elicitation: the start of the model's reply the actions were read from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply: Option<String>,
 }
 
 /// One program the model wrote and how it did on the training instances.
@@ -354,6 +357,7 @@ pub async fn run(
                 played: inst.play(&actions),
                 actions: actions.into_iter().take(64).collect(),
                 error: None,
+                reply: Some(reply.chars().take(400).collect()),
             });
         }
         let n = spec.eval.len() as f64;
@@ -563,6 +567,7 @@ pub async fn play_one(code: &str, inst: &Instance, limits: &Limits) -> Run {
         actions: vec![],
         played: inst.play(&[]),
         error: Some(error),
+        reply: None,
     };
     let outcome = match sandbox::run_python(&harness, limits).await {
         Ok(o) => o,
@@ -591,6 +596,7 @@ pub async fn play_one(code: &str, inst: &Instance, limits: &Limits) -> Run {
         played: inst.play(&actions),
         actions: actions.into_iter().take(64).collect(),
         error: None,
+        reply: None,
     }
 }
 
@@ -619,6 +625,31 @@ fn py_literal(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn feedback_takes_crashes_first_then_the_lowest_rewards() {
+        let run = |reward: f64, success: bool, error: bool| Run {
+            instance: String::new(),
+            actions: vec![],
+            played: Played {
+                reward,
+                success,
+                steps: 0,
+                note: String::new(),
+            },
+            error: error.then(|| "Traceback".to_string()),
+            reply: None,
+        };
+        let runs = [
+            run(0.9, true, false),
+            run(0.2, false, false),
+            run(0.0, false, true),
+            run(0.5, false, false),
+            run(0.1, true, false),
+        ];
+        assert_eq!(worst(&runs, 3), vec![2, 1, 3]);
+        assert_eq!(worst(&runs, 9), vec![2, 1, 3, 4, 0]);
+    }
 
     #[test]
     fn code_and_actions_are_found_in_replies() {
