@@ -25,6 +25,8 @@ const REPEAT: &str = "You repeat what the user says, word for word.";
 const WIN: &str =
     "def solve(obs):\n    return [(\"forward\", \"right\")[k] for k in (0, 0, 1, 0, 0)]";
 const SPIN: &str = "def solve(obs): return [n for n in range(10 ** 12) if n < 0]";
+/// Like SPIN, but keeping every number: the list outgrows the memory limit within a second.
+const HOG: &str = "def solve(obs): return [n for n in range(10 ** 12) if n >= 0]";
 
 fn scripted() -> Server {
     let dir = tempfile::tempdir().unwrap();
@@ -37,7 +39,10 @@ fn scripted() -> Server {
     .unwrap();
     std::fs::write(
         prompts.join("plan_code.j2"),
-        format!("Say exactly:\n```python\n{SPIN}\n```"),
+        format!(
+            "{{% if family is startingwith(\"MiniGrid-FourRooms\") %}}Say exactly:\n```python\n{HOG}\n```\
+             {{% else %}}Say exactly:\n```python\n{SPIN}\n```{{% endif %}}"
+        ),
     )
     .unwrap();
     std::fs::write(
@@ -169,6 +174,24 @@ async fn refinement_keeps_the_best_program_and_reuses_it() {
         kept["program"].as_str().unwrap().contains("for k in"),
         "{kept}"
     );
+
+    // A program that allocates without end fails cleanly, and the server goes on serving.
+    // (Imports of os and socket are refused in tests/sandbox.rs; the model will not repeat
+    // such a program faithfully enough to test it through the server.)
+    let body = plan_request(
+        json!({"env": "MiniGrid-FourRooms-v0", "train": 1, "instances": 1, "rounds": 0}),
+    );
+    let (status, v) = post(&s, &body).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["experient"]["trace"]["rounds"][0]["train"]["errors"], 1,
+        "{v}"
+    );
+    let error = v["experient"]["trace"]["refined_program"]["runs"][0]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.contains("MemoryError"), "{error}");
+    assert_eq!(common::http_status(&s.url("/health")).unwrap(), 200);
 
     // Streaming: each stage arrives as it happens, then the answer in the chunk protocol.
     let mut body = plan_request(

@@ -198,3 +198,41 @@ impl Instance {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prompts::Prompts;
+
+    #[test]
+    fn every_family_renders_every_planning_prompt() {
+        let prompts = Prompts::builtin();
+        let mut names: Vec<&str> = Level::IDS.to_vec();
+        names.extend(["grasp", "grasp-diag-carry2-cost0.3"]);
+        for name in names {
+            let family = Family::parse(name).unwrap();
+            let inst = family.instance(3);
+            let mut ctx = family.rules_context();
+            ctx["task"] = json!("Be quick.");
+            ctx["example"] = json!(inst.observation().to_string());
+            ctx["render"] = json!(inst.render());
+            ctx["obs"] = json!(inst.observation().to_string());
+            ctx["code"] = json!("def solve(obs): return []");
+            ctx["keys"] = json!("grid, agent");
+            ctx["failures"] = json!([{"render": inst.render(), "obs": "{}", "result": "failed"}]);
+            for t in [
+                "plan_pseudocode.j2",
+                "plan_code.j2",
+                "plan_refine.j2",
+                "plan_direct.j2",
+            ] {
+                let text = prompts.render(t, &ctx).unwrap();
+                assert!(text.len() > 50, "{name} {t}");
+            }
+            let rules = prompts.render("plan_rules.j2", &ctx).unwrap();
+            let unlock = rules.contains("won as soon as the door is opened");
+            assert_eq!(unlock, name == "MiniGrid-Unlock-v0", "{name}");
+            assert_eq!(rules.contains("UP_LEFT"), name.contains("diag"), "{name}");
+        }
+    }
+}
