@@ -18,7 +18,7 @@ use async_openai::types::chat::{
 };
 use serde_json::{json, Value};
 
-use common::{sse_data, Server};
+use common::Server;
 
 const REPEAT: &str = "You repeat what the user says, word for word.";
 
@@ -159,31 +159,15 @@ async fn rounds_tools_limits_and_streaming() {
         .is_empty());
 
     // Streaming: each round is reported as it ends, then the answer as a normal completion.
-    let mut body = ask("How many people live in the capital of Atlantis?");
-    body["stream"] = json!(true);
-    body["stream_options"] = json!({"include_usage": true});
-    let text = http
-        .post(s.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let events = sse_data(&text);
-    assert_eq!(events.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let body = ask("How many people live in the capital of Atlantis?");
+    let chunks = common::stream_chunks(&s, body).await;
     let round_at: Vec<usize> = chunks
         .iter()
         .enumerate()
         .filter(|(_, c)| c["experient"]["round"].is_object())
         .map(|(i, _)| i)
         .collect();
-    assert_eq!(round_at.len(), 3, "{text}");
+    assert_eq!(round_at.len(), 3, "{chunks:?}");
     let content_at = chunks
         .iter()
         .position(|c| {

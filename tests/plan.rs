@@ -17,7 +17,7 @@ use async_openai::types::chat::{
 };
 use serde_json::{json, Value};
 
-use common::{sse_data, Server};
+use common::Server;
 
 const REPEAT: &str = "You repeat what the user says, word for word.";
 /// Empty-5x5 from its fixed start: two steps along the top row, turn down, two steps onto the
@@ -194,26 +194,10 @@ async fn refinement_keeps_the_best_program_and_reuses_it() {
     assert_eq!(common::http_status(&s.url("/health")).unwrap(), 200);
 
     // Streaming: each stage arrives as it happens, then the answer in the chunk protocol.
-    let mut body = plan_request(
+    let body = plan_request(
         json!({"env": "MiniGrid-Empty-5x5-v0", "train": 1, "instances": 1, "rounds": 1, "refresh": true, "direct": true}),
     );
-    body["stream"] = json!(true);
-    body["stream_options"] = json!({"include_usage": true});
-    let text = reqwest::Client::new()
-        .post(s.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let events = sse_data(&text);
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks = common::stream_chunks(&s, body).await;
     let stages: Vec<&str> = chunks
         .iter()
         .filter_map(|c| c["experient"]["plan"]["stage"].as_str())
@@ -221,7 +205,7 @@ async fn refinement_keeps_the_best_program_and_reuses_it() {
     assert_eq!(
         stages,
         ["pseudocode", "program", "refine", "evaluate", "direct"],
-        "{text}"
+        "{chunks:?}"
     );
     let ids: std::collections::HashSet<&str> =
         chunks.iter().map(|c| c["id"].as_str().unwrap()).collect();

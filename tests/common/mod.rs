@@ -187,3 +187,26 @@ pub fn sse_data(body: &str) -> Vec<String> {
         })
         .collect()
 }
+
+/// Posts a chat request as a stream (with the usage chunk) and returns its chunks, after
+/// checking that the stream ends with `[DONE]`.
+#[allow(dead_code)]
+pub async fn stream_chunks(server: &Server, mut body: serde_json::Value) -> Vec<serde_json::Value> {
+    body["stream"] = serde_json::json!(true);
+    body["stream_options"] = serde_json::json!({"include_usage": true});
+    let text = ::reqwest::Client::new()
+        .post(server.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events = sse_data(&text);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{text}");
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect()
+}
