@@ -1,5 +1,6 @@
 use super::k_quants::{
-    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8K, BlockQ8_0, QK8_0, QK_K,
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ6K, BlockQ8K, BlockQ8_0,
+    BlockQ8_1, QK8_0, QK8_1, QK_K,
 };
 use byteorder::{ByteOrder, LittleEndian};
 use half::f16;
@@ -65,6 +66,77 @@ pub(crate) fn vec_dot_q4_0_q8_0(n: usize, xs: &[BlockQ4_0], ys: &[BlockQ8_0]) ->
         }
         hsum_float_8(acc)
     }
+}
+
+/// Each Q4_1 x Q8_1 block's integer dot product, summed over its 32 values into the i32 lanes
+/// of the result (exact: u8 (0..=15) x i8 pairs stay far inside i16).
+#[inline(always)]
+unsafe fn q4_1_q8_1_block_dot(x: &BlockQ4_1, y: &BlockQ8_1) -> __m256i {
+    // Low nibbles then high nibbles: the same order as the Q8_1 block's 32 values.
+    let bx = bytes_from_nibbles_32(x.qs.as_ptr());
+    let by = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+    _mm256_madd_epi16(_mm256_maddubs_epi16(bx, by), _mm256_set1_epi16(1))
+}
+
+/// Q4_1 x Q8_1 (experient patch). The integer part of every block and the per-block float
+/// terms are computed eight blocks at a time; the terms are then added one by one in block
+/// order, as the scalar loop does. Integer sums are exact and each float operation is the
+/// scalar loop's (no fused multiply-add), so the result is bit for bit
+/// `BlockQ4_1::vec_dot_unopt`'s and greedy decoding does not change.
+#[inline(always)]
+pub(crate) fn vec_dot_q4_1_q8_1(n: usize, xs: &[BlockQ4_1], ys: &[BlockQ8_1]) -> f32 {
+    debug_assert!(
+        n.is_multiple_of(QK8_1),
+        "vec_dot_q4_1_q8_1: {n} is not divisible by {QK8_1}"
+    );
+    let nb = n / QK8_1;
+    let (xs, ys) = (&xs[..nb], &ys[..nb]);
+    let mut sumf = 0f32;
+    unsafe {
+        let mut xs8 = xs.chunks_exact(8);
+        let mut ys8 = ys.chunks_exact(8);
+        for (x, y) in (&mut xs8).zip(&mut ys8) {
+            let q: [__m256i; 8] = std::array::from_fn(|j| q4_1_q8_1_block_dot(&x[j], &y[j]));
+            // Horizontal sums of the eight vectors, block j's landing in lane j.
+            let h01 = _mm256_hadd_epi32(q[0], q[1]);
+            let h23 = _mm256_hadd_epi32(q[2], q[3]);
+            let h45 = _mm256_hadd_epi32(q[4], q[5]);
+            let h67 = _mm256_hadd_epi32(q[6], q[7]);
+            let h0123 = _mm256_hadd_epi32(h01, h23);
+            let h4567 = _mm256_hadd_epi32(h45, h67);
+            let sumi = _mm256_add_epi32(
+                _mm256_permute2x128_si256::<0x20>(h0123, h4567),
+                _mm256_permute2x128_si256::<0x31>(h0123, h4567),
+            );
+            let halves = |f: &dyn Fn(usize) -> f16| {
+                let h: [u16; 8] = std::array::from_fn(|j| f(j).to_bits());
+                _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr() as *const __m128i))
+            };
+            let dx = halves(&|j| x[j].d);
+            let mx = halves(&|j| x[j].m);
+            let dy = halves(&|j| y[j].d);
+            let sy = halves(&|j| y[j].s);
+            let t = _mm256_add_ps(
+                _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sumi), dx), dy),
+                _mm256_mul_ps(mx, sy),
+            );
+            let mut terms = [0f32; 8];
+            _mm256_storeu_ps(terms.as_mut_ptr(), t);
+            for t in terms {
+                sumf += t;
+            }
+        }
+        for (x, y) in xs8.remainder().iter().zip(ys8.remainder()) {
+            let q = q4_1_q8_1_block_dot(x, y);
+            let s = _mm_add_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+            let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s));
+            let sumi = _mm_cvtsi128_si32(s);
+            sumf += sumi as f32 * f16::to_f32(x.d) * f16::to_f32(y.d)
+                + f16::to_f32(x.m) * f16::to_f32(y.s)
+        }
+    }
+    sumf
 }
 
 #[inline(always)]

@@ -276,6 +276,10 @@ impl GgmlType for BlockQ4_1 {
     type VecDotType = BlockQ8_1;
 
     fn vec_dot(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
+        #[cfg(target_feature = "avx2")]
+        return super::avx::vec_dot_q4_1_q8_1(n, xs, ys);
+
+        #[cfg(not(target_feature = "avx2"))]
         Self::vec_dot_unopt(n, xs, ys)
     }
 
@@ -2297,12 +2301,10 @@ pub fn matmul<T: GgmlType>(
         }
     }
 
-    for row_idx in 0..m {
-        let lhs_row = &lhs_b[row_idx * k_in_blocks..(row_idx + 1) * k_in_blocks];
-        let dst_row = &mut dst[row_idx * n..(row_idx + 1) * n];
-
-        dst_row
-            .into_par_iter()
+    if m == 1 {
+        let lhs_row = &lhs_b[..k_in_blocks];
+        dst[..n]
+            .par_iter_mut()
             .enumerate()
             .with_min_len(128)
             .with_max_len(512)
@@ -2310,6 +2312,29 @@ pub fn matmul<T: GgmlType>(
                 let rhs_col = &rhs_t[col_idx * k_in_blocks..(col_idx + 1) * k_in_blocks];
                 *dst = T::vec_dot(k, rhs_col, lhs_row);
             });
+        return Ok(());
+    }
+
+    // experient patch: several input rows (a prompt). Each weight row is dotted with every input
+    // row while it is in cache, so the weights stream from memory once per call rather than once
+    // per input row, which made prefill no faster per token than decoding. Each output is the same
+    // `vec_dot` on the same blocks as before, so results are unchanged.
+    let mut dst_t = vec![0f32; n * m];
+    dst_t
+        .par_chunks_mut(m)
+        .enumerate()
+        .with_min_len(128usize.div_ceil(m))
+        .for_each(|(col_idx, col)| {
+            let rhs_col = &rhs_t[col_idx * k_in_blocks..(col_idx + 1) * k_in_blocks];
+            for (row_idx, dst) in col.iter_mut().enumerate() {
+                let lhs_row = &lhs_b[row_idx * k_in_blocks..(row_idx + 1) * k_in_blocks];
+                *dst = T::vec_dot(k, rhs_col, lhs_row);
+            }
+        });
+    for (row_idx, dst_row) in dst.chunks_exact_mut(n).take(m).enumerate() {
+        for (col_idx, dst) in dst_row.iter_mut().enumerate() {
+            *dst = dst_t[col_idx * m + row_idx];
+        }
     }
     Ok(())
 }

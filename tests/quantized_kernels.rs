@@ -1,0 +1,71 @@
+//! The CPU changes carried in `vendor/candle-core` (vendor/README.md) must not change a single
+//! bit of what the model computes: greedy decoding of the embedded model depends on it. These
+//! tests hold the patched code to the unpatched arithmetic, on the shapes SmolLM2-135M uses.
+
+use candle_core::quantized::k_quants::{BlockQ4_1, BlockQ8_1, GgmlType};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+
+/// Deterministic values with the spread of real activations and weights: mostly small, some
+/// large, both signs, and whole blocks of zeros (a zero scale) now and then.
+fn values(seed: u64, len: usize) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|i| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let u = ((state >> 33) as f32) / (1u64 << 31) as f32 - 0.5;
+            if (i / 32) % 11 == 7 {
+                0.0
+            } else if i % 17 == 0 {
+                u * 40.0
+            } else {
+                u
+            }
+        })
+        .collect()
+}
+
+fn quantize<T: GgmlType>(xs: &[f32]) -> Vec<T> {
+    let mut blocks = vec![T::zeros(); xs.len() / T::BLCK_SIZE];
+    T::from_float(xs, &mut blocks);
+    blocks
+}
+
+#[test]
+fn avx2_q4_1_dot_is_bit_for_bit_the_scalar_one() {
+    assert!(
+        cfg!(target_feature = "avx2"),
+        "built without AVX2: .cargo/config.toml sets the x86-64-v3 baseline this test checks"
+    );
+    // 576 and 1536 are SmolLM2-135M's hidden and MLP widths; 96 has no full group of 8 blocks.
+    for (seed, k) in [(1, 576), (2, 1536), (3, 96), (4, 32 * 8), (5, 32 * 9)] {
+        let x = quantize::<BlockQ4_1>(&values(seed, k));
+        let y = quantize::<BlockQ8_1>(&values(seed + 100, k));
+        let fast = BlockQ4_1::vec_dot(k, &x, &y);
+        let scalar = BlockQ4_1::vec_dot_unopt(k, &x, &y);
+        assert_eq!(fast.to_bits(), scalar.to_bits(), "k={k}: {fast} vs {scalar}");
+        assert!(scalar.abs() > 1e-3, "k={k}: a degenerate input proves nothing");
+    }
+}
+
+/// A prompt's rows go through the reordered loop; each output must equal the one-row product,
+/// which takes the unchanged path, for every quantisation the loader may hand it.
+#[test]
+fn many_row_matmul_equals_row_by_row() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let (n, k, m) = (200, 576, 7);
+    for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let w = Tensor::from_vec(values(7, n * k), (n, k), &dev)?;
+        let mm = QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?)?;
+        let xs = Tensor::from_vec(values(8, m * k), (m, k), &dev)?;
+        let all = mm.forward(&xs)?.to_vec2::<f32>()?;
+        for (r, row) in all.iter().enumerate() {
+            let one = mm.forward(&xs.narrow(0, r, 1)?)?.to_vec2::<f32>()?;
+            let same = row.iter().zip(&one[0]).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{dtype:?}: row {r} differs from its one-row product");
+        }
+    }
+    Ok(())
+}
