@@ -428,6 +428,36 @@ pub(crate) struct FileListCache {
     files: Vec<String>,
 }
 
+/// experient patch: on CPU, the whole forward pass runs on a worker of rayon's global pool.
+/// Inside it every candle op and attention kernel parallelises with rayon; called from the
+/// engine's own thread, each of those hundreds of calls per token crossed threads (inject the
+/// job, sleep on a condvar, be woken), which cost more than the work for a small model. From
+/// a worker they are pushes onto its own deque, and the engine thread sleeps once per step.
+/// Other devices keep the engine thread: a GPU context belongs to the thread that made it.
+fn forward_in_cpu_pool<P: Pipeline + ?Sized>(
+    pipeline: &mut P,
+    inputs: Box<dyn Any>,
+    return_raw_logits: bool,
+) -> Result<ForwardInputsResult, candle_core::Error> {
+    if !pipeline.device().is_cpu() {
+        return pipeline.forward_inputs(inputs, return_raw_logits);
+    }
+    /// The inputs and result are tensors and plain data; they only travel to a worker and back
+    /// while this thread waits, but `Box<dyn Any>` does not say so.
+    struct AssertSend<T>(T);
+    unsafe impl<T> Send for AssertSend<T> {}
+    impl<T> AssertSend<T> {
+        fn into_inner(self) -> T {
+            self.0
+        }
+    }
+    let inputs = AssertSend(inputs);
+    rayon::scope(move |_| {
+        AssertSend(pipeline.forward_inputs(inputs.into_inner(), return_raw_logits))
+    })
+    .into_inner()
+}
+
 #[async_trait::async_trait]
 pub trait Pipeline:
     Send
@@ -503,7 +533,7 @@ pub trait Pipeline:
                     }
 
                     let start = Instant::now();
-                    let raw_logits = self.forward_inputs(inputs, return_raw_logits)?;
+                    let raw_logits = forward_in_cpu_pool(self, inputs, return_raw_logits)?;
                     let end = Instant::now();
                     exec_duration += end.duration_since(start);
 
@@ -739,7 +769,7 @@ pub trait Pipeline:
                     } = inputs.map_err(candle_core::Error::msg)?;
 
                     let start = Instant::now();
-                    let raw_logits = self.forward_inputs(inputs, return_raw_logits)?;
+                    let raw_logits = forward_in_cpu_pool(self, inputs, return_raw_logits)?;
                     let end = Instant::now();
                     exec_duration += end.duration_since(start);
 
