@@ -153,11 +153,11 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--max-seqs", type=int, default=1, help="experient's engine batch size")
     ap.add_argument("--skip-llama", action="store_true")
-    ap.add_argument("--no-requantize", action="store_true", help="serve the Q4_1 tensors as they are")
+    ap.add_argument("--requantize", action="store_true", help="rewrite the Q4_1 tensors as Q8_0 first")
     args = ap.parse_args()
     path = model_path()
     rows = {}
-    exp = Experient(args.max_seqs, not args.no_requantize)
+    exp = Experient(args.max_seqs, args.requantize)
     try:
         exp.stream(PROMPTS[0], 8)  # warm-up
         for s in (1, 8):
@@ -172,7 +172,7 @@ def main():
             rows[("llama.cpp", s)] = run(llama, s, args.tokens)
     print(f"model {os.path.basename(path)}, {args.tokens} tokens per stream, greedy, "
           f"{args.threads} threads, experient max_seqs={args.max_seqs}, "
-          f"requantize_q4_1={not args.no_requantize}")
+          f"requantize_q4_1={args.requantize}")
     print(f"{'engine':<10} {'streams':>7} {'decode tok/s':>13} {'TTFT s':>8} {'prompt tok/s':>13} {'aggregate tok/s':>16}")
     for (name, s), r in rows.items():
         print(f"{name:<10} {s:>7} {r['decode_tok_s']:>13.1f} {r['ttft_s']:>8.3f} {r['prompt_tok_s']:>13.1f} {r['aggregate_tok_s']:>16.1f}")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Does rewriting Q4_1 as Q8_0 (`requantize_q4_1`, on by default) change answers? Runs the same
+"""Does rewriting Q4_1 as Q8_0 (`requantize_q4_1`, off by default) change answers? Runs the same
 BIG-Bench Hard questions greedily through two experient servers, one per setting, and reports
 accuracy for each and how many answers are identical.
 

@@ -222,17 +222,15 @@ pub struct LocalModelConfig {
     pub queue: usize,
     #[serde(default)]
     pub force_cpu: bool,
-    /// Rewrite Q4_1 tensors as Q8_0 before loading (once, cached beside the file): candle has
-    /// SIMD kernels for Q8_0 and none for Q4_1.
-    #[serde(default = "default_true")]
+    /// Rewrite Q4_1 tensors as Q8_0 before loading (once, cached beside the file). Off by
+    /// default: with the AVX2 Q4_1 kernel in vendor/candle-core, Q4_1 decodes faster than the
+    /// larger Q8_0 and keeps the file's own greedy output; this stays for CPUs or builds where
+    /// only Q8_0 has a SIMD kernel.
+    #[serde(default)]
     pub requantize_q4_1: bool,
     /// Aliases tried in order when this one fails before its first byte.
     #[serde(default)]
     pub fallback: Vec<String>,
-}
-
-pub fn default_true() -> bool {
-    true
 }
 
 pub fn default_max_seqs() -> usize {

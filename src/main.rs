@@ -158,11 +158,7 @@ fn main() -> std::process::ExitCode {
         Command::Plan(a) => run_plan(a),
         Command::FetchModel { model_cache } => {
             let cache = model_cache.unwrap_or_else(fetch::default_cache_dir);
-            fetch::ensure_default_model(&cache).and_then(|p| {
-                experient::backend::requantize::prefer_q8_0(&p)?;
-                println!("{}", p.display());
-                Ok(())
-            })
+            fetch::ensure_default_model(&cache).map(|p| println!("{}", p.display()))
         }
         Command::Health { url } => health(&url),
         Command::Sandbox => std::process::exit(experient::sandbox::worker_main()),

@@ -61,7 +61,7 @@ fn local_models(config: &Config) -> Vec<LocalModelConfig> {
             max_concurrent: crate::config::default_max_concurrent(),
             queue: crate::config::default_queue(),
             force_cpu: false,
-            requantize_q4_1: true,
+            requantize_q4_1: false,
             fallback: vec![],
         }];
     }

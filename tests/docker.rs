@@ -91,7 +91,7 @@ fn the_image_entrypoint_serves_on_a_read_only_root() {
     assert_eq!(img.argv, ["experient", "serve"]);
     let uid: u32 = img.user.parse().expect("USER is numeric");
 
-    // The image bakes the model and its Q8_0 rewrite in at build time; do the same here.
+    // The image bakes the model in at build time; do the same here.
     let cache = tempfile::tempdir().unwrap();
     let host_cache = std::env::var("EXPERIENT_MODEL_CACHE")
         .map(std::path::PathBuf::from)

@@ -9,7 +9,9 @@ use candle_core::{Device, Module, Tensor};
 /// Deterministic values with the spread of real activations and weights: mostly small, some
 /// large, both signs, and whole blocks of zeros (a zero scale) now and then.
 fn values(seed: u64, len: usize) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..len)
         .map(|i| {
             state = state
@@ -45,8 +47,15 @@ fn avx2_q4_1_dot_is_bit_for_bit_the_scalar_one() {
         let y = quantize::<BlockQ8_1>(&values(seed + 100, k));
         let fast = BlockQ4_1::vec_dot(k, &x, &y);
         let scalar = BlockQ4_1::vec_dot_unopt(k, &x, &y);
-        assert_eq!(fast.to_bits(), scalar.to_bits(), "k={k}: {fast} vs {scalar}");
-        assert!(scalar.abs() > 1e-3, "k={k}: a degenerate input proves nothing");
+        assert_eq!(
+            fast.to_bits(),
+            scalar.to_bits(),
+            "k={k}: {fast} vs {scalar}"
+        );
+        assert!(
+            scalar.abs() > 1e-3,
+            "k={k}: a degenerate input proves nothing"
+        );
     }
 }
 
@@ -63,7 +72,10 @@ fn many_row_matmul_equals_row_by_row() -> candle_core::Result<()> {
         let all = mm.forward(&xs)?.to_vec2::<f32>()?;
         for (r, row) in all.iter().enumerate() {
             let one = mm.forward(&xs.narrow(0, r, 1)?)?.to_vec2::<f32>()?;
-            let same = row.iter().zip(&one[0]).all(|(a, b)| a.to_bits() == b.to_bits());
+            let same = row
+                .iter()
+                .zip(&one[0])
+                .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{dtype:?}: row {r} differs from its one-row product");
         }
     }
