@@ -54,7 +54,10 @@ fn scripted() -> Server {
     )
     .unwrap();
     let p = prompts.display().to_string();
-    common::start_in(dir, None, &[("EXPERIENT_PROMPTS_DIR", &p)])
+    // A small memory limit, so that HOG runs out of memory well inside the time limit even
+    // when the model's decoding keeps both cores busy.
+    let config = "[methods.plan]\nprogram_memory_mib = 32\n";
+    common::start_in(dir, Some(config), &[("EXPERIENT_PROMPTS_DIR", &p)])
 }
 
 async fn post(server: &Server, body: &Value) -> (u16, Value) {
