@@ -54,9 +54,9 @@ fn scripted() -> Server {
     )
     .unwrap();
     let p = prompts.display().to_string();
-    // A small memory limit, so that HOG runs out of memory well inside the time limit even
-    // when the model's decoding keeps both cores busy.
-    let config = "[methods.plan]\nprogram_memory_mib = 32\n";
+    // A small memory limit and a roomy time limit, so that HOG runs out of memory, not time,
+    // even when the model's decoding in the other tests keeps both cores busy.
+    let config = "[methods.plan]\nprogram_memory_mib = 32\nprogram_time_secs = 8\n";
     common::start_in(dir, Some(config), &[("EXPERIENT_PROMPTS_DIR", &p)])
 }
 
