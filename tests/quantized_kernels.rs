@@ -37,10 +37,12 @@ fn quantize<T: GgmlType>(xs: &[f32]) -> Vec<T> {
 
 #[test]
 fn avx2_q4_1_dot_is_bit_for_bit_the_scalar_one() {
-    assert!(
-        cfg!(target_feature = "avx2"),
-        "built without AVX2: .cargo/config.toml sets the x86-64-v3 baseline this test checks"
-    );
+    const {
+        assert!(
+            cfg!(target_feature = "avx2"),
+            "built without AVX2: .cargo/config.toml sets the x86-64-v3 baseline this test checks"
+        )
+    };
     // 576 and 1536 are SmolLM2-135M's hidden and MLP widths; 96 has no full group of 8 blocks.
     for (seed, k) in [(1, 576), (2, 1536), (3, 96), (4, 32 * 8), (5, 32 * 9)] {
         let x = quantize::<BlockQ4_1>(&values(seed, k));
