@@ -25,7 +25,7 @@ const REPEAT: &str = "You repeat what the user says, word for word.";
 const WIN: &str =
     "def solve(obs):\n    return [(\"forward\", \"right\")[k] for k in (0, 0, 1, 0, 0)]";
 const SPIN: &str = "def solve(obs): return [n for n in range(10 ** 12) if n < 0]";
-/// Like SPIN, but keeping every number: the list outgrows the memory limit within a second.
+/// Like SPIN, but keeping every number, so the list outgrows the memory limit.
 const HOG: &str = "def solve(obs): return [n for n in range(10 ** 12) if n >= 0]";
 
 fn scripted() -> Server {

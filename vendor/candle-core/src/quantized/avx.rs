@@ -78,6 +78,12 @@ unsafe fn q4_1_q8_1_block_dot(x: &BlockQ4_1, y: &BlockQ8_1) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(bx, by), _mm256_set1_epi16(1))
 }
 
+/// Eight halves widened to floats (exactly, as `f16::to_f32` does).
+#[inline(always)]
+unsafe fn f16x8(h: [f16; 8]) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr() as *const __m128i))
+}
+
 /// Q4_1 x Q8_1 (experient patch). The integer part of every block and the per-block float
 /// terms are computed eight blocks at a time; the terms are then added one by one in block
 /// order, as the scalar loop does. Integer sums are exact and each float operation is the
@@ -108,14 +114,10 @@ pub(crate) fn vec_dot_q4_1_q8_1(n: usize, xs: &[BlockQ4_1], ys: &[BlockQ8_1]) ->
                 _mm256_permute2x128_si256::<0x20>(h0123, h4567),
                 _mm256_permute2x128_si256::<0x31>(h0123, h4567),
             );
-            let halves = |f: &dyn Fn(usize) -> f16| {
-                let h: [u16; 8] = std::array::from_fn(|j| f(j).to_bits());
-                _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr() as *const __m128i))
-            };
-            let dx = halves(&|j| x[j].d);
-            let mx = halves(&|j| x[j].m);
-            let dy = halves(&|j| y[j].d);
-            let sy = halves(&|j| y[j].s);
+            let dx = f16x8(std::array::from_fn(|j| x[j].d));
+            let mx = f16x8(std::array::from_fn(|j| x[j].m));
+            let dy = f16x8(std::array::from_fn(|j| y[j].d));
+            let sy = f16x8(std::array::from_fn(|j| y[j].s));
             let t = _mm256_add_ps(
                 _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sumi), dx), dy),
                 _mm256_mul_ps(mx, sy),
