@@ -61,6 +61,41 @@ fn avx2_q4_1_dot_is_bit_for_bit_the_scalar_one() {
     }
 }
 
+/// Every output of a quantised matmul, for one input row (decoding) and for several (a
+/// prompt, whose rows the Q4_1 kernel takes four at a time), must be the scalar dot product of
+/// that weight row with that input row, as the unpatched loop computed it.
+#[test]
+fn matmul_outputs_are_the_scalar_dots() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    for (k, n) in [(576, 200), (1536, 70)] {
+        let nb = k / 32;
+        let w = values(7, n * k);
+        let mm = QMatMul::from_qtensor(QTensor::quantize(
+            &Tensor::from_vec(w.clone(), (n, k), &dev)?,
+            GgmlDType::Q4_1,
+        )?)?;
+        let wq = quantize::<BlockQ4_1>(&w);
+        for m in [1, 3, 4, 5, 9] {
+            let x = values(8 + m as u64, m * k);
+            let xq = quantize::<BlockQ8_1>(&x);
+            let got = mm
+                .forward(&Tensor::from_vec(x, (m, k), &dev)?)?
+                .to_vec2::<f32>()?;
+            for (r, row) in got.iter().enumerate() {
+                for (i, v) in row.iter().enumerate() {
+                    let want = BlockQ4_1::vec_dot_unopt(
+                        k,
+                        &wq[i * nb..(i + 1) * nb],
+                        &xq[r * nb..(r + 1) * nb],
+                    );
+                    assert_eq!(v.to_bits(), want.to_bits(), "k={k} m={m} ({r},{i})");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A prompt's rows go through the reordered loop; each output must equal the one-row product,
 /// which takes the unchanged path, for every quantisation the loader may hand it.
 #[test]

@@ -141,6 +141,155 @@ pub(crate) fn vec_dot_q4_1_q8_1(n: usize, xs: &[BlockQ4_1], ys: &[BlockQ8_1]) ->
     sumf
 }
 
+/// Lane `l` = the sum of the sixteen 16-bit lanes of `q[l]`, as 32 bits. Each `q[l]` is one
+/// Q4_1 x Q8_1 block's `maddubs` output (pairs of 4-bit x 8-bit products); sums of up to 16
+/// products, at most 16 * 15 * 128 = 30720 in magnitude, still fit 16 bits, so the tree adds
+/// 16-bit lanes until each row's half-block is one value, and only then widens: exact.
+#[inline(always)]
+unsafe fn hsum_i16x8(q: [__m256i; 8]) -> __m256i {
+    let h01 = _mm256_hadd_epi16(q[0], q[1]);
+    let h23 = _mm256_hadd_epi16(q[2], q[3]);
+    let h45 = _mm256_hadd_epi16(q[4], q[5]);
+    let h67 = _mm256_hadd_epi16(q[6], q[7]);
+    let h0123 = _mm256_hadd_epi16(h01, h23);
+    let h4567 = _mm256_hadd_epi16(h45, h67);
+    // [q0..q7 first halves | q0..q7 second halves], each 16 products.
+    let h = _mm256_hadd_epi16(h0123, h4567);
+    _mm256_add_epi32(
+        _mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)),
+        _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(h)),
+    )
+}
+
+/// One Q4_1 row dotted with eight Q8_1 rows, row `l`'s dot in lane `l` (experient patch).
+/// `dy`/`sy` hold the Q8_1 rows' `d` and `s` as floats, block `j` of row `l` at `j * 8 + l`.
+/// Per lane it is the scalar loop exactly: exact integer block sums, each block's term
+/// `sumi * dx * dy + mx * sy` without fused operations, terms added in block order. The
+/// serial chain of float additions that bounds a one-row kernel here advances eight rows at
+/// once, and each weight block is unpacked once for eight rows.
+#[inline(always)]
+unsafe fn q4_1_q8_1_dot_1x8(
+    x: &[BlockQ4_1],
+    ys: [&[BlockQ8_1]; 8],
+    dy: &[f32],
+    sy: &[f32],
+) -> __m256 {
+    let mut acc = _mm256_setzero_ps();
+    for (j, x) in x.iter().enumerate() {
+        let bx = bytes_from_nibbles_32(x.qs.as_ptr());
+        let sumi = hsum_i16x8(std::array::from_fn(|l| {
+            _mm256_maddubs_epi16(bx, _mm256_loadu_si256(ys[l][j].qs.as_ptr() as *const __m256i))
+        }));
+        let dx = _mm256_set1_ps(f16::to_f32(x.d));
+        let mx = _mm256_set1_ps(f16::to_f32(x.m));
+        let t = _mm256_add_ps(
+            _mm256_mul_ps(
+                _mm256_mul_ps(_mm256_cvtepi32_ps(sumi), dx),
+                _mm256_loadu_ps(dy[j * 8..].as_ptr()),
+            ),
+            _mm256_mul_ps(mx, _mm256_loadu_ps(sy[j * 8..].as_ptr())),
+        );
+        acc = _mm256_add_ps(acc, t);
+    }
+    acc
+}
+
+/// `d` and `m` of eight Q4_1 blocks as floats. They are each block's first four bytes, so one
+/// 32-bit read per block fetches both.
+#[inline(always)]
+unsafe fn q4_1_scales8(b: [&BlockQ4_1; 8]) -> (__m256, __m256) {
+    let w = |j: usize| std::ptr::read_unaligned(b[j] as *const BlockQ4_1 as *const i32);
+    let dm = _mm256_setr_epi32(w(0), w(1), w(2), w(3), w(4), w(5), w(6), w(7));
+    let d = _mm256_and_si256(dm, _mm256_set1_epi32(0xFFFF));
+    let m = _mm256_srli_epi32::<16>(dm);
+    // [d0..d3 m0..m3 | d4..d7 m4..m7] as u16, then [d0..d7 | m0..m7].
+    let p = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(d, m));
+    (
+        _mm256_cvtph_ps(_mm256_castsi256_si128(p)),
+        _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(p)),
+    )
+}
+
+/// Eight Q4_1 rows dotted with one Q8_1 row, row `l`'s dot in lane `l` (experient patch): the
+/// decoding case of `q4_1_q8_1_dot_1x8`, with the same per-lane arithmetic.
+#[inline(always)]
+unsafe fn q4_1_q8_1_dot_8x1(xs: [&[BlockQ4_1]; 8], y: &[BlockQ8_1]) -> __m256 {
+    let mut acc = _mm256_setzero_ps();
+    for (j, y) in y.iter().enumerate() {
+        let by = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+        let sumi = hsum_i16x8(std::array::from_fn(|l| {
+            _mm256_maddubs_epi16(bytes_from_nibbles_32(xs[l][j].qs.as_ptr()), by)
+        }));
+        let (dx, mx) = q4_1_scales8(std::array::from_fn(|l| &xs[l][j]));
+        let t = _mm256_add_ps(
+            _mm256_mul_ps(
+                _mm256_mul_ps(_mm256_cvtepi32_ps(sumi), dx),
+                _mm256_set1_ps(f16::to_f32(y.d)),
+            ),
+            _mm256_mul_ps(mx, _mm256_set1_ps(f16::to_f32(y.s))),
+        );
+        acc = _mm256_add_ps(acc, t);
+    }
+    acc
+}
+
+/// `out[i * m + r]` = the dot of Q4_1 row `i` of `xs` with Q8_1 row `r` of `ys` (`m` rows),
+/// each exactly `vec_dot_q4_1_q8_1`'s (experient patch; see `GgmlType::vec_dot_rows`). A
+/// prompt goes through the kernel one weight row against eight input rows, decoding eight
+/// weight rows against its few input rows; a short last group of eight repeats its last row
+/// and drops the repeats' results.
+pub(crate) fn vec_dot_rows_q4_1_q8_1(
+    n: usize,
+    xs: &[BlockQ4_1],
+    ys: &[BlockQ8_1],
+    out: &mut [f32],
+) {
+    debug_assert!(
+        n.is_multiple_of(QK8_1),
+        "vec_dot_q4_1_q8_1: {n} is not divisible by {QK8_1}"
+    );
+    let nb = n / QK8_1;
+    let m = ys.len() / nb;
+    let rows = xs.len() / nb;
+    let x_row = |i: usize| &xs[i * nb..(i + 1) * nb];
+    let y_row = |r: usize| &ys[r * nb..(r + 1) * nb];
+    let mut dots = [0f32; 8];
+    if m >= 4 {
+        let mut dy = vec![0f32; nb * 8];
+        let mut sy = vec![0f32; nb * 8];
+        for r0 in (0..m).step_by(8) {
+            let yr: [&[BlockQ8_1]; 8] = std::array::from_fn(|l| y_row((r0 + l).min(m - 1)));
+            for (l, y) in yr.iter().enumerate() {
+                for (j, y) in y.iter().enumerate() {
+                    dy[j * 8 + l] = f16::to_f32(y.d);
+                    sy[j * 8 + l] = f16::to_f32(y.s);
+                }
+            }
+            let take = (m - r0).min(8);
+            for i in 0..rows {
+                unsafe {
+                    let acc = q4_1_q8_1_dot_1x8(x_row(i), yr, &dy, &sy);
+                    _mm256_storeu_ps(dots.as_mut_ptr(), acc);
+                }
+                out[i * m + r0..i * m + r0 + take].copy_from_slice(&dots[..take]);
+            }
+        }
+    } else {
+        for r in 0..m {
+            for i0 in (0..rows).step_by(8) {
+                unsafe {
+                    let xr = std::array::from_fn(|l| x_row((i0 + l).min(rows - 1)));
+                    let acc = q4_1_q8_1_dot_8x1(xr, y_row(r));
+                    _mm256_storeu_ps(dots.as_mut_ptr(), acc);
+                }
+                for (l, dot) in dots.iter().take(rows - i0).enumerate() {
+                    out[(i0 + l) * m + r] = *dot;
+                }
+            }
+        }
+    }
+}
+
 #[inline(always)]
 pub(crate) fn vec_dot_q8_0_q8_0(n: usize, xs: &[BlockQ8_0], ys: &[BlockQ8_0]) -> f32 {
     debug_assert!(

@@ -52,6 +52,20 @@ pub trait GgmlType: Sized + Clone + Send + Sync {
 
     /// Generic implementation of the dot product without simd optimizations.
     fn vec_dot_unopt(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32;
+
+    /// experient patch: `out[i * m + r]` = `vec_dot(n, weight row i, input row r)` for the
+    /// weight rows in `xs` and the `m` input rows in `ys`, each `n / BLCK_SIZE` blocks long.
+    /// A type whose kernel can share work between rows overrides it; every output must stay
+    /// exactly what `vec_dot` gives.
+    fn vec_dot_rows(n: usize, xs: &[Self], ys: &[Self::VecDotType], out: &mut [f32]) {
+        let nb = n.div_ceil(Self::BLCK_SIZE);
+        let m = ys.len() / nb;
+        for (x, out) in xs.chunks_exact(nb).zip(out.chunks_exact_mut(m)) {
+            for (y, o) in ys.chunks_exact(nb).zip(out.iter_mut()) {
+                *o = Self::vec_dot(n, x, y);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -281,6 +295,11 @@ impl GgmlType for BlockQ4_1 {
 
         #[cfg(not(target_feature = "avx2"))]
         Self::vec_dot_unopt(n, xs, ys)
+    }
+
+    #[cfg(target_feature = "avx2")]
+    fn vec_dot_rows(n: usize, xs: &[Self], ys: &[Self::VecDotType], out: &mut [f32]) {
+        super::avx::vec_dot_rows_q4_1_q8_1(n, xs, ys, out)
     }
 
     fn vec_dot_unopt(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
@@ -2301,39 +2320,28 @@ pub fn matmul<T: GgmlType>(
         }
     }
 
-    if m == 1 {
-        let lhs_row = &lhs_b[..k_in_blocks];
-        dst[..n]
-            .par_iter_mut()
-            .enumerate()
-            .with_min_len(128)
-            .with_max_len(512)
-            .for_each(|(col_idx, dst)| {
-                let rhs_col = &rhs_t[col_idx * k_in_blocks..(col_idx + 1) * k_in_blocks];
-                *dst = T::vec_dot(k, rhs_col, lhs_row);
-            });
-        return Ok(());
-    }
-
-    // experient patch: several input rows (a prompt). Each weight row is dotted with every input
-    // row while it is in cache, so the weights stream from memory once per call rather than once
-    // per input row, which made prefill no faster per token than decoding. Each output is the same
-    // `vec_dot` on the same blocks as before, so results are unchanged.
-    let mut dst_t = vec![0f32; n * m];
-    dst_t
-        .par_chunks_mut(m)
+    // experient patch: weight rows are dealt out to threads in runs, and each run's rows are
+    // dotted with every input row while in cache: the weights stream from memory once per call
+    // rather than once per input row (prefill had been no faster per token than decoding), and
+    // `vec_dot_rows` may share work between rows. Every output is still exactly `vec_dot`'s.
+    // Runs small enough for the threads to balance on the smallest matrix (192 rows), few
+    // enough that scheduling stays cheap on the largest (the 49152-row output matrix).
+    let rows_per_task = (n / 64).max(32);
+    let mut dst_t = if m == 1 { Vec::new() } else { vec![0f32; n * m] };
+    let out: &mut [f32] = if m == 1 { &mut dst[..n] } else { &mut dst_t };
+    out.par_chunks_mut(m * rows_per_task)
         .enumerate()
-        .with_min_len(128usize.div_ceil(m))
-        .for_each(|(col_idx, col)| {
-            let rhs_col = &rhs_t[col_idx * k_in_blocks..(col_idx + 1) * k_in_blocks];
-            for (row_idx, dst) in col.iter_mut().enumerate() {
-                let lhs_row = &lhs_b[row_idx * k_in_blocks..(row_idx + 1) * k_in_blocks];
-                *dst = T::vec_dot(k, rhs_col, lhs_row);
-            }
+        .for_each(|(task, out)| {
+            let first = task * rows_per_task;
+            let rows = out.len() / m;
+            let xs = &rhs_t[first * k_in_blocks..(first + rows) * k_in_blocks];
+            T::vec_dot_rows(k, xs, &lhs_b, out);
         });
-    for (row_idx, dst_row) in dst.chunks_exact_mut(n).take(m).enumerate() {
-        for (col_idx, dst) in dst_row.iter_mut().enumerate() {
-            *dst = dst_t[col_idx * m + row_idx];
+    if m > 1 {
+        for (row_idx, dst_row) in dst.chunks_exact_mut(n).take(m).enumerate() {
+            for (col_idx, dst) in dst_row.iter_mut().enumerate() {
+                *dst = dst_t[col_idx * m + row_idx];
+            }
         }
     }
     Ok(())
