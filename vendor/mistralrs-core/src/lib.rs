@@ -56,6 +56,8 @@ pub use toml_selector::{get_toml_selected_model_device_map_params, get_toml_sele
 
 mod amoe;
 mod attention;
+#[doc(hidden)]
+pub use attention::cpu_flash_attn;
 mod diagnostics;
 mod diffusion_models;
 pub mod distributed;

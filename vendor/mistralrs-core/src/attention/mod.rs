@@ -81,6 +81,35 @@ fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
     }
 }
 
+/// experient patch: the CPU flash-attention kernel on its own, for experient's tests
+/// (tests/cpu_attention.rs), which hold its vectorised dots to the unpatched arithmetic bit for
+/// bit. `q`/`k`/`v` are (batch, heads, seq, head_dim) as `Sdpa::run_attention` takes them, in
+/// F32, F16 or BF16 (the embedded model runs in BF16 on CPU); the mask is of the same dtype.
+#[doc(hidden)]
+pub fn cpu_flash_attn(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    softmax_scale: f32,
+    softcap: Option<f32>,
+) -> Result<Tensor> {
+    let params = SdpaParams {
+        n_kv_groups: q.dim(1)? / k.dim(1)?,
+        softcap,
+        softmax_scale,
+        sliding_window: None,
+        sinks: None,
+    };
+    let (q, k, v) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
+    match q.dtype() {
+        DType::F32 => cpu::run_flash_attn_cpu::<f32>(&q, &k, &v, mask, &params),
+        DType::F16 => cpu::run_flash_attn_cpu::<half::f16>(&q, &k, &v, mask, &params),
+        DType::BF16 => cpu::run_flash_attn_cpu::<half::bf16>(&q, &k, &v, mask, &params),
+        other => candle_core::bail!("cpu_flash_attn: {other:?} is not a float type it takes"),
+    }
+}
+
 pub struct SdpaParams {
     pub n_kv_groups: usize,
     pub softcap: Option<f32>,

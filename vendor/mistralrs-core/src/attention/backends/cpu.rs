@@ -51,22 +51,66 @@ const DOT_CHUNK: usize = 4;
 /// Size (in KV positions) processed by each inner‑tile job.
 const TILE_KV: usize = 16;
 
-/// Unrolled dot‑product that works purely in `f32`.
+/// experient patch: K positions are dotted with a query eight at a time, one position per
+/// lane, which breaks the serial chain of additions that bounded the original one-dot-at-a-time
+/// `vec_dot_f32` (it ran at about one multiply-add per cycle).
+const LANES: usize = 8;
+
+/// K rows `start..start + LANES` of one (batch, KV head) as `f32`, transposed so that
+/// `out[i * LANES + l]` is dimension `i` of position `start + l`. Positions from `end` on
+/// repeat the last one; their lanes are computed and never read.
 #[inline]
-fn vec_dot_f32<T: UpcastF32 + Copy>(a: &[T], b: &[T]) -> f32 {
-    let mut sum = 0f32;
-    let chunks = a.len() / DOT_CHUNK;
-    for i in 0..chunks {
-        let i_chunk = i * DOT_CHUNK;
-        sum += a[i_chunk].to_f32() * b[i_chunk].to_f32()
-            + a[i_chunk + 1].to_f32() * b[i_chunk + 1].to_f32()
-            + a[i_chunk + 2].to_f32() * b[i_chunk + 2].to_f32()
-            + a[i_chunk + 3].to_f32() * b[i_chunk + 3].to_f32();
+fn transpose_k_group<T: UpcastF32 + Copy>(
+    k_data: &[T],
+    head_base: usize,
+    pos_stride: usize,
+    (start, end): (usize, usize),
+    d: usize,
+    out: &mut [f32],
+) {
+    for l in 0..LANES {
+        let pos = (start + l).min(end - 1);
+        let row = &k_data[head_base + pos * pos_stride..][..d];
+        for (i, x) in row.iter().enumerate() {
+            out[i * LANES + l] = x.to_f32();
+        }
     }
-    for i in (chunks * DOT_CHUNK)..a.len() {
-        sum += a[i].to_f32() * b[i].to_f32();
+}
+
+/// The dots of `q` with the eight K rows of a group from `transpose_k_group`, row `l`'s in
+/// lane `l`. Per lane the operations and their order are exactly those of the original
+/// `vec_dot_f32` (each chunk of `DOT_CHUNK` products added left to right, then added to the
+/// running sum, chunks in order, then the leftover products one by one), so every result is
+/// bit for bit the same (tests/cpu_attention.rs in experient holds it to that); the lanes are
+/// independent, so the compiler keeps all eight in one SIMD register.
+#[inline]
+fn vec_dot_f32_lanes(q: &[f32], kt: &[f32]) -> [f32; LANES] {
+    let lane = |i: usize| -> &[f32; LANES] { kt[i * LANES..(i + 1) * LANES].try_into().unwrap() };
+    let mut sum = [0f32; LANES];
+    let chunks = q.len() / DOT_CHUNK;
+    for c in 0..chunks {
+        let i = c * DOT_CHUNK;
+        let (k0, k1, k2, k3) = (lane(i), lane(i + 1), lane(i + 2), lane(i + 3));
+        for l in 0..LANES {
+            sum[l] += q[i] * k0[l] + q[i + 1] * k1[l] + q[i + 2] * k2[l] + q[i + 3] * k3[l];
+        }
+    }
+    for (i, &qi) in q.iter().enumerate().skip(chunks * DOT_CHUNK) {
+        let k = lane(i);
+        for l in 0..LANES {
+            sum[l] += qi * k[l];
+        }
     }
     sum
+}
+
+/// `vkq += v * vs`, elementwise as the original indexed loop did; over slices, so it
+/// vectorises.
+#[inline]
+fn add_scaled_row<T: UpcastF32 + Copy>(vkq: &mut [f32], v_row: &[T], vs: f32) {
+    for (o, v) in vkq.iter_mut().zip(v_row) {
+        *o += v.to_f32() * vs;
+    }
 }
 
 #[inline]
@@ -397,10 +441,13 @@ where
 
     // final output
     let mut out = vec![T::cast(0.0); b * h * dv];
-    // scratch: one tile  ×  heads ×  dv  (flattened)
-    let mut scratch = vec![0f32; kv_tiles * h * dv];
-    let mut scratch_s = vec![0f32; kv_tiles * h]; // softmax S per tile
-    let mut scratch_m = vec![f32::NEG_INFINITY; kv_tiles * h];
+    // scratch: one tile  ×  batch  ×  heads ×  dv  (flattened)
+    // experient patch: 0.8.1 kept one scratch per (tile, head), not per batch element, so with
+    // more than one sequence in a batch each one's partial results overwrote the previous one's
+    // and every sequence got the last one's attention output.
+    let mut scratch = vec![0f32; kv_tiles * b * h * dv];
+    let mut scratch_s = vec![0f32; kv_tiles * b * h]; // softmax S per tile
+    let mut scratch_m = vec![f32::NEG_INFINITY; kv_tiles * b * h];
 
     // Store as plain usize so the capture is Sync (raw *mut T is not Sync)
     let scratch_ptr = scratch.as_mut_ptr() as usize;
@@ -416,6 +463,14 @@ where
         (0..kv_tiles).into_par_iter().for_each(|tile_idx| {
             let start = tile_idx * TILE_KV;
             let end = (start + TILE_KV).min(kv_len);
+            // experient patch: the tile's K rows of one KV head, transposed once for all the
+            // query heads that share it, and the query row's dots with all of them, taken
+            // `LANES` at a time before the (unchanged, serial) softmax loop reads them.
+            let groups = (end - start).div_ceil(LANES);
+            let mut kt = vec![0f32; groups * d * LANES];
+            let mut kt_of = None;
+            let mut q_f32 = vec![0f32; d];
+            let mut dots = vec![0f32; groups * LANES];
 
             for b_i in 0..b {
                 for h_i in 0..h {
@@ -429,11 +484,26 @@ where
                     let v_head = h_i / rv2;
 
                     // pointers into scratch
-                    let base_vk = ((tile_idx * h + h_i) * dv) as isize;
-                    let base_s = (tile_idx * h + h_i) as isize;
+                    let base_vk = (((tile_idx * b + b_i) * h + h_i) * dv) as isize;
+                    let base_s = ((tile_idx * b + b_i) * h + h_i) as isize;
 
                     let q_base = b_i * qstride[0] + h_i * qstride[2];
                     let q_row = &q_data[q_base..q_base + d];
+
+                    if kt_of != Some((b_i, k_head)) {
+                        let head_base = b_i * kstride[0] + k_head * kstride[2];
+                        for (g, kt) in kt.chunks_exact_mut(d * LANES).enumerate() {
+                            let group = (start + g * LANES, end);
+                            transpose_k_group(k_data, head_base, kstride[1], group, d, kt);
+                        }
+                        kt_of = Some((b_i, k_head));
+                    }
+                    for (o, x) in q_f32.iter_mut().zip(q_row) {
+                        *o = x.to_f32();
+                    }
+                    for (dots, kt) in dots.chunks_exact_mut(LANES).zip(kt.chunks_exact(d * LANES)) {
+                        dots.copy_from_slice(&vec_dot_f32_lanes(&q_f32, kt));
+                    }
 
                     // Re‑materialise the pointer from the captured usize.
                     let vkq: &mut [f32] = unsafe {
@@ -448,24 +518,18 @@ where
                     for kv_pos in start..end {
                         #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
                         {
-                            // One‑step look‑ahead prefetch of the next K and V rows.
+                            // One‑step look‑ahead prefetch of the next V row.
                             let next_pos = kv_pos + 1;
                             if next_pos < end {
-                                let next_k_base =
-                                    b_i * kstride[0] + next_pos * kstride[1] + k_head * kstride[2];
                                 let next_v_base =
                                     b_i * vstride[0] + next_pos * vstride[1] + v_head * vstride[2];
                                 unsafe {
-                                    prefetch(k_data.as_ptr().add(next_k_base) as *const u8);
                                     prefetch(v_data.as_ptr().add(next_v_base) as *const u8);
                                 }
                             }
                         }
-                        // ---------- dot(Q,K) ----------
-                        let k_base = b_i * kstride[0] + kv_pos * kstride[1] + k_head * kstride[2];
-                        let k_row = &k_data[k_base..k_base + d];
-
-                        let mut s_val = vec_dot_f32(q_row, k_row) * scale;
+                        // ---------- dot(Q,K), computed above ----------
+                        let mut s_val = dots[kv_pos - start] * scale;
 
                         if logit_softcap != 0.0 {
                             s_val = logit_softcap * (s_val / logit_softcap).tanh();
@@ -492,9 +556,7 @@ where
 
                         // -------- add V ----------
                         let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
-                        for d_i in 0..dv {
-                            vkq[d_i] += v_data[v_base + d_i].to_f32() * vs;
-                        }
+                        add_scaled_row(vkq, &v_data[v_base..v_base + dv], vs);
 
                         s = s * ms + vs;
                     }
@@ -515,13 +577,14 @@ where
 
             // start with tile 0
             let mut vkq = vec![0f32; dv];
-            vkq.copy_from_slice(&scratch[(h_i * dv)..(h_i * dv + dv)]);
-            let mut s = scratch_s[h_i];
-            let mut m = scratch_m[h_i];
+            let base0 = b_i * h + h_i;
+            vkq.copy_from_slice(&scratch[(base0 * dv)..(base0 * dv + dv)]);
+            let mut s = scratch_s[base0];
+            let mut m = scratch_m[base0];
 
             for tile_idx in 1..kv_tiles {
-                let base = (tile_idx * h + h_i) * dv;
-                let base_s = tile_idx * h + h_i;
+                let base_s = (tile_idx * b + b_i) * h + h_i;
+                let base = base_s * dv;
 
                 let m_b = scratch_m[base_s];
                 let s_b = scratch_s[base_s];
@@ -596,6 +659,24 @@ where
         _ => None,
     };
 
+    // experient patch: K as f32, transposed in groups of `LANES` positions per (batch, KV
+    // head), once per call rather than once per query row; each query row then takes its dots
+    // `LANES` positions at a time, and the serial softmax loop reads them in order.
+    let groups = kv_len.div_ceil(LANES);
+    let group_len = d * LANES;
+    let mut kt = vec![0f32; b * k_h * groups * group_len];
+    in_current_pool(|| {
+        kt.par_chunks_mut(groups * group_len)
+            .enumerate()
+            .for_each(|(bh, kt)| {
+                let head_base = (bh / k_h) * kstride[0] + (bh % k_h) * kstride[2];
+                for (g, kt) in kt.chunks_exact_mut(group_len).enumerate() {
+                    let group = (g * LANES, kv_len);
+                    transpose_k_group(k_data, head_base, kstride[1], group, d, kt);
+                }
+            })
+    });
+
     in_current_pool(|| {
         out.par_chunks_mut(dv)
             .with_min_len(64)
@@ -616,6 +697,7 @@ where
 
                 let k_head = h_i / rk2;
                 let v_head = h_i / rv2;
+                let kt_head = &kt[(b_i * k_h + k_head) * groups * group_len..][..groups * group_len];
 
                 let mut vkq = vec![0f32; dv];
                 let mut s = 0.0f32;
@@ -623,40 +705,31 @@ where
 
                 // Q row
                 let q_base = b_i * qstride[0] + q_pos * qstride[1] + h_i * qstride[2];
-                let q_row = &q_data[q_base..q_base + d];
+                let q_row: Vec<f32> = q_data[q_base..q_base + d].iter().map(|x| x.to_f32()).collect();
 
-                for kv_pos in 0..kv_len {
-                    // -------- ping‑pong prefetch of next KV row --------
-                    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-                    {
-                        let next_pos = kv_pos + 1;
-                        if next_pos < kv_len {
-                            let next_k_base =
-                                b_i * kstride[0] + next_pos * kstride[1] + k_head * kstride[2];
-                            let next_v_base =
-                                b_i * vstride[0] + next_pos * vstride[1] + v_head * vstride[2];
-                            unsafe {
-                                prefetch(k_data.as_ptr().add(next_k_base) as *const u8);
-                                prefetch(v_data.as_ptr().add(next_v_base) as *const u8);
-                            }
-                        }
+                for (g, kt_group) in kt_head.chunks_exact(group_len).enumerate() {
+                    let first = g * LANES;
+                    let last = (first + LANES).min(kv_len);
+                    // Mask (optional); a group masked out whole needs no dots.
+                    let mut mvs = [0f32; LANES];
+                    for (kv_pos, mv) in (first..last).zip(mvs.iter_mut()) {
+                        *mv = mask_info
+                            .as_ref()
+                            .map(|mask| slope * mask.value(b_i, h_i, q_pos, kv_pos))
+                            .unwrap_or(0.0);
                     }
-                    // ----------------------------------------------------
-                    // Mask (optional)
-                    let mv = mask_info
-                        .as_ref()
-                        .map(|mask| slope * mask.value(b_i, h_i, q_pos, kv_pos))
-                        .unwrap_or(0.0);
+                    if mvs[..last - first].iter().all(|&mv| mv == f32::NEG_INFINITY) {
+                        continue;
+                    }
+                    // dot(Q, K) for the group's positions
+                    let dots = vec_dot_f32_lanes(&q_row, kt_group);
+
+                    for (kv_pos, (&mv, &dot)) in (first..last).zip(mvs.iter().zip(&dots)) {
                     if mv == f32::NEG_INFINITY {
                         continue;
                     }
 
-                    // K row
-                    let k_base = b_i * kstride[0] + kv_pos * kstride[1] + k_head * kstride[2];
-                    let k_row = &k_data[k_base..k_base + d];
-
-                    // dot(Q, K)
-                    let mut s_val = vec_dot_f32(q_row, k_row);
+                    let mut s_val = dot;
                     let mut scale_applied = scale;
                     if logit_softcap != 0.0 {
                         scale_applied /= logit_softcap;
@@ -683,11 +756,10 @@ where
 
                     // V row (strided) as f32
                     let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
-                    for d_i in 0..dv {
-                        vkq[d_i] += v_data[v_base + d_i].to_f32() * vs;
-                    }
+                    add_scaled_row(&mut vkq, &v_data[v_base..v_base + dv], vs);
 
                     s = s * ms + vs;
+                    }
                 }
 
                 // final normalisation + downcast
