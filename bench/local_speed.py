@@ -10,6 +10,7 @@ resident memory. Greedy, EOS suppressed so every stream generates exactly --toke
     cargo build --release
     python3 bench/local_speed.py [--tokens 128] [--threads 2]
 
+Both engines prefill every prompt in full (llama.cpp's prompt-prefix reuse is reset per request).
 llama-cpp-python runs one generation at a time per model object, so its "8 streams" are served
 one after another through a lock, as its own server does by default; experient's are real
 concurrent HTTP streams.
@@ -111,6 +112,10 @@ class LlamaCpp:
 
     def stream(self, prompt, tokens):
         with self.lock:
+            # llama-cpp-python keeps the last prompt's KV state and evaluates only the tokens
+            # after the longest common prefix. experient serves with mistral.rs's prefix cache
+            # off, so to compare prefill with prefill, every request starts from an empty cache.
+            self.llm.reset()
             t0 = time.perf_counter()
             first = None
             n = 0
