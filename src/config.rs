@@ -209,9 +209,9 @@ pub struct LocalModelConfig {
     /// Path of the GGUF file; omitted means the embedded default model.
     #[serde(default)]
     pub gguf: Option<PathBuf>,
-    /// Sequences mistral.rs decodes together in one batch. Default 1: on CPU, mistral.rs 0.8.1
-    /// mixes up sequences of different lengths decoded in one batch (greedy output changes with
-    /// what else is running), so batching is opt-in until that is fixed.
+    /// Sequences mistral.rs decodes together in one batch. Default 1, so that greedy output
+    /// does not depend on what else is running: batched sequences are padded, which regroups
+    /// their attention sums (README, Configuration).
     #[serde(default = "default_max_seqs")]
     pub max_seqs: usize,
     /// Requests admitted at once; they share the engine's batch slots in turn.
