@@ -207,39 +207,22 @@ fn vectorised_cpu_attention_is_bit_for_bit_the_0_8_1_arithmetic() -> candle_core
             });
         }
     }
-    cases.push(Case {
+    // SmolLM2's heads with a soft cap, and a decoding step with a mask (finite only: a tile
+    // masked out whole is NaN either way).
+    let smollm2 = |q_len, kv_len, softcap, mask| Case {
         b: 1,
         h: 9,
         k_h: 3,
-        q_len: 1,
-        kv_len: 40,
+        q_len,
+        kv_len,
         d: 64,
-        softcap: Some(5.0),
-        mask: None,
-    });
-    let mask = Some(causal(20, 20));
-    cases.push(Case {
-        b: 1,
-        h: 9,
-        k_h: 3,
-        q_len: 20,
-        kv_len: 20,
-        d: 64,
-        softcap: Some(5.0),
+        softcap,
         mask,
-    });
-    // A decoding step with a mask (finite only: a tile masked out whole is NaN either way).
-    let mask = Some((0..40).map(|j| (j % 3) as f32 * -0.5).collect());
-    cases.push(Case {
-        b: 1,
-        h: 9,
-        k_h: 3,
-        q_len: 1,
-        kv_len: 40,
-        d: 64,
-        softcap: None,
-        mask,
-    });
+    };
+    cases.push(smollm2(1, 40, Some(5.0), None));
+    cases.push(smollm2(20, 20, Some(5.0), Some(causal(20, 20))));
+    let mask = (0..40).map(|j| (j % 3) as f32 * -0.5).collect();
+    cases.push(smollm2(1, 40, None, Some(mask)));
 
     for dtype in [DType::F32, DType::BF16] {
         for (n, c) in cases.iter().enumerate() {
