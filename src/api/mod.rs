@@ -54,6 +54,10 @@ pub fn app(state: AppState, settings: &AppSettings) -> axum::Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(
+            settings.max_body_bytes,
+            discard_oversized,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::check,
         ))
@@ -65,6 +69,40 @@ pub fn app(state: AppState, settings: &AppSettings) -> axum::Router {
             },
         ))
         .with_state(state)
+}
+
+/// Bodies declared larger than this are not read at all before the 413.
+const DISCARD_AT_MOST: u64 = 64 << 20;
+
+/// A client sending a body past the limit is still writing when its 413 is ready; if the server
+/// answers and closes then, the client's next write fails with a broken pipe (or the reset
+/// throws away the answer) and it never learns why. Reading the rest and throwing it away, up to
+/// a bound in bytes and time, lets the envelope arrive, as nginx's lingering close does.
+async fn discard_oversized(
+    State(max): State<usize>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use futures::StreamExt;
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(len) if len > max as u64 => {
+            if len <= DISCARD_AT_MOST {
+                let mut body = req.into_body().into_data_stream();
+                let discard = async { while let Some(Ok(_)) = body.next().await {} };
+                let _ = tokio::time::timeout(Duration::from_secs(10), discard).await;
+            }
+            Error::PayloadTooLarge(format!(
+                "the request body ({len} bytes) is larger than this server accepts ({max} bytes)"
+            ))
+            .into_response()
+        }
+        _ => next.run(req).await,
+    }
 }
 
 async fn health(State(s): State<AppState>) -> Response {
