@@ -13,18 +13,11 @@ use candle_core::quantized::k_quants::{BlockQ4_1, BlockQ8_1, GgmlType};
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
+#[path = "../tests/common/lcg.rs"]
+mod lcg;
+
 fn values(seed: u64, len: usize) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) as f32) / (1u64 << 31) as f32 - 0.5
-        })
-        .collect()
+    lcg::uniform(seed, len, 1.0)
 }
 
 fn quantize<T: GgmlType>(xs: &[f32]) -> Vec<T> {

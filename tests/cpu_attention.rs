@@ -9,6 +9,9 @@
 
 use candle_core::{DType, Device, Tensor};
 
+#[path = "common/lcg.rs"]
+mod lcg;
+
 const TILE_KV: usize = 16;
 const DOT_CHUNK: usize = 4;
 
@@ -138,20 +141,6 @@ fn reference(c: &Case, q: &[f32], k: &[f32], v: &[f32], scale: f32) -> Vec<f32> 
     out
 }
 
-fn values(seed: u64, len: usize, scale: f32) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (((s >> 33) as f32) / (1u64 << 31) as f32 - 0.5) * scale
-        })
-        .collect()
-}
-
 /// A causal mask over a prompt that follows `kv_len - q_len` cached positions, with a little
 /// finite bias as well so that the mask values are really added.
 fn causal(q_len: usize, kv_len: usize) -> Vec<f32> {
@@ -231,16 +220,16 @@ fn vectorised_cpu_attention_is_bit_for_bit_the_0_8_1_arithmetic() -> candle_core
                 Tensor::from_vec(x, shape, &dev)?.to_dtype(dtype)
             };
             let q = tensor(
-                values(seed, c.b * c.h * c.q_len * c.d, 4.0),
+                lcg::uniform(seed, c.b * c.h * c.q_len * c.d, 4.0),
                 (c.b, c.h, c.q_len, c.d),
             )?;
             let kv_shape = (c.b, c.k_h, c.kv_len, c.d);
             let k = tensor(
-                values(seed + 1, c.b * c.k_h * c.kv_len * c.d, 4.0),
+                lcg::uniform(seed + 1, c.b * c.k_h * c.kv_len * c.d, 4.0),
                 kv_shape,
             )?;
             let v = tensor(
-                values(seed + 2, c.b * c.k_h * c.kv_len * c.d, 2.0),
+                lcg::uniform(seed + 2, c.b * c.k_h * c.kv_len * c.d, 2.0),
                 kv_shape,
             )?;
             let mask = match &c.mask {

@@ -6,18 +6,16 @@ use candle_core::quantized::k_quants::{BlockQ4_1, BlockQ8_1, GgmlType};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 
+#[path = "common/lcg.rs"]
+mod lcg;
+
 /// Deterministic values with the spread of real activations and weights: mostly small, some
 /// large, both signs, and whole blocks of zeros (a zero scale) now and then.
 fn values(seed: u64, len: usize) -> Vec<f32> {
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut r = lcg::Lcg::new(seed);
     (0..len)
         .map(|i| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let u = ((state >> 33) as f32) / (1u64 << 31) as f32 - 0.5;
+            let u = r.next_centered();
             if (i / 32) % 11 == 7 {
                 0.0
             } else if i % 17 == 0 {
