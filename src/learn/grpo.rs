@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::dataset::{Dataset, Task};
 use super::ops::{self, Proposal, Rejected};
 use super::verify::{Judge, Verifier};
-use crate::backend::{Backend, ChatRequest, Message, Role, Sampling};
+use crate::backend::{Backend, ChatRequest, FinishReason, Message, Role, Sampling};
 use crate::error::{Error, Result};
 use crate::experience::Experience;
 use crate::methods::{self, prior, Context};
@@ -817,9 +817,14 @@ impl Learner<'_> {
 
     /// One learner call; retried (sampling, since a greedy retry would say the same again)
     /// until `parse` accepts the reply. `Err(reason)` once the retries are spent.
+    ///
+    /// With `whole_lines`, a reply cut off by `learner_max_tokens` loses its last line before
+    /// parsing: a half-written operation ("ADD: Short", the start of a copied format example)
+    /// would otherwise parse as a complete one and reach the library.
     async fn ask<T>(
         &self,
         user: String,
+        whole_lines: bool,
         parse: impl Fn(&str) -> std::result::Result<T, String>,
     ) -> Result<(std::result::Result<T, String>, String)> {
         let o = self.options();
@@ -845,13 +850,17 @@ impl Learner<'_> {
                     },
                 })
                 .await?;
-            let reply = out
+            let (reply, cut) = out
                 .choices
                 .into_iter()
                 .next()
-                .map(|c| c.text)
+                .map(|c| (c.text, c.finish_reason == FinishReason::Length))
                 .unwrap_or_default();
-            match parse(&reply) {
+            match parse(if whole_lines && cut {
+                whole_lines_of(&reply)
+            } else {
+                &reply
+            }) {
                 Ok(v) => return Ok((Ok(v), reply)),
                 Err(why) => {
                     tracing::debug!(attempt, reason = %why, "learner reply did not parse");
@@ -896,7 +905,7 @@ impl Learner<'_> {
                         reward => r.reward, critique => r.critique,
                     },
                 )?;
-                let (summary, _) = self.ask(prompt, non_empty).await?;
+                let (summary, _) = self.ask(prompt, false, non_empty).await?;
                 // An unusable summary still lets the comparison see the attempt itself.
                 Ok::<_, Error>(summary.unwrap_or_else(|_| {
                     format!("(no summary; the attempt read:) {}", reply_or(&r.output))
@@ -918,7 +927,7 @@ impl Learner<'_> {
                 max_experiences => o.max_lessons,
             },
         )?;
-        let (lessons, reply) = self.ask(prompt, ops::parse_lessons).await?;
+        let (lessons, reply) = self.ask(prompt, true, ops::parse_lessons).await?;
         record.advantage_reply = Some(reply);
         let lessons = match lessons {
             Ok(l) => l,
@@ -934,7 +943,7 @@ impl Learner<'_> {
             "group_update.j2",
             minijinja::context! { experiences => exp_ctx(snapshot), lessons => lessons },
         )?;
-        let (proposals, reply) = self.ask(prompt, ops::parse).await?;
+        let (proposals, reply) = self.ask(prompt, true, ops::parse).await?;
         record.update_reply = Some(reply);
         match proposals {
             Ok(p) => {
@@ -976,7 +985,7 @@ impl Learner<'_> {
             "batch_consolidate.j2",
             minijinja::context! { experiences => by_id, adds => adds },
         )?;
-        let (parsed, reply) = self.ask(prompt, ops::parse).await?;
+        let (parsed, reply) = self.ask(prompt, true, ops::parse).await?;
         let max = self.ctx.store.options().max_text_chars;
         let mut c = Consolidation {
             proposals: proposals.clone(),
@@ -1050,6 +1059,11 @@ fn exp_ctx(snapshot: &[Experience]) -> Vec<minijinja::Value> {
         .collect()
 }
 
+/// The lines of a cut-off reply that were finished: all but the last.
+fn whole_lines_of(reply: &str) -> &str {
+    reply.rsplit_once('\n').map_or("", |(whole, _)| whole)
+}
+
 fn non_empty(reply: &str) -> std::result::Result<String, String> {
     let t = ops::strip_thinking(reply);
     if t.trim().is_empty() {
@@ -1097,4 +1111,22 @@ fn write_lines(path: &Path, items: &[impl Serialize]) -> Result<()> {
         text.push('\n');
     }
     crate::experience::write_atomic(path, text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_off_reply_keeps_only_its_finished_lines() {
+        // The CI failure this guards: "ADD: Short" (a format example cut mid-line) became a lesson.
+        let reply = "ADD: Inside out: evaluate the innermost brackets first.\nADD: Short";
+        assert_eq!(
+            ops::parse(whole_lines_of(reply)).unwrap(),
+            vec![Proposal::add(
+                "Inside out: evaluate the innermost brackets first."
+            )]
+        );
+        assert!(ops::parse(whole_lines_of("ADD: Short")).is_err());
+    }
 }

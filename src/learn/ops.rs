@@ -189,6 +189,15 @@ const FORMAT_EXAMPLES: [&str; 3] = [
     "Short name:",
 ];
 
+/// Case-blind, since small models also copy an example line with its first letter raised
+/// ("Add: One sentence of advice.").
+fn copies_format_example(text: &str) -> bool {
+    let text = text.to_lowercase();
+    FORMAT_EXAMPLES
+        .iter()
+        .any(|e| text.contains(&e.to_lowercase()))
+}
+
 /// A proposal that was dropped, and why.
 #[derive(Debug, Clone, Serialize)]
 pub struct Rejected {
@@ -225,9 +234,7 @@ pub fn check(
                 rejected.push(reject(p, "text too long"));
             }
             Kind::Add | Kind::Update
-                if p.text
-                    .as_ref()
-                    .is_some_and(|t| FORMAT_EXAMPLES.iter().any(|e| t.contains(e))) =>
+                if p.text.as_ref().is_some_and(|t| copies_format_example(t)) =>
             {
                 rejected.push(reject(p, "copied the format example"));
             }
@@ -422,14 +429,15 @@ mod tests {
     fn checking_drops_what_cannot_apply() {
         let lib = [exp("E1", "Units: convert first.")];
         let (ok, rejected) = check(
-            parse("ADD: Short name: one sentence of advice.\nADD:\nUPDATE E9: Orphan: becomes an add.\nDELETE E7\nDELETE E1\nNONE\nUPDATE E1: Units: convert before adding.").unwrap(),
+            parse("ADD: Short name: one sentence of advice.\nAdd: One sentence of advice.\nADD:\nUPDATE E9: Orphan: becomes an add.\nDELETE E7\nDELETE E1\nNONE\nUPDATE E1: Units: convert before adding.").unwrap(),
             &lib,
             2000,
         );
-        assert_eq!(rejected.len(), 3, "{rejected:?}");
+        assert_eq!(rejected.len(), 4, "{rejected:?}");
         assert_eq!(rejected[0].reason, "copied the format example");
-        assert_eq!(rejected[1].reason, "no text");
-        assert!(rejected[2].reason.contains("does not have"));
+        assert_eq!(rejected[1].reason, "copied the format example");
+        assert_eq!(rejected[2].reason, "no text");
+        assert!(rejected[3].reason.contains("does not have"));
         assert_eq!(ok[0], Proposal::add("Orphan: becomes an add."));
         assert_eq!((ok[1].op, ok[1].id.as_deref()), (Kind::Delete, Some("E1")));
         assert_eq!(ok[2].op, Kind::Update);
