@@ -262,6 +262,46 @@ async fn a_learning_job_commits_a_version_that_explains_itself() {
         .await
         .unwrap();
     assert_eq!(after["experiences"].as_u64().unwrap() as usize, before);
+
+    // Replies cut off by learner_max_tokens: nine tokens end the lesson and the ADD line
+    // mid-sentence, and an unfinished line is never read as a finished one, so nothing is
+    // learned (a cut "ADD: Inside out: Evaluate the innermost" would otherwise be committed).
+    let r = http
+        .post(server.url("/v1/libraries/cut/learn"))
+        .json(&json!({
+            "tasks": tasks(12), "epochs": 1, "batch_size": 4, "group_size": 4,
+            "temperature": 1.0, "max_tokens": 6, "learner_max_tokens": 9,
+            "concurrency": 4,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id: String = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .into();
+    let job = poll(&http, &server.url(&format!("/v1/jobs/{id}")), |j| {
+        j["status"] != "running"
+    })
+    .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let steps = job["result"]["steps"].as_array().unwrap();
+    assert!(
+        steps.iter().any(|s| s["mixed_groups"].as_u64() > Some(0)),
+        "no group reached the learner: {job}"
+    );
+    assert!(steps.iter().all(|s| s["version"].is_null()), "{job}");
+    let cut: Value = http
+        .get(server.url("/v1/libraries/cut/experiences"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cut["data"], json!([]), "{cut}");
+
     // The server still answers chat after all that.
     let health = http.get(server.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), 200);

@@ -183,19 +183,17 @@ fn clean_text(t: &str) -> Option<String> {
 }
 
 /// Placeholder texts from the prompts' format examples, which small models copy verbatim.
+/// Lower case: the comparison is case-blind, since a copy often comes with its first letter
+/// raised ("Add: One sentence of advice.").
 const FORMAT_EXAMPLES: [&str; 3] = [
     "one sentence of advice",
     "the improved sentence",
-    "Short name:",
+    "short name:",
 ];
 
-/// Case-blind, since small models also copy an example line with its first letter raised
-/// ("Add: One sentence of advice.").
 fn copies_format_example(text: &str) -> bool {
     let text = text.to_lowercase();
-    FORMAT_EXAMPLES
-        .iter()
-        .any(|e| text.contains(&e.to_lowercase()))
+    FORMAT_EXAMPLES.iter().any(|e| text.contains(e))
 }
 
 /// A proposal that was dropped, and why.
