@@ -42,6 +42,27 @@ async fn poll(http: &reqwest::Client, url: &str, until: impl Fn(&Value) -> bool)
     }
 }
 
+/// A GET's JSON body.
+async fn get(http: &reqwest::Client, url: &str) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// Starts a learning job, which must be accepted, and returns its id.
+async fn start(http: &reqwest::Client, url: &str, body: Value) -> String {
+    let r = http.post(url).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The verifier both small jobs use: an answer counts when it starts with the right word. Read
+/// exactly, the model's six-token answers are right about 1 time in 12, so now and then all 48
+/// attempts of a job scored 0 and no group was mixed; by first word they are right about 3 times
+/// in 10 (all 48 wrong: about 1 in 10^7).
+const FIRST_WORD: &str = r"regex:(?i)^\W*{answer}\b";
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_learning_job_commits_a_version_that_explains_itself() {
     let dir = tempfile::tempdir().unwrap();
@@ -107,17 +128,13 @@ async fn a_learning_job_commits_a_version_that_explains_itself() {
         404
     );
 
-    // Three steps of four tasks, four attempts each. Read exactly, the model's six-token
-    // answers are right about 1 time in 12, so now and then all 48 scored 0 and no group was
-    // mixed; an answer that merely starts with the right word is right about 3 times in 10,
-    // which makes a mixed group all but certain (all 48 wrong: about 1 in 10^7).
+    // Three steps of four tasks, four attempts each: mixed groups are all but certain.
     let r = http
         .post(server.url("/v1/libraries/bool/learn"))
         .json(&json!({
             "tasks": tasks(12), "epochs": 1, "batch_size": 4, "group_size": 4,
             "temperature": 1.0, "max_tokens": 6, "learner_max_tokens": 40,
-            "verifier": r"regex:(?i)^\W*{answer}\b",
-            "concurrency": 4, "tags": ["bbh"],
+            "verifier": FIRST_WORD, "concurrency": 4, "tags": ["bbh"],
         }))
         .send()
         .await
@@ -156,14 +173,7 @@ async fn a_learning_job_commits_a_version_that_explains_itself() {
     assert!(!committed.is_empty(), "no step changed the library: {job}");
 
     // The library holds what the steps say they added, with provenance.
-    let lib: Value = http
-        .get(server.url("/v1/libraries/bool/experiences"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let lib: Value = get(&http, &server.url("/v1/libraries/bool/experiences")).await;
     let exps = lib["data"].as_array().unwrap();
     assert!(!exps.is_empty());
     let run = job["run"].as_str().unwrap();
@@ -176,14 +186,7 @@ async fn a_learning_job_commits_a_version_that_explains_itself() {
             "{e}"
         );
     }
-    let versions: Value = http
-        .get(server.url("/v1/libraries/bool/versions"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let versions: Value = get(&http, &server.url("/v1/libraries/bool/versions")).await;
     let messages: Vec<&str> = versions["data"]
         .as_array()
         .unwrap()
@@ -227,17 +230,12 @@ async fn a_learning_job_commits_a_version_that_explains_itself() {
 
     // A long job can be cancelled; the library keeps what was committed before.
     let before = lib["data"].as_array().unwrap().len();
-    let r = http
-        .post(server.url("/v1/libraries/bool/learn"))
-        .json(&json!({"tasks": tasks(40), "epochs": 3, "max_tokens": 64}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let id: String = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .into();
+    let id = start(
+        &http,
+        &server.url("/v1/libraries/bool/learn"),
+        json!({"tasks": tasks(40), "epochs": 3, "max_tokens": 64}),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let job: Value = http
         .delete(server.url(&format!("/v1/jobs/{id}")))
@@ -248,43 +246,24 @@ async fn a_learning_job_commits_a_version_that_explains_itself() {
         .await
         .unwrap();
     assert_eq!(job["status"], "cancelled");
-    let list: Value = http
-        .get(server.url("/v1/jobs"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = get(&http, &server.url("/v1/jobs")).await;
     assert_eq!(list["data"].as_array().unwrap().len(), 2);
-    let after: Value = http
-        .get(server.url("/v1/libraries/bool"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let after: Value = get(&http, &server.url("/v1/libraries/bool")).await;
     assert_eq!(after["experiences"].as_u64().unwrap() as usize, before);
 
     // Replies cut off by learner_max_tokens: nine tokens end the lesson and the ADD line
     // mid-sentence, and an unfinished line is never read as a finished one, so nothing is
     // learned (a cut "ADD: Inside out: Evaluate the innermost" would otherwise be committed).
-    let r = http
-        .post(server.url("/v1/libraries/cut/learn"))
-        .json(&json!({
+    let id = start(
+        &http,
+        &server.url("/v1/libraries/cut/learn"),
+        json!({
             "tasks": tasks(12), "epochs": 1, "batch_size": 4, "group_size": 4,
             "temperature": 1.0, "max_tokens": 6, "learner_max_tokens": 9,
-            "concurrency": 4,
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let id: String = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .into();
+            "verifier": FIRST_WORD, "concurrency": 4,
+        }),
+    )
+    .await;
     let job = poll(&http, &server.url(&format!("/v1/jobs/{id}")), |j| {
         j["status"] != "running"
     })
@@ -296,14 +275,7 @@ async fn a_learning_job_commits_a_version_that_explains_itself() {
         "no group reached the learner: {job}"
     );
     assert!(steps.iter().all(|s| s["version"].is_null()), "{job}");
-    let cut: Value = http
-        .get(server.url("/v1/libraries/cut/experiences"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cut: Value = get(&http, &server.url("/v1/libraries/cut/experiences")).await;
     assert_eq!(cut["data"], json!([]), "{cut}");
 
     // The server still answers chat after all that.
