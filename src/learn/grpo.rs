@@ -436,6 +436,12 @@ pub struct GroupRecord {
     pub lessons: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub update_reply: Option<String>,
+    /// The comparison reply hit `learner_max_tokens`, so its unfinished last line was not read.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub advantage_cut: bool,
+    /// The same for the operations reply: a cut operation never reaches the library.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub update_cut: bool,
     pub proposals: Vec<Proposal>,
     pub rejected: Vec<Rejected>,
     /// Why the group yielded nothing, when it did not.
@@ -448,6 +454,9 @@ pub struct Consolidation {
     pub proposals: Vec<Proposal>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reply: Option<String>,
+    /// The reply hit `learner_max_tokens`, so its unfinished last line was not read.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub reply_cut: bool,
     pub rejected: Vec<Rejected>,
     /// Set when the model's merge could not be used and the rule-based merge was.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -826,13 +835,17 @@ impl Learner<'_> {
         user: String,
         whole_lines: bool,
         parse: impl Fn(&str) -> std::result::Result<T, String>,
-    ) -> Result<(std::result::Result<T, String>, String)> {
+    ) -> Result<Asked<T>> {
         let o = self.options();
         let system = self.ctx.prompts.render(
             "learner_system.j2",
             minijinja::context! { instruction => self.run.info.instruction },
         )?;
-        let mut last = (Err("no reply".to_owned()), String::new());
+        let mut last = Asked {
+            parsed: Err("no reply".to_owned()),
+            reply: String::new(),
+            cut: false,
+        };
         for attempt in 0..=o.retries {
             let out = self
                 .learner
@@ -861,13 +874,20 @@ impl Learner<'_> {
             } else {
                 &reply
             }) {
-                Ok(v) => return Ok((Ok(v), reply)),
+                Ok(v) => {
+                    return Ok(Asked {
+                        parsed: Ok(v),
+                        reply,
+                        cut,
+                    })
+                }
                 Err(why) => {
                     tracing::debug!(attempt, reason = %why, "learner reply did not parse");
-                    last = (
-                        Err(format!("{why} (after {} attempts)", attempt + 1)),
+                    last = Asked {
+                        parsed: Err(format!("{why} (after {} attempts)", attempt + 1)),
                         reply,
-                    );
+                        cut,
+                    };
                 }
             }
         }
@@ -891,6 +911,8 @@ impl Learner<'_> {
             advantage_reply: None,
             lessons: None,
             update_reply: None,
+            advantage_cut: false,
+            update_cut: false,
             proposals: vec![],
             rejected: vec![],
             skipped: None,
@@ -905,7 +927,7 @@ impl Learner<'_> {
                         reward => r.reward, critique => r.critique,
                     },
                 )?;
-                let (summary, _) = self.ask(prompt, false, non_empty).await?;
+                let summary = self.ask(prompt, false, non_empty).await?.parsed;
                 // An unusable summary still lets the comparison see the attempt itself.
                 Ok::<_, Error>(summary.unwrap_or_else(|_| {
                     format!("(no summary; the attempt read:) {}", reply_or(&r.output))
@@ -927,9 +949,10 @@ impl Learner<'_> {
                 max_experiences => o.max_lessons,
             },
         )?;
-        let (lessons, reply) = self.ask(prompt, true, ops::parse_lessons).await?;
-        record.advantage_reply = Some(reply);
-        let lessons = match lessons {
+        let asked = self.ask(prompt, true, ops::parse_lessons).await?;
+        record.advantage_reply = Some(asked.reply);
+        record.advantage_cut = asked.cut;
+        let lessons = match asked.parsed {
             Ok(l) => l,
             Err(why) => {
                 tracing::warn!(task, reason = %why, "group advantage skipped");
@@ -943,9 +966,10 @@ impl Learner<'_> {
             "group_update.j2",
             minijinja::context! { experiences => exp_ctx(snapshot), lessons => lessons },
         )?;
-        let (proposals, reply) = self.ask(prompt, true, ops::parse).await?;
-        record.update_reply = Some(reply);
-        match proposals {
+        let asked = self.ask(prompt, true, ops::parse).await?;
+        record.update_reply = Some(asked.reply);
+        record.update_cut = asked.cut;
+        match asked.parsed {
             Ok(p) => {
                 let (ok, rejected) =
                     ops::check(p, snapshot, self.ctx.store.options().max_text_chars);
@@ -985,16 +1009,17 @@ impl Learner<'_> {
             "batch_consolidate.j2",
             minijinja::context! { experiences => by_id, adds => adds },
         )?;
-        let (parsed, reply) = self.ask(prompt, true, ops::parse).await?;
+        let asked = self.ask(prompt, true, ops::parse).await?;
         let max = self.ctx.store.options().max_text_chars;
         let mut c = Consolidation {
             proposals: proposals.clone(),
-            reply: Some(reply),
+            reply: Some(asked.reply),
+            reply_cut: asked.cut,
             rejected: vec![],
             fallback: None,
             result: vec![],
         };
-        let merged = match parsed {
+        let merged = match asked.parsed {
             Ok(p) => {
                 let (ok, rejected) = ops::check(p, snapshot, max);
                 c.rejected = rejected;
@@ -1057,6 +1082,14 @@ fn exp_ctx(snapshot: &[Experience]) -> Vec<minijinja::Value> {
         .iter()
         .map(|e| minijinja::context! { id => e.id, text => e.text })
         .collect()
+}
+
+/// One learner reply: what was read from it, the reply as written, and whether it was cut off
+/// by `learner_max_tokens` (then its last line was not read).
+struct Asked<T> {
+    parsed: std::result::Result<T, String>,
+    reply: String,
+    cut: bool,
 }
 
 /// The lines of a cut-off reply that were finished: all but the last.
