@@ -68,39 +68,32 @@ const FIRST_WORD: &str = r"regex:(?i)^\W*{answer}\b";
 /// reply unless it was cut, and then all but its unfinished last line.
 fn read_operation_replies(job: &Value) -> (usize, Vec<String>) {
     let run_dir = std::path::PathBuf::from(job["run_dir"].as_str().unwrap());
-    let is = |flag: &Value| flag.as_bool() == Some(true);
-    let (mut cut, mut replies) = (0, Vec::new());
+    let (mut cut, mut read) = (0, Vec::new());
     for step in job["result"]["steps"].as_array().unwrap() {
         let dir = run_dir.join(format!("step-{:04}", step["step"].as_u64().unwrap()));
-        let json = |name: &str| -> Option<Value> {
-            let text = std::fs::read_to_string(dir.join(name)).ok()?;
-            Some(serde_json::from_str(&text).unwrap())
+        let json = |name: &str| -> Value {
+            std::fs::read_to_string(dir.join(name))
+                .map_or(Value::Null, |text| serde_json::from_str(&text).unwrap())
         };
-        for g in json("groups.json")
-            .iter()
-            .flat_map(|g| g.as_array().unwrap())
-        {
-            cut += usize::from(is(&g["advantage_cut"]));
-            replies.push((g["update_reply"].clone(), is(&g["update_cut"])));
+        let groups = json("groups.json");
+        let consolidation = json("consolidation.json");
+        let mut replies = vec![(&consolidation["reply"], &consolidation["reply_cut"])];
+        for g in groups.as_array().into_iter().flatten() {
+            cut += usize::from(g["advantage_cut"] == true);
+            replies.push((&g["update_reply"], &g["update_cut"]));
         }
-        if let Some(c) = json("consolidation.json") {
-            replies.push((c["reply"].clone(), is(&c["reply_cut"])));
+        for (reply, was_cut) in replies {
+            let Some(reply) = reply.as_str() else {
+                continue;
+            };
+            let read_part = if *was_cut == true {
+                cut += 1;
+                reply.rsplit_once('\n').map_or("", |(whole, _)| whole)
+            } else {
+                reply
+            };
+            read.push(read_part.to_owned());
         }
-    }
-    let mut read = Vec::new();
-    for (reply, was_cut) in replies {
-        let Some(reply) = reply.as_str() else {
-            continue;
-        };
-        cut += usize::from(was_cut);
-        read.push(if was_cut {
-            reply
-                .rsplit_once('\n')
-                .map_or("", |(whole, _)| whole)
-                .to_owned()
-        } else {
-            reply.to_owned()
-        });
     }
     (cut, read)
 }
