@@ -14,6 +14,16 @@
 //!     cargo bench --bench proxy_overhead                  # all processes share every CPU
 //!     cargo bench --bench proxy_overhead -- --split       # each proxy gets the last CPU alone
 //!     cargo bench --bench proxy_overhead -- --tokens 64   # a longer answer (default 16)
+//!     cargo bench --bench proxy_overhead -- --pace-ms 20  # tokens 20 ms apart, as a model streams
+//!
+//! By default the responder sends the whole answer at once and every stream sends its next
+//! request the moment the last one ends, so "64 streams" is as many requests a second as the
+//! machine can serve and the figures measure saturation: the added latency is queueing behind
+//! the proxy's CPU time. With `--pace-ms` the responder streams like a model (the first token at
+//! once, the others that many milliseconds apart), so 64 streams are 64 answers in flight at a
+//! realistic rate; each token carries the time the responder wrote it, and the load generator
+//! reports the time to the first token and each token's delivery delay (written to read), the
+//! latencies a streaming client sees.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -25,6 +35,18 @@ use axum::routing::post;
 use futures::StreamExt;
 
 static TOKENS: OnceLock<usize> = OnceLock::new();
+static PACE: OnceLock<Duration> = OnceLock::new();
+/// The clock the paced responder stamps tokens with and the load generator reads them by (both
+/// run in this process).
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+fn pace() -> Option<Duration> {
+    PACE.get().copied()
+}
+
+fn now_ns() -> u64 {
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
 
 fn tokens() -> usize {
     *TOKENS.get().unwrap_or(&16)
@@ -32,6 +54,9 @@ fn tokens() -> usize {
 
 async fn respond(axum::Json(body): axum::Json<serde_json::Value>) -> axum::response::Response {
     let model = body["model"].as_str().unwrap_or("fast").to_owned();
+    if let Some(pace) = pace() {
+        return respond_paced(model, pace);
+    }
     let chunk = |delta: serde_json::Value, finish: serde_json::Value| {
         serde_json::json!({
             "id": "chatcmpl-fast", "object": "chat.completion.chunk", "created": 0, "model": model,
@@ -61,6 +86,48 @@ async fn respond(axum::Json(body): axum::Json<serde_json::Value>) -> axum::respo
     }));
     out.push_str("data: [DONE]\n\n");
     ([("content-type", "text/event-stream")], out).into_response()
+}
+
+/// One event, `data: {chunk}` and its blank line.
+fn event(v: &serde_json::Value) -> String {
+    format!("data: {v}\n\n")
+}
+
+/// The answer as a model streams it: the role, the first token at once, each further token
+/// `pace` later, every token's text the time it was written (`t<ns>`), then the finish, usage and
+/// `[DONE]`.
+fn respond_paced(model: String, pace: Duration) -> axum::response::Response {
+    let chunk = move |delta: serde_json::Value, finish: serde_json::Value| {
+        serde_json::json!({
+            "id": "chatcmpl-fast", "object": "chat.completion.chunk", "created": 0, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        })
+    };
+    let body = async_stream::stream! {
+        yield Ok::<_, std::convert::Infallible>(event(&chunk(
+            serde_json::json!({"role": "assistant", "content": ""}),
+            serde_json::Value::Null,
+        )));
+        for i in 0..tokens() {
+            if i > 0 {
+                tokio::time::sleep(pace).await;
+            }
+            let text = format!("t{} ", now_ns());
+            yield Ok(event(&chunk(serde_json::json!({"content": text}), serde_json::Value::Null)));
+        }
+        let mut end = event(&chunk(serde_json::json!({}), serde_json::json!("stop")));
+        end.push_str(&event(&serde_json::json!({
+            "id": "chatcmpl-fast", "object": "chat.completion.chunk", "created": 0,
+            "choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": tokens(), "total_tokens": 8 + tokens()},
+        })));
+        end.push_str("data: [DONE]\n\n");
+        yield Ok(end);
+    };
+    (
+        [("content-type", "text/event-stream")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
 }
 
 /// The floor: forwards the request body to the upstream and streams its answer back as bytes,
@@ -116,7 +183,51 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn load(url: &str, concurrency: usize, total: usize) -> Vec<Duration> {
+/// What one path's requests measured: each whole request, and with `--pace-ms` each request's
+/// time to its first token and each token's delay from being written to being read.
+#[derive(Default)]
+struct Sample {
+    whole: Vec<Duration>,
+    first_token: Vec<Duration>,
+    token: Vec<Duration>,
+}
+
+impl Sample {
+    fn extend(&mut self, other: Sample) {
+        self.whole.extend(other.whole);
+        self.first_token.extend(other.first_token);
+        self.token.extend(other.token);
+    }
+
+    fn sort(&mut self) {
+        self.whole.sort();
+        self.first_token.sort();
+        self.token.sort();
+    }
+}
+
+/// The responder's stamps (`"content":"t<ns>`) in the complete lines at the front of `buf`,
+/// which keeps the unfinished rest for the next read.
+fn stamps(buf: &mut Vec<u8>, mut found: impl FnMut(u64)) {
+    const MARK: &[u8] = b"\"content\":\"t";
+    let Some(end) = buf.iter().rposition(|&b| b == b'\n') else {
+        return;
+    };
+    let mut rest = &buf[..end];
+    while let Some(at) = rest.windows(MARK.len()).position(|w| w == MARK) {
+        rest = &rest[at + MARK.len()..];
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        if let Some(t) = std::str::from_utf8(&rest[..digits])
+            .ok()
+            .and_then(|d| d.parse().ok())
+        {
+            found(t);
+        }
+    }
+    buf.drain(..=end);
+}
+
+async fn load(url: &str, concurrency: usize, total: usize) -> Sample {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()
@@ -125,27 +236,53 @@ async fn load(url: &str, concurrency: usize, total: usize) -> Vec<Duration> {
         "model": "fast", "stream": true, "max_tokens": tokens(),
         "messages": [{"role": "user", "content": "hello"}],
     });
-    let per = total / concurrency;
-    let workers = (0..concurrency).map(|_| {
+    let per = total.div_ceil(concurrency);
+    let workers = (0..concurrency).map(|i| {
         let (client, body, url) = (client.clone(), body.clone(), url.to_owned());
         tokio::spawn(async move {
-            let mut times = Vec::with_capacity(per);
+            // Paced streams start spread over one answer's length, so that requests and tokens
+            // arrive spread out as from independent clients, not all in the same millisecond.
+            if let Some(p) = pace() {
+                let answer = p * (tokens() as u32).saturating_sub(1);
+                tokio::time::sleep(answer * i as u32 / concurrency as u32).await;
+            }
+            let mut sample = Sample::default();
+            let mut buf = Vec::new();
             for _ in 0..per {
                 let t = Instant::now();
                 let r = client.post(&url).json(&body).send().await.unwrap();
                 assert!(r.status().is_success(), "{}", r.status());
                 let mut s = r.bytes_stream();
                 let mut n = 0;
+                let mut seen = 0;
+                buf.clear();
                 while let Some(b) = s.next().await {
-                    n += b.unwrap().len();
+                    let b = b.unwrap();
+                    n += b.len();
+                    if pace().is_some() {
+                        buf.extend_from_slice(&b);
+                        let now = now_ns();
+                        stamps(&mut buf, |sent| {
+                            if seen == 0 {
+                                sample.first_token.push(t.elapsed());
+                            }
+                            seen += 1;
+                            sample
+                                .token
+                                .push(Duration::from_nanos(now.saturating_sub(sent)));
+                        });
+                    }
                 }
                 assert!(n > 0);
-                times.push(t.elapsed());
+                if pace().is_some() {
+                    assert_eq!(seen, tokens(), "every token arrives, stamped");
+                }
+                sample.whole.push(t.elapsed());
             }
-            times
+            sample
         })
     });
-    let mut all = Vec::new();
+    let mut all = Sample::default();
     for w in futures::future::join_all(workers).await {
         all.extend(w.unwrap());
     }
@@ -205,7 +342,7 @@ fn spawn(mut cmd: Command, cpu: Option<usize>, prefix: &str) -> (Child, String) 
 struct Path {
     url: String,
     pid: Option<u32>,
-    times: Vec<Duration>,
+    sample: Sample,
     cpu: Duration,
 }
 
@@ -220,6 +357,12 @@ fn main() {
         TOKENS
             .set(n.parse().expect("--tokens takes a number"))
             .unwrap();
+    }
+    if let Some(ms) = value("--pace-ms") {
+        let ms: f64 = ms
+            .parse()
+            .expect("--pace-ms takes a number of milliseconds");
+        PACE.set(Duration::from_secs_f64(ms / 1e3)).unwrap();
     }
     if let Some(upstream) = value("--floor-proxy") {
         tokio::runtime::Runtime::new()
@@ -245,6 +388,12 @@ fn main() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = axum::Router::new().route("/v1/chat/completions", post(respond));
+        // As every real server does: without it Nagle's algorithm holds each paced token back
+        // until the client acknowledges the last one.
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|t| {
+            let _ = t.set_nodelay(true);
+        });
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         addr
     });
@@ -271,44 +420,54 @@ fn main() {
     let (mut floor, floor_addr) = spawn(cmd, proxy_cpu, "floor: listening on ");
 
     println!(
-        "layout: {}; {} tokens an answer",
+        "layout: {}; {} tokens an answer, {}",
         match proxy_cpu {
             Some(c) => format!(
                 "split (each proxy on CPU {c}, load generator and responder on the other {c})"
             ),
             None => format!("shared (every process on all {cpus} CPUs)"),
         },
-        tokens()
+        tokens(),
+        match pace() {
+            Some(p) => format!("paced {:.1} ms apart", p.as_secs_f64() * 1e3),
+            None => "all at once (saturation)".into(),
+        }
     );
-    println!(
-        "streams | direct p50 / p99 (ms) | floor adds p50 / p99 (ms), CPU/req (us) | experient adds p50 / p99 (ms), CPU/req (us)"
-    );
+    match pace() {
+        None => println!(
+            "streams | direct p50 / p99 (ms) | floor adds p50 / p99 (ms), CPU/req (us) | experient adds p50 / p99 (ms), CPU/req (us)"
+        ),
+        Some(_) => println!(
+            "streams | direct first token, token delay p50 / p99 (ms) | floor adds the same, CPU/req (us) | experient adds the same, CPU/req (us)"
+        ),
+    }
     for concurrency in [1usize, 16, 64] {
         let mut paths = [
             Path {
                 url: format!("http://{upstream}/v1/chat/completions"),
                 pid: None,
-                times: Vec::new(),
+                sample: Sample::default(),
                 cpu: Duration::ZERO,
             },
             Path {
                 url: format!("{floor_addr}/v1/chat/completions"),
                 pid: Some(floor.id()),
-                times: Vec::new(),
+                sample: Sample::default(),
                 cpu: Duration::ZERO,
             },
             Path {
                 url: format!("{experient_addr}/v1/chat/completions"),
                 pid: Some(experient.id()),
-                times: Vec::new(),
+                sample: Sample::default(),
                 cpu: Duration::ZERO,
             },
         ];
         // Interleaved rounds, so that a noisy spell on the machine lands on every path alike.
-        let (rounds, per_round) = if concurrency == 1 {
-            (4, 1000)
-        } else {
-            (4, concurrency * 100)
+        // Paced answers take tokens x pace each, so those rounds are far fewer requests.
+        let (rounds, per_round) = match (pace(), concurrency) {
+            (None, 1) => (4, 1000),
+            (None, c) => (4, c * 100),
+            (Some(_), c) => (4, (c * 4).max(25)),
         };
         rt.block_on(async {
             // Warm every path (connection pools, allocators) before measuring.
@@ -318,7 +477,7 @@ fn main() {
             for _ in 0..rounds {
                 for p in &mut paths {
                     let before = p.pid.and_then(cpu_time);
-                    p.times.extend(load(&p.url, concurrency, per_round).await);
+                    p.sample.extend(load(&p.url, concurrency, per_round).await);
                     if let (Some(b), Some(a)) = (before, p.pid.and_then(cpu_time)) {
                         p.cpu += a - b;
                     }
@@ -326,22 +485,33 @@ fn main() {
             }
         });
         for p in &mut paths {
-            p.times.sort();
+            p.sample.sort();
         }
         let ms = |x: Duration| x.as_secs_f64() * 1e3;
-        let q = |p: &Path, at: f64| ms(percentile(&p.times, at));
+        let q = |v: &[Duration], at: f64| ms(percentile(v, at));
         let [direct, proxies @ ..] = &paths;
-        let mut line = format!(
-            "{concurrency:>7} | {:>8.3} / {:>8.3}",
-            q(direct, 0.5),
-            q(direct, 0.99)
-        );
+        let mut line = format!("{concurrency:>7}");
+        let measures: &[fn(&Sample) -> &[Duration]] = match pace() {
+            None => &[|s| &s.whole],
+            Some(_) => &[|s| &s.first_token, |s| &s.token],
+        };
+        for m in measures {
+            let v = m(&direct.sample);
+            line += &format!(" | {:>7.3} / {:>7.3}", q(v, 0.5), q(v, 0.99));
+        }
         for p in proxies {
+            line += " |";
+            for m in measures {
+                let (d, v) = (m(&direct.sample), m(&p.sample));
+                line += &format!(
+                    " {:>7.3} / {:>7.3},",
+                    q(v, 0.5) - q(d, 0.5),
+                    q(v, 0.99) - q(d, 0.99)
+                );
+            }
             line += &format!(
-                " | {:>7.3} / {:>7.3}, {:>4.0}",
-                q(p, 0.5) - q(direct, 0.5),
-                q(p, 0.99) - q(direct, 0.99),
-                p.cpu.as_secs_f64() * 1e6 / p.times.len() as f64,
+                " {:>4.0}",
+                p.cpu.as_secs_f64() * 1e6 / p.sample.whole.len() as f64
             );
         }
         println!("{line}");
