@@ -4,9 +4,9 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{HeaderName, HeaderValue};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::http::{header, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
 
@@ -111,63 +111,64 @@ pub async fn chat_completions(
         return Ok(resp);
     }
 
-    let sse = chunks(
+    let frames = chunks(
         output.events,
         v.model,
         n,
         v.include_usage,
         output.applied,
         model_label,
+        KEEP_ALIVE_EVERY,
+    );
+    let mut resp = (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(coalesce(frames).map(Ok::<_, Infallible>)),
     )
-    .map(|data| Ok::<_, Infallible>(SseEvent::default().data(data)));
-    let resp = Sse::new(sse)
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response();
-    let mut resp = coalesce(resp);
     insert_header(&mut resp, applied_header);
     Ok(resp)
 }
 
-/// The body with every run of frames that are ready together joined into one frame.
-///
-/// axum writes each SSE event as its own chunked-encoding frame, and hyper flushes at most 16
-/// queued frames in one write: an upstream answer that arrives whole (a short answer, or a burst
-/// after a stall) left as 20 frames cost two `writev`s and per-frame encoding, where the client
-/// gets the same bytes from one. Joining only what is ready never holds a frame back waiting
-/// for the next, so a token still reaches the client the moment it is produced.
-fn coalesce(resp: Response) -> Response {
-    let (parts, body) = resp.into_parts();
-    let frames = body
-        .into_data_stream()
-        .ready_chunks(64)
-        .flat_map(|batch| futures::stream::iter(join_frames(batch)));
-    Response::from_parts(parts, axum::body::Body::from_stream(frames))
+/// A comment event, sent when a stream has been quiet for a while, so that proxies and clients
+/// with idle timeouts keep the connection during a long prefill or a long IterResearch round.
+const KEEP_ALIVE: &[u8] = b":\n\n";
+
+/// How often a quiet stream is checked: a comment goes out after 15 to 30 s without an event.
+const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(15);
+
+/// One SSE event: `data: PAYLOAD` and the blank line that ends it (the payloads are JSON, which
+/// never holds a raw newline, or `[DONE]`).
+fn frame(payload: &str) -> Bytes {
+    let mut f = String::with_capacity(payload.len() + 8);
+    f.push_str("data: ");
+    f.push_str(payload);
+    f.push_str("\n\n");
+    Bytes::from(f)
 }
 
-/// Consecutive successful frames as one; an error keeps its place after what came before it.
-fn join_frames(
-    batch: Vec<Result<axum::body::Bytes, axum::Error>>,
-) -> Vec<Result<axum::body::Bytes, axum::Error>> {
-    if batch.len() < 2 {
-        return batch;
+/// The stream with every run of events that are ready together joined into one body frame.
+///
+/// hyper writes each body frame as its own chunked-encoding frame and flushes at most 16 queued
+/// frames in one write: an upstream answer that arrives whole (a short answer, or a burst after
+/// a stall) left as 20 frames cost two `writev`s and per-frame encoding, where the client gets
+/// the same bytes from one. Joining only what is ready never holds an event back waiting for
+/// the next, so a token still reaches the client the moment it is produced.
+fn coalesce(frames: impl Stream<Item = Bytes> + Send) -> impl Stream<Item = Bytes> + Send {
+    frames.ready_chunks(64).map(join_frames)
+}
+
+fn join_frames(mut batch: Vec<Bytes>) -> Bytes {
+    if batch.len() == 1 {
+        return batch.pop().unwrap_or_default();
     }
-    let mut out = Vec::new();
-    let mut joined = bytes::BytesMut::new();
-    for frame in batch {
-        match frame {
-            Ok(b) => joined.extend_from_slice(&b),
-            Err(e) => {
-                if !joined.is_empty() {
-                    out.push(Ok(joined.split().freeze()));
-                }
-                out.push(Err(e));
-            }
-        }
+    let mut joined = bytes::BytesMut::with_capacity(batch.iter().map(Bytes::len).sum());
+    for f in &batch {
+        joined.extend_from_slice(f);
     }
-    if !joined.is_empty() {
-        out.push(Ok(joined.freeze()));
-    }
-    out
+    joined.freeze()
 }
 
 fn tool_call_json(c: &backend::ToolCall) -> Value {
@@ -195,10 +196,10 @@ fn insert_header(resp: &mut Response, v: Option<HeaderValue>) {
     }
 }
 
-/// Turns backend events into the `data:` payloads of an OpenAI chunk stream: one id and one
+/// Turns backend events into the SSE events of an OpenAI chunk stream: one id and one
 /// `created` throughout, the role in each choice's first delta, exactly one finish_reason per
 /// choice, the usage chunk (`choices: []`) when asked for, an error event in the OpenAI envelope
-/// if generation fails, and `[DONE]` last in every case.
+/// if generation fails, and `[DONE]` last in every case; a keep-alive comment while quiet.
 fn chunks(
     mut events: backend::EventStream,
     model: String,
@@ -206,7 +207,8 @@ fn chunks(
     include_usage: bool,
     mut applied: Applied,
     model_label: String,
-) -> impl Stream<Item = String> {
+    keep_alive_every: Duration,
+) -> impl Stream<Item = Bytes> + Send {
     let id = wire::completion_id();
     let created = wire::now_secs();
     async_stream::stream! {
@@ -226,34 +228,59 @@ fn chunks(
         };
         // Nearly every chunk of a stream differs from the others only inside `choices`; those
         // are written from a fixed head and tail around the choice, built once, instead of
-        // through a `Value` each time (the same JSON, at a fraction of the allocations).
+        // through a `Value` each time (the same JSON, at a fraction of the allocations). The
+        // head and tail carry the event's `data: ` and blank line too.
         let (head, tail) = {
             let c = chunk(json!([]), None);
             let at = c.rfind("\"choices\":[").map_or(0, |i| i + "\"choices\":[".len());
-            (c[..at].to_owned(), c[at..].to_owned())
+            (format!("data: {}", &c[..at]), format!("{}\n\n", &c[at..]))
         };
-        let one = |choice: &str| format!("{head}{choice}{tail}");
+        let one = |choice: std::fmt::Arguments| Bytes::from(format!("{head}{choice}{tail}"));
         let finish = |index: usize, reason: FinishReason| {
-            one(&format!(
+            one(format_args!(
                 "{{\"index\":{index},\"delta\":{{}},\"logprobs\":null,\"finish_reason\":\"{}\"}}",
                 reason.as_str()
             ))
         };
         for i in 0..n {
-            yield one(&format!(
+            let role = one(format_args!(
                 "{{\"index\":{i},\"delta\":{{\"role\":\"assistant\",\"content\":\"\"}},\"logprobs\":null,\"finish_reason\":null}}"
             ));
+            yield role;
         }
         let mut finished = vec![false; n];
         let mut usage = Usage::default();
         let mut failed = None;
-        while let Some(ev) = events.next().await {
+        // One interval for the whole stream rather than a timer reset at every event; a tick
+        // that finds the stream quiet since the last one sends the comment.
+        let mut keep_alive = tokio::time::interval_at(
+            tokio::time::Instant::now() + keep_alive_every,
+            keep_alive_every,
+        );
+        // Ticks missed while events kept coming are not made up in a burst.
+        keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut quiet = true;
+        loop {
+            let ev = tokio::select! {
+                biased;
+                ev = events.next() => Some(ev),
+                _ = keep_alive.tick() => None,
+            };
+            let Some(ev) = ev else {
+                if std::mem::replace(&mut quiet, true) {
+                    yield Bytes::from_static(KEEP_ALIVE);
+                }
+                continue;
+            };
+            let Some(ev) = ev else { break };
+            quiet = false;
             match ev {
                 Ok(Event::Delta { index, text }) => {
                     let text = serde_json::to_string(&text).unwrap_or_default();
-                    yield one(&format!(
+                    let delta = one(format_args!(
                         "{{\"index\":{index},\"delta\":{{\"content\":{text}}},\"logprobs\":null,\"finish_reason\":null}}"
                     ));
+                    yield delta;
                 }
                 Ok(Event::Finish { index, reason }) => {
                     if let Some(f) = finished.get_mut(index as usize) {
@@ -266,14 +293,14 @@ fn chunks(
                 Ok(Event::ToolCall { index, call }) => {
                     let mut c = tool_call_json(&call);
                     c["index"] = json!(0);
-                    yield chunk(json!([{"index": index, "delta": {"tool_calls": [c]}, "logprobs": null, "finish_reason": null}]), None);
+                    yield frame(&chunk(json!([{"index": index, "delta": {"tool_calls": [c]}, "logprobs": null, "finish_reason": null}]), None));
                 }
                 Ok(Event::Progress(p)) => {
                     // Progress rides on a chunk with an empty delta, so clients that only read
                     // `choices[0].delta.content` see nothing and never miss a choice.
                     let mut c: Value = serde_json::from_str(&chunk(json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": null}]), None)).unwrap_or_default();
                     c["experient"] = p;
-                    yield c.to_string();
+                    yield frame(&c.to_string());
                 }
                 Ok(Event::Trace(t)) => applied.trace = Some(t),
                 Ok(Event::Usage(u)) => usage = u,
@@ -281,7 +308,7 @@ fn chunks(
             }
         }
         if let Some(e) = failed {
-            yield e.envelope().to_string();
+            yield frame(&e.envelope().to_string());
         } else {
             count_tokens(&model_label, usage);
             for (i, f) in finished.iter().enumerate() {
@@ -293,10 +320,10 @@ fn chunks(
                 // The usage chunk: no choices, then the usage and what experient applied.
                 let usage = serde_json::to_string(&WireUsage::from(usage)).unwrap_or_default();
                 let applied = serde_json::to_string(&applied).unwrap_or_default();
-                yield format!("{head}],\"usage\":{usage},\"experient\":{applied}}}");
+                yield Bytes::from(format!("{head}],\"usage\":{usage},\"experient\":{applied}}}\n\n"));
             }
         }
-        yield "[DONE]".to_string();
+        yield Bytes::from_static(b"data: [DONE]\n\n");
     }
 }
 
@@ -315,18 +342,39 @@ mod tests {
         }
     }
 
+    /// The payload of one SSE event, checked to be exactly one `data:` event.
+    fn payload(frame: &Bytes) -> String {
+        let f = std::str::from_utf8(frame).unwrap();
+        let p = f
+            .strip_prefix("data: ")
+            .unwrap()
+            .strip_suffix("\n\n")
+            .unwrap();
+        assert!(!p.contains('\n'), "{f:?} is one event");
+        p.to_owned()
+    }
+
     async fn run(events: Vec<crate::Result<Event>>, include_usage: bool) -> Vec<Value> {
         let s = futures::stream::iter(events).boxed();
-        chunks(s, "m".into(), 1, include_usage, applied(), "m".into())
-            .map(|d| {
-                if d == "[DONE]" {
-                    json!("[DONE]")
-                } else {
-                    serde_json::from_str(&d).unwrap()
-                }
-            })
-            .collect()
-            .await
+        chunks(
+            s,
+            "m".into(),
+            1,
+            include_usage,
+            applied(),
+            "m".into(),
+            KEEP_ALIVE_EVERY,
+        )
+        .map(|f| {
+            let d = payload(&f);
+            if d == "[DONE]" {
+                json!("[DONE]")
+            } else {
+                serde_json::from_str(&d).unwrap()
+            }
+        })
+        .collect()
+        .await
     }
 
     #[tokio::test]
@@ -376,21 +424,41 @@ mod tests {
         assert_eq!(out.last().unwrap(), "[DONE]");
     }
 
-    #[test]
-    fn ready_frames_are_joined_in_order_around_an_error() {
-        let b = |s: &'static str| Ok(axum::body::Bytes::from_static(s.as_bytes()));
-        let out = join_frames(vec![
-            b("data: 1\n\n"),
-            b("data: 2\n\n"),
-            Err(axum::Error::new("cut")),
-            b("data: 3\n\n"),
-        ]);
-        assert_eq!(out.len(), 3);
-        assert_eq!(out[0].as_ref().unwrap(), "data: 1\n\ndata: 2\n\n");
-        assert!(out[1].is_err());
-        assert_eq!(out[2].as_ref().unwrap(), "data: 3\n\n");
-        let one = join_frames(vec![b("data: x\n\n")]);
-        assert_eq!(one[0].as_ref().unwrap(), "data: x\n\n");
+    #[tokio::test]
+    async fn ready_frames_are_joined_in_order() {
+        let b = |s: &'static str| Bytes::from_static(s.as_bytes());
+        let joined: Vec<Bytes> =
+            coalesce(futures::stream::iter([b("data: 1\n\n"), b("data: 2\n\n")]))
+                .collect()
+                .await;
+        assert_eq!(joined, vec![b("data: 1\n\ndata: 2\n\n")]);
+        assert_eq!(join_frames(vec![b("data: x\n\n")]), b("data: x\n\n"));
+    }
+
+    /// A stream that stays quiet gets the comment, and nothing else changes in it.
+    #[tokio::test]
+    async fn a_quiet_stream_gets_keep_alive_comments() {
+        let events = futures::stream::once(async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok(Event::Delta {
+                index: 0,
+                text: "late".into(),
+            })
+        })
+        .boxed();
+        let every = Duration::from_millis(50);
+        let out: Vec<Bytes> = chunks(events, "m".into(), 1, false, applied(), "m".into(), every)
+            .collect()
+            .await;
+        let comments = out.iter().filter(|f| f.as_ref() == KEEP_ALIVE).count();
+        assert!(comments >= 1, "{out:?}");
+        let events: Vec<String> = out
+            .iter()
+            .filter(|f| f.as_ref() != KEEP_ALIVE)
+            .map(payload)
+            .collect();
+        assert!(events[1].contains("\"content\":\"late\""), "{events:?}");
+        assert_eq!(events.last().unwrap(), "[DONE]");
     }
 
     /// The chunks are written by hand around preformatted pieces; each one must be exactly what
@@ -417,9 +485,18 @@ mod tests {
             })),
         ];
         let s = futures::stream::iter(events).boxed();
-        let out: Vec<String> = chunks(s, "m\"x".into(), 2, true, applied(), "m".into())
-            .collect()
-            .await;
+        let out: Vec<String> = chunks(
+            s,
+            "m\"x".into(),
+            2,
+            true,
+            applied(),
+            "m".into(),
+            KEEP_ALIVE_EVERY,
+        )
+        .map(|f| payload(&f))
+        .collect()
+        .await;
         assert_eq!(out.last().unwrap(), "[DONE]");
         for c in &out[..out.len() - 1] {
             let v: Value = serde_json::from_str(c).unwrap();
