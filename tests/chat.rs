@@ -176,8 +176,8 @@ async fn streams_with_the_openai_chunk_protocol() {
         include_usage: Some(true),
         include_obfuscation: None,
     });
-    // The crate's `byot` feature (which the server's upstream backend enables) leaves setting
-    // `stream` to the caller.
+    // The crate's `byot` feature (enabled in Cargo.toml; tests/plan.rs sends raw bodies)
+    // leaves setting `stream` to the caller.
     req.stream = Some(true);
     let mut stream = shared().client().chat().create_stream(req).await.unwrap();
     let mut ids = HashSet::new();

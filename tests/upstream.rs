@@ -164,8 +164,8 @@ async fn experient_in_front_of_upstreams() {
         include_usage: Some(true),
         include_obfuscation: None,
     });
-    // The crate's `byot` feature (which the server's upstream backend enables) leaves setting
-    // `stream` to the caller.
+    // The crate's `byot` feature (enabled in Cargo.toml; tests/plan.rs sends raw bodies)
+    // leaves setting `stream` to the caller.
     req.stream = Some(true);
     let mut stream = s.front.client().chat().create_stream(req).await.unwrap();
     let (mut text, mut ids, mut finish, mut usage) = (String::new(), vec![], None, None);
