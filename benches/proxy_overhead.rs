@@ -64,11 +64,7 @@ async fn respond(axum::Json(body): axum::Json<serde_json::Value>) -> axum::respo
         })
     };
     let mut out = String::new();
-    let mut push = |v: serde_json::Value| {
-        out.push_str("data: ");
-        out.push_str(&v.to_string());
-        out.push_str("\n\n");
-    };
+    let mut push = |v: serde_json::Value| out.push_str(&event(&v));
     push(chunk(
         serde_json::json!({"role": "assistant", "content": ""}),
         serde_json::Value::Null,

@@ -261,18 +261,21 @@ fn chunks(
         keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut quiet = true;
         loop {
-            let ev = tokio::select! {
+            let next = tokio::select! {
                 biased;
                 ev = events.next() => Some(ev),
                 _ = keep_alive.tick() => None,
             };
-            let Some(ev) = ev else {
-                if std::mem::replace(&mut quiet, true) {
-                    yield Bytes::from_static(KEEP_ALIVE);
+            let ev = match next {
+                Some(Some(ev)) => ev,
+                Some(None) => break,
+                None => {
+                    if std::mem::replace(&mut quiet, true) {
+                        yield Bytes::from_static(KEEP_ALIVE);
+                    }
+                    continue;
                 }
-                continue;
             };
-            let Some(ev) = ev else { break };
             quiet = false;
             match ev {
                 Ok(Event::Delta { index, text }) => {
