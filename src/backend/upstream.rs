@@ -40,8 +40,9 @@ pub struct UpstreamBackend {
     id: String,
     model: String,
     base_url: String,
-    /// `{base_url}/chat/completions`, as async-openai's config builds it.
-    url: String,
+    /// `{base_url}/chat/completions`, as async-openai's config builds it, parsed once: reqwest
+    /// would parse a string again for every request, which showed in the profile.
+    url: reqwest::Url,
     /// The config's headers (the key's `Authorization`) are the client's defaults.
     http: reqwest::Client,
     service: Service,
@@ -227,7 +228,7 @@ impl SseReader {
     /// The data of the next complete event in what has been pushed so far.
     fn next_event(&mut self) -> Option<Vec<u8>> {
         loop {
-            let end = self.buf.iter().position(|&b| b == b'\n' || b == b'\r')?;
+            let end = memchr::memchr2(b'\n', b'\r', &self.buf)?;
             // A CR at the end of what has arrived may be the first half of a CRLF.
             let crlf = self.buf[end] == b'\r' && self.buf.get(end + 1) == Some(&b'\n');
             if self.buf[end] == b'\r' && end + 1 == self.buf.len() {
@@ -243,7 +244,7 @@ impl SseReader {
                 self.data.clear();
                 continue;
             }
-            let (field, value) = match line.iter().position(|&b| b == b':') {
+            let (field, value) = match memchr::memchr(b':', line) {
                 Some(0) => continue,
                 Some(i) => {
                     let v = &line[i + 1..];
@@ -325,7 +326,7 @@ impl UpstreamBackend {
             id: c.id.clone(),
             model: c.model.clone().unwrap_or_else(|| c.id.clone()),
             base_url: c.base_url.clone(),
-            url: config.url("/chat/completions"),
+            url: reqwest::Url::parse(&config.url("/chat/completions"))?,
             service: Service(ReqwestService::new(http.clone())),
             http,
             first_byte: Duration::from_secs_f64(c.first_byte_timeout_secs),
@@ -431,7 +432,7 @@ impl UpstreamBackend {
             let (http, url, body) = (self.http.clone(), self.url.clone(), body.clone());
             let request = HttpRequestFactory::new(move || {
                 let request = http
-                    .post(&url)
+                    .post(url.clone())
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .body(body.clone())
                     .build();
@@ -639,7 +640,7 @@ mod tests {
         )
         .unwrap();
         let b = UpstreamBackend::new(&config).unwrap();
-        assert_eq!(b.url, "http://127.0.0.1:9/v1/chat/completions");
+        assert_eq!(b.url.as_str(), "http://127.0.0.1:9/v1/chat/completions");
         let mut r = ChatRequest {
             messages: vec![crate::backend::Message::new(
                 crate::backend::Role::User,
