@@ -171,7 +171,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let store = Arc::new(store);
 
     let shutting_down = Arc::new(AtomicBool::new(false));
-    let state = AppState {
+    let state = AppState::new(api::Shared {
         router: Arc::new(router),
         limits: Arc::new(Limits {
             max_n: opts.config.server.max_n,
@@ -186,7 +186,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         keys: keys(&opts.config),
         jobs: Arc::new(crate::learn::jobs::Jobs::new(&opts.runs_dir)),
         methods: Arc::new(opts.config.methods.clone()),
-    };
+    });
     let app = api::app(
         state,
         &AppSettings {

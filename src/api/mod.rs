@@ -22,8 +22,25 @@ use crate::error::Error;
 use crate::experience::Store;
 use crate::router::Router;
 
+/// The state every handler reads, behind one `Arc`: axum clones it for each request (the auth
+/// middleware's copy and each extractor's), and one reference count is cheaper than a dozen.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> AppState {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub struct Shared {
     pub router: Arc<Router>,
     pub limits: Arc<wire::Limits>,
     pub request_timeout: Duration,
