@@ -173,10 +173,10 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let shutting_down = Arc::new(AtomicBool::new(false));
     let state = AppState::new(api::Shared {
         router: Arc::new(router),
-        limits: Arc::new(Limits {
+        limits: Limits {
             max_n: opts.config.server.max_n,
             max_stop: opts.config.server.max_stop,
-        }),
+        },
         request_timeout: Duration::from_secs(opts.config.server.request_timeout_secs),
         started: api::wire::now_secs(),
         shutting_down: shutting_down.clone(),
@@ -184,7 +184,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         store: store.clone(),
         prompts: Arc::new(Prompts::load(opts.prompts_dir.as_deref())?),
         keys: keys(&opts.config),
-        jobs: Arc::new(crate::learn::jobs::Jobs::new(&opts.runs_dir)),
+        jobs: crate::learn::jobs::Jobs::new(&opts.runs_dir),
         methods: Arc::new(opts.config.methods.clone()),
     });
     let app = api::app(

@@ -42,7 +42,7 @@ impl std::ops::Deref for AppState {
 
 pub struct Shared {
     pub router: Arc<Router>,
-    pub limits: Arc<wire::Limits>,
+    pub limits: wire::Limits,
     pub request_timeout: Duration,
     pub started: u64,
     pub shutting_down: Arc<AtomicBool>,
@@ -50,7 +50,7 @@ pub struct Shared {
     pub store: Arc<Store>,
     pub prompts: Arc<crate::prompts::Prompts>,
     pub keys: auth::Keys,
-    pub jobs: Arc<crate::learn::jobs::Jobs>,
+    pub jobs: crate::learn::jobs::Jobs,
     pub methods: Arc<crate::config::MethodsConfig>,
 }
 
