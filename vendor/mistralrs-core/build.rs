@@ -8,6 +8,7 @@ fn main() {
     {
         use std::path::PathBuf;
         println!("cargo:rerun-if-changed=build.rs");
+        println!("cargo:rerun-if-changed=src/cuda");
         let build_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
 
         let mut builder = cudaforge::KernelBuilder::new()
@@ -72,30 +73,13 @@ fn main() {
     }
 }
 
+/// The vendored copy has no `.git` of its own: `git rev-parse HEAD` would return experient's
+/// commit (so the revision, and with it this crate, changed on every experient commit), and a
+/// `rerun-if-changed` on the missing `.git/HEAD` made the script stale on every cargo command.
+/// The revision is the release this copy was taken from, and the script reruns only when it
+/// changes itself.
 fn set_git_revision() {
-    let commit = std::process::Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .output()
-        .ok()
-        .and_then(|output| {
-            if output.status.success() {
-                String::from_utf8(output.stdout).ok()
-            } else {
-                None
-            }
-        })
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown".to_string());
-
-    println!("cargo:rustc-env=MISTRALRS_GIT_REVISION={commit}");
-    println!("cargo:rerun-if-changed=.git/HEAD");
-    if let Ok(head) = std::fs::read_to_string(".git/HEAD") {
-        if let Some(ref_path) = head.strip_prefix("ref:") {
-            let ref_path = ref_path.trim();
-            if !ref_path.is_empty() {
-                println!("cargo:rerun-if-changed=.git/{}", ref_path);
-            }
-        }
-    }
+    let version = std::env::var("CARGO_PKG_VERSION").unwrap_or_else(|_| "unknown".to_string());
+    println!("cargo:rustc-env=MISTRALRS_GIT_REVISION=v{version}-vendored");
+    println!("cargo:rerun-if-changed=build.rs");
 }
