@@ -17,6 +17,102 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub methods: MethodsConfig,
+    #[serde(default)]
+    pub bounds: Bounds,
+}
+
+/// Upper bounds on every count a client, a library setting or a learning job may supply,
+/// `[bounds]`. They exist because each of these counts sizes an allocation or a loop: an
+/// unchecked `experiences: 1e14` once reached tantivy, which allocates for the limit up front,
+/// and aborted the process. Requests over a bound get a 400 naming the field; stored library
+/// settings over it are refused when written and clamped (with a warning) when read.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Bounds {
+    /// Most experiences one request may get (`experient.experiences`, a library's `top_k`).
+    pub max_experiences: usize,
+    /// Most attempts per task in a learning run (`group_size`).
+    pub max_group_size: u32,
+    /// Most passes over a learning run's tasks (`epochs`).
+    pub max_epochs: u32,
+    /// Most tasks in one learning step (`batch_size`).
+    pub max_batch_size: usize,
+    /// Most model calls a learning job or an evaluation keeps in flight (`concurrency`).
+    pub max_concurrency: usize,
+    /// Most extra attempts at an unreadable learner reply (`retries`).
+    pub max_retries: u32,
+    /// Most lessons one group may yield (`max_lessons`).
+    pub max_lessons: usize,
+    /// Most tasks (and validation tasks) in one learning run or evaluation.
+    pub max_tasks: usize,
+    /// Largest task file read for learning or evaluation, in bytes.
+    pub max_dataset_bytes: u64,
+    /// Most planning instances in one request or `plan` run (`instances`, `train`).
+    pub max_plan_instances: usize,
+    /// Most refinement rounds of one planning run (`rounds`).
+    pub max_plan_rounds: u32,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Bounds {
+            max_experiences: 256,
+            max_group_size: 64,
+            max_epochs: 100,
+            max_batch_size: 1024,
+            max_concurrency: 32,
+            max_retries: 10,
+            max_lessons: 16,
+            max_tasks: 100_000,
+            max_dataset_bytes: 256 << 20,
+            max_plan_instances: 1000,
+            max_plan_rounds: 16,
+        }
+    }
+}
+
+impl Bounds {
+    fn check(&self) -> anyhow::Result<()> {
+        for (key, v) in [
+            ("max_experiences", self.max_experiences as u64),
+            ("max_group_size", u64::from(self.max_group_size)),
+            ("max_epochs", u64::from(self.max_epochs)),
+            ("max_batch_size", self.max_batch_size as u64),
+            ("max_concurrency", self.max_concurrency as u64),
+            ("max_lessons", self.max_lessons as u64),
+            ("max_tasks", self.max_tasks as u64),
+            ("max_dataset_bytes", self.max_dataset_bytes),
+            ("max_plan_instances", self.max_plan_instances as u64),
+            ("max_plan_rounds", u64::from(self.max_plan_rounds)),
+        ] {
+            if v == 0 {
+                anyhow::bail!("bounds.{key}: must be at least 1");
+            }
+        }
+        // Bounds are a safety net, not a way around it: each stays below what one process can
+        // allocate for it.
+        let ceilings = [
+            ("max_experiences", self.max_experiences as u64, 100_000),
+            ("max_group_size", u64::from(self.max_group_size), 4096),
+            ("max_concurrency", self.max_concurrency as u64, 4096),
+            ("max_tasks", self.max_tasks as u64, 10_000_000),
+            (
+                "max_plan_instances",
+                self.max_plan_instances as u64,
+                1_000_000,
+            ),
+            ("max_plan_rounds", u64::from(self.max_plan_rounds), 1000),
+        ];
+        for (key, v, ceiling) in ceilings {
+            if v > ceiling {
+                anyhow::bail!("bounds.{key}: {v} is over the most this server allows, {ceiling}");
+            }
+        }
+        if self.max_group_size < 2 {
+            anyhow::bail!("bounds.max_group_size: must be at least 2");
+        }
+        Ok(())
+    }
 }
 
 /// Settings of the methods, `[methods.*]`.
@@ -27,6 +123,43 @@ pub struct MethodsConfig {
     pub iterresearch: IterResearchConfig,
     #[serde(default)]
     pub plan: PlanConfig,
+}
+
+impl MethodsConfig {
+    fn check(&self, bounds: &Bounds) -> anyhow::Result<()> {
+        let p = &self.plan;
+        if p.train == 0 || p.train > bounds.max_plan_instances {
+            anyhow::bail!(
+                "methods.plan.train: must be from 1 to {} (bounds.max_plan_instances)",
+                bounds.max_plan_instances
+            );
+        }
+        if p.rounds > bounds.max_plan_rounds {
+            anyhow::bail!(
+                "methods.plan.rounds: must be at most {} (bounds.max_plan_rounds)",
+                bounds.max_plan_rounds
+            );
+        }
+        if p.feedback == 0 {
+            anyhow::bail!("methods.plan.feedback: must be at least 1");
+        }
+        if p.max_tokens == 0 || p.program_time_secs == 0 || p.program_memory_mib == 0 {
+            anyhow::bail!(
+                "methods.plan: max_tokens, program_time_secs and program_memory_mib must be at least 1"
+            );
+        }
+        let r = &self.iterresearch;
+        if r.max_rounds == 0 || r.max_rounds > 64 {
+            anyhow::bail!("methods.iterresearch.max_rounds: must be from 1 to 64");
+        }
+        if r.retries > 10 {
+            anyhow::bail!("methods.iterresearch.retries: must be at most 10");
+        }
+        if r.round_max_tokens == 0 {
+            anyhow::bail!("methods.iterresearch.round_max_tokens: must be at least 1");
+        }
+        Ok(())
+    }
 }
 
 /// Code-driven planning, `[methods.plan]`.
@@ -95,6 +228,10 @@ pub struct AuthConfig {
     /// Keys that may also administer libraries and jobs.
     #[serde(default)]
     pub admin_keys: Vec<String>,
+    /// Serve `/metrics` without a key even when keys are configured (for a scraper that cannot
+    /// send one). Off: with keys configured, `/metrics` takes any valid key.
+    #[serde(default)]
+    pub public_metrics: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -110,6 +247,38 @@ pub struct ServerConfig {
     pub request_timeout_secs: u64,
     /// How long shutdown waits for in-flight requests before cancelling them, in seconds.
     pub shutdown_grace_secs: u64,
+    /// How long a client may take to send a request's headers, in seconds; a connection that
+    /// dawdles (slowloris) is closed.
+    pub header_read_timeout_secs: u64,
+    /// How long a kept-alive connection may sit with no request in flight, in seconds.
+    pub idle_timeout_secs: u64,
+    /// Most client connections open at once; further ones wait in the listen backlog until one
+    /// closes. Kept below the open-file limit, which startup raises to its hard maximum.
+    pub max_connections: usize,
+    /// Most sandbox worker processes (model-written programs) running at once across the whole
+    /// server; more wait their turn.
+    pub max_sandboxes: usize,
+}
+
+impl ServerConfig {
+    fn check(&self) -> anyhow::Result<()> {
+        for (key, v) in [
+            ("max_body_bytes", self.max_body_bytes as u64),
+            ("request_timeout_secs", self.request_timeout_secs),
+            ("header_read_timeout_secs", self.header_read_timeout_secs),
+            ("idle_timeout_secs", self.idle_timeout_secs),
+            ("max_connections", self.max_connections as u64),
+            ("max_sandboxes", self.max_sandboxes as u64),
+        ] {
+            if v == 0 {
+                anyhow::bail!("server.{key}: must be at least 1");
+            }
+        }
+        if self.max_sandboxes > 256 {
+            anyhow::bail!("server.max_sandboxes: must be at most 256");
+        }
+        Ok(())
+    }
 }
 
 impl Default for ServerConfig {
@@ -120,6 +289,10 @@ impl Default for ServerConfig {
             max_stop: 4,
             request_timeout_secs: 300,
             shutdown_grace_secs: 20,
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            max_connections: 1024,
+            max_sandboxes: 4,
         }
     }
 }
@@ -180,6 +353,10 @@ pub struct UpstreamModelConfig {
     pub max_concurrent: usize,
     #[serde(default = "default_queue")]
     pub queue: usize,
+    /// Of `max_concurrent`, how many learning and evaluation requests may hold at once (default:
+    /// an eighth, at least 1).
+    #[serde(default)]
+    pub background_slots: Option<usize>,
     /// Aliases tried in order when this one fails before its first byte.
     #[serde(default)]
     pub fallback: Vec<String>,
@@ -220,6 +397,11 @@ pub struct LocalModelConfig {
     /// Requests that may wait for admission; past that, 429.
     #[serde(default = "default_queue")]
     pub queue: usize,
+    /// Of `max_concurrent`, how many learning and evaluation requests may hold at once (default:
+    /// an eighth, at least 1). They also wait behind every interactive request, so serving
+    /// keeps the rest of the slots and the head of the queue.
+    #[serde(default)]
+    pub background_slots: Option<usize>,
     #[serde(default)]
     pub force_cpu: bool,
     /// Rewrite Q4_1 tensors as Q8_0 before loading (once, cached beside the file). Off by
@@ -241,6 +423,22 @@ pub fn default_max_concurrent() -> usize {
 }
 pub fn default_queue() -> usize {
     64
+}
+
+/// The learning lane's share of a model's slots: what the model's config says, else an eighth
+/// of them (1 of the local default 8), and never all of them when there are two or more.
+pub fn background_slots(configured: Option<usize>, max_concurrent: usize) -> usize {
+    let cap = max_concurrent.saturating_sub(1).max(1);
+    configured.unwrap_or(max_concurrent / 8).clamp(1, cap)
+}
+
+fn check_background(i: usize, slots: Option<usize>, max_concurrent: usize) -> anyhow::Result<()> {
+    match slots {
+        Some(b) if b == 0 || b > max_concurrent => anyhow::bail!(
+            "models[{i}].background_slots: must be from 1 to max_concurrent ({max_concurrent})"
+        ),
+        _ => Ok(()),
+    }
 }
 
 impl Config {
@@ -277,6 +475,7 @@ impl Config {
                     if l.max_concurrent == 0 {
                         anyhow::bail!("models[{i}].max_concurrent: must be at least 1");
                     }
+                    check_background(i, l.background_slots, l.max_concurrent)?;
                     if let Some(g) = &l.gguf {
                         if !g.is_file() {
                             anyhow::bail!("models[{i}].gguf: {} is not a file", g.display());
@@ -307,6 +506,7 @@ impl Config {
                     if u.max_concurrent == 0 {
                         anyhow::bail!("models[{i}].max_concurrent: must be at least 1");
                     }
+                    check_background(i, u.background_slots, u.max_concurrent)?;
                     if let Some(var) = &u.api_key_env {
                         if std::env::var_os(var).is_none() {
                             anyhow::bail!(
@@ -330,6 +530,54 @@ impl Config {
         if self.server.max_n == 0 {
             anyhow::bail!("server.max_n: must be at least 1");
         }
+        self.bounds.check()?;
+        self.methods.check(&self.bounds)?;
+        self.server.check()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str) -> anyhow::Result<Config> {
+        let c: Config = toml::from_str(text)?;
+        c.check()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn counts_that_size_work_are_checked_at_startup() {
+        let defaults = check("").unwrap();
+        assert_eq!(defaults.bounds, Bounds::default());
+        for (text, key) in [
+            ("[methods.plan]\ntrain = 0", "methods.plan.train"),
+            ("[methods.plan]\ntrain = 100000", "methods.plan.train"),
+            ("[methods.plan]\nrounds = 99", "methods.plan.rounds"),
+            ("[bounds]\nmax_experiences = 0", "bounds.max_experiences"),
+            ("[bounds]\nmax_experiences = 100000000000000", "bounds.max_experiences"),
+            ("[bounds]\nmax_group_size = 1", "bounds.max_group_size"),
+            ("[server]\nmax_connections = 0", "server.max_connections"),
+            ("[server]\nmax_sandboxes = 100000", "server.max_sandboxes"),
+            (
+                "[[models]]\nkind = \"upstream\"\nid = \"u\"\nbase_url = \"http://127.0.0.1:9/v1\"\nbackground_slots = 0",
+                "models[0].background_slots",
+            ),
+        ] {
+            let err = check(text).expect_err(text).to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        let raised = check("[bounds]\nmax_experiences = 1024\n[methods.plan]\ntrain = 50").unwrap();
+        assert_eq!(raised.bounds.max_experiences, 1024);
+    }
+
+    #[test]
+    fn the_learning_lane_never_takes_every_slot() {
+        assert_eq!(background_slots(None, 8), 1);
+        assert_eq!(background_slots(None, 256), 32);
+        assert_eq!(background_slots(None, 1), 1);
+        assert_eq!(background_slots(Some(8), 8), 7);
+        assert_eq!(background_slots(Some(3), 8), 3);
     }
 }

@@ -90,3 +90,12 @@ impl From<std::io::Error> for Error {
         Error::Internal(format!("I/O error: {e}"))
     }
 }
+
+/// The text a panic was raised with, when it was a string, for the error that replaces it.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
+}

@@ -17,5 +17,6 @@ pub mod prompts;
 pub mod router;
 pub mod sandbox;
 pub mod server;
+pub mod web;
 
 pub use error::{Error, Result};

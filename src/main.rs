@@ -94,7 +94,10 @@ impl ModelArgs {
         }
         let store = experient::experience::Store::open(
             &self.experience_dir,
-            experient::experience::StoreOptions::default(),
+            experient::experience::StoreOptions {
+                max_top_k: config.bounds.max_experiences,
+                ..Default::default()
+            },
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
         let ctx = experient::methods::Context {
@@ -103,6 +106,7 @@ impl ModelArgs {
                 self.prompts_dir.as_deref(),
             )?),
             settings: Arc::new(config.methods.clone()),
+            bounds: Arc::new(config.bounds.clone()),
         };
         Ok((router, ctx))
     }
@@ -137,6 +141,10 @@ struct ServeArgs {
     /// Address to listen on; port 0 picks a free one (printed at startup).
     #[arg(long, env = "EXPERIENT_ADDR", default_value = "127.0.0.1:8080")]
     addr: SocketAddr,
+    /// Listen on a non-loopback address even though no API keys are configured: anyone who can
+    /// reach the port can then use and administer the server (refused without this flag).
+    #[arg(long, env = "EXPERIENT_ALLOW_UNAUTHENTICATED")]
+    allow_unauthenticated: bool,
     #[command(flatten)]
     models: ModelArgs,
 }
@@ -295,7 +303,7 @@ fn run_learn(a: LearnArgs) -> anyhow::Result<()> {
     let run = match (&a.resume, &a.library, &a.dataset) {
         (Some(dir), _, _) => Run::open(dir).map_err(|e| anyhow::anyhow!("{e}"))?,
         (None, Some(library), Some(dataset)) => {
-            let mut data = Dataset::load(dataset)?;
+            let mut data = Dataset::load(dataset, config.bounds.max_dataset_bytes)?;
             if let Some(seed) = a.seed {
                 data.shuffle(seed);
             }
@@ -326,6 +334,7 @@ fn run_learn(a: LearnArgs) -> anyhow::Result<()> {
                 &data,
                 rest[..n].to_vec(),
                 rest[n..].iter().take(a.validation).cloned().collect(),
+                &config.bounds,
             )
             .map_err(|e| anyhow::anyhow!("{e}"))?
         }
@@ -415,9 +424,23 @@ fn run_plan(a: PlanArgs) -> anyhow::Result<()> {
     let config = a.models.config()?;
     let family = Family::parse(&a.env)
         .ok_or_else(|| anyhow::anyhow!("unknown --env '{}'; known: {}", a.env, Family::known()))?;
-    anyhow::ensure!(a.episodes >= 1, "--episodes must be at least 1");
+    let b = &config.bounds;
     let settings = config.methods.plan.clone();
-    let train = a.train.unwrap_or(settings.train).max(1) as u64;
+    let train = a.train.unwrap_or(settings.train);
+    let rounds = a.rounds.unwrap_or(settings.rounds);
+    for (flag, v) in [("--episodes", a.episodes), ("--train", train)] {
+        anyhow::ensure!(
+            (1..=b.max_plan_instances).contains(&v),
+            "{flag} must be from 1 to {} (bounds.max_plan_instances)",
+            b.max_plan_instances
+        );
+    }
+    anyhow::ensure!(
+        rounds <= b.max_plan_rounds,
+        "--rounds must be at most {} (bounds.max_plan_rounds)",
+        b.max_plan_rounds
+    );
+    let train = train as u64;
     let base = experient::methods::plan::TRAIN_SEED_BASE;
     let spec = ipp::Spec {
         family,
@@ -425,7 +448,7 @@ fn run_plan(a: PlanArgs) -> anyhow::Result<()> {
         task: a.task.clone(),
         train: (base..base + train).map(|s| family.instance(s)).collect(),
         eval: (0..a.episodes as u64).map(|s| family.instance(s)).collect(),
-        rounds: a.rounds.unwrap_or(settings.rounds),
+        rounds,
         feedback: settings.feedback,
         sampling: experient::backend::Sampling {
             max_tokens: Some(a.max_tokens.unwrap_or(settings.max_tokens)),
@@ -542,7 +565,7 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     use experient::learn::{dataset::Dataset, eval};
 
     let config = a.models.config()?;
-    let mut ds = Dataset::load(&a.dataset)?;
+    let mut ds = Dataset::load(&a.dataset, config.bounds.max_dataset_bytes)?;
     if let Some(seed) = a.seed {
         ds.shuffle(seed);
     }
@@ -580,6 +603,7 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(server::serve(ServeOptions {
         addr: a.addr,
+        allow_unauthenticated: a.allow_unauthenticated,
         config,
         runs_dir: a.models.runs_dir(),
         prompts_dir: a.models.prompts_dir.clone(),

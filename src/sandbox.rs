@@ -9,13 +9,43 @@
 //! `RLIMIT_CPU`, and killed by the parent at a wall-clock deadline. Whatever the program does,
 //! the server sees a result or a clean error; a crash of the interpreter is a crash of the
 //! child.
+//!
+//! The worker inherits nothing it does not need: every file descriptor but its three pipes is
+//! closed at exec (a server started from a shell may hold others), it runs in an empty
+//! directory of its own, may open few files, create no process and write no file
+//! (`RLIMIT_NOFILE`, `RLIMIT_NPROC`, `RLIMIT_FSIZE`), and leads its own process group, which is
+//! killed whole at the deadline. At most `server.max_sandboxes` workers run at once across
+//! the server; programs beyond that wait their turn.
 
 use std::io::{Read, Write};
 use std::process::Stdio;
 use std::time::Duration;
 
+use std::sync::{Arc, OnceLock};
+
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
+
+/// The process-wide cap on running workers: the semaphore and its size.
+static WORKERS: OnceLock<(Arc<Semaphore>, usize)> = OnceLock::new();
+const DEFAULT_WORKERS: usize = 4;
+
+/// Sets how many workers may run at once in this process; the first call wins, and without one
+/// the cap is 4. A process-wide cap, because every caller (planning, IterResearch's Python
+/// tool) spends the same CPUs.
+pub fn set_max_workers(n: usize) {
+    let _ = WORKERS.set((Arc::new(Semaphore::new(n.max(1))), n.max(1)));
+}
+
+/// How many workers may run at once.
+pub fn max_workers() -> usize {
+    workers().1
+}
+
+fn workers() -> &'static (Arc<Semaphore>, usize) {
+    WORKERS.get_or_init(|| (Arc::new(Semaphore::new(DEFAULT_WORKERS)), DEFAULT_WORKERS))
+}
 
 /// What one program may use.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -86,17 +116,33 @@ struct Job {
 /// Runs `code` in a worker process and returns what happened. Errors of the program are in
 /// the outcome; only a failure to start the worker is an `Err`.
 pub async fn run_python(code: &str, limits: &Limits) -> std::io::Result<Outcome> {
+    let _turn = workers()
+        .0
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(std::io::Error::other)?;
     let exe = std::env::var_os("EXPERIENT_SANDBOX_EXE")
         .map(std::path::PathBuf::from)
         .map_or_else(std::env::current_exe, Ok)?;
-    let mut child = tokio::process::Command::new(exe)
+    let home = EmptyDir::new()?;
+    let mut command = tokio::process::Command::new(exe);
+    command
         .arg("sandbox")
         .env_clear()
+        .current_dir(&home.0)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .spawn()?;
+        .process_group(0);
+    // SAFETY: the closure runs in the forked child before exec and calls only async-signal-safe
+    // functions (close_range/fcntl, setrlimit) on integers; it allocates nothing.
+    unsafe {
+        command.pre_exec(confine_child);
+    }
+    let mut child = command.spawn()?;
+    let group = Group(child.id());
     let job = serde_json::to_vec(&Job {
         code: code.to_owned(),
         limits: limits.clone(),
@@ -119,12 +165,17 @@ pub async fn run_python(code: &str, limits: &Limits) -> std::io::Result<Outcome>
     };
     let deadline = limits.time + Duration::from_secs(2);
     let (status, out, err) = match tokio::time::timeout(deadline, io).await {
-        Ok(r) => r?,
+        Ok(r) => {
+            // Reaped: the group id may now be reused, so it must not be signalled any more.
+            group.disarm();
+            r?
+        }
         Err(_) => {
+            drop(group);
             return Ok(Outcome::failed(format!(
                 "TimeoutError: the program ran past its {:.1} s limit",
                 limits.time.as_secs_f64()
-            )))
+            )));
         }
     };
     if let Ok(outcome) = serde_json::from_slice::<Outcome>(&out) {
@@ -142,6 +193,79 @@ pub async fn run_python(code: &str, limits: &Limits) -> std::io::Result<Outcome>
     } else {
         format!("the sandbox failed ({status}): {}", err.trim())
     }))
+}
+
+/// The worker's process group, killed whole when dropped before the worker was reaped: at the
+/// deadline, or when the request that ran the program goes away.
+struct Group(Option<u32>);
+
+impl Group {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            // SAFETY: killpg on the group the child leads (process_group(0)); it has not been
+            // reaped yet, so the id is still its own.
+            unsafe {
+                libc::killpg(pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// A fresh, empty working directory for one worker, removed afterwards.
+struct EmptyDir(std::path::PathBuf);
+
+impl EmptyDir {
+    fn new() -> std::io::Result<EmptyDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = std::env::temp_dir().join(format!(
+            "experient-sandbox-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        Ok(EmptyDir(dir))
+    }
+}
+
+impl Drop for EmptyDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs in the child between fork and exec: every descriptor past stdin, stdout and stderr is
+/// marked close-on-exec (closing them outright would also close the pipe through which the
+/// parent learns whether exec failed), and the limits that need no knowledge of the job are set.
+fn confine_child() -> std::io::Result<()> {
+    // SAFETY: plain system calls on integers, async-signal-safe.
+    unsafe {
+        const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+        let ranged = libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
+        if ranged != 0 {
+            for fd in 3..4096 {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+        }
+        for (resource, value) in [
+            (libc::RLIMIT_NOFILE, 16),
+            (libc::RLIMIT_NPROC, 0),
+            (libc::RLIMIT_FSIZE, 0),
+        ] {
+            let lim = libc::rlimit {
+                rlim_cur: value,
+                rlim_max: value,
+            };
+            if libc::setrlimit(resource, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The worker: reads one job on stdin, runs it, writes the outcome on stdout. Runs as

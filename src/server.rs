@@ -25,6 +25,30 @@ pub struct ServeOptions {
     pub prompts_dir: Option<PathBuf>,
     /// Where learning jobs write their run directories.
     pub runs_dir: PathBuf,
+    /// Listen beyond loopback although no API keys are configured.
+    pub allow_unauthenticated: bool,
+}
+
+/// Refuses to serve a non-loopback address with no keys: every admin route (learning jobs read
+/// server files, libraries can be deleted) would be open to the network. An operator who means
+/// it says so explicitly.
+fn check_exposure(addr: SocketAddr, keys: &api::auth::Keys, allowed: bool) -> anyhow::Result<()> {
+    if addr.ip().is_loopback() || keys.enabled() {
+        return Ok(());
+    }
+    if allowed {
+        eprintln!(
+            "experient: WARNING: listening on {addr} with no API keys: anyone who can reach it \
+             can use and administer this server"
+        );
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to listen on {addr} with no API keys: anyone who can reach it could read \
+         server files through learning jobs and delete libraries. Set EXPERIENT_API_KEYS and \
+         EXPERIENT_ADMIN_KEYS (or [auth] in the config), listen on 127.0.0.1, or pass \
+         --allow-unauthenticated (EXPERIENT_ALLOW_UNAUTHENTICATED=true) to accept the risk"
+    )
 }
 
 /// Fails with a clear message on a CPU that lacks what this build was compiled for, instead of
@@ -60,6 +84,7 @@ fn local_models(config: &Config) -> Vec<LocalModelConfig> {
             max_seqs: crate::config::default_max_seqs(),
             max_concurrent: crate::config::default_max_concurrent(),
             queue: crate::config::default_queue(),
+            background_slots: None,
             force_cpu: false,
             requantize_q4_1: false,
             fallback: vec![],
@@ -108,6 +133,7 @@ pub async fn backends(
             max_seqs: m.max_seqs,
             max_concurrent: m.max_concurrent,
             queue: m.queue,
+            background_slots: crate::config::background_slots(m.background_slots, m.max_concurrent),
             force_cpu: m.force_cpu,
         });
         raw.insert(
@@ -155,19 +181,26 @@ pub async fn backends(
 
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     check_cpu()?;
+    let keys = keys(&opts.config);
+    check_exposure(opts.addr, &keys, opts.allow_unauthenticated)?;
+    let max_connections = api::listen::fit_connections(opts.config.server.max_connections);
+    crate::sandbox::set_max_workers(opts.config.server.max_sandboxes);
     let (router, locals) = backends(&opts.config, &opts.model_cache).await?;
 
     let store_dir = opts.experience_dir.clone();
-    let store =
-        tokio::task::spawn_blocking(move || Store::open(&store_dir, StoreOptions::default()))
-            .await
-            .context("store task failed")?
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "experience directory {}: {e}",
-                    opts.experience_dir.display()
-                )
-            })?;
+    let store_options = StoreOptions {
+        max_top_k: opts.config.bounds.max_experiences,
+        ..StoreOptions::default()
+    };
+    let store = tokio::task::spawn_blocking(move || Store::open(&store_dir, store_options))
+        .await
+        .context("store task failed")?
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "experience directory {}: {e}",
+                opts.experience_dir.display()
+            )
+        })?;
     let store = Arc::new(store);
 
     let shutting_down = Arc::new(AtomicBool::new(false));
@@ -183,9 +216,11 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         metrics: api::metrics::Metrics::install(),
         store: store.clone(),
         prompts: Arc::new(Prompts::load(opts.prompts_dir.as_deref())?),
-        keys: keys(&opts.config),
+        keys,
+        public_metrics: opts.config.auth.public_metrics,
         jobs: crate::learn::jobs::Jobs::new(&opts.runs_dir),
         methods: Arc::new(opts.config.methods.clone()),
+        bounds: Arc::new(opts.config.bounds.clone()),
     });
     let app = api::app(
         state,
@@ -232,15 +267,12 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
 
     let grace = Duration::from_secs(opts.config.server.shutdown_grace_secs);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    // Streams are written a chunk at a time; without TCP_NODELAY, Nagle's algorithm holds each
-    // small write back until the client's delayed ACK (about 40 ms a chunk on Linux).
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let limits = api::listen::ConnectionLimits {
+        max_connections,
+        header_read_timeout: Duration::from_secs(opts.config.server.header_read_timeout_secs),
+        idle_timeout: Duration::from_secs(opts.config.server.idle_timeout_secs),
+    };
+    let server = api::listen::serve(listener, app, limits, async move {
         shutdown_signal().await;
         shutting_down.store(true, Ordering::SeqCst);
         eprintln!(
@@ -250,7 +282,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
     tokio::select! {
-        r = server => r.context("server failed")?,
+        () = server => {},
         _ = async {
             let _ = stop_rx.wait_for(|s| *s).await;
             tokio::time::sleep(grace).await;

@@ -1,6 +1,7 @@
-//! Inbound API keys. With no keys configured the server is open. With keys, every route but
-//! `/health` and `/metrics` needs `Authorization: Bearer KEY`, and the admin routes
-//! (`/v1/libraries`, `/v1/jobs`) need an admin key.
+//! Inbound API keys. With no keys configured the server is open (and then it listens only on
+//! loopback unless told otherwise, `server::check_exposure`). With keys, every route but
+//! `/health` needs `Authorization: Bearer KEY` (`/metrics` too, unless `auth.public_metrics`),
+//! and the admin routes (`/v1/libraries`, `/v1/jobs`) need an admin key.
 //!
 //! Keys are kept as SHA-256 digests and compared in constant time, so neither the comparison's
 //! timing nor a key's length leaks through the check.
@@ -85,7 +86,8 @@ fn is_admin_route(path: &str) -> bool {
 
 pub async fn check(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    if !s.keys.enabled() || path == "/health" || path == "/metrics" {
+    let public = path == "/health" || (path == "/metrics" && s.public_metrics);
+    if !s.keys.enabled() || public {
         return next.run(req).await;
     }
     let presented = req

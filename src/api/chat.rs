@@ -27,17 +27,20 @@ pub async fn chat_completions(
         v.options.method.as_deref(),
         v.options.library.as_deref(),
     )?;
+    let max = state.bounds.max_experiences;
     let selection = match &v.options.experiences {
         None => None,
         Some(Value::String(s)) if s == "all" => Some(Selection::All),
-        Some(Value::Number(n)) if n.as_u64().is_some_and(|k| k >= 1) => {
+        Some(Value::Number(n)) if n.as_u64().is_some_and(|k| (1..=max as u64).contains(&k)) => {
             Some(Selection::TopK(n.as_u64().unwrap_or(1) as usize))
         }
         Some(_) => {
-            return Err(Error::invalid(
-                "experient.experiences must be \"all\" or a positive number",
-                "experient.experiences",
-            ))
+            return Err(Error::InvalidRequest {
+                message: format!(
+                    "experient.experiences must be \"all\" or a number from 1 to {max}"
+                ),
+                param: Some("experient.experiences".into()),
+            })
         }
     };
     let full_history = match v.options.workspace.as_deref() {
@@ -69,6 +72,7 @@ pub async fn chat_completions(
         store: state.store.clone(),
         prompts: state.prompts.clone(),
         settings: state.methods.clone(),
+        bounds: state.bounds.clone(),
     };
     let output = methods::run(&ctx, route, v.chat, &opts).await?;
     let applied_header = applied_header(&output.applied);

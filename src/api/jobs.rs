@@ -94,7 +94,7 @@ async fn start(
     }
     fields.insert("library".into(), json!(name));
     let options: LearnOptions = parse_json(&serde_json::to_vec(&fields).map_err(Error::internal)?)?;
-    options.check()?;
+    options.check(&s.bounds)?;
     // Unknown models are refused now rather than failing the job later.
     for (param, name) in [
         ("model", Some(&options.model)),
@@ -142,7 +142,8 @@ async fn start(
             (Some(t), None) => Dataset::from_tasks("inline", tasks(t)),
             (None, Some(path)) => {
                 let path = std::path::PathBuf::from(path);
-                tokio::task::spawn_blocking(move || Dataset::load(&path))
+                let max = s.bounds.max_dataset_bytes;
+                tokio::task::spawn_blocking(move || Dataset::load(&path, max))
                     .await
                     .map_err(Error::internal)?
                     .map_err(|e| Error::invalid(format!("{e:#}"), "dataset"))?
@@ -168,8 +169,9 @@ async fn start(
                 .cloned()
                 .collect(),
         };
+        let bounds = s.bounds.clone();
         tokio::task::spawn_blocking(move || {
-            Run::create(&runs_dir, options, &data, train, validation)
+            Run::create(&runs_dir, options, &data, train, validation, &bounds)
         })
         .await
         .map_err(Error::internal)??
@@ -178,6 +180,7 @@ async fn start(
         store: s.store.clone(),
         prompts: s.prompts.clone(),
         settings: s.methods.clone(),
+        bounds: s.bounds.clone(),
     };
     let job = s.jobs.start(ctx, s.router.clone(), run)?;
     Ok((StatusCode::ACCEPTED, Json(job.view())).into_response())

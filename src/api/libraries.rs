@@ -73,14 +73,17 @@ fn list(data: Vec<Value>) -> Json<Value> {
 }
 
 async fn list_libraries(State(s): State<AppState>) -> Result<Json<Value>> {
-    let data = s
+    let healthy = s
         .store
         .names()
-        .iter()
-        .filter_map(|n| s.store.library(n).ok())
-        .map(|l| library_object(&l))
-        .collect();
-    Ok(list(data))
+        .into_iter()
+        .filter_map(|n| s.store.library(&n).ok())
+        .map(|l| library_object(&l));
+    // A damaged library is listed, so that it is not mistaken for a free name.
+    let damaged = s.store.damaged().iter().map(|(name, reason)| {
+        json!({"object": "library", "name": name, "status": "damaged", "error": reason})
+    });
+    Ok(list(healthy.chain(damaged).collect()))
 }
 
 #[derive(Deserialize)]
@@ -95,6 +98,9 @@ async fn create_library(
     State(s): State<AppState>,
     JsonBody(body): JsonBody<CreateLibrary>,
 ) -> Result<Response> {
+    if let Some(settings) = &body.settings {
+        settings.check(s.store.options().max_top_k)?;
+    }
     let lib = blocking(&s.store, move |st| {
         let lib = st.create(&body.name)?;
         if let Some(settings) = body.settings {

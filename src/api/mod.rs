@@ -5,6 +5,7 @@ pub mod chat;
 pub mod error;
 pub mod jobs;
 pub mod libraries;
+pub mod listen;
 pub mod metrics;
 pub mod wire;
 
@@ -50,8 +51,11 @@ pub struct Shared {
     pub store: Arc<Store>,
     pub prompts: Arc<crate::prompts::Prompts>,
     pub keys: auth::Keys,
+    /// Serve `/metrics` without a key even when keys are configured.
+    pub public_metrics: bool,
     pub jobs: crate::learn::jobs::Jobs,
     pub methods: Arc<crate::config::MethodsConfig>,
+    pub bounds: Arc<crate::config::Bounds>,
 }
 
 pub struct AppSettings {

@@ -310,6 +310,7 @@ impl ChatCompletionRequest {
             options: self.experient.unwrap_or_default(),
             chat: ChatRequest {
                 tools,
+                priority: Default::default(),
                 messages,
                 sampling: Sampling {
                     max_tokens: max_tokens.map(|m| m as u32),

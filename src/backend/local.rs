@@ -38,6 +38,8 @@ pub struct LocalSettings {
     pub max_concurrent: usize,
     /// Requests that may wait for admission before new ones get 429.
     pub queue: usize,
+    /// Slots the learning lane may hold (`config::background_slots`).
+    pub background_slots: usize,
     /// Force the CPU even when a GPU build finds a device.
     pub force_cpu: bool,
 }
@@ -53,7 +55,12 @@ impl LocalBackend {
     /// Creates the backend in the not-ready state; [`LocalBackend::load`] makes it ready. The split
     /// lets the server answer `/health` with 503 while the model loads.
     pub fn new(settings: LocalSettings) -> Arc<Self> {
-        let admission = Admission::new(&settings.id, settings.max_concurrent, settings.queue);
+        let admission = Admission::with_background(
+            &settings.id,
+            settings.max_concurrent,
+            settings.queue,
+            settings.background_slots,
+        );
         Arc::new(LocalBackend {
             settings,
             model: OnceLock::new(),
@@ -309,7 +316,7 @@ impl Backend for LocalBackend {
     async fn stream(&self, request: ChatRequest) -> Result<EventStream> {
         let model = self.model()?.clone();
         let n = request.sampling.n.max(1);
-        let permit = self.admission.admit(n as usize).await?;
+        let permit = self.admission.admit(n as usize, request.priority).await?;
         let sender = model
             .inner()
             .get_sender(None)
@@ -330,7 +337,7 @@ impl Backend for LocalBackend {
         // OpenAI does for `n`.
         let merged = futures::stream::select_all(streams);
         let out = async_stream::stream! {
-            struct Release(metrics::Gauge, f64, #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+            struct Release(metrics::Gauge, f64, #[allow(dead_code)] super::Permit);
             impl Drop for Release {
                 fn drop(&mut self) { self.0.decrement(self.1); }
             }

@@ -98,6 +98,8 @@ pub struct ChatRequest {
     pub sampling: Sampling,
     /// Client tools; only methods that run tool loops use them, backends never see them.
     pub tools: Vec<ToolSpec>,
+    /// The admission lane: learning and evaluation mark their requests `Background`.
+    pub priority: Priority,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +170,24 @@ pub enum Event {
 }
 
 pub type EventStream = BoxStream<'static, Result<Event>>;
+
+/// Turns a panic inside whatever produces `events` into a last `Internal` error, so that a
+/// stream ends with an error event (and a non-streaming request with a 500) instead of the
+/// panic unwinding through the connection and cutting it without a word.
+pub fn catch_panics(events: EventStream) -> EventStream {
+    std::panic::AssertUnwindSafe(events)
+        .catch_unwind()
+        .map(|item| {
+            item.unwrap_or_else(|panic| {
+                tracing::error!("a response stream panicked");
+                Err(Error::Internal(format!(
+                    "the server hit an internal error while answering: {}",
+                    crate::error::panic_message(&*panic)
+                )))
+            })
+        })
+        .boxed()
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Choice {
@@ -245,24 +265,62 @@ pub async fn collect(mut stream: EventStream, n: usize) -> Result<Completion> {
     })
 }
 
+/// Which lane of admission a request waits in. Learning and evaluation send many requests
+/// for a long time; interactive clients must not queue behind them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Priority {
+    /// A client's request: waits in the queue and is admitted first.
+    #[default]
+    Interactive,
+    /// Learning and evaluation: admitted only while no interactive request waits, and only
+    /// into the model's few background slots.
+    Background,
+}
+
 /// Admission control: at most `slots` requests are admitted at once and at most `queue` more
-/// wait for a slot; a request for `n` choices takes `n` slots (at most all of them). Past that a request is refused at once with `Overloaded`, because a client that
-/// is told to retry is better served than one whose request waits unboundedly.
+/// wait for a slot; a request for `n` choices takes `n` slots (at most all of them). Past that
+/// an interactive request is refused at once with `Overloaded`, because a client that is told
+/// to retry is better served than one whose request waits unboundedly.
+///
+/// Background requests take a second, smaller lane: at most `background` of them hold slots at
+/// once, and one is admitted only while no interactive request is waiting, so that a running
+/// learning job costs a client at most the sequences already in the engine. Their waits are
+/// bounded by the jobs' own concurrency, not by the queue, which stays the clients'.
 pub struct Admission {
     slots: Arc<Semaphore>,
+    background: Arc<Semaphore>,
     capacity: usize,
     queue: usize,
-    waiting: AtomicUsize,
+    waiting: Arc<AtomicUsize>,
+    /// Woken whenever a slot is freed or an interactive request stops waiting.
+    freed: Arc<tokio::sync::Notify>,
     label: String,
 }
 
+/// Slots held by one admitted request; dropping it frees them and wakes background waiters.
+pub struct Permit {
+    _slots: OwnedSemaphorePermit,
+    _lane: Option<OwnedSemaphorePermit>,
+    freed: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.freed.notify_waiters();
+    }
+}
+
 impl Admission {
-    pub fn new(label: &str, slots: usize, queue: usize) -> Self {
+    /// `slots` requests at once, `queue` more waiting, `background` of the slots open to the
+    /// learning lane.
+    pub fn with_background(label: &str, slots: usize, queue: usize, background: usize) -> Self {
         Admission {
             slots: Arc::new(Semaphore::new(slots.max(1))),
+            background: Arc::new(Semaphore::new(background.clamp(1, slots.max(1)))),
             capacity: slots.max(1),
             queue,
-            waiting: AtomicUsize::new(0),
+            waiting: Arc::new(AtomicUsize::new(0)),
+            freed: Arc::new(tokio::sync::Notify::new()),
             label: label.to_owned(),
         }
     }
@@ -271,10 +329,30 @@ impl Admission {
         self.capacity
     }
 
-    /// Waits for `n` slots, or fails at once when the queue is full.
-    pub async fn admit(&self, n: usize) -> Result<OwnedSemaphorePermit> {
-        let n = n.clamp(1, self.capacity);
-        if let Ok(p) = self.slots.clone().try_acquire_many_owned(n as u32) {
+    /// Waits for `n` slots in `priority`'s lane, or fails at once when the queue is full.
+    pub async fn admit(&self, n: usize, priority: Priority) -> Result<Permit> {
+        let n = n.clamp(1, self.capacity) as u32;
+        let (slots, lane) = match priority {
+            Priority::Interactive => (self.admit_interactive(n).await?, None),
+            Priority::Background => {
+                let lane = self
+                    .background
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| Error::Unavailable("the model is shutting down".into()))?;
+                (self.admit_background(n).await, Some(lane))
+            }
+        };
+        Ok(Permit {
+            _slots: slots,
+            _lane: lane,
+            freed: self.freed.clone(),
+        })
+    }
+
+    async fn admit_interactive(&self, n: u32) -> Result<OwnedSemaphorePermit> {
+        if let Ok(p) = self.slots.clone().try_acquire_many_owned(n) {
             return Ok(p);
         }
         let prior = self.waiting.fetch_add(1, Ordering::SeqCst);
@@ -291,20 +369,36 @@ impl Admission {
         let gauge = metrics::gauge!("experient_queue_depth", "model" => self.label.clone());
         gauge.increment(1.0);
         // Decrement on every exit path, including this future being dropped by a client that
-        // went away while queued.
-        struct Leave<'a>(&'a AtomicUsize, metrics::Gauge);
+        // went away while queued; background requests may go once nobody waits.
+        struct Leave<'a>(&'a AtomicUsize, metrics::Gauge, &'a tokio::sync::Notify);
         impl Drop for Leave<'_> {
             fn drop(&mut self) {
                 self.0.fetch_sub(1, Ordering::SeqCst);
                 self.1.decrement(1.0);
+                self.2.notify_waiters();
             }
         }
-        let _leave = Leave(&self.waiting, gauge);
+        let _leave = Leave(&self.waiting, gauge, &self.freed);
         self.slots
             .clone()
-            .acquire_many_owned(n as u32)
+            .acquire_many_owned(n)
             .await
             .map_err(|_| Error::Unavailable("the model is shutting down".into()))
+    }
+
+    /// Takes slots only while no interactive request waits; otherwise waits for a slot to be
+    /// freed or the interactive queue to empty, and looks again.
+    async fn admit_background(&self, n: u32) -> OwnedSemaphorePermit {
+        loop {
+            // Registered before the check, so a wake-up between the check and the wait is kept.
+            let freed = self.freed.notified();
+            if self.waiting.load(Ordering::SeqCst) == 0 {
+                if let Ok(p) = self.slots.clone().try_acquire_many_owned(n) {
+                    return p;
+                }
+            }
+            freed.await;
+        }
     }
 }
 
@@ -372,7 +466,56 @@ impl StopFilter {
 
 #[cfg(test)]
 mod tests {
-    use super::StopFilter;
+    use super::{catch_panics, Admission, Event, Priority, StopFilter};
+    use futures::StreamExt;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn background_requests_wait_behind_interactive_ones() {
+        let a = std::sync::Arc::new(Admission::with_background("m", 2, 8, 1));
+        let first = a.admit(1, Priority::Background).await.unwrap();
+        // The lane holds one: a second background request waits even with a slot free.
+        let lane =
+            tokio::time::timeout(Duration::from_millis(50), a.admit(1, Priority::Background));
+        assert!(lane.await.is_err());
+        let busy = a.admit(1, Priority::Interactive).await.unwrap();
+        // Both slots taken; an interactive and then a background request queue up.
+        let (a1, a2) = (a.clone(), a.clone());
+        let interactive = tokio::spawn(async move { a1.admit(1, Priority::Interactive).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let background = tokio::spawn(async move { a2.admit(1, Priority::Background).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(first);
+        // The freed slot goes to the interactive request; the background one keeps waiting.
+        let got = tokio::time::timeout(Duration::from_secs(1), interactive).await;
+        let held = got.unwrap().unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!background.is_finished());
+        drop(busy);
+        let bg = tokio::time::timeout(Duration::from_secs(1), background).await;
+        assert!(bg.unwrap().unwrap().is_ok());
+        drop(held);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_stream_ends_with_an_internal_error() {
+        let events = futures::stream::iter(0..3)
+            .map(|i| {
+                if i == 1 {
+                    panic!("boom in the method");
+                }
+                Ok(Event::Delta {
+                    index: 0,
+                    text: "x".into(),
+                })
+            })
+            .boxed();
+        let got: Vec<_> = catch_panics(events).collect().await;
+        assert_eq!(got.len(), 2);
+        assert!(got[0].is_ok());
+        let err = got[1].as_ref().unwrap_err().to_string();
+        assert!(err.contains("boom in the method"), "{err}");
+    }
 
     fn run(stops: &[&str], deltas: &[&str]) -> (String, bool) {
         let mut f = StopFilter::new(stops.iter().map(|s| s.to_string()).collect());

@@ -332,7 +332,12 @@ impl UpstreamBackend {
             first_byte: Duration::from_secs_f64(c.first_byte_timeout_secs),
             total: Duration::from_secs_f64(c.total_timeout_secs),
             max_retries: c.max_retries,
-            admission: Admission::new(&c.id, c.max_concurrent, c.queue),
+            admission: Admission::with_background(
+                &c.id,
+                c.max_concurrent,
+                c.queue,
+                crate::config::background_slots(c.background_slots, c.max_concurrent),
+            ),
         })
     }
 
@@ -477,7 +482,7 @@ impl Backend for UpstreamBackend {
 
     async fn stream(&self, request: ChatRequest) -> Result<EventStream> {
         let n = request.sampling.n.max(1);
-        let permit = self.admission.admit(1).await?;
+        let permit = self.admission.admit(1, request.priority).await?;
         let body = self.body(&request);
         let deadline = Instant::now() + self.total;
         let mut attempt = 0;

@@ -5,7 +5,8 @@
 //! log, never a source of truth.
 
 use std::path::Path;
-use std::sync::Mutex;
+
+use parking_lot::Mutex;
 
 use tantivy::collector::TopDocs;
 use tantivy::directory::MmapDirectory;
@@ -16,10 +17,15 @@ use tantivy::{doc, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term
 use super::Experience;
 use crate::error::{Error, Result};
 
+/// One library's index. Its writer exists only while a change is written: an open tantivy
+/// writer holds an indexing thread and a merge pool, about six OS threads, and a server with
+/// a couple of hundred libraries ran out of threads when each kept one open. Writes are rare
+/// (curation, one per learning step), so paying a writer's start per write is cheap.
 pub struct Index {
     index: tantivy::Index,
     reader: IndexReader,
-    writer: Mutex<IndexWriter>,
+    /// Serialises writers: tantivy allows one per index at a time.
+    writing: Mutex<()>,
     id: Field,
     text: Field,
     tags: Field,
@@ -68,8 +74,6 @@ impl Index {
                 )
             }
         };
-        // One indexing thread: documents are small and the machine may have two cores.
-        let writer: IndexWriter = index.writer_with_num_threads(1, 32_000_000).map_err(ierr)?;
         let reader = index
             .reader_builder()
             .reload_policy(ReloadPolicy::Manual)
@@ -78,7 +82,7 @@ impl Index {
         let me = Index {
             index,
             reader,
-            writer: Mutex::new(writer),
+            writing: Mutex::new(()),
             id,
             text,
             tags,
@@ -102,37 +106,52 @@ impl Index {
         experiences: impl Iterator<Item = &'a Experience>,
         version: u64,
     ) -> Result<()> {
-        let mut w = self.writer.lock().unwrap();
-        w.delete_all_documents().map_err(ierr)?;
-        for e in experiences {
-            w.add_document(self.document(e)).map_err(ierr)?;
-        }
-        self.commit(&mut w, version)
+        self.write(version, |w| {
+            w.delete_all_documents().map_err(ierr)?;
+            for e in experiences {
+                w.add_document(self.document(e)).map_err(ierr)?;
+            }
+            Ok(())
+        })
     }
 
-    fn commit(&self, w: &mut IndexWriter, version: u64) -> Result<()> {
+    /// Opens a writer, lets `change` fill it, commits as of `version`, and closes the writer,
+    /// waiting for its threads (merges included) to end.
+    fn write(&self, version: u64, change: impl FnOnce(&IndexWriter) -> Result<()>) -> Result<()> {
+        let _one = self.writing.lock();
+        // One indexing thread with tantivy's smallest budget: documents are a few hundred bytes.
+        let mut w: IndexWriter = self
+            .index
+            .writer_with_num_threads(1, 15_000_000)
+            .map_err(ierr)?;
+        change(&w)?;
         let mut prepared = w.prepare_commit().map_err(ierr)?;
         prepared.set_payload(&version.to_string());
         prepared.commit().map_err(ierr)?;
+        w.wait_merging_threads().map_err(ierr)?;
         self.reader.reload().map_err(ierr)
     }
 
     /// Replaces the documents of `removed` ids with `current` experiences, as of `version`.
     pub fn apply(&self, removed: &[&str], current: &[Experience], version: u64) -> Result<()> {
-        let mut w = self.writer.lock().unwrap();
-        for id in removed {
-            w.delete_term(Term::from_field_text(self.id, id));
-        }
-        for e in current {
-            w.add_document(self.document(e)).map_err(ierr)?;
-        }
-        self.commit(&mut w, version)
+        self.write(version, |w| {
+            for id in removed {
+                w.delete_term(Term::from_field_text(self.id, id));
+            }
+            for e in current {
+                w.add_document(self.document(e)).map_err(ierr)?;
+            }
+            Ok(())
+        })
     }
 
     /// Ids of the best matches for `q` (BM25), optionally restricted to a tag. Query syntax
     /// errors are forgiven: user text is searched as well as it can be, never rejected.
     pub fn search(&self, q: &str, tag: Option<&str>, limit: usize) -> Result<Vec<(String, f32)>> {
         let searcher = self.reader.searcher();
+        // tantivy sizes its collector for the limit before it looks at a document; there are
+        // never more hits than documents.
+        let limit = (limit as u64).min(searcher.num_docs()).max(1) as usize;
         let parser = QueryParser::for_index(&self.index, vec![self.text]);
         let (text_query, _errors) = parser.parse_query_lenient(q);
         let query: Box<dyn Query> = match tag {
@@ -149,7 +168,7 @@ impl Index {
             None => text_query,
         };
         let top = searcher
-            .search(&query, &TopDocs::with_limit(limit.max(1)).order_by_score())
+            .search(&query, &TopDocs::with_limit(limit).order_by_score())
             .map_err(ierr)?;
         let mut out = Vec::with_capacity(top.len());
         for (score, addr) in top {

@@ -2,9 +2,10 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
+
+use parking_lot::{Mutex, RwLock};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -135,8 +136,19 @@ pub(super) struct State {
     pub next_id: u64,
 }
 
+/// The number of an id in its one stored spelling, `E` and the number in plain decimal
+/// (`E12`). Any other spelling (`E012`, `E+12`, `e12`) names no experience: parsing leniently
+/// once let `E01` edit `E1` while the index, keyed by the raw string, kept the old text too.
 pub fn id_number(id: &str) -> Option<u64> {
-    id.strip_prefix('E')?.parse().ok()
+    let digits = id.strip_prefix('E')?;
+    let canonical = !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'));
+    if canonical {
+        digits.parse().ok()
+    } else {
+        None
+    }
 }
 
 fn apply(experiences: &mut Experiences, v: &Version) {
@@ -202,8 +214,11 @@ fn max_id(v: &Version) -> u64 {
 pub struct Library {
     pub name: String,
     dir: PathBuf,
-    /// Serialises writers and owns the log's append handle.
-    log: Mutex<File>,
+    /// Serialises writers. The log is opened for each write rather than held open, so that a
+    /// thousand libraries do not hold a thousand file descriptors.
+    writer: Mutex<()>,
+    /// The largest `top_k` a setting may hold (`bounds.max_experiences`).
+    max_top_k: usize,
     pub(super) state: RwLock<State>,
     settings: RwLock<Settings>,
     pub(super) index: Index,
@@ -219,7 +234,7 @@ struct Usage {
 
 impl Library {
     /// Creates a new library directory with an empty first version.
-    pub fn create(dir: &Path, name: &str) -> Result<Library> {
+    pub fn create(dir: &Path, name: &str, max_top_k: usize) -> Result<Library> {
         if dir.exists() {
             return Err(Error::Conflict(format!("library '{name}' already exists")));
         }
@@ -242,58 +257,37 @@ impl Library {
         write_atomic(&tmp.join(LOG_FILE), line.as_bytes())?;
         std::fs::rename(&tmp, dir)?;
         sync_dir(parent)?;
-        Library::open(dir, name)
+        // The creation was never acknowledged: if the new library cannot be opened, nothing of
+        // it may stay behind, or the name would answer 404 to GET and 409 to POST.
+        Library::open(dir, name, max_top_k).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(dir);
+            let _ = sync_dir(parent);
+        })
     }
 
     /// Opens a library, replaying its log. A torn last line (a write cut off by a crash, never
     /// acknowledged) is cut away; damage anywhere else is an error, never silently skipped.
-    pub fn open(dir: &Path, name: &str) -> Result<Library> {
-        let log_path = dir.join(LOG_FILE);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| Error::internal(format!("cannot open {}: {e}", log_path.display())))?;
-        let mut versions = Vec::new();
-        let mut good_len = 0u64;
-        {
-            let mut reader = BufReader::new(&file);
-            let mut line = String::new();
-            let mut lineno = 0;
-            loop {
-                line.clear();
-                let n = reader.read_line(&mut line)?;
-                if n == 0 {
-                    break;
-                }
-                lineno += 1;
-                let complete = line.ends_with('\n');
-                match serde_json::from_str::<Version>(line.trim_end()) {
-                    Ok(v) if complete => {
-                        good_len += n as u64;
-                        versions.push(v);
-                    }
-                    _ => {
-                        // Only the very end may be torn.
-                        let mut rest = String::new();
-                        reader.read_line(&mut rest)?;
-                        if !rest.is_empty() {
-                            return Err(Error::internal(format!(
-                                "{} line {lineno} is damaged; fix or remove it by hand",
-                                log_path.display()
-                            )));
-                        }
-                        tracing::warn!(library = name, "dropping a torn last log line");
-                        break;
-                    }
-                }
-            }
+    pub fn open(dir: &Path, name: &str, max_top_k: usize) -> Result<Library> {
+        #[cfg(test)]
+        if tests::FAIL_NEXT_OPEN.with(|f| f.replace(false)) {
+            return Err(Error::internal("opening failed (test failpoint)"));
         }
-        if good_len < file.metadata()?.len() {
-            file.set_len(good_len)?;
+        let log_path = dir.join(LOG_FILE);
+        let bytes = std::fs::read(&log_path)
+            .map_err(|e| Error::internal(format!("cannot read {}: {e}", log_path.display())))?;
+        let replay = replay(&bytes).map_err(|lineno| {
+            Error::internal(format!(
+                "{} line {lineno} is damaged; fix or remove it by hand",
+                log_path.display()
+            ))
+        })?;
+        if replay.good_len < bytes.len() {
+            tracing::warn!(library = name, "dropping a torn last log line");
+            let file = OpenOptions::new().write(true).open(&log_path)?;
+            file.set_len(replay.good_len as u64)?;
             file.sync_all()?;
         }
-        file.seek(SeekFrom::End(0))?;
+        let versions = replay.versions;
         if versions.is_empty() {
             return Err(Error::internal(format!(
                 "{} holds no versions",
@@ -306,13 +300,7 @@ impl Library {
             apply(&mut experiences, v);
             next_id = next_id.max(max_id(v) + 1);
         }
-        let settings = match std::fs::read(dir.join(SETTINGS_FILE)) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                Error::internal(format!("{}: {e}", dir.join(SETTINGS_FILE).display()))
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Settings::default(),
-            Err(e) => return Err(e.into()),
-        };
+        let settings = read_settings(dir, name, max_top_k)?;
         let usage = match std::fs::read(dir.join(USAGE_FILE)) {
             Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
             Err(_) => BTreeMap::new(),
@@ -322,7 +310,8 @@ impl Library {
         Ok(Library {
             name: name.to_owned(),
             dir: dir.to_owned(),
-            log: Mutex::new(file),
+            writer: Mutex::new(()),
+            max_top_k,
             state: RwLock::new(State {
                 experiences,
                 versions,
@@ -338,12 +327,12 @@ impl Library {
     }
 
     pub fn version(&self) -> u64 {
-        let s = self.state.read().unwrap();
+        let s = self.state.read();
         s.versions.last().map(|v| v.version).unwrap_or(0)
     }
 
     pub fn len(&self) -> usize {
-        self.state.read().unwrap().experiences.len()
+        self.state.read().experiences.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -351,23 +340,25 @@ impl Library {
     }
 
     pub fn settings(&self) -> Settings {
-        self.settings.read().unwrap().clone()
+        self.settings.read().clone()
     }
 
+    /// Stores new settings; a `top_k` over the server's bound is refused, not stored.
     pub fn set_settings(&self, s: Settings) -> Result<()> {
-        let _writer = self.log.lock().unwrap();
+        s.check(self.max_top_k)?;
+        let _writer = self.writer.lock();
         write_atomic(&self.dir.join(SETTINGS_FILE), &pretty(&s)?)?;
-        *self.settings.write().unwrap() = s;
+        *self.settings.write() = s;
         Ok(())
     }
 
     pub fn get(&self, id: &str) -> Option<Experience> {
         let n = id_number(id)?;
-        self.state.read().unwrap().experiences.get(&n).cloned()
+        self.state.read().experiences.get(&n).cloned()
     }
 
     pub fn list(&self, tag: Option<&str>, limit: usize) -> Vec<Experience> {
-        let s = self.state.read().unwrap();
+        let s = self.state.read();
         s.experiences
             .values()
             .filter(|e| tag.is_none_or(|t| e.tags.iter().any(|x| x == t)))
@@ -377,22 +368,16 @@ impl Library {
     }
 
     pub fn all(&self) -> Vec<Experience> {
-        self.state
-            .read()
-            .unwrap()
-            .experiences
-            .values()
-            .cloned()
-            .collect()
+        self.state.read().experiences.values().cloned().collect()
     }
 
     pub fn versions(&self) -> Vec<VersionSummary> {
-        let s = self.state.read().unwrap();
+        let s = self.state.read();
         s.versions.iter().map(VersionSummary::from).collect()
     }
 
     pub fn version_record(&self, v: u64) -> Option<Version> {
-        let s = self.state.read().unwrap();
+        let s = self.state.read();
         s.versions.iter().find(|x| x.version == v).cloned()
     }
 
@@ -402,7 +387,7 @@ impl Library {
     }
 
     fn experiences_at(&self, v: u64) -> Result<Experiences> {
-        let s = self.state.read().unwrap();
+        let s = self.state.read();
         if !s.versions.iter().any(|x| x.version == v) {
             return Err(Error::not_found(
                 format!("library '{}' has no version {v}", self.name),
@@ -452,7 +437,7 @@ impl Library {
     /// The changes that turn the current state into the state of version `v`.
     pub fn rollback_changes(&self, v: u64) -> Result<Vec<Change>> {
         let target = self.experiences_at(v)?;
-        let s = self.state.read().unwrap();
+        let s = self.state.read();
         let mut changes = Vec::new();
         for (k, e) in &s.experiences {
             match target.get(k) {
@@ -477,9 +462,9 @@ impl Library {
     /// disk. Validation happens before anything is written, so a bad change leaves the
     /// library exactly as it was.
     pub fn commit(&self, message: &str, changes: Vec<Change>) -> Result<Version> {
-        let mut log = self.log.lock().unwrap();
+        let writer = self.writer.lock();
         let (version, ops) = {
-            let s = self.state.read().unwrap();
+            let s = self.state.read();
             let mut next_id = s.next_id;
             let mut ops = Vec::with_capacity(changes.len());
             let mut deleted = std::collections::HashSet::new();
@@ -538,6 +523,10 @@ impl Library {
         };
         let mut line = serde_json::to_string(&record).map_err(Error::internal)?;
         line.push('\n');
+        let mut log = OpenOptions::new()
+            .append(true)
+            .open(self.dir.join(LOG_FILE))
+            .map_err(|e| Error::internal(format!("opening library '{}': {e}", self.name)))?;
         let before = log.metadata()?.len();
         if let Err(e) = log
             .write_all(line.as_bytes())
@@ -555,7 +544,7 @@ impl Library {
         // version number then also sees the new index, so the search cache (keyed by version)
         // can never hold results older than its key.
         let touched: Vec<Experience> = {
-            let s = self.state.read().unwrap();
+            let s = self.state.read();
             let mut scratch: Experiences = record
                 .ops
                 .iter()
@@ -571,19 +560,19 @@ impl Library {
             tracing::error!(library = %self.name, error = %e, "index update failed; it will be rebuilt on restart");
         }
         {
-            let mut s = self.state.write().unwrap();
+            let mut s = self.state.write();
             apply(&mut s.experiences, &record);
             s.next_id = s.next_id.max(max_id(&record) + 1);
             s.versions.push(record.clone());
         }
-        drop(log);
+        drop(writer);
         Ok(record)
     }
 
     /// Counts that experiences were injected into a request. Counts are statistics, not
     /// history: they are flushed to `usage.json` at most every few seconds, not versioned.
     pub fn record_use(&self, ids: &[String]) {
-        let mut u = self.usage.lock().unwrap();
+        let mut u = self.usage.lock();
         for id in ids {
             *u.counts.entry(id.clone()).or_default() += 1;
         }
@@ -594,17 +583,11 @@ impl Library {
     }
 
     pub fn uses(&self, id: &str) -> u64 {
-        self.usage
-            .lock()
-            .unwrap()
-            .counts
-            .get(id)
-            .copied()
-            .unwrap_or(0)
+        self.usage.lock().counts.get(id).copied().unwrap_or(0)
     }
 
     pub fn flush_usage(&self) {
-        let mut u = self.usage.lock().unwrap();
+        let mut u = self.usage.lock();
         self.flush_usage_locked(&mut u);
     }
 
@@ -632,6 +615,63 @@ impl Library {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// What a log's bytes replay to: its versions, and how many bytes of it are sound.
+struct Replay {
+    versions: Vec<Version>,
+    good_len: usize,
+}
+
+/// Replays a log from its bytes. Lines are found as bytes, not text, so that a torn last line
+/// is recognised whatever it was cut in the middle of (a multi-byte character included).
+/// Only the last line may be unreadable or unfinished, since only the last write can have been
+/// cut off; any other bad line is damage, reported by its 1-based number.
+fn replay(bytes: &[u8]) -> std::result::Result<Replay, usize> {
+    let mut versions = Vec::new();
+    let mut good_len = 0;
+    let mut rest = bytes;
+    let mut lineno = 0;
+    while !rest.is_empty() {
+        lineno += 1;
+        let (line, complete, next) = match memchr::memchr(b'\n', rest) {
+            Some(i) => (&rest[..i], true, &rest[i + 1..]),
+            None => (rest, false, &rest[rest.len()..]),
+        };
+        match serde_json::from_slice::<Version>(line) {
+            Ok(v) if complete => {
+                good_len += line.len() + 1;
+                versions.push(v);
+            }
+            _ if next.is_empty() => break,
+            _ => return Err(lineno),
+        }
+        rest = next;
+    }
+    Ok(Replay { versions, good_len })
+}
+
+/// A library's settings; a `top_k` above the bound (written by hand or under an older bound)
+/// is clamped, with a warning, rather than trusted.
+fn read_settings(dir: &Path, name: &str, max_top_k: usize) -> Result<Settings> {
+    let path = dir.join(SETTINGS_FILE);
+    let mut settings: Settings = match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map_err(|e| Error::internal(format!("{}: {e}", path.display())))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Settings::default(),
+        Err(e) => return Err(e.into()),
+    };
+    if settings.top_k > max_top_k || settings.top_k == 0 {
+        let clamped = settings.top_k.clamp(1, max_top_k);
+        tracing::warn!(
+            library = name,
+            top_k = settings.top_k,
+            clamped,
+            "library top_k is outside the server's bounds; using the bound"
+        );
+        settings.top_k = clamped;
+    }
+    Ok(settings)
 }
 
 fn pretty<T: Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -665,4 +705,231 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)?.sync_all()?;
     Ok(())
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::experience::Store;
+
+    thread_local! {
+        /// Makes the next `Library::open` on this thread fail, as a real failure after the
+        /// creation's rename would (thread creation, a full disk).
+        pub static FAIL_NEXT_OPEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    const MAX: usize = 256;
+
+    fn add(text: &str) -> Change {
+        Change::Add {
+            text: text.into(),
+            tags: vec!["t".into()],
+            source: Source::Manual,
+            provenance: Provenance::default(),
+        }
+    }
+
+    /// A library with one version of every op kind: add, update, delete, restore.
+    fn every_op(dir: &Path) -> Library {
+        let lib = Library::create(&dir.join("lib"), "lib", MAX).unwrap();
+        lib.commit(
+            "adds",
+            vec![add("Kilómetros: a ñ in the text."), add("Second.")],
+        )
+        .unwrap();
+        lib.commit(
+            "edit",
+            vec![Change::Update {
+                id: "E1".into(),
+                text: Some("Edited: ü and 日本.".into()),
+                tags: Some(vec!["u".into()]),
+            }],
+        )
+        .unwrap();
+        let second = lib.get("E2").unwrap();
+        lib.commit("delete", vec![Change::Delete { id: "E2".into() }])
+            .unwrap();
+        lib.commit("restore", vec![Change::Restore(second)])
+            .unwrap();
+        lib
+    }
+
+    #[test]
+    fn replay_of_every_op_kind_gives_the_state_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = {
+            let lib = every_op(dir.path());
+            (lib.all(), lib.version())
+        };
+        let lib = Library::open(&dir.path().join("lib"), "lib", MAX).unwrap();
+        assert_eq!((lib.all(), lib.version()), before);
+        assert_eq!(lib.get("E1").unwrap().text, "Edited: ü and 日本.");
+        assert_eq!(lib.get("E2").unwrap().text, "Second.");
+        assert_eq!(lib.version(), 4);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_at_every_byte_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let lib_dir = dir.path().join("lib");
+        let expected = {
+            let lib = every_op(dir.path());
+            lib.all()
+        };
+        let log = std::fs::read(lib_dir.join(LOG_FILE)).unwrap();
+        // One more version whose text holds multi-byte characters, then cut it at every byte,
+        // the offsets inside each character included.
+        let extra = {
+            let lib = Library::open(&lib_dir, "lib", MAX).unwrap();
+            lib.commit("more", vec![add("Ünïcödé — 日本語 🙂.")])
+                .unwrap();
+            std::fs::read(lib_dir.join(LOG_FILE)).unwrap()[log.len()..].to_vec()
+        };
+        assert!(std::str::from_utf8(&extra).unwrap().contains('🙂'));
+        for cut in 1..extra.len() {
+            let mut torn = log.clone();
+            torn.extend_from_slice(&extra[..cut]);
+            std::fs::write(lib_dir.join(LOG_FILE), &torn).unwrap();
+            let lib = Library::open(&lib_dir, "lib", MAX)
+                .unwrap_or_else(|e| panic!("cut at {cut} of {}: {e}", extra.len()));
+            assert_eq!(lib.all(), expected, "cut at {cut}");
+            // Repaired on disk to the last whole version.
+            assert_eq!(std::fs::read(lib_dir.join(LOG_FILE)).unwrap(), log);
+        }
+    }
+
+    #[test]
+    fn damage_before_the_last_line_refuses_the_library_and_leaves_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let lib_dir = dir.path().join("lib");
+        drop(every_op(dir.path()));
+        let log = std::fs::read(lib_dir.join(LOG_FILE)).unwrap();
+        let mut damaged = log.clone();
+        let second_line = log.iter().position(|&b| b == b'\n').unwrap() + 1;
+        damaged[second_line + 3] = 0xff;
+        std::fs::write(lib_dir.join(LOG_FILE), &damaged).unwrap();
+        let err = Library::open(&lib_dir, "lib", MAX)
+            .err()
+            .expect("damage must refuse");
+        assert!(err.to_string().contains("line 2 is damaged"), "{err}");
+        assert_eq!(std::fs::read(lib_dir.join(LOG_FILE)).unwrap(), damaged);
+    }
+
+    #[test]
+    fn a_damaged_library_is_refused_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), Default::default()).unwrap();
+            store.create("good").unwrap();
+            store.create("bad").unwrap();
+            store.add("bad", "One.", vec![]).unwrap();
+            store.add("bad", "Two.", vec![]).unwrap();
+        }
+        let log = dir.path().join("bad").join(LOG_FILE);
+        let mut bytes = std::fs::read(&log).unwrap();
+        bytes[5] = b'#';
+        std::fs::write(&log, &bytes).unwrap();
+        let store = Store::open(dir.path(), Default::default()).unwrap();
+        assert!(matches!(store.library("bad"), Err(Error::Unavailable(_))));
+        assert!(store.damaged().contains_key("bad"));
+        assert!(matches!(store.create("bad"), Err(Error::Conflict(_))));
+        store.add("good", "Still works.", vec![]).unwrap();
+        assert_eq!(
+            std::fs::read(&log).unwrap(),
+            bytes,
+            "the damaged log is left as it was"
+        );
+    }
+
+    #[test]
+    fn only_the_stored_spelling_of_an_id_names_it() {
+        for (id, n) in [("E1", Some(1)), ("E0", Some(0)), ("E12", Some(12))] {
+            assert_eq!(id_number(id), n, "{id}");
+        }
+        for id in ["E01", "E+2", "e1", "E", "E-1", "E 1", "E1 ", "1", "E١"] {
+            assert_eq!(id_number(id), None, "{id}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Default::default()).unwrap();
+        store.create("l").unwrap();
+        store.add("l", "First text.", vec![]).unwrap();
+        store.add("l", "Second text.", vec![]).unwrap();
+        assert!(matches!(
+            store.edit("l", "E01", Some("Changed.".into()), None),
+            Err(Error::NotFound { .. })
+        ));
+        assert!(matches!(
+            store.remove("l", "E+2"),
+            Err(Error::NotFound { .. })
+        ));
+        let hits = store.search("l", Some("first"), None, 10).unwrap();
+        assert_eq!(hits.len(), 1);
+        assert_eq!(hits[0].experience.text, "First text.");
+        assert_eq!(store.library("l").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_failed_create_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Default::default()).unwrap();
+        FAIL_NEXT_OPEN.with(|f| f.set(true));
+        assert!(store.create("x").is_err());
+        assert!(!dir.path().join("x").exists());
+        assert!(matches!(store.library("x"), Err(Error::NotFound { .. })));
+        store.create("x").unwrap();
+    }
+
+    #[test]
+    fn top_k_over_the_bound_is_refused_when_written_and_clamped_when_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = Library::create(&dir.path().join("l"), "l", 16).unwrap();
+        let huge = Settings {
+            top_k: 100_000_000_000_000,
+            ..Settings::default()
+        };
+        assert!(matches!(
+            lib.set_settings(huge.clone()),
+            Err(Error::InvalidRequest { .. })
+        ));
+        std::fs::write(
+            dir.path().join("l").join(SETTINGS_FILE),
+            serde_json::to_vec(&huge).unwrap(),
+        )
+        .unwrap();
+        let lib = Library::open(&dir.path().join("l"), "l", 16).unwrap();
+        assert_eq!(lib.settings().top_k, 16);
+    }
+
+    fn threads() -> usize {
+        std::fs::read_dir("/proc/self/task").unwrap().count()
+    }
+
+    #[test]
+    fn a_thousand_libraries_hold_no_threads_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Default::default()).unwrap();
+        let before = threads();
+        for i in 0..1000 {
+            let name = format!("lib{i}");
+            store.create(&name).unwrap();
+            if i % 10 == 0 {
+                store.add(&name, "Some lesson to index.", vec![]).unwrap();
+            }
+        }
+        // Other tests run beside this one and start threads of their own; a thousand open
+        // index writers would have added about six thousand.
+        let grown = threads().saturating_sub(before);
+        assert!(grown < 64, "{grown} threads more after 1000 libraries");
+        assert_eq!(
+            store
+                .search("lib990", Some("lesson"), None, 5)
+                .unwrap()
+                .len(),
+            1
+        );
+        drop(store);
+        let store = Store::open(dir.path(), Default::default()).unwrap();
+        assert_eq!(store.names().len(), 1000);
+        assert!(threads().saturating_sub(before) < 64);
+    }
 }

@@ -71,6 +71,20 @@ fn default_top_k() -> usize {
     8
 }
 
+impl Settings {
+    /// Refuses settings a request could not be served with: `top_k` sizes the search of every
+    /// request to the library.
+    pub fn check(&self, max_top_k: usize) -> Result<()> {
+        if self.top_k == 0 || self.top_k > max_top_k {
+            return Err(Error::InvalidRequest {
+                message: format!("top_k must be from 1 to {max_top_k}, got {}", self.top_k),
+                param: Some("top_k".into()),
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {

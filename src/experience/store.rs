@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 
 use serde::Serialize;
 
@@ -17,6 +19,8 @@ pub struct StoreOptions {
     pub max_text_chars: usize,
     /// Search results kept in the cache.
     pub cache_entries: u64,
+    /// The largest `top_k` a library may be set to (`bounds.max_experiences`).
+    pub max_top_k: usize,
 }
 
 impl Default for StoreOptions {
@@ -24,6 +28,7 @@ impl Default for StoreOptions {
         StoreOptions {
             max_text_chars: 2000,
             cache_entries: 10_000,
+            max_top_k: crate::config::Bounds::default().max_experiences,
         }
     }
 }
@@ -43,6 +48,10 @@ pub struct Store {
     dir: PathBuf,
     options: StoreOptions,
     libraries: RwLock<BTreeMap<String, Arc<Library>>>,
+    /// Libraries that could not be opened (a log damaged mid-file), with the reason. They are
+    /// refused alone, with 503, so that one bad library never keeps the others from serving;
+    /// their files are left exactly as they are for a person to repair.
+    damaged: BTreeMap<String, String>,
     /// Search results by (library, version, query, tag, limit). The version in the key is what
     /// invalidates: after a write, no later search can hit an entry made before it.
     cache: moka::sync::Cache<CacheKey, Arc<Vec<(String, f32)>>>,
@@ -78,6 +87,7 @@ impl Store {
             Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
         }
         let mut libraries = BTreeMap::new();
+        let mut damaged = BTreeMap::new();
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -89,8 +99,16 @@ impl Store {
             if validate_library_name(&name).is_err() || !entry.path().join(LOG_FILE).is_file() {
                 continue;
             }
-            let lib = Library::open(&entry.path(), &name)?;
-            libraries.insert(name, Arc::new(lib));
+            match Library::open(&entry.path(), &name, options.max_top_k) {
+                Ok(lib) => {
+                    libraries.insert(name, Arc::new(lib));
+                }
+                Err(e) => {
+                    tracing::error!(library = %name, error = %e, "library refused: it cannot be loaded");
+                    eprintln!("experient: library '{name}' is refused until repaired: {e}");
+                    damaged.insert(name, e.to_string());
+                }
+            }
         }
         let cache = moka::sync::Cache::builder()
             .max_capacity(options.cache_entries)
@@ -99,6 +117,7 @@ impl Store {
             dir: dir.to_owned(),
             options,
             libraries: RwLock::new(libraries),
+            damaged,
             cache,
             _lock: lock,
         })
@@ -113,14 +132,24 @@ impl Store {
     }
 
     pub fn names(&self) -> Vec<String> {
-        self.libraries.read().unwrap().keys().cloned().collect()
+        self.libraries.read().keys().cloned().collect()
+    }
+
+    /// The libraries that could not be loaded, with the reason each was refused.
+    pub fn damaged(&self) -> &BTreeMap<String, String> {
+        &self.damaged
     }
 
     pub fn library(&self, name: &str) -> Result<Arc<Library>> {
         validate_library_name(name)?;
+        if let Some(reason) = self.damaged.get(name) {
+            return Err(Error::Unavailable(format!(
+                "library '{name}' is damaged and refused until it is repaired by hand and the \
+                 server restarted: {reason}"
+            )));
+        }
         self.libraries
             .read()
-            .unwrap()
             .get(name)
             .cloned()
             .ok_or_else(|| Error::not_found(format!("no library named '{name}'"), "library"))
@@ -128,11 +157,15 @@ impl Store {
 
     pub fn create(&self, name: &str) -> Result<Arc<Library>> {
         validate_library_name(name)?;
-        let mut libs = self.libraries.write().unwrap();
-        if libs.contains_key(name) {
+        let mut libs = self.libraries.write();
+        if libs.contains_key(name) || self.damaged.contains_key(name) {
             return Err(Error::Conflict(format!("library '{name}' already exists")));
         }
-        let lib = Arc::new(Library::create(&self.dir.join(name), name)?);
+        let lib = Arc::new(Library::create(
+            &self.dir.join(name),
+            name,
+            self.options.max_top_k,
+        )?);
         libs.insert(name.to_owned(), lib.clone());
         Ok(lib)
     }
@@ -140,7 +173,7 @@ impl Store {
     /// Deletes a library: its directory is renamed away first (atomic), then removed.
     pub fn delete(&self, name: &str) -> Result<()> {
         let lib = self.library(name)?;
-        let mut libs = self.libraries.write().unwrap();
+        let mut libs = self.libraries.write();
         let trash = self
             .dir
             .join(format!(".deleted-{name}-{}", uuid::Uuid::new_v4().simple()));
@@ -286,7 +319,7 @@ impl Store {
     }
 
     pub fn flush(&self) {
-        for lib in self.libraries.read().unwrap().values() {
+        for lib in self.libraries.read().values() {
             lib.flush_usage();
         }
     }

@@ -25,9 +25,24 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    pub fn load(path: &Path) -> anyhow::Result<Dataset> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    /// Reads a task file of at most `max_bytes`: a larger one (or a device such as
+    /// `/dev/zero`, which never ends) is refused after reading one byte past the bound.
+    pub fn load(path: &Path, max_bytes: u64) -> anyhow::Result<Dataset> {
+        use std::io::Read;
+        let file =
+            std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut bytes = Vec::new();
+        file.take(max_bytes.saturating_add(1))
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if bytes.len() as u64 > max_bytes {
+            anyhow::bail!(
+                "{} is larger than the {max_bytes} bytes a task file may have (bounds.max_dataset_bytes)",
+                path.display()
+            );
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", path.display()))?;
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())

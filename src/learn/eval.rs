@@ -73,6 +73,7 @@ pub async fn run_arm(
             work.push(async move {
                 let request = ChatRequest {
                     tools: vec![],
+                    priority: crate::backend::Priority::Background,
                     messages: prompt(ds, &task.question),
                     sampling: Sampling {
                         max_tokens: Some(opts.max_tokens),
@@ -141,6 +142,19 @@ pub async fn evaluate(
     ds: &Dataset,
     opts: &EvalOptions,
 ) -> anyhow::Result<Report> {
+    let b = &ctx.bounds;
+    if !(1..=b.max_concurrency).contains(&opts.concurrency) {
+        anyhow::bail!(
+            "concurrency must be from 1 to {} (bounds.max_concurrency)",
+            b.max_concurrency
+        );
+    }
+    if opts.samples == 0 || opts.samples > b.max_group_size {
+        anyhow::bail!(
+            "samples must be from 1 to {} (bounds.max_group_size)",
+            b.max_group_size
+        );
+    }
     let base = router
         .resolve(model, Some(Method::Direct.name()), None)
         .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -16,7 +16,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -24,7 +26,8 @@ use serde::{Deserialize, Serialize};
 use super::dataset::{Dataset, Task};
 use super::ops::{self, Proposal, Rejected};
 use super::verify::{Judge, Verifier};
-use crate::backend::{Backend, ChatRequest, FinishReason, Message, Role, Sampling};
+use crate::backend::{Backend, ChatRequest, FinishReason, Message, Priority, Role, Sampling};
+use crate::config::Bounds;
 use crate::error::{Error, Result};
 use crate::experience::Experience;
 use crate::methods::{self, prior, Context};
@@ -91,31 +94,64 @@ impl Default for LearnOptions {
 }
 
 impl LearnOptions {
-    /// Checks what can be checked before any model runs.
-    pub fn check(&self) -> Result<()> {
+    /// Checks what can be checked before any model runs, against the server's bounds: each of
+    /// these counts sizes a loop or an allocation.
+    pub fn check(&self, bounds: &Bounds) -> Result<()> {
         crate::experience::validate_library_name(&self.library)?;
-        let bad = |m: &str, p: &'static str| Err(Error::invalid(m.to_owned(), p));
-        if self.epochs == 0 {
-            return bad("epochs must be at least 1", "epochs");
-        }
-        if self.batch_size == 0 {
-            return bad("batch_size must be at least 1", "batch_size");
-        }
+        let within = |v: u64, lo: u64, hi: u64, p: &'static str| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(Error::invalid(
+                    format!("{p} must be from {lo} to {hi}, got {v}"),
+                    p,
+                ))
+            }
+        };
+        within(self.epochs.into(), 1, bounds.max_epochs.into(), "epochs")?;
+        within(
+            self.batch_size as u64,
+            1,
+            bounds.max_batch_size as u64,
+            "batch_size",
+        )?;
         if self.group_size < 2 {
-            return bad(
+            return Err(Error::invalid(
                 "group_size must be at least 2: a group of one has no winners and losers to compare",
                 "group_size",
-            );
+            ));
         }
+        within(
+            self.group_size.into(),
+            2,
+            bounds.max_group_size.into(),
+            "group_size",
+        )?;
         if !(0.0..=2.0).contains(&self.temperature) {
-            return bad("temperature must be between 0 and 2", "temperature");
+            return Err(Error::invalid(
+                "temperature must be between 0 and 2",
+                "temperature",
+            ));
         }
         if self.max_tokens == 0 || self.learner_max_tokens == 0 {
-            return bad("token limits must be at least 1", "max_tokens");
+            return Err(Error::invalid(
+                "token limits must be at least 1",
+                "max_tokens",
+            ));
         }
-        if self.concurrency == 0 {
-            return bad("concurrency must be at least 1", "concurrency");
-        }
+        within(
+            self.concurrency as u64,
+            1,
+            bounds.max_concurrency as u64,
+            "concurrency",
+        )?;
+        within(self.retries.into(), 0, bounds.max_retries.into(), "retries")?;
+        within(
+            self.max_lessons as u64,
+            1,
+            bounds.max_lessons as u64,
+            "max_lessons",
+        )?;
         if let Some(v) = &self.verifier {
             parse_verifier(v)?;
         }
@@ -236,10 +272,20 @@ impl Run {
         data: &Dataset,
         train: Vec<Task>,
         validation: Vec<Task>,
+        bounds: &Bounds,
     ) -> Result<Run> {
-        options.check()?;
+        options.check(bounds)?;
         if train.is_empty() {
             return Err(Error::invalid("there are no tasks to learn from", "tasks"));
+        }
+        if train.len() > bounds.max_tasks || validation.len() > bounds.max_tasks {
+            return Err(Error::invalid(
+                format!(
+                    "a run may have at most {} tasks and as many validation tasks",
+                    bounds.max_tasks
+                ),
+                "tasks",
+            ));
         }
         let id = format!(
             "{}-{}-{}",
@@ -380,7 +426,7 @@ impl Progress {
         if let Some(b) = &self.bar {
             b.set_message(text.clone());
         }
-        *self.phase.lock().unwrap() = text;
+        *self.phase.lock() = text;
     }
 
     fn rollout_done(&self) {
@@ -396,7 +442,7 @@ impl Progress {
             steps: self.steps.load(Ordering::Relaxed),
             rollouts_done: self.rollouts_done.load(Ordering::Relaxed),
             rollouts_total: self.rollouts_total.load(Ordering::Relaxed),
-            phase: self.phase.lock().unwrap().clone(),
+            phase: self.phase.lock().clone(),
         }
     }
 
@@ -525,6 +571,8 @@ pub async fn learn(
     progress: &Progress,
 ) -> Result<RunSummary> {
     let o = &run.info.options;
+    // A resumed run's options come from its directory, which may have been edited by hand.
+    o.check(&ctx.bounds)?;
     let rollout = router.resolve(&o.model, Some(methods::Method::Direct.name()), None)?;
     let learner = router
         .resolve(o.learner(), None, None)
@@ -759,6 +807,7 @@ impl Learner<'_> {
         let t = &self.run.tasks[task];
         let mut request = ChatRequest {
             tools: vec![],
+            priority: Priority::Background,
             messages: vec![
                 Message::new(Role::System, self.run.info.instruction.clone()),
                 Message::new(Role::User, t.question.clone()),
@@ -851,6 +900,7 @@ impl Learner<'_> {
                 .learner
                 .complete(ChatRequest {
                     tools: vec![],
+                    priority: Priority::Background,
                     messages: vec![
                         Message::new(Role::System, system.clone()),
                         Message::new(Role::User, user.clone()),

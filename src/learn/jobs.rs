@@ -2,10 +2,13 @@
 //! at a time. Jobs are kept in memory; their run directories are not, so a job lost to a
 //! restart is resumed by starting a new one that names its run.
 
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use futures::FutureExt;
 use indexmap::IndexMap;
+use parking_lot::Mutex;
 use serde::Serialize;
 
 use super::grpo::{self, Progress, Run, RunSummary};
@@ -40,13 +43,33 @@ struct State {
 }
 
 impl Job {
+    fn finish(&self, outcome: Result<RunSummary>) {
+        let mut s = self.state.lock();
+        if s.status != Status::Running {
+            // Cancelled while finishing; the cancellation stands.
+            return;
+        }
+        match outcome {
+            Ok(summary) => {
+                s.status = Status::Succeeded;
+                s.result = Some(summary);
+            }
+            Err(e) => {
+                tracing::error!(job = %self.id, error = %e, "learning job failed");
+                s.status = Status::Failed;
+                s.error = Some(e.to_string());
+            }
+        }
+        s.abort = None;
+    }
+
     pub fn status(&self) -> Status {
-        self.state.lock().unwrap().status
+        self.state.lock().status
     }
 
     /// The job as `GET /v1/jobs/{id}` shows it.
     pub fn view(&self) -> serde_json::Value {
-        let s = self.state.lock().unwrap();
+        let s = self.state.lock();
         serde_json::json!({
             "id": self.id,
             "object": "learn.job",
@@ -82,8 +105,26 @@ impl Jobs {
     /// Starts `run` in the background. A library learns in one job at a time: two runs
     /// committing to one library would each learn against a library the other is changing.
     pub fn start(&self, ctx: Context, router: Arc<Router>, run: Run) -> Result<Arc<Job>> {
-        let mut jobs = self.jobs.lock().unwrap();
-        let library = run.info.options.library.clone();
+        let progress = Arc::new(Progress::default());
+        let (library, id, dir) = (
+            run.info.options.library.clone(),
+            run.info.id.clone(),
+            run.dir.clone(),
+        );
+        let p = progress.clone();
+        let work = async move { grpo::learn(&ctx, &router, &run, &p).await };
+        self.spawn(library, id, dir, progress, work)
+    }
+
+    fn spawn(
+        &self,
+        library: String,
+        run: String,
+        run_dir: PathBuf,
+        progress: Arc<Progress>,
+        work: impl std::future::Future<Output = Result<RunSummary>> + Send + 'static,
+    ) -> Result<Arc<Job>> {
+        let mut jobs = self.jobs.lock();
         if let Some(j) = jobs
             .values()
             .find(|j| j.library == library && j.status() == Status::Running)
@@ -96,10 +137,10 @@ impl Jobs {
         let job = Arc::new(Job {
             id: format!("job_{}", uuid::Uuid::new_v4().simple()),
             library,
-            run: run.info.id.clone(),
-            run_dir: run.dir.clone(),
+            run,
+            run_dir,
             created: chrono::Utc::now().timestamp(),
-            progress: Arc::new(Progress::default()),
+            progress,
             state: Mutex::new(State {
                 status: Status::Running,
                 error: None,
@@ -110,27 +151,21 @@ impl Jobs {
         let task = {
             let job = job.clone();
             tokio::spawn(async move {
-                let outcome = grpo::learn(&ctx, &router, &run, &job.progress).await;
-                let mut s = job.state.lock().unwrap();
-                if s.status != Status::Running {
-                    // Cancelled while finishing; the cancellation stands.
-                    return;
-                }
-                match outcome {
-                    Ok(summary) => {
-                        s.status = Status::Succeeded;
-                        s.result = Some(summary);
-                    }
-                    Err(e) => {
-                        tracing::error!(job = %job.id, error = %e, "learning job failed");
-                        s.status = Status::Failed;
-                        s.error = Some(e.to_string());
-                    }
-                }
-                s.abort = None;
+                // A panic inside the loop fails the job instead of leaving it "running" and
+                // its library answering 409 until a restart.
+                let outcome = AssertUnwindSafe(work)
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|panic| {
+                        Err(Error::Internal(format!(
+                            "the learning job crashed: {}",
+                            crate::error::panic_message(&*panic)
+                        )))
+                    });
+                job.finish(outcome);
             })
         };
-        job.state.lock().unwrap().abort = Some(task.abort_handle());
+        job.state.lock().abort = Some(task.abort_handle());
         jobs.insert(job.id.clone(), job.clone());
         // Keep the list bounded: forget the oldest finished jobs.
         while jobs.len() > 100 {
@@ -149,14 +184,13 @@ impl Jobs {
     pub fn get(&self, id: &str) -> Result<Arc<Job>> {
         self.jobs
             .lock()
-            .unwrap()
             .get(id)
             .cloned()
             .ok_or_else(|| Error::not_found(format!("no job with id '{id}'"), "id"))
     }
 
     pub fn list(&self) -> Vec<Arc<Job>> {
-        self.jobs.lock().unwrap().values().cloned().collect()
+        self.jobs.lock().values().cloned().collect()
     }
 
     /// Stops a running job between model calls. What it committed stays; its run can be
@@ -164,7 +198,7 @@ impl Jobs {
     pub fn cancel(&self, id: &str) -> Result<Arc<Job>> {
         let job = self.get(id)?;
         {
-            let mut s = job.state.lock().unwrap();
+            let mut s = job.state.lock();
             if s.status == Status::Running {
                 if let Some(a) = s.abort.take() {
                     a.abort();
@@ -173,5 +207,47 @@ impl Jobs {
             }
         }
         Ok(job)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_job_fails_and_frees_its_library() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs::new(dir.path());
+        let start = |work: std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<RunSummary>> + Send>,
+        >| {
+            jobs.spawn(
+                "lib".into(),
+                "run".into(),
+                dir.path().into(),
+                Arc::default(),
+                work,
+            )
+        };
+        let job = start(Box::pin(async { panic!("index out of bounds") })).unwrap();
+        for _ in 0..100 {
+            if job.status() != Status::Running {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(job.status(), Status::Failed);
+        let view = job.view();
+        assert!(
+            view["error"]
+                .as_str()
+                .unwrap()
+                .contains("index out of bounds"),
+            "{view}"
+        );
+        // The library may learn again at once.
+        let again = start(Box::pin(std::future::pending())).unwrap();
+        assert_eq!(again.status(), Status::Running);
+        jobs.cancel(&again.id).unwrap();
     }
 }

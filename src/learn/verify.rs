@@ -86,6 +86,7 @@ impl Judge {
                 .backend
                 .complete(ChatRequest {
                     tools: vec![],
+                    priority: crate::backend::Priority::Background,
                     messages: vec![Message::new(Role::User, prompt.clone())],
                     sampling: Sampling {
                         max_tokens: Some(self.max_tokens),

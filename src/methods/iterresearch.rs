@@ -210,33 +210,12 @@ async fn run_builtin(ctx: &Context, route: &Route, name: &str, arg: &str) -> Str
             Ok(outcome) => outcome.describe(),
             Err(e) => format!("error: the sandbox could not start: {e}"),
         },
-        "fetch_url" if ctx.settings.iterresearch.fetch_urls => fetch(arg).await,
+        "fetch_url" if ctx.settings.iterresearch.fetch_urls => {
+            crate::web::fetch_text(arg, crate::web::is_public).await
+        }
         _ => unreachable!("only built-in tools are run here"),
     };
     truncate(out)
-}
-
-async fn fetch(url: &str) -> String {
-    let Ok(parsed) = reqwest::Url::parse(url) else {
-        return format!("error: '{url}' is not a URL");
-    };
-    if !matches!(parsed.scheme(), "http" | "https") {
-        return "error: only http and https URLs can be fetched".into();
-    }
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(15))
-        .build();
-    let result = match client {
-        Ok(c) => c.get(parsed).send().await,
-        Err(e) => return format!("error: {e}"),
-    };
-    match result {
-        Ok(r) => match r.text().await {
-            Ok(t) => t,
-            Err(e) => format!("error: {e}"),
-        },
-        Err(e) => format!("error: {e}"),
-    }
 }
 
 fn truncate(mut s: String) -> String {
@@ -436,7 +415,7 @@ pub async fn run(
                 }
                 let out = match route
                     .backend
-                    .complete(ChatRequest { messages: messages.clone(), sampling: s, tools: vec![] })
+                    .complete(ChatRequest { messages: messages.clone(), sampling: s, ..Default::default() })
                     .await
                 {
                     Ok(o) => o,

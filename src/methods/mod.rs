@@ -50,6 +50,8 @@ pub struct Context {
     pub store: Arc<Store>,
     pub prompts: Arc<Prompts>,
     pub settings: Arc<crate::config::MethodsConfig>,
+    /// Upper bounds on what requests and jobs may ask for.
+    pub bounds: Arc<crate::config::Bounds>,
 }
 
 /// Per-request choices of the methods, from the `experient` request object.
@@ -115,16 +117,21 @@ pub async fn run(
             ));
         }
     }
-    match route.method {
+    let output = match route.method {
         Method::Direct => direct::run(ctx, route, request, opts.selection).await,
         Method::IterResearch => iterresearch::run(ctx, route, request, opts).await,
         Method::Plan => plan::run(ctx, route, request, &opts.plan).await,
-    }
+    }?;
+    Ok(Output {
+        events: crate::backend::catch_panics(output.events),
+        applied: output.applied,
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
+    use parking_lot::Mutex;
+    use std::sync::Arc;
 
     use futures::StreamExt;
 
@@ -142,7 +149,7 @@ mod tests {
             true
         }
         async fn stream(&self, request: ChatRequest) -> Result<EventStream> {
-            self.0.lock().unwrap().push(request);
+            self.0.lock().push(request);
             Ok(futures::stream::iter([
                 Ok(Event::Delta {
                     index: 0,
@@ -181,6 +188,7 @@ mod tests {
             store: store.clone(),
             prompts: Arc::new(Prompts::builtin()),
             settings: Arc::default(),
+            bounds: Arc::default(),
         };
         let backend = Arc::new(Recording::default());
         let route = Route {
@@ -196,6 +204,7 @@ mod tests {
                 Message::new(Role::User, "A shirt costs $20 with a 25% discount. Price?"),
             ],
             sampling: Sampling::default(),
+            priority: Default::default(),
         };
 
         let out = run(&ctx, route.clone(), request.clone(), &Options::default())
@@ -205,7 +214,7 @@ mod tests {
             out.applied.experiences.as_deref(),
             Some(&["E1".to_string(), "E2".to_string()][..])
         );
-        let got = backend.0.lock().unwrap()[0].clone();
+        let got = backend.0.lock()[0].clone();
         assert_eq!(
             got.messages.len(),
             2,
@@ -223,7 +232,7 @@ mod tests {
             ..Default::default()
         };
         run(&ctx, route, request, &top1).await.unwrap();
-        let got = backend.0.lock().unwrap()[1].clone();
+        let got = backend.0.lock()[1].clone();
         assert!(got.messages[0].content.contains("[E2]. Percentages"));
         assert!(!got.messages[0].content.contains("[E1]"));
     }

@@ -22,8 +22,6 @@ use crate::sandbox::Limits;
 /// Seeds of generated training instances start here, away from the small seeds clients
 /// usually evaluate on.
 pub const TRAIN_SEED_BASE: u64 = 10_000;
-const MAX_ROUNDS: u32 = 16;
-const MAX_INSTANCES: usize = 200;
 
 /// The planning fields of the `experient` request object.
 #[derive(Debug, Clone, Default)]
@@ -41,16 +39,16 @@ pub struct PlanOptions {
     pub refresh: bool,
 }
 
-fn seeds(v: &Value, base: u64, param: &'static str) -> Result<Vec<u64>> {
+fn seeds(v: &Value, base: u64, param: &'static str, max: usize) -> Result<Vec<u64>> {
     match v {
         Value::Number(n) => match n.as_u64() {
-            Some(k) if (1..=MAX_INSTANCES as u64).contains(&k) => Ok((base..base + k).collect()),
+            Some(k) if (1..=max as u64).contains(&k) => Ok((base..base + k).collect()),
             _ => Err(Error::invalid(
-                format!("{param} must be between 1 and {MAX_INSTANCES}"),
+                format!("{param} must be between 1 and {max}"),
                 param,
             )),
         },
-        Value::Array(items) if !items.is_empty() && items.len() <= MAX_INSTANCES => items
+        Value::Array(items) if !items.is_empty() && items.len() <= max => items
             .iter()
             .map(|s| {
                 s.as_u64().ok_or_else(|| {
@@ -62,22 +60,19 @@ fn seeds(v: &Value, base: u64, param: &'static str) -> Result<Vec<u64>> {
             })
             .collect(),
         _ => Err(Error::invalid(
-            format!("{param} must be a number or a list of 1 to {MAX_INSTANCES} seeds"),
+            format!("{param} must be a number or a list of 1 to {max} seeds"),
             param,
         )),
     }
 }
 
-fn instances(family: &Family, v: Option<&Value>) -> Result<Vec<Instance>> {
+fn instances(family: &Family, v: Option<&Value>, max: usize) -> Result<Vec<Instance>> {
     const PARAM: &str = "experient.instances";
     let v = v.cloned().unwrap_or(json!(5));
     if let (Family::Grasp(settings), Value::Array(items)) = (family, &v) {
         if items.first().is_some_and(Value::is_object) {
-            if items.len() > MAX_INSTANCES {
-                return Err(Error::invalid(
-                    format!("at most {MAX_INSTANCES} instances"),
-                    PARAM,
-                ));
+            if items.len() > max {
+                return Err(Error::invalid(format!("at most {max} instances"), PARAM));
             }
             return items
                 .iter()
@@ -102,7 +97,7 @@ fn instances(family: &Family, v: Option<&Value>) -> Result<Vec<Instance>> {
                 .collect();
         }
     }
-    Ok(seeds(&v, 0, PARAM)?
+    Ok(seeds(&v, 0, PARAM, max)?
         .into_iter()
         .map(|s| family.instance(s))
         .collect())
@@ -137,15 +132,16 @@ pub async fn run(
         )
     })?;
     let rounds = opts.rounds.unwrap_or(settings.rounds);
-    if rounds > MAX_ROUNDS {
+    let (max, max_rounds) = (ctx.bounds.max_plan_instances, ctx.bounds.max_plan_rounds);
+    if rounds > max_rounds {
         return Err(Error::invalid(
-            format!("experient.rounds must be at most {MAX_ROUNDS}"),
+            format!("experient.rounds must be at most {max_rounds}"),
             "experient.rounds",
         ));
     }
-    let eval = instances(&family, opts.instances.as_ref())?;
+    let eval = instances(&family, opts.instances.as_ref(), max)?;
     let train_seeds = match &opts.train {
-        Some(v) => seeds(v, TRAIN_SEED_BASE, "experient.train")?,
+        Some(v) => seeds(v, TRAIN_SEED_BASE, "experient.train", max)?,
         None => (TRAIN_SEED_BASE..TRAIN_SEED_BASE + settings.train as u64).collect(),
     };
     // The user's words describe the task; a system prompt applies to every model call.

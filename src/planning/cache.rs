@@ -2,8 +2,8 @@
 //! solves a family once is played on every later instance of it without calling the model, so
 //! the model's cost is paid once per family.
 
+use parking_lot::Mutex;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use super::ipp::Cached;
 
@@ -55,7 +55,7 @@ impl ProgramCache {
     /// Keeps `program` unless the family already has one that did better on its training
     /// instances. Returns whether it was kept.
     pub fn offer(&self, program: &Cached) -> std::io::Result<bool> {
-        let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = LOCK.lock();
         if let Some(old) = self.get(&program.family) {
             let old_key = (old.train.success_rate, old.train.mean_reward);
             if old_key >= (program.train.success_rate, program.train.mean_reward) {
@@ -68,7 +68,7 @@ impl ProgramCache {
 
     /// Counts instances played with the family's kept program.
     pub fn served(&self, family: &str, instances: u64) -> std::io::Result<()> {
-        let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = LOCK.lock();
         if let Some(mut c) = self.get(family) {
             c.instances_served += instances;
             self.write(&c)?;
@@ -78,7 +78,7 @@ impl ProgramCache {
 
     /// Forgets a family's program.
     pub fn remove(&self, family: &str) -> std::io::Result<bool> {
-        let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = LOCK.lock();
         match std::fs::remove_file(self.path(family)) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),

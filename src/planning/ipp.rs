@@ -164,6 +164,7 @@ impl Asker<'_> {
                     ..self.sampling.clone()
                 },
                 tools: vec![],
+                priority: Default::default(),
             })
             .await?;
         self.calls += 1;
