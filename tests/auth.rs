@@ -64,7 +64,7 @@ async fn keys_guard_the_routes() {
             )
         }
     };
-    // No key at all: 401 in the envelope; health and metrics stay open.
+    // No key at all: 401 in the envelope; health stays open, metrics need a key.
     let (s, body) = get("/v1/models", None).await;
     assert_eq!(s, 401);
     assert!(body["error"]["message"]
@@ -72,7 +72,8 @@ async fn keys_guard_the_routes() {
         .unwrap()
         .contains("Bearer"));
     assert_eq!(get("/health", None).await.0, 200);
-    assert_eq!(common::http_status(&server.url("/metrics")).unwrap(), 200);
+    assert_eq!(common::http_status(&server.url("/metrics")).unwrap(), 401);
+    assert_eq!(get("/metrics", Some("user-key")).await.0, 200);
     assert_eq!(get("/v1/models", Some("user-key")).await.0, 200);
     // Admin routes: user key 403, admin key 200.
     let (s, body) = get("/v1/libraries", Some("user-key")).await;

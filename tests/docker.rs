@@ -62,12 +62,16 @@ fn env_of<'a>(img: &'a Image, key: &str) -> &'a str {
         .1
 }
 
+/// The keys the deployment passes in, as compose.yaml takes them from the environment.
+const USER_KEY: &str = "deploy-user-key";
+const ADMIN_KEY: &str = "deploy-admin-key";
+
 fn http(addr: &str, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
     let mut out = String::new();
@@ -83,12 +87,35 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> std::io::Result<(u1
 #[test]
 fn the_image_entrypoint_serves_on_a_read_only_root() {
     if unsafe { libc::geteuid() } != 0 {
+        // CI runs as root; there a skip would hide that the image was never tried.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the docker test needs root in CI"
+        );
         eprintln!("skipped: needs root for a private mount namespace (CI runs as root)");
         return;
     }
     let bin = env!("CARGO_BIN_EXE_experient");
     let img = image();
     assert_eq!(img.argv, ["experient", "serve"]);
+
+    // The image listens on every interface, so without keys it must refuse to start.
+    let bare = Command::new(bin)
+        .args(&img.argv[1..])
+        .env_clear()
+        .envs(img.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env(
+            "EXPERIENT_EXPERIENCE_DIR",
+            tempfile::tempdir().unwrap().path(),
+        )
+        .output()
+        .unwrap();
+    assert!(!bare.status.success());
+    let said = String::from_utf8_lossy(&bare.stderr);
+    assert!(
+        said.contains("refusing to listen on 0.0.0.0:8080"),
+        "{said}"
+    );
     let uid: u32 = img.user.parse().expect("USER is numeric");
 
     // The image bakes the model in at build time; do the same here.
@@ -141,6 +168,8 @@ exec setpriv --reuid={uid} --regid={uid} --clear-groups "$@""#
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .envs(img.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("EXPERIENT_API_KEYS", USER_KEY)
+        .env("EXPERIENT_ADMIN_KEYS", ADMIN_KEY)
         .stdout(Stdio::null());
     /// Kills the server if the test fails half-way, so it never outlives the test.
     struct Reap(std::process::Child);

@@ -70,3 +70,102 @@ async fn programs_run_and_misbehaviour_is_a_clean_error() {
         "{e}"
     );
 }
+
+/// The sandbox workers that are children of this process, by pid.
+fn workers() -> Vec<u32> {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let after = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            after.split(' ').nth(1) == Some(me.as_str())
+                && cmd.split(|b| *b == 0).any(|a| a == b"sandbox")
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn workers_are_capped_confined_and_killed_as_a_group() {
+    std::env::set_var("EXPERIENT_SANDBOX_EXE", env!("CARGO_BIN_EXE_experient"));
+    experient::sandbox::set_max_workers(2);
+    let cap = experient::sandbox::max_workers();
+    // A descriptor without close-on-exec, as a launching shell may leave one to the server.
+    let leaked = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY) };
+    assert!(leaked > 2);
+    let watcher = std::thread::spawn(move || {
+        let (mut most, mut seen) = (0, Vec::new());
+        let t = std::time::Instant::now();
+        while t.elapsed() < Duration::from_secs(4) {
+            let now = workers();
+            most = most.max(now.len());
+            for pid in now {
+                let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+                    .map(|d| {
+                        d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
+                let limits =
+                    std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let pgrp = stat
+                    .rsplit_once(") ")
+                    .and_then(|(_, r)| r.split(' ').nth(2).map(str::to_owned));
+                seen.push((pid, fds, cwd, limits, pgrp));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (most, seen)
+    });
+    let spin = Limits {
+        time: Duration::from_millis(600),
+        ..limits()
+    };
+    let runs: Vec<_> = (0..3 * cap)
+        .map(|_| run_python("while True:\n    pass", &spin))
+        .collect();
+    for out in futures::future::join_all(runs).await {
+        assert!(out.unwrap().error.unwrap().contains("TimeoutError"));
+    }
+    let (most, seen) = watcher.join().unwrap();
+    assert!(
+        most >= 1 && most <= cap,
+        "{most} workers at once, cap {cap}"
+    );
+    let here = std::env::current_dir().unwrap();
+    let (pid, fds, cwd, limits, pgrp) = seen
+        .iter()
+        .find(|s| s.2.is_some() && !s.3.is_empty())
+        .expect("a worker was inspected");
+    let mut fds = fds.clone();
+    fds.sort();
+    assert_eq!(fds, ["0", "1", "2"], "the worker holds more than its pipes");
+    let cwd = cwd.as_ref().unwrap();
+    assert_ne!(cwd, &here);
+    assert!(
+        cwd.to_string_lossy().contains("experient-sandbox-"),
+        "{cwd:?}"
+    );
+    for (name, value) in [
+        ("Max open files", "16"),
+        ("Max processes", "0"),
+        ("Max file size", "0"),
+    ] {
+        let line = limits.lines().find(|l| l.starts_with(name)).unwrap();
+        assert!(line.split_whitespace().any(|w| w == value), "{line}");
+    }
+    assert_eq!(
+        pgrp.as_deref(),
+        Some(pid.to_string().as_str()),
+        "the worker leads its own group"
+    );
+    // Killed at the deadline, whole: nothing is left running, and the directories are gone.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(workers().is_empty(), "workers outlived their deadline");
+    assert!(!cwd.exists());
+    unsafe { libc::close(leaked) };
+}

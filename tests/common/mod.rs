@@ -70,6 +70,16 @@ pub fn start(config: Option<&str>, env: &[(&str, &str)]) -> Server {
 /// Like [`start`], in a given directory: its `experience/` subdirectory is the store, so a
 /// second server started in the same directory sees what the first one wrote.
 pub fn start_in(dir: tempfile::TempDir, config: Option<&str>, env: &[(&str, &str)]) -> Server {
+    start_limited(dir, config, env, None)
+}
+
+/// Like [`start_in`], with the process's open-file limit (soft and hard) set to `nofile`.
+pub fn start_limited(
+    dir: tempfile::TempDir,
+    config: Option<&str>,
+    env: &[(&str, &str)],
+    nofile: Option<u64>,
+) -> Server {
     let mut args = vec![
         "serve".to_string(),
         "--addr".into(),
@@ -98,8 +108,15 @@ pub fn start_in(dir: tempfile::TempDir, config: Option<&str>, env: &[(&str, &str
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if let Some(n) = nofile {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                }
                 Ok(())
             });
         }
