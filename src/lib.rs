@@ -19,4 +19,7 @@ pub mod sandbox;
 pub mod server;
 pub mod web;
 
+#[cfg(test)]
+mod proptests;
+
 pub use error::{Error, Result};

@@ -86,7 +86,8 @@ fn is_admin_route(path: &str) -> bool {
 
 pub async fn check(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    let public = path == "/health" || (path == "/metrics" && s.public_metrics);
+    let public =
+        matches!(path, "/health" | "/openapi.json") || (path == "/metrics" && s.public_metrics);
     if !s.keys.enabled() || public {
         return next.run(req).await;
     }

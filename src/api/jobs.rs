@@ -69,7 +69,8 @@ fn tasks(list: Vec<TaskBody>) -> Vec<Task> {
         .collect()
 }
 
-async fn start(
+#[utoipa::path(post, path = "/v1/libraries/{name}/learn", tag = "jobs", params(("name" = String, Path, description = "the library")), request_body(content = Object, description = "tasks or dataset, and the learning options"), responses((status = 202, description = "started", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 409, description = "already learning", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn start(
     State(s): State<AppState>,
     Path(name): Path<String>,
     JsonBody(body): JsonBody<Value>,
@@ -186,15 +187,24 @@ async fn start(
     Ok((StatusCode::ACCEPTED, Json(job.view())).into_response())
 }
 
-async fn list(State(s): State<AppState>) -> Json<Value> {
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn list(State(s): State<AppState>) -> Json<Value> {
     let data: Vec<Value> = s.jobs.list().iter().map(|j| j.view()).collect();
     Json(json!({"object": "list", "data": data}))
 }
 
-async fn get_job(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>> {
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn get_job(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>> {
     Ok(Json(s.jobs.get(&id)?.view()))
 }
 
-async fn cancel(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>> {
+#[utoipa::path(delete, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn cancel(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>> {
     Ok(Json(s.jobs.cancel(&id)?.view()))
 }

@@ -72,7 +72,8 @@ fn list(data: Vec<Value>) -> Json<Value> {
     Json(json!({"object": "list", "data": data}))
 }
 
-async fn list_libraries(State(s): State<AppState>) -> Result<Json<Value>> {
+#[utoipa::path(get, path = "/v1/libraries", tag = "libraries", responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn list_libraries(State(s): State<AppState>) -> Result<Json<Value>> {
     let healthy = s
         .store
         .names()
@@ -86,15 +87,16 @@ async fn list_libraries(State(s): State<AppState>) -> Result<Json<Value>> {
     Ok(list(healthy.chain(damaged).collect()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateLibrary {
+pub(super) struct CreateLibrary {
     name: String,
     #[serde(default)]
     settings: Option<Settings>,
 }
 
-async fn create_library(
+#[utoipa::path(post, path = "/v1/libraries", tag = "libraries", request_body = CreateLibrary, responses((status = 201, description = "created", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 409, description = "exists", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn create_library(
     State(s): State<AppState>,
     JsonBody(body): JsonBody<CreateLibrary>,
 ) -> Result<Response> {
@@ -112,12 +114,17 @@ async fn create_library(
     Ok((StatusCode::CREATED, Json(library_object(&lib))).into_response())
 }
 
-async fn get_library(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>> {
+#[utoipa::path(get, path = "/v1/libraries/{name}", tag = "libraries", params(("name" = String, Path, description = "the library")), responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "damaged library", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn get_library(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>> {
     let lib = s.store.library(&name)?;
     Ok(Json(library_object(&lib)))
 }
 
-async fn patch_library(
+#[utoipa::path(patch, path = "/v1/libraries/{name}", tag = "libraries", params(("name" = String, Path, description = "the library")), request_body = Settings, responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "damaged library", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn patch_library(
     State(s): State<AppState>,
     Path(name): Path<String>,
     JsonBody(settings): JsonBody<Settings>,
@@ -128,7 +135,8 @@ async fn patch_library(
     Ok(Json(library_object(&lib)))
 }
 
-async fn delete_library(
+#[utoipa::path(delete, path = "/v1/libraries/{name}", tag = "libraries", params(("name" = String, Path, description = "the library")), responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "damaged library", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn delete_library(
     State(s): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>> {
@@ -140,13 +148,14 @@ async fn delete_library(
 }
 
 #[derive(Deserialize)]
-struct ListParams {
+pub(super) struct ListParams {
     q: Option<String>,
     tag: Option<String>,
     limit: Option<String>,
 }
 
-async fn list_experiences(
+#[utoipa::path(get, path = "/v1/libraries/{name}/experiences", tag = "libraries", params(("name" = String, Path, description = "the library"), ("q" = Option<String>, Query, description = "BM25 search"), ("tag" = Option<String>, Query), ("limit" = Option<String>, Query, description = "1 to 10000")), responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "damaged library", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn list_experiences(
     State(s): State<AppState>,
     Path(name): Path<String>,
     Query(p): Query<ListParams>,
@@ -183,7 +192,8 @@ async fn list_experiences(
     Ok(list(data))
 }
 
-async fn get_experience(
+#[utoipa::path(get, path = "/v1/libraries/{name}/experiences/{id}", tag = "libraries", params(("name" = String, Path, description = "the library"), ("id" = String, Path, description = "E1, E2, ...")), responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "damaged library", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn get_experience(
     State(s): State<AppState>,
     Path((name, id)): Path<(String, String)>,
 ) -> Result<Json<Value>> {
@@ -194,15 +204,16 @@ async fn get_experience(
     Ok(Json(experience_object(&lib, &e)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewExperience {
+pub(super) struct NewExperience {
     text: String,
     #[serde(default)]
     tags: Vec<String>,
 }
 
-async fn add_experience(
+#[utoipa::path(post, path = "/v1/libraries/{name}/experiences", tag = "libraries", params(("name" = String, Path, description = "the library")), request_body = NewExperience, responses((status = 201, description = "added", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "damaged library", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn add_experience(
     State(s): State<AppState>,
     Path(name): Path<String>,
     JsonBody(body): JsonBody<NewExperience>,
@@ -212,16 +223,17 @@ async fn add_experience(
     Ok((StatusCode::CREATED, Json(experience_object(&lib, &e))).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct EditExperience {
+pub(super) struct EditExperience {
     #[serde(default)]
     text: Option<String>,
     #[serde(default)]
     tags: Option<Vec<String>>,
 }
 
-async fn patch_experience(
+#[utoipa::path(patch, path = "/v1/libraries/{name}/experiences/{id}", tag = "libraries", params(("name" = String, Path, description = "the library"), ("id" = String, Path)), request_body = EditExperience, responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "damaged library", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn patch_experience(
     State(s): State<AppState>,
     Path((name, id)): Path<(String, String)>,
     JsonBody(body): JsonBody<EditExperience>,
@@ -234,7 +246,8 @@ async fn patch_experience(
     Ok(Json(experience_object(&lib, &e)))
 }
 
-async fn delete_experience(
+#[utoipa::path(delete, path = "/v1/libraries/{name}/experiences/{id}", tag = "libraries", params(("name" = String, Path, description = "the library"), ("id" = String, Path)), responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "damaged library", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn delete_experience(
     State(s): State<AppState>,
     Path((name, id)): Path<(String, String)>,
 ) -> Result<Json<Value>> {
@@ -245,7 +258,11 @@ async fn delete_experience(
     ))
 }
 
-async fn list_versions(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>> {
+#[utoipa::path(get, path = "/v1/libraries/{name}/versions", tag = "libraries", params(("name" = String, Path, description = "the library")), responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "damaged library", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn list_versions(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>> {
     let lib = s.store.library(&name)?;
     let data = lib
         .versions()
@@ -268,7 +285,8 @@ fn parse_version(v: &str, param: &'static str) -> Result<u64> {
     })
 }
 
-async fn get_version(
+#[utoipa::path(get, path = "/v1/libraries/{name}/versions/{version}", tag = "libraries", params(("name" = String, Path, description = "the library"), ("version" = String, Path)), responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "damaged library", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn get_version(
     State(s): State<AppState>,
     Path((name, version)): Path<(String, String)>,
 ) -> Result<Json<Value>> {
@@ -289,12 +307,13 @@ async fn get_version(
 }
 
 #[derive(Deserialize)]
-struct DiffParams {
+pub(super) struct DiffParams {
     from: Option<String>,
     to: Option<String>,
 }
 
-async fn diff(
+#[utoipa::path(get, path = "/v1/libraries/{name}/diff", tag = "libraries", params(("name" = String, Path, description = "the library"), ("from" = Option<String>, Query), ("to" = Option<String>, Query)), responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "damaged library", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn diff(
     State(s): State<AppState>,
     Path(name): Path<String>,
     Query(p): Query<DiffParams>,
@@ -311,13 +330,14 @@ async fn diff(
     Ok(Json(v))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Rollback {
+pub(super) struct Rollback {
     version: u64,
 }
 
-async fn rollback(
+#[utoipa::path(post, path = "/v1/libraries/{name}/rollback", tag = "libraries", params(("name" = String, Path, description = "the library")), request_body = Rollback, responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "damaged library", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn rollback(
     State(s): State<AppState>,
     Path(name): Path<String>,
     JsonBody(body): JsonBody<Rollback>,
@@ -332,11 +352,12 @@ async fn rollback(
 }
 
 #[derive(Deserialize)]
-struct FormatParam {
+pub(super) struct FormatParam {
     format: Option<String>,
 }
 
-async fn export(
+#[utoipa::path(get, path = "/v1/libraries/{name}/export", tag = "libraries", params(("name" = String, Path, description = "the library"), ("format" = Option<String>, Query, description = "experient or grpo")), responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "damaged library", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn export(
     State(s): State<AppState>,
     Path(name): Path<String>,
     Query(p): Query<FormatParam>,
@@ -352,7 +373,8 @@ async fn export(
     }
 }
 
-async fn import(
+#[utoipa::path(post, path = "/v1/libraries/{name}/import", tag = "libraries", params(("name" = String, Path, description = "the library")), request_body(content = Object, description = "an experient export, or {\"G0\": \"text\", ...}"), responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "damaged library", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn import(
     State(s): State<AppState>,
     Path(name): Path<String>,
     JsonBody(body): JsonBody<Value>,

@@ -84,6 +84,7 @@ fn describe() {
     );
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "server", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
 pub async fn render(State(s): State<AppState>) -> Response {
     (
         [("content-type", "text/plain; version=0.0.4")],

@@ -7,6 +7,7 @@ pub mod jobs;
 pub mod libraries;
 pub mod listen;
 pub mod metrics;
+pub mod openapi;
 pub mod wire;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,6 +70,7 @@ pub fn app(state: AppState, settings: &AppSettings) -> axum::Router {
         .route("/v1/models/{*id}", get(get_model))
         .route("/health", get(health))
         .route("/metrics", get(metrics::render))
+        .route("/openapi.json", get(openapi::document))
         .merge(libraries::routes())
         .merge(jobs::routes())
         .fallback(not_found)
@@ -126,7 +128,8 @@ async fn discard_oversized(
     }
 }
 
-async fn health(State(s): State<AppState>) -> Response {
+#[utoipa::path(get, path = "/health", tag = "server", responses((status = 200, description = "ready", body = Object), (status = 503, description = "loading or stopping", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn health(State(s): State<AppState>) -> Response {
     if s.shutting_down.load(Ordering::SeqCst) {
         return Error::Unavailable("the server is shutting down".into()).into_response();
     }
@@ -140,7 +143,8 @@ fn model_object(id: &str, created: u64) -> serde_json::Value {
     json!({"id": id, "object": "model", "created": created, "owned_by": "experient"})
 }
 
-async fn list_models(State(s): State<AppState>) -> Json<serde_json::Value> {
+#[utoipa::path(get, path = "/v1/models", tag = "openai", responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn list_models(State(s): State<AppState>) -> Json<serde_json::Value> {
     let data: Vec<_> = s
         .router
         .models()
@@ -149,7 +153,11 @@ async fn list_models(State(s): State<AppState>) -> Json<serde_json::Value> {
     Json(json!({"object": "list", "data": data}))
 }
 
-async fn get_model(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, Error> {
+#[utoipa::path(get, path = "/v1/models/{id}", tag = "openai", params(("id" = String, Path)), responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn get_model(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, Error> {
     let parsed = crate::router::parse_model_name(&id);
     match s.router.backend(parsed.model) {
         Some(_) => Ok(Json(model_object(&id, s.started)).into_response()),

@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::backend::{ChatRequest, Message, Role, Sampling, ToolCall, ToolSpec};
 use crate::error::{Error, Result};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct ChatCompletionRequest {
     pub model: String,
     pub messages: Vec<WireMessage>,
@@ -61,14 +61,14 @@ pub struct ChatCompletionRequest {
     pub experient: Option<ExperientOptions>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Stop {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, utoipa::ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: Option<bool>,
@@ -76,7 +76,7 @@ pub struct StreamOptions {
 
 /// The `"experient"` request object: another way to pick a method and a library, for clients
 /// that can add fields but would rather not encode them in the model name.
-#[derive(Debug, Deserialize, Default, Clone)]
+#[derive(Debug, Deserialize, Default, Clone, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExperientOptions {
     #[serde(default)]
@@ -113,7 +113,7 @@ pub struct ExperientOptions {
     pub refresh: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct WireMessage {
     pub role: String,
     #[serde(default)]
@@ -124,14 +124,14 @@ pub struct WireMessage {
     pub tool_call_id: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Content {
     Text(String),
     Parts(Vec<Part>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct Part {
     #[serde(rename = "type")]
     pub kind: String,

@@ -932,4 +932,38 @@ pub(super) mod tests {
         assert_eq!(store.names().len(), 1000);
         assert!(threads().saturating_sub(before) < 64);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+
+        /// Whatever bytes a log holds, replay says which line is damaged or what it holds; it
+        /// never panics.
+        #[test]
+        fn replay_of_any_bytes_is_an_answer(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = replay(&bytes);
+        }
+
+        /// A sound log cut anywhere replays to the versions wholly before the cut.
+        #[test]
+        fn a_log_cut_anywhere_replays_to_a_prefix(texts in proptest::collection::vec("\\PC{1,30}", 1..6), cut in 0usize..4096) {
+            let mut log = Vec::new();
+            let mut ends = Vec::new();
+            for (i, t) in texts.iter().enumerate() {
+                let v = Version {
+                    version: i as u64,
+                    at: Utc::now(),
+                    message: t.clone(),
+                    ops: vec![Op::Add { id: format!("E{}", i + 1), text: t.clone(), tags: vec![], source: Source::Manual, provenance: Provenance::default() }],
+                };
+                log.extend_from_slice(serde_json::to_string(&v).unwrap().as_bytes());
+                log.push(b'\n');
+                ends.push(log.len());
+            }
+            let cut = cut % (log.len() + 1);
+            let r = replay(&log[..cut]).expect("a cut log is torn, not damaged");
+            let whole = ends.iter().filter(|&&e| e <= cut).count();
+            proptest::prop_assert_eq!(r.versions.len(), whole);
+            proptest::prop_assert_eq!(r.good_len, if whole == 0 { 0 } else { ends[whole - 1] });
+        }
+    }
 }

@@ -56,7 +56,7 @@ pub struct Experience {
 }
 
 /// Per-library settings, in `library.json`, editable by hand.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// How many experiences a request gets: all of them, or the `top_k` most relevant to the
@@ -94,7 +94,7 @@ impl Default for Settings {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Inject {
     #[default]

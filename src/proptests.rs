@@ -1,0 +1,160 @@
+//! Property tests of the parsers that a client's bytes or a model's words reach: whatever they
+//! are given, they return a value or an error and never panic (a panic in a request handler is
+//! a 500; in the store's replay it would keep a library from opening). The log's replay has its
+//! own properties in `experience::library`'s tests.
+
+use proptest::prelude::*;
+use serde_json::{json, Value};
+
+use crate::api::error::parse_json;
+use crate::api::wire::{ChatCompletionRequest, Limits};
+
+/// Field names a chat request really has, so that generated objects reach deep into parsing
+/// and validation instead of stopping at an unknown shape.
+const FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "role",
+    "content",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "logit_bias",
+    "seed",
+    "stream",
+    "stream_options",
+    "include_usage",
+    "tools",
+    "tool_choice",
+    "tool_calls",
+    "tool_call_id",
+    "type",
+    "text",
+    "function",
+    "name",
+    "arguments",
+    "parameters",
+    "response_format",
+    "experient",
+    "method",
+    "library",
+    "experiences",
+    "max_rounds",
+    "workspace",
+    "env",
+    "instances",
+    "train",
+    "rounds",
+    "logprobs",
+];
+
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>().prop_map(|f| json!(f)),
+        prop::sample::select(vec![
+            "user",
+            "system",
+            "assistant",
+            "tool",
+            "all",
+            "auto",
+            "none",
+            "smollm2-135m@lib",
+            "plan:m"
+        ])
+        .prop_map(Value::from),
+        ".{0,12}".prop_map(Value::from),
+    ];
+    leaf.prop_recursive(4, 48, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+            prop::collection::vec((prop::sample::select(FIELDS), inner), 0..6).prop_map(|kv| {
+                Value::Object(kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+            }),
+        ]
+    })
+}
+
+fn limits() -> Limits {
+    Limits {
+        max_n: 8,
+        max_stop: 4,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn chat_requests_parse_or_fail_cleanly(v in json_value()) {
+        let bytes = serde_json::to_vec(&v).unwrap();
+        if let Ok(req) = parse_json::<ChatCompletionRequest>(&bytes) {
+            let _ = req.validate(&limits());
+        }
+    }
+
+    #[test]
+    fn arbitrary_bodies_never_panic_the_parser(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+        let _ = parse_json::<ChatCompletionRequest>(&bytes);
+    }
+
+    #[test]
+    fn model_names_split_back_into_their_parts(
+        method in prop::option::of(prop::sample::select(vec!["direct", "iterresearch", "plan"])),
+        model in "[a-z0-9._:/-]{1,20}",
+        library in prop::option::of("[a-z0-9_.-]{1,12}"),
+    ) {
+        let name = format!(
+            "{}{model}{}",
+            method.map(|m| format!("{m}:")).unwrap_or_default(),
+            library.as_ref().map(|l| format!("@{l}")).unwrap_or_default()
+        );
+        let parsed = crate::router::parse_model_name(&name);
+        prop_assert_eq!(parsed.library, library.as_deref());
+        if method.is_some() {
+            prop_assert_eq!(parsed.method, method);
+            prop_assert_eq!(parsed.model, model.as_str());
+        } else {
+            // A model id may itself start with a method's name and a colon; then it is read
+            // as that method, which is the documented rule.
+            let expected = crate::router::parse_model_name(&model);
+            prop_assert_eq!(parsed.model, expected.model);
+        }
+    }
+
+    #[test]
+    fn any_model_name_parses(name in ".{0,40}") {
+        let p = crate::router::parse_model_name(&name);
+        prop_assert!(name.contains(p.model));
+    }
+
+    #[test]
+    fn learner_replies_parse_or_fail_cleanly(reply in "(?s).{0,400}") {
+        let _ = crate::learn::ops::parse(&reply);
+        let _ = crate::learn::ops::parse_lessons(&reply);
+        let _ = crate::learn::ops::strip_thinking(&reply);
+    }
+
+    #[test]
+    fn operation_shaped_replies_parse_or_fail_cleanly(
+        lines in prop::collection::vec(
+            (prop::sample::select(vec!["ADD", "UPDATE", "DELETE", "NONE", "add", "- ADD", "1. UPDATE"]),
+             prop::option::of("E?[0-9]{0,3}"),
+             ".{0,40}"),
+            0..8)
+    ) {
+        let reply: String = lines
+            .iter()
+            .map(|(op, id, text)| format!("{op} {} {text}\n", id.clone().unwrap_or_default()))
+            .collect();
+        let _ = crate::learn::ops::parse(&reply);
+        let as_json = json!(lines.iter().map(|(op, id, text)| json!({"operation": op, "id": id, "content": text})).collect::<Vec<_>>());
+        let _ = crate::learn::ops::parse(&as_json.to_string());
+    }
+}
