@@ -23,7 +23,9 @@ use mistralrs::{
 };
 use tokio::sync::mpsc;
 
-use super::{Admission, Backend, ChatRequest, Event, EventStream, FinishReason, StopFilter, Usage};
+use super::{
+    Admission, Backend, ChatRequest, Event, EventStream, FinishReason, Priority, StopFilter, Usage,
+};
 use crate::error::{Error, Result};
 
 /// Settings of one local model.
@@ -60,7 +62,8 @@ impl LocalBackend {
             settings.max_concurrent,
             settings.queue,
             settings.background_slots,
-        );
+        )
+        .yielding_to_clients();
         Arc::new(LocalBackend {
             settings,
             model: OnceLock::new(),
@@ -314,6 +317,46 @@ impl Backend for LocalBackend {
     }
 
     async fn stream(&self, request: ChatRequest) -> Result<EventStream> {
+        if request.priority == Priority::Background && self.admission.yields_to_clients() {
+            return self.yielding(request).await;
+        }
+        self.generate(request).await
+    }
+}
+
+impl LocalBackend {
+    /// Background work (learning, evaluation) on a local model steps aside for clients. The
+    /// engine decodes one sequence after another, so a client arriving behind a learning
+    /// rollout would wait for all of it; instead the rollout is cancelled as soon as a client
+    /// waits, and run again from the start once no client is in flight. Its events are held
+    /// until it finishes, so nothing a consumer saw is ever taken back; its consumers collect
+    /// whole answers anyway. Under steady client traffic background work waits: learning
+    /// yields to serving.
+    async fn yielding(&self, request: ChatRequest) -> Result<EventStream> {
+        let preempted = metrics::counter!("experient_background_preemptions_total", "model" => self.settings.id.clone());
+        loop {
+            let mut events = self.generate(request.clone()).await?;
+            let mut held = Vec::new();
+            let finished = loop {
+                tokio::select! {
+                    ev = events.next() => match ev {
+                        Some(ev) => held.push(ev),
+                        None => break true,
+                    },
+                    () = self.admission.client_arrived() => break false,
+                }
+            };
+            if finished {
+                return Ok(futures::stream::iter(held).boxed());
+            }
+            // Dropping the stream cancels the sequence in the engine and frees its slot.
+            drop(events);
+            preempted.increment(1);
+        }
+    }
+
+    /// Admits the request and streams its sequences from the engine.
+    async fn generate(&self, request: ChatRequest) -> Result<EventStream> {
         let model = self.model()?.clone();
         let n = request.sampling.n.max(1);
         let permit = self.admission.admit(n as usize, request.priority).await?;

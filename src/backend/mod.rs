@@ -283,29 +283,67 @@ pub enum Priority {
 /// to retry is better served than one whose request waits unboundedly.
 ///
 /// Background requests take a second, smaller lane: at most `background` of them hold slots at
-/// once, and one is admitted only while no interactive request is waiting, so that a running
-/// learning job costs a client at most the sequences already in the engine. Their waits are
+/// once, and one is admitted only while no interactive request is waiting. Their waits are
 /// bounded by the jobs' own concurrency, not by the queue, which stays the clients'.
+///
+/// With `yield_to_clients` (a local model, whose engine decodes one sequence after another), a
+/// background request is also held back while any client request is in flight, and
+/// [`Admission::client_arrived`] tells a running one to step aside (`local.rs` cancels it and
+/// runs it again later), so that a learning job costs a client almost nothing.
 pub struct Admission {
     slots: Arc<Semaphore>,
     background: Arc<Semaphore>,
     capacity: usize,
     queue: usize,
     waiting: Arc<AtomicUsize>,
+    /// Client requests waiting or holding slots.
+    clients: Arc<AtomicUsize>,
+    /// Woken whenever a client request starts waiting or is admitted.
+    arrived: Arc<tokio::sync::Notify>,
+    yield_to_clients: bool,
+    /// When the last client request left, in milliseconds since `epoch`.
+    last_client_ms: Arc<std::sync::atomic::AtomicU64>,
+    epoch: std::time::Instant,
     /// Woken whenever a slot is freed or an interactive request stops waiting.
     freed: Arc<tokio::sync::Notify>,
     label: String,
 }
 
+/// How long a yielding model stays quiet after its last client request before background work
+/// resumes: a client sending its next request within this never finds a background prompt
+/// being prefilled, which cannot be cut off half-way.
+const QUIET_AFTER_CLIENT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Slots held by one admitted request; dropping it frees them and wakes background waiters.
 pub struct Permit {
     _slots: OwnedSemaphorePermit,
     _lane: Option<OwnedSemaphorePermit>,
+    /// A client request's place in the count of clients in flight.
+    client: Option<ClientMark>,
     freed: Arc<tokio::sync::Notify>,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        drop(self.client.take());
+        self.freed.notify_waiters();
+    }
+}
+
+/// A client request counted among those in flight, from when it starts waiting until its
+/// permit is dropped (or it gives up waiting); dropping it notes when the client left.
+struct ClientMark {
+    clients: Arc<AtomicUsize>,
+    last_ms: Arc<std::sync::atomic::AtomicU64>,
+    epoch: std::time::Instant,
+    freed: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for ClientMark {
+    fn drop(&mut self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.last_ms.store(now.max(1), Ordering::SeqCst);
+        self.clients.fetch_sub(1, Ordering::SeqCst);
         self.freed.notify_waiters();
     }
 }
@@ -315,6 +353,11 @@ impl Admission {
     /// learning lane.
     pub fn with_background(label: &str, slots: usize, queue: usize, background: usize) -> Self {
         Admission {
+            clients: Arc::new(AtomicUsize::new(0)),
+            arrived: Arc::new(tokio::sync::Notify::new()),
+            yield_to_clients: false,
+            last_client_ms: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            epoch: std::time::Instant::now(),
             slots: Arc::new(Semaphore::new(slots.max(1))),
             background: Arc::new(Semaphore::new(background.clamp(1, slots.max(1)))),
             capacity: slots.max(1),
@@ -325,15 +368,58 @@ impl Admission {
         }
     }
 
+    /// Background requests also wait while any client request is in flight, and are told to
+    /// step aside when one arrives.
+    pub fn yielding_to_clients(mut self) -> Self {
+        self.yield_to_clients = true;
+        self
+    }
+
+    pub fn yields_to_clients(&self) -> bool {
+        self.yield_to_clients
+    }
+
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Resolves once a client request is waiting or in flight (never, without
+    /// `yielding_to_clients`): the signal for a running background request to step aside.
+    pub async fn client_arrived(&self) {
+        if !self.yield_to_clients {
+            return std::future::pending().await;
+        }
+        loop {
+            let arrived = self.arrived.notified();
+            if self.clients.load(Ordering::SeqCst) > 0 {
+                return;
+            }
+            arrived.await;
+        }
     }
 
     /// Waits for `n` slots in `priority`'s lane, or fails at once when the queue is full.
     pub async fn admit(&self, n: usize, priority: Priority) -> Result<Permit> {
         let n = n.clamp(1, self.capacity) as u32;
         let (slots, lane) = match priority {
-            Priority::Interactive => (self.admit_interactive(n).await?, None),
+            Priority::Interactive => {
+                // Counted from the moment it waits, so that background work steps aside at once.
+                self.clients.fetch_add(1, Ordering::SeqCst);
+                let mark = ClientMark {
+                    clients: self.clients.clone(),
+                    last_ms: self.last_client_ms.clone(),
+                    epoch: self.epoch,
+                    freed: self.freed.clone(),
+                };
+                self.arrived.notify_waiters();
+                let slots = self.admit_interactive(n).await?;
+                return Ok(Permit {
+                    _slots: slots,
+                    _lane: None,
+                    client: Some(mark),
+                    freed: self.freed.clone(),
+                });
+            }
             Priority::Background => {
                 let lane = self
                     .background
@@ -347,8 +433,22 @@ impl Admission {
         Ok(Permit {
             _slots: slots,
             _lane: lane,
+            client: None,
             freed: self.freed.clone(),
         })
+    }
+
+    /// On a yielding model, how much of the quiet period after the last client is left.
+    fn quiet_left(&self) -> Option<std::time::Duration> {
+        let last = self.last_client_ms.load(Ordering::SeqCst);
+        if !self.yield_to_clients || last == 0 {
+            return None;
+        }
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let since = std::time::Duration::from_millis(now.saturating_sub(last));
+        QUIET_AFTER_CLIENT
+            .checked_sub(since)
+            .filter(|d| !d.is_zero())
     }
 
     async fn admit_interactive(&self, n: u32) -> Result<OwnedSemaphorePermit> {
@@ -392,7 +492,20 @@ impl Admission {
         loop {
             // Registered before the check, so a wake-up between the check and the wait is kept.
             let freed = self.freed.notified();
-            if self.waiting.load(Ordering::SeqCst) == 0 {
+            let clear = if self.yield_to_clients {
+                self.clients.load(Ordering::SeqCst) == 0
+            } else {
+                self.waiting.load(Ordering::SeqCst) == 0
+            };
+            if clear {
+                if let Some(rest) = self.quiet_left() {
+                    // A client may be about to send its next request; look again after.
+                    tokio::select! {
+                        () = tokio::time::sleep(rest) => {},
+                        () = freed => {},
+                    }
+                    continue;
+                }
                 if let Ok(p) = self.slots.clone().try_acquire_many_owned(n) {
                     return p;
                 }
@@ -495,6 +608,34 @@ mod tests {
         let bg = tokio::time::timeout(Duration::from_secs(1), background).await;
         assert!(bg.unwrap().unwrap().is_ok());
         drop(held);
+    }
+
+    #[tokio::test]
+    async fn on_a_yielding_model_background_work_steps_aside_for_any_client() {
+        let a = std::sync::Arc::new(Admission::with_background("m", 4, 8, 2).yielding_to_clients());
+        let bg = a.admit(1, Priority::Background).await.unwrap();
+        // Nobody is in flight: no signal.
+        let quiet = tokio::time::timeout(Duration::from_millis(30), a.client_arrived());
+        assert!(quiet.await.is_err());
+        // A client, admitted at once since slots are free, is the signal to step aside.
+        let client = a.admit(1, Priority::Interactive).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(1), a.client_arrived())
+            .await
+            .expect("the background request is told");
+        drop(bg);
+        // While the client is in flight, background work is not admitted, slots or no slots.
+        let a2 = a.clone();
+        let next = tokio::spawn(async move { a2.admit(1, Priority::Background).await });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(!next.is_finished());
+        drop(client);
+        let next = tokio::time::timeout(Duration::from_secs(1), next).await;
+        assert!(next.unwrap().unwrap().is_ok());
+        // Without yielding (an upstream), a running client does not hold background work back.
+        let up = Admission::with_background("u", 4, 8, 2);
+        let _client = up.admit(1, Priority::Interactive).await.unwrap();
+        let bg = tokio::time::timeout(Duration::from_secs(1), up.admit(1, Priority::Background));
+        assert!(bg.await.is_ok());
     }
 
     #[tokio::test]
