@@ -600,3 +600,41 @@ async fn every_sampled_request_finishes_with_usage() {
         );
     }
 }
+
+#[tokio::test]
+async fn logit_bias_changes_greedy_output() {
+    let ask = |bias: Value| async move {
+        let body = json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Name a colour."}],
+            "max_tokens": 6,
+            "temperature": 0,
+            "logit_bias": bias,
+        });
+        let v: Value = post("/v1/chat/completions", body)
+            .await
+            .json()
+            .await
+            .unwrap();
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let plain = ask(json!({})).await;
+    // +100 on one token makes it the greedy choice at every step.
+    let forced = ask(json!({"30": 100})).await;
+    assert_ne!(forced, plain);
+    assert_eq!(
+        ask(json!({"30": 100})).await,
+        forced,
+        "greedy with a bias is still deterministic"
+    );
+    let unit = forced.chars().next().unwrap();
+    assert!(
+        forced.chars().all(|c| c == unit),
+        "one token repeated: {forced:?}"
+    );
+    // An id past the vocabulary names no token and changes nothing.
+    assert_eq!(ask(json!({"9999999": -100})).await, plain);
+}

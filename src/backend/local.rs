@@ -18,8 +18,8 @@ use std::sync::{Arc, OnceLock};
 use futures::StreamExt;
 use indexmap::IndexMap;
 use mistralrs::{
-    Constraint, GgufModelBuilder, MessageContent, Model, NormalRequest, Request, RequestMessage,
-    Response, SamplingParams, StopTokens, TokenSource,
+    Constraint, CustomLogitsProcessor, GgufModelBuilder, MessageContent, Model, NormalRequest,
+    Request, RequestMessage, Response, SamplingParams, StopTokens, TokenSource,
 };
 use tokio::sync::mpsc;
 
@@ -143,11 +143,39 @@ fn sampling_params(r: &ChatRequest) -> SamplingParams {
     if !s.stop.is_empty() {
         p.stop_toks = Some(StopTokens::Seqs(s.stop.clone()));
     }
-    if !s.logit_bias.is_empty() {
-        p.logits_bias = Some(s.logit_bias.iter().copied().collect::<HashMap<_, _>>());
-    }
     p.n_choices = 1;
     p
+}
+
+/// OpenAI's `logit_bias`: a number added to the logit of each named token before sampling.
+/// mistral.rs 0.8.1 takes a `logits_bias` in its sampling parameters but drops it before the
+/// sampler (engine/add_request.rs), so the bias is applied here, as a logits processor, which
+/// the sampler runs after its penalties and before choosing (greedy or sampled). Ids past the
+/// vocabulary name no token and change nothing.
+struct LogitBias(HashMap<u32, f32>);
+
+impl CustomLogitsProcessor for LogitBias {
+    fn apply(
+        &self,
+        logits: &candle_core::Tensor,
+        _context: &[u32],
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let mut v = logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+        for (&id, &bias) in &self.0 {
+            if let Some(x) = v.get_mut(id as usize) {
+                *x += bias;
+            }
+        }
+        candle_core::Tensor::from_vec(v, logits.shape(), logits.device())?.to_dtype(logits.dtype())
+    }
+}
+
+fn logits_processors(r: &ChatRequest) -> Option<Vec<Arc<dyn CustomLogitsProcessor>>> {
+    if r.sampling.logit_bias.is_empty() {
+        return None;
+    }
+    let bias = r.sampling.logit_bias.iter().copied().collect();
+    Some(vec![Arc::new(LogitBias(bias))])
 }
 
 fn request_messages(r: &ChatRequest) -> RequestMessage {
@@ -185,7 +213,7 @@ fn one_sequence(model: &Model, request: &ChatRequest) -> (mpsc::Receiver<Respons
             suffix: None,
             tools: None,
             tool_choice: None,
-            logits_processors: None,
+            logits_processors: logits_processors(request),
             return_raw_logits: false,
             web_search_options: None,
             model_id: None,
