@@ -638,3 +638,88 @@ async fn logit_bias_changes_greedy_output() {
     // An id past the vocabulary names no token and changes nothing.
     assert_eq!(ask(json!({"9999999": -100})).await, plain);
 }
+
+#[tokio::test]
+async fn response_format_holds_the_output_to_json() {
+    let ask = |rf: Value, model: &str| {
+        let body = json!({
+            "model": model,
+            "messages": [{"role": "user", "content": "Name a colour and a count as JSON."}],
+            "max_tokens": 120,
+            "temperature": 0,
+            "response_format": rf,
+        });
+        async move {
+            let r = post("/v1/chat/completions", body).await;
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "colour": {"type": "string", "maxLength": 20},
+            "count": {"type": "integer", "minimum": 0, "maximum": 1000},
+        },
+        "required": ["colour", "count"],
+        "additionalProperties": false,
+    });
+    let (s, v) = ask(
+        json!({"type": "json_schema", "json_schema": {"name": "pick", "strict": true, "schema": schema}}),
+        MODEL,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    let doc: Value = serde_json::from_str(content).expect("the content is JSON");
+    // Valid against the schema: exactly the two keys, of their types and ranges.
+    let obj = doc.as_object().unwrap();
+    assert_eq!(obj.len(), 2, "{doc}");
+    assert!(
+        obj["colour"]
+            .as_str()
+            .is_some_and(|c| c.chars().count() <= 20),
+        "{doc}"
+    );
+    assert!(obj["count"].as_u64().is_some_and(|n| n <= 1000), "{doc}");
+    // A whole document ends the choice as "stop", not at max_tokens.
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() < 120);
+
+    let (s, v) = ask(json!({"type": "json_object"}), MODEL).await;
+    assert_eq!(s, 200, "{v}");
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        serde_json::from_str::<Value>(content).unwrap().is_object(),
+        "{content}"
+    );
+
+    for (rf, model, param) in [
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}),
+            MODEL.to_owned(),
+            "response_format",
+        ),
+        (
+            json!({"type": "xml"}),
+            MODEL.to_owned(),
+            "response_format.type",
+        ),
+        (
+            json!({"type": "json_schema"}),
+            MODEL.to_owned(),
+            "response_format.json_schema",
+        ),
+        (
+            json!({"type": "json_object"}),
+            format!("iterresearch:{MODEL}"),
+            "response_format",
+        ),
+    ] {
+        let (s, v) = ask(rf.clone(), &model).await;
+        assert_eq!(
+            (s, v["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{rf}: {v}"
+        );
+    }
+}

@@ -158,6 +158,35 @@ async fn experient_in_front_of_upstreams() {
         (du.prompt_tokens, du.completion_tokens)
     );
 
+    // response_format goes upstream, where the second experient holds decoding to the schema;
+    // the proxied answer is the upstream's own.
+    let rf = json!({"type": "json_schema", "json_schema": {"name": "pick", "schema": {
+        "type": "object",
+        "properties": {"colour": {"type": "string", "maxLength": 20}},
+        "required": ["colour"],
+        "additionalProperties": false,
+    }}});
+    let body = |model: &str| {
+        json!({"model": model, "max_tokens": 60, "temperature": 0, "response_format": rf,
+               "messages": [{"role": "user", "content": "Name a colour as JSON."}]})
+    };
+    let (status, via) = post(&s.front, body("up")).await;
+    assert_eq!(status, 200, "{via}");
+    let (_, own) = post(&s.up, body(MODEL)).await;
+    let content = |t: &str| {
+        let v: Value = serde_json::from_str(t).unwrap();
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(content(&via), content(&own));
+    let doc: Value = serde_json::from_str(&content(&via)).expect("JSON through the proxy");
+    assert!(
+        doc["colour"].is_string() && doc.as_object().unwrap().len() == 1,
+        "{doc}"
+    );
+
     // Streaming: chunk by chunk, one id, a finish reason from OpenAI's set, then usage.
     let mut req = request("up", 12);
     req.stream_options = Some(ChatCompletionStreamOptions {

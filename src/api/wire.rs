@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::backend::{ChatRequest, Message, Role, Sampling, ToolCall, ToolSpec};
+use crate::backend::{ChatRequest, Message, OutputFormat, Role, Sampling, ToolCall, ToolSpec};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -207,11 +207,7 @@ impl ChatCompletionRequest {
         if self.function_call.as_ref().is_some_and(|v| !v.is_null()) {
             return Err(unsupported("function_call"));
         }
-        if let Some(rf) = &self.response_format {
-            if !(rf.is_null() || rf.get("type").and_then(Value::as_str) == Some("text")) {
-                return Err(unsupported("response_format"));
-            }
-        }
+        let format = output_format(self.response_format.as_ref())?;
         if self.audio.as_ref().is_some_and(|v| !v.is_null()) {
             return Err(unsupported("audio"));
         }
@@ -322,9 +318,69 @@ impl ChatCompletionRequest {
                     frequency_penalty,
                     logit_bias,
                     seed,
+                    format,
                 },
             },
         })
+    }
+}
+
+/// `response_format`: `{"type": "text"}`, `{"type": "json_object"}`, or `{"type":
+/// "json_schema", "json_schema": {"name", "schema", "strict"}}`.
+fn output_format(rf: Option<&Value>) -> Result<OutputFormat> {
+    let bad = |m: &str, p: &'static str| Err(Error::invalid(m.to_owned(), p));
+    let Some(rf) = rf.filter(|v| !v.is_null()) else {
+        return Ok(OutputFormat::Text);
+    };
+    match rf.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(OutputFormat::Text),
+        Some("json_object") => Ok(OutputFormat::JsonObject),
+        Some("json_schema") => {
+            let Some(js) = rf.get("json_schema").filter(|j| j.is_object()) else {
+                return bad(
+                    "response_format of type json_schema needs a json_schema object",
+                    "response_format.json_schema",
+                );
+            };
+            let name = match js.get("name") {
+                Some(Value::String(n)) if !n.is_empty() && n.len() <= 64 => n.clone(),
+                _ => {
+                    return bad(
+                        "json_schema.name must be a string of 1 to 64 characters",
+                        "response_format.json_schema.name",
+                    )
+                }
+            };
+            let schema = match js.get("schema") {
+                None => serde_json::json!({}),
+                Some(s @ Value::Object(_)) => s.clone(),
+                Some(_) => {
+                    return bad(
+                        "json_schema.schema must be a JSON Schema object",
+                        "response_format.json_schema.schema",
+                    )
+                }
+            };
+            let strict = match js.get("strict") {
+                None | Some(Value::Null) => None,
+                Some(Value::Bool(b)) => Some(*b),
+                Some(_) => {
+                    return bad(
+                        "json_schema.strict must be a boolean",
+                        "response_format.json_schema.strict",
+                    )
+                }
+            };
+            Ok(OutputFormat::JsonSchema {
+                name,
+                schema,
+                strict,
+            })
+        }
+        _ => bad(
+            "response_format.type must be \"text\", \"json_object\" or \"json_schema\"",
+            "response_format.type",
+        ),
     }
 }
 

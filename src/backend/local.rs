@@ -24,7 +24,8 @@ use mistralrs::{
 use tokio::sync::mpsc;
 
 use super::{
-    Admission, Backend, ChatRequest, Event, EventStream, FinishReason, Priority, StopFilter, Usage,
+    Admission, Backend, ChatRequest, Event, EventStream, FinishReason, OutputFormat, Priority,
+    StopFilter, Usage,
 };
 use crate::error::{Error, Result};
 
@@ -170,6 +171,16 @@ impl CustomLogitsProcessor for LogitBias {
     }
 }
 
+/// The grammar decoding is held to: llguidance, through mistral.rs, compiles a JSON Schema so
+/// that every token keeps the output a prefix of a valid document.
+fn constraint(format: &OutputFormat) -> Constraint {
+    match format {
+        OutputFormat::Text => Constraint::None,
+        OutputFormat::JsonObject => Constraint::JsonSchema(serde_json::json!({"type": "object"})),
+        OutputFormat::JsonSchema { schema, .. } => Constraint::JsonSchema(schema.clone()),
+    }
+}
+
 fn logits_processors(r: &ChatRequest) -> Option<Vec<Arc<dyn CustomLogitsProcessor>>> {
     if r.sampling.logit_bias.is_empty() {
         return None;
@@ -209,7 +220,7 @@ fn one_sequence(model: &Model, request: &ChatRequest) -> (mpsc::Receiver<Respons
             return_logprobs: false,
             is_streaming: true,
             id,
-            constraint: Constraint::None,
+            constraint: constraint(&request.sampling.format),
             suffix: None,
             tools: None,
             tool_choice: None,
@@ -238,6 +249,10 @@ fn sequence_events(
         let mut stop = StopFilter::new(request.sampling.stop.clone());
         let mut generated = 0u64;
         let mut finished = false;
+        // With a JSON format the text so far, to see when the document is whole: mistral.rs
+        // goes on decoding (tokens that add no text) after the grammar has accepted, until
+        // max_tokens, and would report "length" for a finished document.
+        let mut json = (request.sampling.format != OutputFormat::Text).then(String::new);
         while let Some(resp) = rx.recv().await {
             match resp {
                 Response::Chunk(chunk) => {
@@ -245,10 +260,17 @@ fn sequence_events(
                         if let Some(text) = c.delta.content {
                             generated += 1;
                             let (out, stopped) = stop.push(&text);
+                            let complete = match json.as_mut() {
+                                Some(doc) if !out.is_empty() => {
+                                    doc.push_str(&out);
+                                    out.contains(['}', ']']) && serde_json::from_str::<serde_json::Value>(doc).is_ok()
+                                }
+                                _ => false,
+                            };
                             if !out.is_empty() {
                                 yield Ok(Event::Delta { index, text: out });
                             }
-                            if stopped {
+                            if stopped || complete {
                                 drop(rx);
                                 yield Ok(Event::Finish { index, reason: FinishReason::Stop });
                                 let prompt_tokens = count_prompt(&model, &request).await;
@@ -276,7 +298,13 @@ fn sequence_events(
                     }
                 }
                 Response::ValidationError(e) => {
-                    yield Err(Error::invalid(format!("the model rejected the request: {e}"), None));
+                    let e = e.to_string();
+                    // The only grammar a request brings is its response_format's schema.
+                    yield Err(if e.starts_with("Invalid grammar") {
+                        Error::invalid(format!("response_format: the schema cannot be compiled: {e}"), "response_format")
+                    } else {
+                        Error::invalid(format!("the model rejected the request: {e}"), None)
+                    });
                     return;
                 }
                 Response::InternalError(e) => {

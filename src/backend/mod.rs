@@ -79,6 +79,19 @@ pub struct ToolSpec {
 
 /// Sampling settings with OpenAI's meaning: `temperature` 0 is greedy, anything above samples
 /// from the full distribution, and unset means 1.
+/// What a completion must be: free text, or JSON (any object, or valid against a schema).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum OutputFormat {
+    #[default]
+    Text,
+    JsonObject,
+    JsonSchema {
+        name: String,
+        schema: serde_json::Value,
+        strict: Option<bool>,
+    },
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Sampling {
     pub max_tokens: Option<u32>,
@@ -90,6 +103,8 @@ pub struct Sampling {
     pub frequency_penalty: Option<f32>,
     pub logit_bias: Vec<(u32, f32)>,
     pub seed: Option<u64>,
+    /// Local models constrain decoding to it; upstreams get it forwarded.
+    pub format: OutputFormat,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]

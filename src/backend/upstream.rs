@@ -175,6 +175,8 @@ struct UpstreamBody<'a> {
     logit_bias: LogitBias<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     seed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -186,6 +188,26 @@ struct UpstreamMessage<'a> {
 #[derive(Serialize)]
 struct StreamOptions {
     include_usage: bool,
+}
+
+/// The output format as OpenAI's `response_format`; plain text is left out, as clients do.
+fn response_format(f: &super::OutputFormat) -> Option<serde_json::Value> {
+    use super::OutputFormat;
+    match f {
+        OutputFormat::Text => None,
+        OutputFormat::JsonObject => Some(serde_json::json!({"type": "json_object"})),
+        OutputFormat::JsonSchema {
+            name,
+            schema,
+            strict,
+        } => {
+            let mut js = serde_json::json!({"name": name, "schema": schema});
+            if let Some(s) = strict {
+                js["strict"] = serde_json::json!(s);
+            }
+            Some(serde_json::json!({"type": "json_schema", "json_schema": js}))
+        }
+    }
 }
 
 /// Token ids and biases, as OpenAI's map from the id as a string to the bias.
@@ -367,6 +389,7 @@ impl UpstreamBackend {
             frequency_penalty: s.frequency_penalty,
             logit_bias: LogitBias(&s.logit_bias),
             seed: s.seed,
+            response_format: response_format(&s.format),
         };
         // Serialising borrowed strings and numbers cannot fail.
         Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
@@ -673,8 +696,17 @@ mod tests {
             frequency_penalty: Some(-1.0),
             logit_bias: vec![(42, -100.0)],
             seed: Some(3),
+            format: crate::backend::OutputFormat::JsonSchema {
+                name: "answer".into(),
+                schema: serde_json::json!({"type": "object"}),
+                strict: Some(true),
+            },
         };
         let full: serde_json::Value = serde_json::from_slice(&b.body(&r)).unwrap();
+        assert_eq!(
+            full["response_format"],
+            serde_json::json!({"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}, "strict": true}})
+        );
         assert_eq!(full["max_tokens"], 5);
         assert_eq!(full["temperature"], 0.7);
         assert_eq!(full["top_p"], 0.5);

@@ -99,6 +99,17 @@ pub async fn run(
     request: ChatRequest,
     opts: &Options,
 ) -> Result<Output> {
+    if route.method != Method::Direct
+        && request.sampling.format != crate::backend::OutputFormat::Text
+    {
+        return Err(Error::invalid(
+            format!(
+                "response_format is applied to direct requests only; the {} method writes its own replies",
+                route.method.name()
+            ),
+            "response_format",
+        ));
+    }
     if route.method != Method::IterResearch {
         if !request.tools.is_empty() {
             return Err(Error::invalid(
