@@ -51,6 +51,8 @@ pub struct Bounds {
     pub max_plan_instances: usize,
     /// Most refinement rounds of one planning run (`rounds`).
     pub max_plan_rounds: u32,
+    /// Most learning jobs running at once across the server (one per library at most).
+    pub max_jobs: usize,
 }
 
 impl Default for Bounds {
@@ -67,6 +69,7 @@ impl Default for Bounds {
             max_dataset_bytes: 256 << 20,
             max_plan_instances: 1000,
             max_plan_rounds: 16,
+            max_jobs: 4,
         }
     }
 }
@@ -84,6 +87,7 @@ impl Bounds {
             ("max_dataset_bytes", self.max_dataset_bytes),
             ("max_plan_instances", self.max_plan_instances as u64),
             ("max_plan_rounds", u64::from(self.max_plan_rounds)),
+            ("max_jobs", self.max_jobs as u64),
         ] {
             if v == 0 {
                 anyhow::bail!("bounds.{key}: must be at least 1");

@@ -218,7 +218,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         prompts: Arc::new(Prompts::load(opts.prompts_dir.as_deref())?),
         keys,
         public_metrics: opts.config.auth.public_metrics,
-        jobs: crate::learn::jobs::Jobs::new(&opts.runs_dir),
+        jobs: crate::learn::jobs::Jobs::new(&opts.runs_dir, opts.config.bounds.max_jobs),
         methods: Arc::new(opts.config.methods.clone()),
         bounds: Arc::new(opts.config.bounds.clone()),
     });

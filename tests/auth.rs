@@ -72,6 +72,17 @@ async fn keys_guard_the_routes() {
         .unwrap()
         .contains("Bearer"));
     assert_eq!(get("/health", None).await.0, 200);
+    // The API's description is public, and lists every route.
+    let (s, doc) = get("/openapi.json", None).await;
+    assert_eq!(s, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+    for path in [
+        "/v1/chat/completions",
+        "/v1/libraries/{name}/experiences/{id}",
+        "/v1/jobs/{id}",
+    ] {
+        assert!(doc["paths"].get(path).is_some(), "{path} missing");
+    }
     assert_eq!(common::http_status(&server.url("/metrics")).unwrap(), 401);
     assert_eq!(get("/metrics", Some("user-key")).await.0, 200);
     assert_eq!(get("/v1/models", Some("user-key")).await.0, 200);

@@ -385,3 +385,50 @@ fn listening_beyond_loopback_needs_keys_or_an_explicit_yes() {
     let (listened, _) = serve_once(&["--addr", "127.0.0.1:0"], &[]);
     assert!(listened);
 }
+
+#[tokio::test]
+async fn a_learning_job_steps_aside_for_a_client() {
+    let server = start(None, &[]);
+    call(&server, "POST", "/v1/libraries", json!({"name": "busy"})).await;
+    let tasks: Vec<Value> = (1..=8)
+        .map(|i| json!({"question": format!("Write a long story about the number {i}."), "answer": format!("{i}")}))
+        .collect();
+    let (s, job) = call(
+        &server,
+        "POST",
+        "/v1/libraries/busy/learn",
+        json!({"tasks": tasks, "epochs": 1, "group_size": 4, "concurrency": 4, "max_tokens": 256}),
+    )
+    .await;
+    assert_eq!(s, 202, "{job}");
+    // Wait until a learning rollout is being decoded.
+    let t = Instant::now();
+    while common::metric(&server, "experient_inflight_sequences", "").await < 1.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the job never started decoding"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let preemptions = "experient_background_preemptions_total";
+    let before = common::metric(&server, preemptions, "").await;
+    let (s, v) = call(
+        &server,
+        "POST",
+        "/v1/chat/completions",
+        chat_body(MODEL, json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        common::metric(&server, preemptions, "").await > before,
+        "the rollout in the engine was not cancelled for the client"
+    );
+    let id = job["id"].as_str().unwrap();
+    let (_, state) = call(&server, "GET", &format!("/v1/jobs/{id}"), json!(null)).await;
+    assert_eq!(
+        state["status"], "running",
+        "the job goes on after stepping aside"
+    );
+    call(&server, "DELETE", &format!("/v1/jobs/{id}"), json!(null)).await;
+}

@@ -88,13 +88,17 @@ impl Job {
 pub struct Jobs {
     jobs: Mutex<IndexMap<String, Arc<Job>>>,
     runs_dir: PathBuf,
+    /// Most jobs running at once (`bounds.max_jobs`): one per library would let a client that
+    /// creates libraries start as many jobs as it likes.
+    max_running: usize,
 }
 
 impl Jobs {
-    pub fn new(runs_dir: &Path) -> Jobs {
+    pub fn new(runs_dir: &Path, max_running: usize) -> Jobs {
         Jobs {
             jobs: Mutex::default(),
             runs_dir: runs_dir.to_owned(),
+            max_running: max_running.max(1),
         }
     }
 
@@ -133,6 +137,19 @@ impl Jobs {
                 "library '{library}' is already learning in job {}; wait for it or cancel it",
                 j.id
             )));
+        }
+        let running = jobs
+            .values()
+            .filter(|j| j.status() == Status::Running)
+            .count();
+        if running >= self.max_running {
+            return Err(Error::Overloaded {
+                message: format!(
+                    "{running} learning jobs are running, the most this server runs at once \
+                     (bounds.max_jobs); wait for one to finish or cancel one"
+                ),
+                retry_after_secs: 60,
+            });
         }
         let job = Arc::new(Job {
             id: format!("job_{}", uuid::Uuid::new_v4().simple()),
@@ -217,7 +234,7 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_job_fails_and_frees_its_library() {
         let dir = tempfile::tempdir().unwrap();
-        let jobs = Jobs::new(dir.path());
+        let jobs = Jobs::new(dir.path(), 2);
         let start = |work: std::pin::Pin<
             Box<dyn std::future::Future<Output = Result<RunSummary>> + Send>,
         >| {
@@ -249,5 +266,26 @@ mod tests {
         let again = start(Box::pin(std::future::pending())).unwrap();
         assert_eq!(again.status(), Status::Running);
         jobs.cancel(&again.id).unwrap();
+    }
+
+    #[tokio::test]
+    async fn running_jobs_are_bounded_across_libraries() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs::new(dir.path(), 2);
+        let start = |lib: &str| {
+            jobs.spawn(
+                lib.into(),
+                "run".into(),
+                dir.path().into(),
+                Arc::default(),
+                std::future::pending(),
+            )
+        };
+        let a = start("a").unwrap();
+        start("b").unwrap();
+        assert!(matches!(start("c"), Err(Error::Overloaded { .. })));
+        // A finished (here: cancelled) job frees its place.
+        jobs.cancel(&a.id).unwrap();
+        start("c").unwrap();
     }
 }
