@@ -39,6 +39,12 @@ async fn post(path: &str, body: Value) -> reqwest::Response {
         .unwrap()
 }
 
+/// A raw chat completion: its status and body.
+async fn chat(body: Value) -> (u16, Value) {
+    let r = post("/v1/chat/completions", body).await;
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
 fn api_error(e: OpenAIError) -> (u16, async_openai::error::ApiError) {
     match e {
         OpenAIError::ApiError(r) => (r.status_code.as_u16(), r.api_error),
@@ -611,11 +617,7 @@ async fn logit_bias_changes_greedy_output() {
             "temperature": 0,
             "logit_bias": bias,
         });
-        let v: Value = post("/v1/chat/completions", body)
-            .await
-            .json()
-            .await
-            .unwrap();
+        let (_, v) = chat(body).await;
         v["choices"][0]["message"]["content"]
             .as_str()
             .unwrap()
@@ -649,10 +651,7 @@ async fn response_format_holds_the_output_to_json() {
             "temperature": 0,
             "response_format": rf,
         });
-        async move {
-            let r = post("/v1/chat/completions", body).await;
-            (r.status().as_u16(), r.json::<Value>().await.unwrap())
-        }
+        chat(body)
     };
     let schema = json!({
         "type": "object",

@@ -416,7 +416,7 @@ impl Admission {
     /// Waits for `n` slots in `priority`'s lane, or fails at once when the queue is full.
     pub async fn admit(&self, n: usize, priority: Priority) -> Result<Permit> {
         let n = n.clamp(1, self.capacity) as u32;
-        let (slots, lane) = match priority {
+        let (slots, lane, client) = match priority {
             Priority::Interactive => {
                 // Counted from the moment it waits, so that background work steps aside at once.
                 self.clients.fetch_add(1, Ordering::SeqCst);
@@ -427,13 +427,7 @@ impl Admission {
                     freed: self.freed.clone(),
                 };
                 self.arrived.notify_waiters();
-                let slots = self.admit_interactive(n).await?;
-                return Ok(Permit {
-                    _slots: slots,
-                    _lane: None,
-                    client: Some(mark),
-                    freed: self.freed.clone(),
-                });
+                (self.admit_interactive(n).await?, None, Some(mark))
             }
             Priority::Background => {
                 let lane = self
@@ -442,13 +436,13 @@ impl Admission {
                     .acquire_owned()
                     .await
                     .map_err(|_| Error::Unavailable("the model is shutting down".into()))?;
-                (self.admit_background(n).await, Some(lane))
+                (self.admit_background(n).await, Some(lane), None)
             }
         };
         Ok(Permit {
             _slots: slots,
             _lane: lane,
-            client: None,
+            client,
             freed: self.freed.clone(),
         })
     }
