@@ -440,14 +440,18 @@ impl Sampler {
     }
 
     fn sample_argmax(&self, logits: Tensor, return_logprobs: bool) -> Result<Logprobs> {
-        let probs: Vec<f32> = logits.to_vec1()?;
-        let next_token = argmax_f32(&probs);
-        let logprob = probs[next_token as usize].log(10.0);
-
-        let top_logprobs = if return_logprobs {
-            Some(self.get_top_logprobs(&probs)?)
+        let raw: Vec<f32> = logits.to_vec1()?;
+        let next_token = argmax_f32(&raw);
+        // experient: greedy decoding gets raw logits, not probabilities; logprobs asked for
+        // are taken from their softmax (upstream took the log of the raw logit).
+        let (logprob, top_logprobs) = if return_logprobs {
+            let probs: Vec<f32> = candle_nn::ops::softmax_last_dim(&logits)?.to_vec1()?;
+            (
+                probs[next_token as usize].log(10.0),
+                Some(self.get_top_logprobs(&probs)?),
+            )
         } else {
-            None
+            (raw[next_token as usize].log(10.0), None)
         };
 
         let bytes = if let Some(tokenizer) = &self.tokenizer {

@@ -1006,6 +1006,17 @@ impl Sequence {
     pub fn get_delta(
         &mut self,
     ) -> Result<Option<String>, Box<dyn std::error::Error + Send + Sync>> {
+        // experient: a text completion continues its prompt, so the space its first token
+        // starts with is part of the text (" Paris" after "The capital of France is").
+        if !self.get_mut_group().is_chat {
+            let new_decoded = String::from_utf8_lossy(&self.completion_bytes[self.stream_idx..]);
+            if new_decoded.ends_with('\u{FFFD}') {
+                return Ok(None);
+            }
+            let delta = new_decoded.to_string();
+            self.stream_idx = self.completion_bytes.len();
+            return Ok(Some(delta));
+        }
         let new_decoded = self.peek_delta();
         if matches!(new_decoded, Ok(Some(_))) {
             self.stream_idx = self.completion_bytes.len();
