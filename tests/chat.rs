@@ -147,12 +147,20 @@ async fn content_as_text_parts_and_experient_object() {
             "model": MODEL,
             "messages": [{"role": "user", "content": [{"type": "text", "text": "Say"}, {"type": "text", "text": " hello"}]}],
             "max_tokens": 3,
-            "some_unknown_field": {"ignored": true},
         }),
     )
     .await;
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
+    // A field the server does not know is refused, as OpenAI refuses one, never dropped.
+    let unknown = post(
+        "/v1/chat/completions",
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "some_unknown_field": {"ignored": true}}),
+    )
+    .await;
+    assert_eq!(unknown.status(), 400);
+    let e: Value = unknown.json().await.unwrap();
+    assert_eq!(e["error"]["param"], "some_unknown_field", "{e}");
     assert_eq!(body["experient"]["method"], "direct");
     assert_eq!(body["experient"]["model"], MODEL);
     assert_eq!(body["choices"][0]["message"]["role"], "assistant");
@@ -403,11 +411,11 @@ async fn bad_requests_get_the_envelope() {
         (
             {
                 let mut r = request("x", 2);
-                r.logprobs = Some(true);
+                r.top_logprobs = Some(2);
                 r
             },
             400,
-            Some("logprobs"),
+            Some("top_logprobs"),
         ),
         (
             {
@@ -481,10 +489,10 @@ async fn raw_bad_requests_get_the_envelope() {
     check(400, Some("model"))(
         send(json!({"messages": [{"role": "user", "content": "x"}]}).to_string()).await,
     );
-    check(400, Some("tools"))(
+    check(400, Some("tools[0].function.name"))(
         send(
             json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                    "tools": [{"type": "function", "function": {"name": "f"}}]})
+                    "tools": [{"type": "function", "function": {"name": "not a name!"}}]})
             .to_string(),
         )
         .await,

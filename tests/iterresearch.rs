@@ -216,11 +216,11 @@ async fn rounds_tools_limits_and_streaming() {
     );
     assert_eq!(common::http_status(&s.url("/health")).unwrap(), 200);
 
-    // Other methods refuse tools, with the field named.
+    // The plan method, which writes its own program, refuses tools, with the field named.
     let r = http
         .post(s.url("/v1/chat/completions"))
         .json(
-            &json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}],
+            &json!({"model": "plan:smollm2-135m", "messages": [{"role": "user", "content": "hi"}],
                       "tools": [{"type": "function", "function": {"name": "f"}}]}),
         )
         .send()

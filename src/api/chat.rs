@@ -28,53 +28,11 @@ pub async fn chat_completions(
         v.options.method.as_deref(),
         v.options.library.as_deref(),
     )?;
-    let max = state.bounds.max_experiences;
-    let selection = match &v.options.experiences {
-        None => None,
-        Some(Value::String(s)) if s == "all" => Some(Selection::All),
-        Some(Value::Number(n)) if n.as_u64().is_some_and(|k| (1..=max as u64).contains(&k)) => {
-            Some(Selection::TopK(n.as_u64().unwrap_or(1) as usize))
-        }
-        Some(_) => {
-            return Err(Error::InvalidRequest {
-                message: format!(
-                    "experient.experiences must be \"all\" or a number from 1 to {max}"
-                ),
-                param: Some("experient.experiences".into()),
-            })
-        }
-    };
-    let full_history = match v.options.workspace.as_deref() {
-        None | Some("markovian") => false,
-        Some("full") => true,
-        Some(_) => {
-            return Err(Error::invalid(
-                "experient.workspace must be \"markovian\" or \"full\"",
-                "experient.workspace",
-            ))
-        }
-    };
-    let opts = methods::Options {
-        selection,
-        max_rounds: v.options.max_rounds,
-        full_history,
-        plan: methods::plan::PlanOptions {
-            env: v.options.env.clone(),
-            instances: v.options.instances.clone(),
-            train: v.options.train.clone(),
-            rounds: v.options.rounds,
-            direct: v.options.direct,
-            refresh: v.options.refresh,
-        },
-    };
+    let opts = method_options(&state, &v.options)?;
     let n = v.chat.sampling.n as usize;
     let model_label = route.model.clone();
-    let ctx = methods::Context {
-        store: state.store.clone(),
-        prompts: state.prompts.clone(),
-        settings: state.methods.clone(),
-        bounds: state.bounds.clone(),
-    };
+    let ctx = method_context(&state);
+    let id = wire::completion_id();
     let output = methods::run(&ctx, route, v.chat, &opts).await?;
     let applied_header = applied_header(&output.applied);
 
@@ -91,23 +49,12 @@ pub async fn chat_completions(
         let mut applied = output.applied;
         applied.trace = done.trace;
         let body = json!({
-            "id": wire::completion_id(),
+            "id": id,
             "object": "chat.completion",
             "created": wire::now_secs(),
             "model": v.model,
             "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": done.choices.iter().enumerate().map(|(i, c)| {
-                let mut message = json!({"role": "assistant", "content": c.text, "refusal": null});
-                if !c.tool_calls.is_empty() {
-                    message["tool_calls"] = json!(c.tool_calls.iter().map(tool_call_json).collect::<Vec<_>>());
-                }
-                json!({
-                    "index": i,
-                    "message": message,
-                    "logprobs": null,
-                    "finish_reason": c.finish_reason.as_str(),
-                })
-            }).collect::<Vec<_>>(),
+            "choices": done.choices.iter().enumerate().map(|(i, c)| choice_json(i, c)).collect::<Vec<_>>(),
             "usage": WireUsage::from(done.usage),
             "experient": applied,
         });
@@ -118,7 +65,7 @@ pub async fn chat_completions(
 
     let frames = chunks(
         output.events,
-        v.model,
+        Head { id, model: v.model },
         n,
         v.include_usage,
         output.applied,
@@ -135,6 +82,62 @@ pub async fn chat_completions(
         .into_response();
     insert_header(&mut resp, applied_header);
     Ok(resp)
+}
+
+/// The methods' choices from the `experient` request object, checked against the bounds.
+pub(super) fn method_options(
+    state: &AppState,
+    options: &wire::ExperientOptions,
+) -> Result<methods::Options, Error> {
+    let max = state.bounds.max_experiences;
+    let selection = match &options.experiences {
+        None => None,
+        Some(Value::String(s)) if s == "all" => Some(Selection::All),
+        Some(Value::Number(n)) if n.as_u64().is_some_and(|k| (1..=max as u64).contains(&k)) => {
+            Some(Selection::TopK(n.as_u64().unwrap_or(1) as usize))
+        }
+        Some(_) => {
+            return Err(Error::InvalidRequest {
+                message: format!(
+                    "experient.experiences must be \"all\" or a number from 1 to {max}"
+                ),
+                param: Some("experient.experiences".into()),
+            })
+        }
+    };
+    let full_history = match options.workspace.as_deref() {
+        None | Some("markovian") => false,
+        Some("full") => true,
+        Some(_) => {
+            return Err(Error::invalid(
+                "experient.workspace must be \"markovian\" or \"full\"",
+                "experient.workspace",
+            ))
+        }
+    };
+    Ok(methods::Options {
+        selection,
+        max_rounds: options.max_rounds,
+        full_history,
+        plan: methods::plan::PlanOptions {
+            env: options.env.clone(),
+            instances: options.instances.clone(),
+            train: options.train.clone(),
+            rounds: options.rounds,
+            direct: options.direct,
+            refresh: options.refresh,
+        },
+    })
+}
+
+/// What the methods may use, from the server's state.
+pub(super) fn method_context(state: &AppState) -> methods::Context {
+    methods::Context {
+        store: state.store.clone(),
+        prompts: state.prompts.clone(),
+        settings: state.methods.clone(),
+        bounds: state.bounds.clone(),
+    }
 }
 
 /// A comment event, sent when a stream has been quiet for a while, so that proxies and clients
@@ -180,6 +183,31 @@ fn tool_call_json(c: &backend::ToolCall) -> Value {
     json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}})
 }
 
+/// A whole choice: a message whose content is `null` when it only made calls, as OpenAI sends
+/// it, and the log probabilities when they were asked for.
+fn choice_json(i: usize, c: &backend::Choice) -> Value {
+    let content = if c.text.is_empty() && !c.tool_calls.is_empty() {
+        Value::Null
+    } else {
+        c.text.clone().into()
+    };
+    let mut message = json!({"role": "assistant", "content": content, "refusal": null});
+    if !c.tool_calls.is_empty() {
+        message["tool_calls"] = c.tool_calls.iter().map(tool_call_json).collect();
+    }
+    json!({
+        "index": i,
+        "message": message,
+        "logprobs": c.logprobs.as_deref().map_or(Value::Null, logprobs_json),
+        "finish_reason": c.finish_reason.as_str(),
+    })
+}
+
+/// Chat's `logprobs` object: `{"content": [{token, logprob, bytes, top_logprobs}], "refusal"}`.
+pub(super) fn logprobs_json(tokens: &[backend::TokenLogprob]) -> Value {
+    json!({"content": tokens, "refusal": null})
+}
+
 fn count_tokens(model: &str, u: Usage) {
     metrics::counter!("experient_prompt_tokens_total", "model" => model.to_owned())
         .increment(u.prompt_tokens);
@@ -201,20 +229,27 @@ fn insert_header(resp: &mut Response, v: Option<HeaderValue>) {
     }
 }
 
+/// What every chunk of a stream repeats: the completion's id (the one feedback names) and the
+/// model as the client named it.
+struct Head {
+    id: String,
+    model: String,
+}
+
 /// Turns backend events into the SSE events of an OpenAI chunk stream: one id and one
 /// `created` throughout, the role in each choice's first delta, exactly one finish_reason per
 /// choice, the usage chunk (`choices: []`) when asked for, an error event in the OpenAI envelope
 /// if generation fails, and `[DONE]` last in every case; a keep-alive comment while quiet.
 fn chunks(
     mut events: backend::EventStream,
-    model: String,
+    head: Head,
     n: usize,
     include_usage: bool,
     mut applied: Applied,
     model_label: String,
     keep_alive_every: Duration,
 ) -> impl Stream<Item = Bytes> + Send {
-    let id = wire::completion_id();
+    let Head { id, model } = head;
     let created = wire::now_secs();
     async_stream::stream! {
         let chunk = |choices: Value, usage: Option<Value>| {
@@ -254,6 +289,9 @@ fn chunks(
             yield role;
         }
         let mut finished = vec![false; n];
+        // Per choice: the calls streamed so far, and log probabilities for its next delta.
+        let mut calls = vec![0usize; n];
+        let mut logprobs: Vec<Option<Vec<backend::TokenLogprob>>> = vec![None; n];
         let mut usage = Usage::default();
         let mut failed = None;
         // One interval for the whole stream rather than a timer reset at every event; a tick
@@ -285,12 +323,24 @@ fn chunks(
             match ev {
                 Ok(Event::Delta { index, text }) => {
                     let text = serde_json::to_string(&text).unwrap_or_default();
+                    let lp = match logprobs.get_mut(index as usize).and_then(Option::take) {
+                        Some(t) => logprobs_json(&t).to_string(),
+                        None => "null".to_owned(),
+                    };
                     let delta = one(format_args!(
-                        "{{\"index\":{index},\"delta\":{{\"content\":{text}}},\"logprobs\":null,\"finish_reason\":null}}"
+                        "{{\"index\":{index},\"delta\":{{\"content\":{text}}},\"logprobs\":{lp},\"finish_reason\":null}}"
                     ));
                     yield delta;
                 }
+                Ok(Event::Logprobs { index, tokens }) => {
+                    if let Some(l) = logprobs.get_mut(index as usize) {
+                        l.get_or_insert_with(Vec::new).extend(tokens);
+                    }
+                }
                 Ok(Event::Finish { index, reason }) => {
+                    if let Some(l) = logprobs.get_mut(index as usize) {
+                        *l = None;
+                    }
                     if let Some(f) = finished.get_mut(index as usize) {
                         if !*f {
                             *f = true;
@@ -299,9 +349,15 @@ fn chunks(
                     }
                 }
                 Ok(Event::ToolCall { index, call }) => {
-                    let mut c = tool_call_json(&call);
-                    c["index"] = json!(0);
-                    yield frame(&chunk(json!([{"index": index, "delta": {"tool_calls": [c]}, "logprobs": null, "finish_reason": null}]), None));
+                    // As OpenAI streams a call: its id, type and name first, with empty
+                    // arguments, then the arguments; `index` counts the choice's calls.
+                    let Some(k) = calls.get_mut(index as usize) else { continue };
+                    let head = json!({"index": *k, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}});
+                    let args = json!({"index": *k, "function": {"arguments": call.arguments}});
+                    *k += 1;
+                    for piece in [head, args] {
+                        yield frame(&chunk(json!([{"index": index, "delta": {"tool_calls": [piece]}, "logprobs": null, "finish_reason": null}]), None));
+                    }
                 }
                 Ok(Event::Progress(p)) => {
                     // Progress rides on a chunk with an empty delta, so clients that only read
@@ -340,6 +396,13 @@ mod tests {
     use super::*;
     use crate::methods::Method;
 
+    fn head(model: &str) -> Head {
+        Head {
+            id: wire::completion_id(),
+            model: model.into(),
+        }
+    }
+
     fn applied() -> Applied {
         Applied {
             trace: None,
@@ -366,7 +429,7 @@ mod tests {
         let s = futures::stream::iter(events).boxed();
         chunks(
             s,
-            "m".into(),
+            head("m"),
             1,
             include_usage,
             applied(),
@@ -455,7 +518,7 @@ mod tests {
         })
         .boxed();
         let every = Duration::from_millis(50);
-        let out: Vec<Bytes> = chunks(events, "m".into(), 1, false, applied(), "m".into(), every)
+        let out: Vec<Bytes> = chunks(events, head("m"), 1, false, applied(), "m".into(), every)
             .collect()
             .await;
         let comments = out.iter().filter(|f| f.as_ref() == KEEP_ALIVE).count();
@@ -495,7 +558,7 @@ mod tests {
         let s = futures::stream::iter(events).boxed();
         let out: Vec<String> = chunks(
             s,
-            "m\"x".into(),
+            head("m\"x"),
             2,
             true,
             applied(),

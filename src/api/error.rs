@@ -130,10 +130,23 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
         let mut param = if path == "." { None } else { Some(path) };
         // serde reports a missing field at its parent; name the field itself.
         let inner = e.inner().to_string();
-        if let Some(field) = inner
-            .strip_prefix("missing field `")
-            .and_then(|r| r.split('`').next())
-        {
+        let named = |prefix: &str| {
+            inner
+                .strip_prefix(prefix)
+                .and_then(|r| r.split('`').next())
+                .map(str::to_owned)
+        };
+        if let Some(field) = named("unknown field `") {
+            // OpenAI refuses arguments it does not know, and so do we: a field that is
+            // dropped without a word is a setting the client believes took effect.
+            // The path already ends in the field (serde_path_to_error reports it there).
+            let param = param.unwrap_or(field);
+            return Error::InvalidRequest {
+                message: format!("unrecognized request argument supplied: {param}"),
+                param: Some(param),
+            };
+        }
+        if let Some(field) = named("missing field `") {
             param = Some(match param {
                 Some(p) => format!("{p}.{field}"),
                 None => field.to_owned(),

@@ -1,16 +1,19 @@
 //! OpenAI wire types for chat completions, and their translation into the crate's own types.
 //!
-//! Requests are parsed leniently where OpenAI is lenient (unknown fields are ignored) and
-//! strictly where a silent misreading would give wrong output: a field we cannot honour is
-//! rejected with a 400 that names it.
+//! Every request field is honoured, passed on to an upstream that takes it, or refused with a
+//! 400 that names it; a field this server does not know is refused too, as OpenAI refuses
+//! one, because a setting dropped without a word is one the client believes took effect.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::backend::{ChatRequest, Message, OutputFormat, Role, Sampling, ToolCall, ToolSpec};
+use crate::backend::{
+    ChatRequest, Message, OutputFormat, Role, Sampling, ToolCall, ToolChoice, ToolSpec,
+};
 use crate::error::{Error, Result};
 
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ChatCompletionRequest {
     pub model: String,
     pub messages: Vec<WireMessage>,
@@ -47,6 +50,8 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub tool_choice: Option<Value>,
     #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    #[serde(default)]
     pub functions: Option<Vec<Value>>,
     #[serde(default)]
     pub function_call: Option<Value>,
@@ -56,6 +61,28 @@ pub struct ChatCompletionRequest {
     pub audio: Option<Value>,
     #[serde(default)]
     pub prediction: Option<Value>,
+    /// Identifies the end user; passed on to upstreams, used for nothing here.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// OpenAI's stored completions: this server keeps none, so only `false` is taken.
+    #[serde(default)]
+    pub store: Option<bool>,
+    /// Only with `store`; refused when it holds anything.
+    #[serde(default)]
+    pub metadata: Option<Value>,
+    /// "auto" and "default" are what every request gets; others are refused.
+    #[serde(default)]
+    pub service_tier: Option<String>,
+    /// Reasoning models only; refused.
+    #[serde(default)]
+    pub reasoning_effort: Option<Value>,
+    /// Only `["text"]` is produced.
+    #[serde(default)]
+    pub modalities: Option<Vec<String>>,
+    #[serde(default)]
+    pub web_search_options: Option<Value>,
+    #[serde(default)]
+    pub verbosity: Option<Value>,
     /// experient's own options; see [`ExperientOptions`].
     #[serde(default)]
     pub experient: Option<ExperientOptions>,
@@ -167,6 +194,42 @@ fn range(v: Option<f64>, lo: f64, hi: f64, param: &'static str) -> Result<Option
 }
 
 impl ChatCompletionRequest {
+    /// A chat request that carries another endpoint's sampling fields, so that `/v1/completions`
+    /// checks them exactly as chat does (its one message is a placeholder and is not used).
+    #[allow(clippy::too_many_arguments)]
+    pub fn for_completion(
+        model: String,
+        max_tokens: Option<i64>,
+        temperature: Option<f64>,
+        top_p: Option<f64>,
+        n: Option<i64>,
+        stop: Option<Stop>,
+        presence_penalty: Option<f64>,
+        frequency_penalty: Option<f64>,
+        logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+        seed: Option<i64>,
+    ) -> Self {
+        ChatCompletionRequest {
+            model,
+            messages: vec![WireMessage {
+                role: "user".into(),
+                content: Some(Content::Text(String::new())),
+                tool_calls: None,
+                tool_call_id: None,
+            }],
+            max_tokens,
+            temperature,
+            top_p,
+            n,
+            stop,
+            presence_penalty,
+            frequency_penalty,
+            logit_bias,
+            seed,
+            ..Default::default()
+        }
+    }
+
     pub fn validate(self, limits: &Limits) -> Result<Validated> {
         let unsupported = |name: &'static str| {
             Error::invalid(
@@ -174,38 +237,86 @@ impl ChatCompletionRequest {
                 name,
             )
         };
-        if self.logprobs == Some(true) {
-            return Err(unsupported("logprobs"));
-        }
-        if self.top_logprobs.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(unsupported("top_logprobs"));
-        }
+        let logprobs = logprobs(self.logprobs, self.top_logprobs.as_ref(), 20)?;
         if self.functions.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(unsupported("functions"));
+            return Err(Error::invalid(
+                "'functions' is the deprecated form of 'tools'; send the functions as tools",
+                "functions",
+            ));
         }
-        let tools_off = match &self.tool_choice {
-            None | Some(Value::Null) => false,
-            Some(Value::String(s)) if s == "auto" => false,
-            Some(Value::String(s)) if s == "none" => true,
-            Some(_) => {
-                return Err(Error::invalid(
-                    "tool_choice: only \"auto\" and \"none\" are supported",
-                    "tool_choice",
-                ))
-            }
-        };
-        let tools = if tools_off {
-            vec![]
-        } else {
-            self.tools
-                .unwrap_or_default()
-                .into_iter()
-                .enumerate()
-                .map(|(i, t)| convert_tool(i, t))
-                .collect::<Result<Vec<_>>>()?
-        };
+        let tools = self
+            .tools
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| convert_tool(i, t))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(i) =
+            (1..tools.len()).find(|&i| tools[..i].iter().any(|t| t.name == tools[i].name))
+        {
+            return Err(Error::invalid_param(
+                format!("the function name '{}' is given twice", tools[i].name),
+                format!("tools[{i}].function.name"),
+            ));
+        }
+        let tool_choice = tool_choice(self.tool_choice.as_ref(), &tools)?;
         if self.function_call.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(unsupported("function_call"));
+            return Err(Error::invalid(
+                "'function_call' is the deprecated form of 'tool_choice'; use tool_choice",
+                "function_call",
+            ));
+        }
+        if self.store == Some(true) {
+            return Err(Error::invalid(
+                "this server does not store chat completions; leave out store or use the Responses API, which does",
+                "store",
+            ));
+        }
+        if self
+            .metadata
+            .as_ref()
+            .is_some_and(|m| m.as_object().is_some_and(|o| !o.is_empty()))
+        {
+            return Err(Error::invalid(
+                "metadata is kept with stored completions only, and this server stores none",
+                "metadata",
+            ));
+        }
+        if let Some(t) = self.service_tier.as_deref() {
+            if !["auto", "default"].contains(&t) {
+                return Err(Error::invalid(
+                    format!(
+                        "service_tier '{t}' is not offered; every request is served as \"default\""
+                    ),
+                    "service_tier",
+                ));
+            }
+        }
+        if self.reasoning_effort.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(unsupported("reasoning_effort"));
+        }
+        if self.verbosity.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(unsupported("verbosity"));
+        }
+        if self
+            .web_search_options
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
+            return Err(Error::invalid(
+                "web_search_options is not supported; the iterresearch method searches the web itself",
+                "web_search_options",
+            ));
+        }
+        if self
+            .modalities
+            .as_ref()
+            .is_some_and(|m| m.iter().any(|x| x != "text"))
+        {
+            return Err(Error::invalid(
+                "only the text modality is produced",
+                "modalities",
+            ));
         }
         let format = output_format(self.response_format.as_ref())?;
         if self.audio.as_ref().is_some_and(|v| !v.is_null()) {
@@ -306,6 +417,10 @@ impl ChatCompletionRequest {
             options: self.experient.unwrap_or_default(),
             chat: ChatRequest {
                 tools,
+                tool_choice,
+                parallel_tool_calls: self.parallel_tool_calls,
+                raw_prompt: None,
+                user: self.user,
                 priority: Default::default(),
                 messages,
                 sampling: Sampling {
@@ -319,9 +434,78 @@ impl ChatCompletionRequest {
                     logit_bias,
                     seed,
                     format,
+                    logprobs,
                 },
             },
         })
+    }
+}
+
+/// `logprobs` and `top_logprobs` (0 to `max`): the number of alternatives, when log
+/// probabilities are asked for.
+pub fn logprobs(on: Option<bool>, top: Option<&Value>, max: u8) -> Result<Option<u8>> {
+    let top = match top {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(k) if k <= u64::from(max) => Some(k as u8),
+            _ => {
+                return Err(Error::invalid(
+                    format!("top_logprobs must be an integer from 0 to {max}"),
+                    "top_logprobs",
+                ))
+            }
+        },
+    };
+    match (on.unwrap_or(false), top) {
+        (true, k) => Ok(Some(k.unwrap_or(0))),
+        (false, Some(_)) => Err(Error::invalid(
+            "top_logprobs needs logprobs set to true",
+            "top_logprobs",
+        )),
+        (false, None) => Ok(None),
+    }
+}
+
+/// `tool_choice`: "none", "auto", "required", or `{"type": "function", "function": {"name"}}`
+/// naming one of the tools. Unset is "auto" (with no tools, nothing is called either way).
+pub fn tool_choice(v: Option<&Value>, tools: &[ToolSpec]) -> Result<ToolChoice> {
+    let bad = |m: String| Err(Error::invalid(m, "tool_choice"));
+    let choice = match v {
+        None | Some(Value::Null) => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" => ToolChoice::Auto,
+            "none" => ToolChoice::None,
+            "required" => ToolChoice::Required,
+            other => {
+                return bad(format!(
+                "tool_choice must be \"none\", \"auto\", \"required\" or a named function, got \"{other}\""
+            ))
+            }
+        },
+        Some(obj) => {
+            let name = obj
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .or_else(|| obj.get("name"))
+                .and_then(Value::as_str);
+            match (obj.get("type").and_then(Value::as_str), name) {
+                (Some("function"), Some(n)) => ToolChoice::Function(n.to_owned()),
+                _ => {
+                    return bad(
+                        "a named tool_choice is {\"type\": \"function\", \"function\": {\"name\": ...}}".into(),
+                    )
+                }
+            }
+        }
+    };
+    match &choice {
+        ToolChoice::Required if tools.is_empty() => {
+            bad("tool_choice \"required\" needs at least one tool in 'tools'".into())
+        }
+        ToolChoice::Function(n) if !tools.iter().any(|t| &t.name == n) => bad(format!(
+            "tool_choice names the function '{n}', which is not among the tools"
+        )),
+        _ => Ok(choice),
     }
 }
 
@@ -470,14 +654,32 @@ fn convert_tool(i: usize, t: Value) -> Result<ToolSpec> {
         .and_then(Value::as_str)
         .filter(|n| !n.is_empty())
         .ok_or_else(|| bad("a function needs a 'name'", ".function.name"))?;
+    if name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(bad(
+            "a function name is 1 to 64 letters, digits, underscores or dashes",
+            ".function.name",
+        ));
+    }
+    let parameters = f.get("parameters").cloned().unwrap_or(Value::Null);
+    if !(parameters.is_null() || parameters.is_object()) {
+        return Err(bad(
+            "a function's parameters must be a JSON Schema object",
+            ".function.parameters",
+        ));
+    }
     Ok(ToolSpec {
+        strict: f.get("strict").and_then(Value::as_bool),
         name: name.to_owned(),
         description: f
             .get("description")
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_owned(),
-        parameters: f.get("parameters").cloned().unwrap_or(Value::Null),
+        parameters,
     })
 }
 
@@ -541,4 +743,51 @@ pub fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec(name: &str) -> ToolSpec {
+        ToolSpec {
+            name: name.into(),
+            description: String::new(),
+            parameters: Value::Null,
+            strict: None,
+        }
+    }
+
+    #[test]
+    fn tool_choice_takes_openai_forms_and_names_only_offered_tools() {
+        let tools = [spec("f")];
+        let tc = |v: Value| tool_choice(Some(&v), &tools);
+        assert_eq!(tc(json!("auto")).unwrap(), ToolChoice::Auto);
+        assert_eq!(tc(json!("none")).unwrap(), ToolChoice::None);
+        assert_eq!(tc(json!("required")).unwrap(), ToolChoice::Required);
+        assert_eq!(
+            tc(json!({"type": "function", "function": {"name": "f"}})).unwrap(),
+            ToolChoice::Function("f".into())
+        );
+        assert_eq!(tool_choice(None, &[]).unwrap(), ToolChoice::Auto);
+        for bad in [
+            json!("sometimes"),
+            json!({"type": "function", "function": {"name": "g"}}),
+            json!({"type": "file_search"}),
+        ] {
+            assert!(tc(bad).is_err());
+        }
+        assert!(tool_choice(Some(&json!("required")), &[]).is_err());
+    }
+
+    #[test]
+    fn logprobs_need_their_switch_and_a_bounded_count() {
+        assert_eq!(logprobs(None, None, 20).unwrap(), None);
+        assert_eq!(logprobs(Some(true), None, 20).unwrap(), Some(0));
+        assert_eq!(logprobs(Some(true), Some(&json!(5)), 20).unwrap(), Some(5));
+        assert!(logprobs(Some(false), Some(&json!(5)), 20).is_err());
+        assert!(logprobs(Some(true), Some(&json!(21)), 20).is_err());
+        assert!(logprobs(Some(true), Some(&json!(-1)), 20).is_err());
+    }
 }

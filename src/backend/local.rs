@@ -145,6 +145,7 @@ fn sampling_params(r: &ChatRequest) -> SamplingParams {
         p.stop_toks = Some(StopTokens::Seqs(s.stop.clone()));
     }
     p.n_choices = 1;
+    p.top_n_logprobs = s.logprobs.map_or(0, usize::from);
     p
 }
 
@@ -190,6 +191,13 @@ fn logits_processors(r: &ChatRequest) -> Option<Vec<Arc<dyn CustomLogitsProcesso
 }
 
 fn request_messages(r: &ChatRequest) -> RequestMessage {
+    if let Some(text) = &r.raw_prompt {
+        return RequestMessage::Completion {
+            text: text.clone(),
+            echo_prompt: false,
+            best_of: None,
+        };
+    }
     let messages = r
         .messages
         .iter()
@@ -217,7 +225,7 @@ fn one_sequence(model: &Model, request: &ChatRequest) -> (mpsc::Receiver<Respons
             messages: request_messages(request),
             sampling_params: sampling_params(request),
             response: tx,
-            return_logprobs: false,
+            return_logprobs: request.sampling.logprobs.is_some(),
             is_streaming: true,
             id,
             constraint: constraint(&request.sampling.format),
@@ -239,11 +247,90 @@ fn one_sequence(model: &Model, request: &ChatRequest) -> (mpsc::Receiver<Respons
 /// that is one token into a token-id match, which misses the same text inside other tokens.
 /// When our filter ends the output first, the sequence is cancelled (by dropping `rx`) and the
 /// prompt is counted by tokenizing it, since the engine's usage never arrives.
+/// One step of the engine's stream, whether it answers a chat or a text completion.
+struct Step {
+    text: Option<String>,
+    finish: Option<String>,
+    logprob: Option<super::TokenLogprob>,
+}
+
+/// mistral.rs reports log probabilities in base 10; OpenAI's are natural logarithms.
+fn natural(log10: f32) -> f32 {
+    log10 * std::f32::consts::LN_10
+}
+
+/// One token's log probabilities, from the parts of mistral.rs's `ResponseLogprob` (which the
+/// `mistralrs` crate does not export by name).
+fn token_logprob(
+    token: String,
+    logprob: f32,
+    bytes: Option<Vec<u8>>,
+    top: Vec<mistralrs::TopLogprob>,
+) -> super::TokenLogprob {
+    super::TokenLogprob {
+        bytes: bytes.or_else(|| Some(token.as_bytes().to_vec())),
+        token,
+        logprob: natural(logprob),
+        top_logprobs: top
+            .into_iter()
+            .map(|t| {
+                let token = t.bytes.unwrap_or_default();
+                super::TopLogprob {
+                    bytes: Some(token.as_bytes().to_vec()),
+                    token,
+                    logprob: natural(t.logprob),
+                }
+            })
+            .collect(),
+    }
+}
+
+/// The engine's chunk as steps and maybe its usage; any other response (an error, which ends
+/// the stream) is handed back as it is. It is moved, not copied, so its size costs nothing.
+#[allow(clippy::result_large_err)]
+fn steps(resp: Response) -> std::result::Result<(Vec<Step>, Option<Usage>), Response> {
+    match resp {
+        Response::Chunk(chunk) => Ok((
+            chunk
+                .choices
+                .into_iter()
+                .map(|c| Step {
+                    text: c.delta.content,
+                    finish: c.finish_reason,
+                    logprob: c
+                        .logprobs
+                        .map(|l| token_logprob(l.token, l.logprob, l.bytes, l.top_logprobs)),
+                })
+                .collect(),
+            chunk.usage.map(|u| Usage {
+                prompt_tokens: u.prompt_tokens as u64,
+                completion_tokens: u.completion_tokens as u64,
+            }),
+        )),
+        Response::CompletionChunk(chunk) => Ok((
+            chunk
+                .choices
+                .into_iter()
+                .map(|c| Step {
+                    text: Some(c.text),
+                    finish: c.finish_reason,
+                    logprob: c
+                        .logprobs
+                        .map(|l| token_logprob(l.token, l.logprob, l.bytes, l.top_logprobs)),
+                })
+                .collect(),
+            None,
+        )),
+        other => Err(other),
+    }
+}
+
 fn sequence_events(
     mut rx: mpsc::Receiver<Response>,
     index: u32,
     model: Arc<Model>,
     request: ChatRequest,
+    grammar_param: &'static str,
 ) -> EventStream {
     let s = async_stream::stream! {
         let mut stop = StopFilter::new(request.sampling.stop.clone());
@@ -253,12 +340,16 @@ fn sequence_events(
         // goes on decoding (tokens that add no text) after the grammar has accepted, until
         // max_tokens, and would report "length" for a finished document.
         let mut json = (request.sampling.format != OutputFormat::Text).then(String::new);
+        // Log probabilities of tokens whose text the stop filter still holds.
+        let mut logprobs = Vec::new();
+        let mut usage_sent = false;
         while let Some(resp) = rx.recv().await {
-            match resp {
-                Response::Chunk(chunk) => {
-                    for c in chunk.choices {
-                        if let Some(text) = c.delta.content {
+            match steps(resp) {
+                Ok((choices, chunk_usage)) => {
+                    for c in choices {
+                        if let Some(text) = c.text {
                             generated += 1;
+                            logprobs.extend(c.logprob);
                             let (out, stopped) = stop.push(&text);
                             let complete = match json.as_mut() {
                                 Some(doc) if !out.is_empty() => {
@@ -268,6 +359,9 @@ fn sequence_events(
                                 _ => false,
                             };
                             if !out.is_empty() {
+                                if !logprobs.is_empty() {
+                                    yield Ok(Event::Logprobs { index, tokens: std::mem::take(&mut logprobs) });
+                                }
                                 yield Ok(Event::Delta { index, text: out });
                             }
                             if stopped || complete {
@@ -278,40 +372,46 @@ fn sequence_events(
                                 return;
                             }
                         }
-                        if let Some(r) = c.finish_reason {
+                        if let Some(r) = c.finish {
                             finished = true;
                             let rest = stop.finish();
                             if !rest.is_empty() {
+                                if !logprobs.is_empty() {
+                                    yield Ok(Event::Logprobs { index, tokens: std::mem::take(&mut logprobs) });
+                                }
                                 yield Ok(Event::Delta { index, text: rest });
                             }
                             yield Ok(Event::Finish { index, reason: FinishReason::from_backend(&r) });
                         }
                     }
-                    if let Some(u) = chunk.usage {
-                        yield Ok(Event::Usage(Usage {
-                            prompt_tokens: u.prompt_tokens as u64,
-                            completion_tokens: u.completion_tokens as u64,
-                        }));
+                    if let Some(u) = chunk_usage {
+                        usage_sent = true;
+                        yield Ok(Event::Usage(u));
                     }
                     if finished {
+                        if !usage_sent {
+                            // A text completion's chunks carry no usage: count it here.
+                            let prompt_tokens = count_prompt(&model, &request).await;
+                            yield Ok(Event::Usage(Usage { prompt_tokens, completion_tokens: generated }));
+                        }
                         break;
                     }
                 }
-                Response::ValidationError(e) => {
+                Err(Response::ValidationError(e)) => {
                     let e = e.to_string();
-                    // The only grammar a request brings is its response_format's schema.
+                    // A request's grammar is its response_format's schema or a forced call's.
                     yield Err(if e.starts_with("Invalid grammar") {
-                        Error::invalid(format!("response_format: the schema cannot be compiled: {e}"), "response_format")
+                        Error::invalid(format!("{grammar_param}: the schema cannot be compiled: {e}"), grammar_param)
                     } else {
                         Error::invalid(format!("the model rejected the request: {e}"), None)
                     });
                     return;
                 }
-                Response::InternalError(e) => {
+                Err(Response::InternalError(e)) => {
                     yield Err(Error::Internal(format!("model failure: {e}")));
                     return;
                 }
-                Response::ModelError(e, _) => {
+                Err(Response::ModelError(e, _) | Response::CompletionModelError(e, _)) => {
                     yield Err(Error::Internal(format!("model failure: {e}")));
                     return;
                 }
@@ -327,6 +427,9 @@ fn sequence_events(
             // finish, so finish it here, inferring the reason and counting the usage ourselves.
             let rest = stop.finish();
             if !rest.is_empty() {
+                if !logprobs.is_empty() {
+                    yield Ok(Event::Logprobs { index, tokens: std::mem::take(&mut logprobs) });
+                }
                 yield Ok(Event::Delta { index, text: rest });
             }
             let completion_tokens = generated + 1;
@@ -344,6 +447,18 @@ fn sequence_events(
 
 /// The prompt's length in tokens, as the chat template renders it.
 async fn count_prompt(model: &Model, request: &ChatRequest) -> u64 {
+    if let Some(text) = &request.raw_prompt {
+        return match model
+            .tokenize(either::Either::Right(text.clone()), None, true, false, None)
+            .await
+        {
+            Ok(t) => t.len() as u64,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not count prompt tokens");
+                0
+            }
+        };
+    }
     let mut messages = mistralrs::TextMessages::new();
     for m in &request.messages {
         let role = match m.role {
@@ -414,6 +529,12 @@ impl LocalBackend {
     /// Admits the request and streams its sequences from the engine.
     async fn generate(&self, request: ChatRequest) -> Result<EventStream> {
         let model = self.model()?.clone();
+        let (request, mode) = super::tools::prepare(request)?;
+        let grammar_param = if mode == super::tools::Mode::Forced {
+            "tools"
+        } else {
+            "response_format"
+        };
         let n = request.sampling.n.max(1);
         let permit = self.admission.admit(n as usize, request.priority).await?;
         let sender = model
@@ -427,7 +548,8 @@ impl LocalBackend {
                 .send(Request::Normal(Box::new(req)))
                 .await
                 .map_err(|_| Error::Unavailable("model engine stopped".into()))?;
-            streams.push(sequence_events(rx, index, model.clone(), request.clone()));
+            let events = sequence_events(rx, index, model.clone(), request.clone(), grammar_param);
+            streams.push(super::tools::read_calls(events, mode.clone()));
         }
         let label = self.settings.id.clone();
         let inflight = metrics::gauge!("experient_inflight_sequences", "model" => label.clone());

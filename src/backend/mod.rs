@@ -9,6 +9,7 @@ pub mod fallback;
 pub mod fetch;
 pub mod local;
 pub mod requantize;
+pub mod tools;
 pub mod upstream;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -75,6 +76,39 @@ pub struct ToolSpec {
     pub description: String,
     /// JSON Schema of the arguments.
     pub parameters: serde_json::Value,
+    /// OpenAI's `strict`, passed on to upstreams; local calls always follow the schema.
+    pub strict: Option<bool>,
+}
+
+/// Whether and which tool the model must call (`tool_choice`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// The model decides between text and calls (OpenAI's default when tools are given).
+    #[default]
+    Auto,
+    /// No calls: the tools are context only.
+    None,
+    /// At least one call, of any tool.
+    Required,
+    /// A call of this function.
+    Function(String),
+}
+
+/// One generated token's log probability (natural log, as OpenAI reports it), with the most
+/// likely alternatives at its position when they were asked for.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Option<Vec<u8>>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Option<Vec<u8>>,
 }
 
 /// Sampling settings with OpenAI's meaning: `temperature` 0 is greedy, anything above samples
@@ -105,14 +139,25 @@ pub struct Sampling {
     pub seed: Option<u64>,
     /// Local models constrain decoding to it; upstreams get it forwarded.
     pub format: OutputFormat,
+    /// Report each token's log probability, with this many alternatives (0 to 20).
+    pub logprobs: Option<u8>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ChatRequest {
     pub messages: Vec<Message>,
     pub sampling: Sampling,
-    /// Client tools; only methods that run tool loops use them, backends never see them.
+    /// Client tools. The direct method hands them to the backend, which returns the model's
+    /// calls as [`Event::ToolCall`]s; IterResearch runs its own tool loop and never passes them.
     pub tools: Vec<ToolSpec>,
+    pub tool_choice: ToolChoice,
+    /// `parallel_tool_calls`: unset lets the model make several calls in one turn.
+    pub parallel_tool_calls: Option<bool>,
+    /// A legacy text completion: the model continues this text as it is, with no chat
+    /// template; `messages` are then empty.
+    pub raw_prompt: Option<String>,
+    /// The client's end-user id (`user`), passed on to upstreams.
+    pub user: Option<String>,
     /// The admission lane: learning and evaluation mark their requests `Background`.
     pub priority: Priority,
 }
@@ -176,6 +221,12 @@ pub enum Event {
         index: u32,
         call: ToolCall,
     },
+    /// The log probabilities of the tokens of the next `Delta` of choice `index` (sent just
+    /// before it); tokens whose text was cut (a stop sequence) have none sent.
+    Logprobs {
+        index: u32,
+        tokens: Vec<TokenLogprob>,
+    },
     /// A method's progress report, passed to streaming clients as the chunk's `experient`
     /// object: `{"round": ...}` for an IterResearch round, `{"plan": ...}` for a planning stage.
     Progress(serde_json::Value),
@@ -209,6 +260,8 @@ pub struct Choice {
     pub text: String,
     pub tool_calls: Vec<ToolCall>,
     pub finish_reason: FinishReason,
+    /// Present when log probabilities were asked for.
+    pub logprobs: Option<Vec<TokenLogprob>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -238,6 +291,7 @@ pub trait Backend: Send + Sync + 'static {
 pub async fn collect(mut stream: EventStream, n: usize) -> Result<Completion> {
     let mut texts = vec![String::new(); n];
     let mut calls = vec![Vec::new(); n];
+    let mut logprobs: Vec<Option<Vec<TokenLogprob>>> = vec![None; n];
     let mut finishes = vec![None; n];
     let mut usage = Usage::default();
     let mut trace = None;
@@ -251,6 +305,11 @@ pub async fn collect(mut stream: EventStream, n: usize) -> Result<Completion> {
             Event::ToolCall { index, call } => {
                 if let Some(c) = calls.get_mut(index as usize) {
                     c.push(call)
+                }
+            }
+            Event::Logprobs { index, tokens } => {
+                if let Some(l) = logprobs.get_mut(index as usize) {
+                    l.get_or_insert_with(Vec::new).extend(tokens)
                 }
             }
             Event::Progress(_) => {}
@@ -267,10 +326,12 @@ pub async fn collect(mut stream: EventStream, n: usize) -> Result<Completion> {
         .into_iter()
         .zip(calls)
         .zip(finishes)
-        .map(|((text, tool_calls), f)| Choice {
+        .zip(logprobs)
+        .map(|(((text, tool_calls), f), logprobs)| Choice {
             text,
             tool_calls,
             finish_reason: f.unwrap_or(FinishReason::Stop),
+            logprobs,
         })
         .collect();
     Ok(Completion {
@@ -531,6 +592,8 @@ impl Admission {
 pub struct StopFilter {
     stops: Vec<String>,
     pending: String,
+    /// What followed the stop sequence in the text pushed so far, once one completed.
+    after: String,
 }
 
 impl StopFilter {
@@ -538,7 +601,13 @@ impl StopFilter {
         StopFilter {
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
             pending: String::new(),
+            after: String::new(),
         }
+    }
+
+    /// The text after the stop sequence that ended the output (tool-call parsing reads on).
+    pub fn after_stop(&mut self) -> String {
+        std::mem::take(&mut self.after)
     }
 
     /// Feeds a delta; returns the text that is safe to release and whether a stop sequence
@@ -551,10 +620,11 @@ impl StopFilter {
         let earliest = self
             .stops
             .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
+            .filter_map(|s| Some((self.pending.find(s.as_str())?, s.len())))
             .min();
-        if let Some(i) = earliest {
+        if let Some((i, len)) = earliest {
             let out = self.pending[..i].to_owned();
+            self.after = self.pending[i + len..].to_owned();
             self.pending.clear();
             return (out, true);
         }

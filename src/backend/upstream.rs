@@ -43,6 +43,8 @@ pub struct UpstreamBackend {
     /// `{base_url}/chat/completions`, as async-openai's config builds it, parsed once: reqwest
     /// would parse a string again for every request, which showed in the profile.
     url: reqwest::Url,
+    /// `{base_url}/completions`, for legacy text completions.
+    completions_url: reqwest::Url,
     /// The config's headers (the key's `Authorization`) are the client's defaults.
     http: reqwest::Client,
     service: Service,
@@ -133,13 +135,153 @@ struct Chunk {
 struct ChunkChoice {
     index: u32,
     delta: Option<Delta>,
+    /// A legacy completion's text.
+    text: Option<String>,
     finish_reason: Option<String>,
+    logprobs: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct Delta {
     content: Option<String>,
+    tool_calls: Option<Vec<DeltaCall>>,
+}
+
+/// A piece of a streamed tool call, as servers send it: OpenAI puts the id, type and name in a
+/// call's first piece and argument fragments in the rest; others repeat fields or leave some out.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct DeltaCall {
+    index: Option<u32>,
+    id: Option<String>,
+    function: Option<DeltaFunction>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct DeltaFunction {
+    name: Option<String>,
+    arguments: Option<serde_json::Value>,
+}
+
+/// A choice's calls, put together from their pieces. The quirks of real servers are
+/// normalised here, so that the client always sees OpenAI's shape:
+/// - llama-cpp-python's server repeats the name (and id) in every piece, which the official
+///   SDK's stream helpers would concatenate: the first is kept, repeats are dropped;
+/// - a piece without `index` continues the last call, unless it brings a new id;
+/// - a call without an id gets one; arguments sent as a JSON object rather than text are
+///   written as text; a call with no arguments gets `{}`;
+/// - a choice that made calls finishes with `tool_calls`, whatever reason the server gave.
+#[derive(Default)]
+struct CallAssembly {
+    calls: Vec<(Option<u32>, super::ToolCall)>,
+}
+
+impl CallAssembly {
+    fn push(&mut self, piece: DeltaCall) {
+        let f = piece.function.unwrap_or_default();
+        let existing = match (piece.index, &piece.id) {
+            (Some(k), _) => self.calls.iter().position(|(i, _)| *i == Some(k)),
+            (None, Some(id)) => self.calls.iter().position(|(_, c)| &c.id == id),
+            (None, None) => self.calls.len().checked_sub(1),
+        };
+        let at = match existing {
+            Some(at) => at,
+            None => {
+                self.calls.push((
+                    piece.index,
+                    super::ToolCall {
+                        id: piece.id.clone().unwrap_or_else(super::tools::call_id),
+                        name: String::new(),
+                        arguments: String::new(),
+                    },
+                ));
+                self.calls.len() - 1
+            }
+        };
+        let call = &mut self.calls[at].1;
+        if call.name.is_empty() {
+            if let Some(n) = f.name {
+                call.name = n;
+            }
+        }
+        match f.arguments {
+            Some(serde_json::Value::String(a)) => call.arguments.push_str(&a),
+            Some(serde_json::Value::Null) | None => {}
+            Some(other) => call.arguments.push_str(&other.to_string()),
+        }
+    }
+
+    fn take(&mut self) -> Vec<super::ToolCall> {
+        let mut calls: Vec<_> = std::mem::take(&mut self.calls);
+        calls.sort_by_key(|(i, _)| *i);
+        calls
+            .into_iter()
+            .map(|(_, mut c)| {
+                if c.arguments.trim().is_empty() {
+                    c.arguments = "{}".into();
+                }
+                c
+            })
+            .collect()
+    }
+}
+
+/// A chunk's log probabilities: chat's `{"content": [...]}`, or a legacy completion's
+/// `{"tokens", "token_logprobs", "top_logprobs"}`.
+fn read_logprobs(v: &serde_json::Value) -> Vec<super::TokenLogprob> {
+    use super::{TokenLogprob, TopLogprob};
+    let bytes = |v: &serde_json::Value| -> Option<Vec<u8>> {
+        v.as_array().map(|b| {
+            b.iter()
+                .filter_map(|x| x.as_u64().map(|x| x as u8))
+                .collect()
+        })
+    };
+    if let Some(content) = v.get("content").and_then(|c| c.as_array()) {
+        return content
+            .iter()
+            .map(|t| TokenLogprob {
+                token: t["token"].as_str().unwrap_or_default().to_owned(),
+                logprob: t["logprob"].as_f64().unwrap_or_default() as f32,
+                bytes: bytes(&t["bytes"]),
+                top_logprobs: t["top_logprobs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|a| TopLogprob {
+                        token: a["token"].as_str().unwrap_or_default().to_owned(),
+                        logprob: a["logprob"].as_f64().unwrap_or_default() as f32,
+                        bytes: bytes(&a["bytes"]),
+                    })
+                    .collect(),
+            })
+            .collect();
+    }
+    let tokens = v["tokens"].as_array().cloned().unwrap_or_default();
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let token = t.as_str().unwrap_or_default().to_owned();
+            TokenLogprob {
+                bytes: Some(token.as_bytes().to_vec()),
+                logprob: v["token_logprobs"][i].as_f64().unwrap_or_default() as f32,
+                top_logprobs: v["top_logprobs"][i]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, lp)| TopLogprob {
+                        bytes: Some(k.as_bytes().to_vec()),
+                        token: k.clone(),
+                        logprob: lp.as_f64().unwrap_or_default() as f32,
+                    })
+                    .collect(),
+                token,
+            }
+        })
+        .collect()
 }
 
 #[derive(Deserialize, Default)]
@@ -154,7 +296,11 @@ struct ChunkUsage {
 #[derive(Serialize)]
 struct UpstreamBody<'a> {
     model: &'a str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     messages: Vec<UpstreamMessage<'a>>,
+    /// A legacy completion's prompt (sent to `/completions`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt: Option<&'a str>,
     stream: bool,
     stream_options: StreamOptions,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -177,12 +323,58 @@ struct UpstreamBody<'a> {
     seed: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     response_format: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parallel_tool_calls: Option<bool>,
+    /// Chat: `true` with `top_logprobs`; a legacy completion: the number of alternatives.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logprobs: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_logprobs: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
 }
 
+/// A message as it goes upstream. An assistant turn that only made calls is sent with content
+/// `""` rather than `null`, which some servers refuse.
 #[derive(Serialize)]
 struct UpstreamMessage<'a> {
     role: &'static str,
     content: &'a str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_call_id: Option<&'a str>,
+}
+
+fn tool_json(t: &super::ToolSpec) -> serde_json::Value {
+    let mut f = serde_json::json!({"name": t.name});
+    if !t.description.is_empty() {
+        f["description"] = t.description.clone().into();
+    }
+    if !t.parameters.is_null() {
+        f["parameters"] = t.parameters.clone();
+    }
+    if let Some(s) = t.strict {
+        f["strict"] = s.into();
+    }
+    serde_json::json!({"type": "function", "function": f})
+}
+
+fn tool_choice_json(r: &ChatRequest) -> Option<serde_json::Value> {
+    use super::ToolChoice;
+    if r.tools.is_empty() {
+        return None;
+    }
+    Some(match &r.tool_choice {
+        ToolChoice::Auto => return None,
+        ToolChoice::None => "none".into(),
+        ToolChoice::Required => "required".into(),
+        ToolChoice::Function(n) => serde_json::json!({"type": "function", "function": {"name": n}}),
+    })
 }
 
 #[derive(Serialize)]
@@ -349,6 +541,7 @@ impl UpstreamBackend {
             model: c.model.clone().unwrap_or_else(|| c.id.clone()),
             base_url: c.base_url.clone(),
             url: reqwest::Url::parse(&config.url("/chat/completions"))?,
+            completions_url: reqwest::Url::parse(&config.url("/completions"))?,
             service: Service(ReqwestService::new(http.clone())),
             http,
             first_byte: Duration::from_secs_f64(c.first_byte_timeout_secs),
@@ -366,6 +559,7 @@ impl UpstreamBackend {
     /// The upstream request's JSON, serialised once for every attempt.
     fn body(&self, r: &ChatRequest) -> Bytes {
         let s = &r.sampling;
+        let legacy = r.raw_prompt.is_some();
         let body = UpstreamBody {
             model: &self.model,
             messages: r
@@ -374,8 +568,15 @@ impl UpstreamBackend {
                 .map(|m| UpstreamMessage {
                     role: m.role.as_str(),
                     content: &m.content,
+                    tool_calls: m
+                        .tool_calls
+                        .iter()
+                        .map(|c| serde_json::json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                        .collect(),
+                    tool_call_id: m.tool_call_id.as_deref(),
                 })
                 .collect(),
+            prompt: r.raw_prompt.as_deref(),
             stream: true,
             stream_options: StreamOptions {
                 include_usage: true,
@@ -390,6 +591,16 @@ impl UpstreamBackend {
             logit_bias: LogitBias(&s.logit_bias),
             seed: s.seed,
             response_format: response_format(&s.format),
+            tools: r.tools.iter().map(tool_json).collect(),
+            tool_choice: tool_choice_json(r),
+            parallel_tool_calls: r.parallel_tool_calls.filter(|_| !r.tools.is_empty()),
+            logprobs: match (s.logprobs, legacy) {
+                (None, _) => None,
+                (Some(k), true) => Some(k.into()),
+                (Some(_), false) => Some(true.into()),
+            },
+            top_logprobs: s.logprobs.filter(|&k| k > 0 && !legacy),
+            user: r.user.as_deref(),
         };
         // Serialising borrowed strings and numbers cannot fail.
         Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
@@ -455,9 +666,14 @@ impl UpstreamBackend {
     }
 
     /// One attempt: sends the request and waits for the answer's first chunk.
-    async fn open(&self, body: &Bytes) -> Result<(ChunkStream, Chunk)> {
+    async fn open(&self, body: &Bytes, legacy: bool) -> Result<(ChunkStream, Chunk)> {
         let attempt = async {
-            let (http, url, body) = (self.http.clone(), self.url.clone(), body.clone());
+            let url = if legacy {
+                &self.completions_url
+            } else {
+                &self.url
+            };
+            let (http, url, body) = (self.http.clone(), url.clone(), body.clone());
             let request = HttpRequestFactory::new(move || {
                 let request = http
                     .post(url.clone())
@@ -510,7 +726,7 @@ impl Backend for UpstreamBackend {
         let deadline = Instant::now() + self.total;
         let mut attempt = 0;
         let (mut upstream, first) = loop {
-            match self.open(&body).await {
+            match self.open(&body, request.raw_prompt.is_some()).await {
                 Ok(v) => break v,
                 Err(e) if retryable(&e) && attempt < self.max_retries => {
                     let wait = backoff(attempt, &e);
@@ -524,7 +740,12 @@ impl Backend for UpstreamBackend {
                 Err(e) => return Err(e),
             }
         };
-        let prompt_chars: usize = request.messages.iter().map(|m| m.content.len()).sum();
+        let prompt_chars: usize = request
+            .messages
+            .iter()
+            .map(|m| m.content.len())
+            .sum::<usize>()
+            + request.raw_prompt.as_ref().map_or(0, String::len);
         let id = self.id.clone();
         let total = self.total;
         let convert_later = move |e: OpenAIError| Error::Upstream {
@@ -537,6 +758,7 @@ impl Backend for UpstreamBackend {
         Ok(async_stream::stream! {
             let _permit = permit;
             let mut finished = vec![false; n as usize];
+            let mut calls: Vec<CallAssembly> = (0..n).map(|_| CallAssembly::default()).collect();
             let mut usage: Option<Usage> = None;
             let mut deltas = 0u64;
             let mut next = Some(Ok(first));
@@ -586,13 +808,28 @@ impl Backend for UpstreamBackend {
                     if c.index >= n || finished[c.index as usize] {
                         continue;
                     }
-                    if let Some(text) = c.delta.and_then(|d| d.content).filter(|t| !t.is_empty()) {
+                    let (content, pieces) = match c.delta {
+                        Some(d) => (d.content, d.tool_calls.unwrap_or_default()),
+                        None => (None, vec![]),
+                    };
+                    for piece in pieces {
+                        calls[c.index as usize].push(piece);
+                    }
+                    if let Some(text) = content.or(c.text).filter(|t| !t.is_empty()) {
                         deltas += 1;
+                        if let Some(l) = c.logprobs.as_ref().filter(|l| !l.is_null()) {
+                            yield Ok(Event::Logprobs { index: c.index, tokens: read_logprobs(l) });
+                        }
                         yield Ok(Event::Delta { index: c.index, text });
                     }
                     if let Some(r) = c.finish_reason {
                         finished[c.index as usize] = true;
-                        yield Ok(Event::Finish { index: c.index, reason: FinishReason::from_backend(&r) });
+                        let made = calls[c.index as usize].take();
+                        let reason = if made.is_empty() { FinishReason::from_backend(&r) } else { FinishReason::ToolCalls };
+                        for call in made {
+                            yield Ok(Event::ToolCall { index: c.index, call });
+                        }
+                        yield Ok(Event::Finish { index: c.index, reason });
                     }
                 }
                 if let Some(u) = chunk.usage {
@@ -601,7 +838,12 @@ impl Backend for UpstreamBackend {
             }
             for (i, done) in finished.iter().enumerate() {
                 if !done {
-                    yield Ok(Event::Finish { index: i as u32, reason: FinishReason::Stop });
+                    let made = calls[i].take();
+                    let reason = if made.is_empty() { FinishReason::Stop } else { FinishReason::ToolCalls };
+                    for call in made {
+                        yield Ok(Event::ToolCall { index: i as u32, call });
+                    }
+                    yield Ok(Event::Finish { index: i as u32, reason });
                 }
             }
             // Some servers never report usage; an estimate (about four characters a prompt
@@ -661,6 +903,80 @@ mod tests {
         assert_eq!(r.next_event(), None);
     }
 
+    fn piece(v: serde_json::Value) -> DeltaCall {
+        serde_json::from_value(v).unwrap()
+    }
+
+    /// The pieces as llama-cpp-python's server streams them (id and name repeated in every
+    /// piece), as OpenAI does (id and name once), and from a server that leaves out the index
+    /// and ids: each assembles into the same calls.
+    #[test]
+    fn streamed_calls_assemble_whatever_the_server_repeats_or_omits() {
+        use serde_json::json;
+        let shapes = [
+            vec![
+                json!({"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": "}}),
+                json!({"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": "\"Oslo\"}"}}),
+                json!({"index": 1, "id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": ""}}),
+            ],
+            vec![
+                json!({"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": ""}}),
+                json!({"index": 0, "function": {"arguments": "{\"city\": "}}),
+                json!({"index": 0, "function": {"arguments": "\"Oslo\"}"}}),
+                json!({"index": 1, "id": "call_b", "type": "function", "function": {"name": "get_time"}}),
+            ],
+            vec![
+                json!({"id": "call_a", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}),
+                json!({"id": "call_b", "function": {"name": "get_time", "arguments": null}}),
+            ],
+        ];
+        for shape in shapes {
+            let mut a = CallAssembly::default();
+            for p in shape {
+                a.push(piece(p));
+            }
+            let calls = a.take();
+            let got: Vec<(&str, &str, serde_json::Value)> = calls
+                .iter()
+                .map(|c| {
+                    (
+                        c.id.as_str(),
+                        c.name.as_str(),
+                        serde_json::from_str(&c.arguments).unwrap(),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                got,
+                vec![
+                    ("call_a", "get_weather", json!({"city": "Oslo"})),
+                    ("call_b", "get_time", json!({}))
+                ]
+            );
+        }
+        // No id at all: one is made up, in OpenAI's form.
+        let mut a = CallAssembly::default();
+        a.push(piece(json!({"function": {"name": "f", "arguments": "{}"}})));
+        assert!(a.take()[0].id.starts_with("call_"));
+    }
+
+    #[test]
+    fn log_probabilities_are_read_from_chat_and_legacy_chunks() {
+        use serde_json::json;
+        let chat = read_logprobs(
+            &json!({"content": [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105]}]}]}),
+        );
+        assert_eq!((chat[0].token.as_str(), chat[0].logprob), ("Hi", -0.5));
+        assert_eq!(chat[0].bytes.as_deref(), Some(&b"Hi"[..]));
+        assert_eq!(chat[0].top_logprobs.len(), 1);
+        let legacy = read_logprobs(
+            &json!({"tokens": [" a", " b"], "token_logprobs": [-1.0, -2.0], "top_logprobs": [{" a": -1.0}, {" b": -2.0, " c": -3.0}], "text_offset": [0, 2]}),
+        );
+        assert_eq!(legacy.len(), 2);
+        assert_eq!((legacy[1].token.as_str(), legacy[1].logprob), (" b", -2.0));
+        assert_eq!(legacy[1].top_logprobs.len(), 2);
+    }
+
     #[test]
     fn the_upstream_body_carries_what_was_asked() {
         let config: UpstreamModelConfig = toml::from_str(
@@ -696,6 +1012,7 @@ mod tests {
             frequency_penalty: Some(-1.0),
             logit_bias: vec![(42, -100.0)],
             seed: Some(3),
+            logprobs: None,
             format: crate::backend::OutputFormat::JsonSchema {
                 name: "answer".into(),
                 schema: serde_json::json!({"type": "object"}),
@@ -716,5 +1033,52 @@ mod tests {
         assert_eq!(full["frequency_penalty"], -1.0);
         assert_eq!(full["logit_bias"], serde_json::json!({"42": -100.0}));
         assert_eq!(full["seed"], 3);
+
+        // Tools, the choice, and a history with a call and its result.
+        let mut call = crate::backend::Message::new(crate::backend::Role::Assistant, "");
+        call.tool_calls = vec![crate::backend::ToolCall {
+            id: "call_1".into(),
+            name: "f".into(),
+            arguments: "{}".into(),
+        }];
+        let mut result = crate::backend::Message::new(crate::backend::Role::Tool, "42");
+        result.tool_call_id = Some("call_1".into());
+        let r = ChatRequest {
+            messages: vec![call, result],
+            tools: vec![crate::backend::ToolSpec {
+                name: "f".into(),
+                description: String::new(),
+                parameters: serde_json::json!({"type": "object"}),
+                strict: Some(true),
+            }],
+            tool_choice: crate::backend::ToolChoice::Function("f".into()),
+            parallel_tool_calls: Some(false),
+            sampling: crate::backend::Sampling {
+                logprobs: Some(2),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let v: serde_json::Value = serde_json::from_slice(&b.body(&r)).unwrap();
+        assert_eq!(
+            v["messages"],
+            serde_json::json!([
+                {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                {"role": "tool", "content": "42", "tool_call_id": "call_1"},
+            ])
+        );
+        assert_eq!(
+            v["tools"],
+            serde_json::json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}, "strict": true}}])
+        );
+        assert_eq!(
+            v["tool_choice"],
+            serde_json::json!({"type": "function", "function": {"name": "f"}})
+        );
+        assert_eq!(v["parallel_tool_calls"], false);
+        assert_eq!(
+            (v["logprobs"].clone(), v["top_logprobs"].clone()),
+            (serde_json::json!(true), serde_json::json!(2))
+        );
     }
 }

@@ -72,7 +72,6 @@ pub async fn run_arm(
             let used = used.clone();
             work.push(async move {
                 let request = ChatRequest {
-                    tools: vec![],
                     priority: crate::backend::Priority::Background,
                     messages: prompt(ds, &task.question),
                     sampling: Sampling {
@@ -81,6 +80,7 @@ pub async fn run_arm(
                         n: 1,
                         ..Default::default()
                     },
+                    ..Default::default()
                 };
                 let out = methods::run(ctx, route, request, &methods::Options::default()).await?;
                 if let Some(e) = &out.applied.experiences {

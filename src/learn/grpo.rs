@@ -806,7 +806,6 @@ impl Learner<'_> {
         let o = self.options();
         let t = &self.run.tasks[task];
         let mut request = ChatRequest {
-            tools: vec![],
             priority: Priority::Background,
             messages: vec![
                 Message::new(Role::System, self.run.info.instruction.clone()),
@@ -818,6 +817,7 @@ impl Learner<'_> {
                 n: 1,
                 ..Default::default()
             },
+            ..Default::default()
         };
         // The same selection as at inference, so the prior learned against is the prior
         // served; learning does not count as use.
@@ -899,7 +899,6 @@ impl Learner<'_> {
             let out = self
                 .learner
                 .complete(ChatRequest {
-                    tools: vec![],
                     priority: Priority::Background,
                     messages: vec![
                         Message::new(Role::System, system.clone()),
@@ -911,6 +910,7 @@ impl Learner<'_> {
                         n: 1,
                         ..Default::default()
                     },
+                    ..Default::default()
                 })
                 .await?;
             let (reply, cut) = out

@@ -85,7 +85,6 @@ impl Judge {
             let out = self
                 .backend
                 .complete(ChatRequest {
-                    tools: vec![],
                     priority: crate::backend::Priority::Background,
                     messages: vec![Message::new(Role::User, prompt.clone())],
                     sampling: Sampling {
@@ -94,6 +93,7 @@ impl Judge {
                         n: 1,
                         ..Default::default()
                     },
+                    ..Default::default()
                 })
                 .await?;
             last = out

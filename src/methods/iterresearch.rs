@@ -306,7 +306,8 @@ pub async fn run(
     }
     let mut ws = workspace(&request.messages)?;
     let mut tools = builtin_tools(ctx);
-    for t in &request.tools {
+    let offered = request.tool_choice != crate::backend::ToolChoice::None;
+    for t in request.tools.iter().filter(|_| offered) {
         if tools.iter().any(|b| b.name == t.name) {
             return Err(Error::invalid(
                 format!("the tool name '{}' is taken by a built-in tool", t.name),
@@ -583,6 +584,7 @@ mod tests {
             name: "get_weather".into(),
             description: String::new(),
             parameters: json!({"type": "object", "properties": {"unit": {}, "city": {}}, "required": ["city"]}),
+            strict: None,
         };
         assert_eq!(client_arguments(&spec, "Paris"), r#"{"city":"Paris"}"#);
         assert_eq!(

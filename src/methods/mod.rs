@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::backend::{ChatRequest, EventStream};
+use crate::backend::{ChatRequest, EventStream, ToolChoice};
 use crate::error::{Error, Result};
 use crate::experience::Store;
 use crate::prompts::Prompts;
@@ -110,23 +110,38 @@ pub async fn run(
             "response_format",
         ));
     }
-    if route.method != Method::IterResearch {
-        if !request.tools.is_empty() {
-            return Err(Error::invalid(
-                "'tools' are run by the iterresearch method only; use the model name 'iterresearch:MODEL'",
-                "tools",
-            ));
+    match route.method {
+        // The backend offers the tools to the model and returns its calls.
+        Method::Direct => {}
+        // Its own tool loop: client tools are called when the model picks them.
+        Method::IterResearch => {
+            if matches!(
+                request.tool_choice,
+                ToolChoice::Required | ToolChoice::Function(_)
+            ) {
+                return Err(Error::invalid(
+                    "the iterresearch method decides itself when to call a tool; tool_choice may be \"auto\" or \"none\"",
+                    "tool_choice",
+                ));
+            }
         }
-        if let Some(i) = request
-            .messages
-            .iter()
-            .position(|m| !m.tool_calls.is_empty())
-        {
-            return Err(Error::invalid_param(
-                "tool_calls in the conversation are handled by the iterresearch method only",
-                format!("messages[{i}].tool_calls"),
-            ));
+        Method::Plan => {
+            if !request.tools.is_empty() {
+                return Err(Error::invalid(
+                    "the plan method writes and runs its own program; it takes no 'tools'",
+                    "tools",
+                ));
+            }
         }
+    }
+    if request.sampling.logprobs.is_some() && route.method != Method::Direct {
+        return Err(Error::invalid(
+            format!(
+                "logprobs are reported for direct requests only; the {} method's reply is built from several generations",
+                route.method.name()
+            ),
+            "logprobs",
+        ));
     }
     let output = match route.method {
         Method::Direct => direct::run(ctx, route, request, opts.selection).await,
@@ -215,7 +230,7 @@ mod tests {
                 Message::new(Role::User, "A shirt costs $20 with a 25% discount. Price?"),
             ],
             sampling: Sampling::default(),
-            priority: Default::default(),
+            ..Default::default()
         };
 
         let out = run(&ctx, route.clone(), request.clone(), &Options::default())

@@ -163,8 +163,8 @@ impl Asker<'_> {
                     n: 1,
                     ..self.sampling.clone()
                 },
-                tools: vec![],
                 priority: Default::default(),
+                ..Default::default()
             })
             .await?;
         self.calls += 1;
