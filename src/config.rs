@@ -19,6 +19,9 @@ pub struct Config {
     pub methods: MethodsConfig,
     #[serde(default)]
     pub bounds: Bounds,
+    /// How many stored Responses API objects are kept, and for how long.
+    #[serde(default)]
+    pub responses: crate::response_store::ResponsesConfig,
 }
 
 /// Upper bounds on every count a client, a library setting or a learning job may supply,
@@ -460,6 +463,18 @@ impl Config {
     }
 
     fn check(&self) -> anyhow::Result<()> {
+        for (key, v) in [
+            ("max_stored", self.responses.max_stored as u64),
+            ("max_total_bytes", self.responses.max_total_bytes),
+            ("max_age_days", self.responses.max_age_days),
+        ] {
+            if v == 0 {
+                anyhow::bail!("responses.{key}: must be at least 1");
+            }
+        }
+        if self.responses.max_age_days > 36_500 {
+            anyhow::bail!("responses.max_age_days: must be at most 36500");
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, m) in self.models.iter().enumerate() {
             let id = m.id();
@@ -563,6 +578,7 @@ mod tests {
             ("[bounds]\nmax_experiences = 100000000000000", "bounds.max_experiences"),
             ("[bounds]\nmax_group_size = 1", "bounds.max_group_size"),
             ("[server]\nmax_connections = 0", "server.max_connections"),
+            ("[responses]\nmax_stored = 0", "responses.max_stored"),
             ("[server]\nmax_sandboxes = 100000", "server.max_sandboxes"),
             (
                 "[[models]]\nkind = \"upstream\"\nid = \"u\"\nbase_url = \"http://127.0.0.1:9/v1\"\nbackground_slots = 0",

@@ -14,6 +14,7 @@ pub mod learn;
 pub mod methods;
 pub mod planning;
 pub mod prompts;
+pub mod response_store;
 pub mod router;
 pub mod sandbox;
 pub mod server;

@@ -202,6 +202,12 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             )
         })?;
     let store = Arc::new(store);
+    // Inside the experience directory, where a dot-name can never be a library.
+    let responses = crate::response_store::ResponseStore::open(
+        &opts.experience_dir.join(".responses"),
+        opts.config.responses.clone(),
+    )
+    .map_err(|e| anyhow::anyhow!("stored responses: {e}"))?;
 
     let shutting_down = Arc::new(AtomicBool::new(false));
     let state = AppState::new(api::Shared {
@@ -221,6 +227,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         jobs: crate::learn::jobs::Jobs::new(&opts.runs_dir, opts.config.bounds.max_jobs),
         methods: Arc::new(opts.config.methods.clone()),
         bounds: Arc::new(opts.config.bounds.clone()),
+        responses: Arc::new(responses),
     });
     let app = api::app(
         state,

@@ -2,12 +2,14 @@
 
 pub mod auth;
 pub mod chat;
+pub mod completions;
 pub mod error;
 pub mod jobs;
 pub mod libraries;
 pub mod listen;
 pub mod metrics;
 pub mod openapi;
+pub mod responses;
 pub mod wire;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,6 +59,8 @@ pub struct Shared {
     pub jobs: crate::learn::jobs::Jobs,
     pub methods: Arc<crate::config::MethodsConfig>,
     pub bounds: Arc<crate::config::Bounds>,
+    /// Responses API objects kept for `previous_response_id` and `GET /v1/responses/{id}`.
+    pub responses: Arc<crate::response_store::ResponseStore>,
 }
 
 pub struct AppSettings {
@@ -66,6 +70,8 @@ pub struct AppSettings {
 pub fn app(state: AppState, settings: &AppSettings) -> axum::Router {
     axum::Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(completions::completions))
+        .merge(responses::routes())
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
         .route("/health", get(health))

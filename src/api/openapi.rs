@@ -44,6 +44,11 @@ impl Modify for BearerKeys {
     ),
     paths(
         super::chat::chat_completions,
+        super::completions::completions,
+        super::responses::create,
+        super::responses::retrieve,
+        super::responses::delete,
+        super::responses::input_items,
         super::list_models,
         super::get_model,
         super::health,

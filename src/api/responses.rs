@@ -1,0 +1,860 @@
+//! The Responses API: `POST /v1/responses` (plain and streamed), `GET` and `DELETE
+//! /v1/responses/{id}`, and `GET /v1/responses/{id}/input_items`.
+//!
+//! A request is translated into the same [`ChatRequest`] a chat completion becomes, so the
+//! model-name grammar, the `experient` object, libraries and methods all apply; the events that
+//! come back are written as Responses output items (a message, function calls) and, when
+//! streamed, as its typed event sequence. Stored responses (`store`, on by default) keep the
+//! whole conversation, function-call items included, so `previous_response_id` continues it.
+
+use std::convert::Infallible;
+
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::JsonBody;
+use super::wire::{self, ChatCompletionRequest, ExperientOptions};
+use super::AppState;
+use crate::backend::{self, ChatRequest, Event, FinishReason, Message, Role, ToolCall, Usage};
+use crate::error::{Error, Result};
+use crate::methods::{self, Applied};
+
+pub fn routes() -> axum::Router<AppState> {
+    axum::Router::new()
+        .route("/v1/responses", post(create))
+        .route("/v1/responses/{id}", get(retrieve).delete(delete))
+        .route("/v1/responses/{id}/input_items", get(input_items))
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateResponse {
+    pub model: String,
+    /// A string (one user message) or a list of input items: messages, `function_call`,
+    /// `function_call_output`.
+    pub input: Value,
+    #[serde(default)]
+    pub instructions: Option<String>,
+    #[serde(default)]
+    pub max_output_tokens: Option<i64>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default)]
+    pub tools: Option<Vec<Value>>,
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    /// `{"format": {"type": "text" | "json_object" | "json_schema", ...}}`.
+    #[serde(default)]
+    pub text: Option<Value>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// `include_obfuscation` is accepted; this server never pads its events.
+    #[serde(default)]
+    pub stream_options: Option<Value>,
+    /// Keep the response for `previous_response_id` and `GET` (default true).
+    #[serde(default)]
+    pub store: Option<bool>,
+    #[serde(default)]
+    pub previous_response_id: Option<String>,
+    /// Up to 16 string pairs, kept with the response and returned with it.
+    #[serde(default)]
+    pub metadata: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub safety_identifier: Option<String>,
+    #[serde(default)]
+    pub prompt_cache_key: Option<String>,
+    #[serde(default)]
+    pub truncation: Option<String>,
+    #[serde(default)]
+    pub service_tier: Option<String>,
+    #[serde(default)]
+    pub reasoning: Option<Value>,
+    #[serde(default)]
+    pub background: Option<bool>,
+    #[serde(default)]
+    pub include: Option<Vec<String>>,
+    #[serde(default)]
+    pub top_logprobs: Option<Value>,
+    #[serde(default)]
+    pub max_tool_calls: Option<Value>,
+    #[serde(default)]
+    pub conversation: Option<Value>,
+    #[serde(default)]
+    pub prompt: Option<Value>,
+    /// experient's own options, as in chat completions.
+    #[serde(default)]
+    pub experient: Option<ExperientOptions>,
+}
+
+/// What is checked before anything runs, and what the response echoes.
+struct Plan {
+    model: String,
+    stream: bool,
+    store: bool,
+    options: ExperientOptions,
+    chat: ChatRequest,
+    /// This turn's input, as items.
+    input: Vec<Value>,
+    /// Every item before this turn (a stored conversation's).
+    history: Vec<Value>,
+    /// The fields the response object repeats.
+    echo: Value,
+}
+
+fn refuse(field: &'static str, why: &str) -> Error {
+    Error::invalid(format!("{field}: {why}"), field)
+}
+
+/// The request's own checks (what chat does not have) on fields that are set.
+fn check_unsupported(r: &CreateResponse) -> Result<()> {
+    if r.truncation.as_deref().is_some_and(|t| t != "disabled") {
+        return Err(refuse(
+            "truncation",
+            "only \"disabled\" is supported; a conversation too long for the model is an error",
+        ));
+    }
+    if let Some(t) = r.service_tier.as_deref() {
+        if !["auto", "default"].contains(&t) {
+            return Err(refuse(
+                "service_tier",
+                "every request is served as \"default\"",
+            ));
+        }
+    }
+    if r.reasoning.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(refuse(
+            "reasoning",
+            "the served models do not reason in hidden tokens",
+        ));
+    }
+    if r.background == Some(true) {
+        return Err(refuse(
+            "background",
+            "responses run while the request is open; stream for long ones",
+        ));
+    }
+    if r.include.as_ref().is_some_and(|i| !i.is_empty()) {
+        return Err(refuse("include", "no extra output is produced to include"));
+    }
+    if r.top_logprobs.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(refuse(
+            "top_logprobs",
+            "log probabilities are served by /v1/chat/completions and /v1/completions",
+        ));
+    }
+    if r.max_tool_calls.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(refuse(
+            "max_tool_calls",
+            "not supported; tool calls are returned to the client, which decides",
+        ));
+    }
+    if r.conversation.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(refuse(
+            "conversation",
+            "the Conversations API is not served; continue with previous_response_id",
+        ));
+    }
+    if r.prompt.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(refuse("prompt", "stored prompt templates are not served"));
+    }
+    if let Some(m) = &r.metadata {
+        if m.len() > 16 || m.iter().any(|(k, v)| k.len() > 64 || v.len() > 512) {
+            return Err(refuse(
+                "metadata",
+                "at most 16 pairs, keys up to 64 and values up to 512 characters",
+            ));
+        }
+    }
+    if let Some(so) = &r.stream_options {
+        let ok = so
+            .as_object()
+            .is_some_and(|o| o.keys().all(|k| k == "include_obfuscation"));
+        if !ok {
+            return Err(refuse(
+                "stream_options",
+                "only include_obfuscation is known",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A chat-side error's param in this API's spelling.
+fn respell(e: Error, from: &str, to: &str) -> Error {
+    match e {
+        Error::InvalidRequest {
+            message,
+            param: Some(p),
+        } if p.starts_with(from) => Error::InvalidRequest {
+            message: message.replace(from, to),
+            param: Some(p.replacen(from, to, 1).replace(".function.", ".")),
+        },
+        other => other,
+    }
+}
+
+/// A Responses function tool (`{"type": "function", "name", ...}`) in chat's shape.
+fn chat_tool(i: usize, t: &Value) -> Result<Value> {
+    if t.get("type").and_then(Value::as_str) != Some("function") {
+        return Err(Error::invalid_param(
+            "only tools of type 'function' are supported",
+            format!("tools[{i}].type"),
+        ));
+    }
+    let mut f = json!({});
+    for key in ["name", "description", "parameters", "strict"] {
+        if let Some(v) = t.get(key).filter(|v| !v.is_null()) {
+            f[key] = v.clone();
+        }
+    }
+    Ok(json!({"type": "function", "function": f}))
+}
+
+/// `text.format` in chat's `response_format` shape.
+fn chat_format(text: Option<&Value>) -> Result<Option<Value>> {
+    let Some(format) = text.and_then(|t| t.get("format")).filter(|f| !f.is_null()) else {
+        return Ok(None);
+    };
+    if let Some(other) = text
+        .and_then(Value::as_object)
+        .and_then(|o| o.keys().find(|k| *k != "format"))
+    {
+        return Err(Error::invalid_param(
+            format!("text.{other} is not supported"),
+            format!("text.{other}"),
+        ));
+    }
+    Ok(Some(match format.get("type").and_then(Value::as_str) {
+        Some("json_schema") => {
+            let mut js = json!({});
+            for key in ["name", "schema", "strict", "description"] {
+                if let Some(v) = format.get(key) {
+                    js[key] = v.clone();
+                }
+            }
+            json!({"type": "json_schema", "json_schema": js})
+        }
+        _ => format.clone(),
+    }))
+}
+
+fn plan(state: &AppState, r: CreateResponse) -> Result<Plan> {
+    check_unsupported(&r)?;
+    let tools_wire: Vec<Value> = r.tools.clone().unwrap_or_default();
+    let chat_tools = tools_wire
+        .iter()
+        .enumerate()
+        .map(|(i, t)| chat_tool(i, t))
+        .collect::<Result<Vec<_>>>()?;
+    let tool_choice = match &r.tool_choice {
+        Some(Value::Object(o)) if o.get("type").and_then(Value::as_str) == Some("function") => {
+            Some(
+                json!({"type": "function", "function": {"name": o.get("name").cloned().unwrap_or(Value::Null)}}),
+            )
+        }
+        other => other.clone(),
+    };
+    let mut chat = ChatCompletionRequest::for_completion(
+        r.model.clone(),
+        r.max_output_tokens,
+        r.temperature,
+        r.top_p,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    );
+    chat.tools = (!chat_tools.is_empty()).then_some(chat_tools);
+    chat.tool_choice = tool_choice;
+    chat.parallel_tool_calls = r.parallel_tool_calls;
+    chat.response_format = chat_format(r.text.as_ref())?;
+    chat.user = r.user.clone().or(r.safety_identifier.clone());
+    let v = chat
+        .validate(&state.limits)
+        .map_err(|e| respell(e, "max_tokens", "max_output_tokens"))
+        .map_err(|e| respell(e, "response_format.json_schema", "text.format"))
+        .map_err(|e| respell(e, "response_format", "text.format"))?;
+
+    let history = match &r.previous_response_id {
+        None => vec![],
+        Some(id) => conversation_of(state, id)?,
+    };
+    let input = as_items(r.input)?;
+    let mut messages = Vec::new();
+    if let Some(i) = r.instructions.as_ref().filter(|i| !i.is_empty()) {
+        messages.push(Message::new(Role::System, i.clone()));
+    }
+    messages.extend(items_to_messages(&history, "previous_response_id")?);
+    messages.extend(items_to_messages(&input, "input")?);
+    if messages.iter().all(|m| m.role == Role::System) {
+        return Err(Error::invalid(
+            "input must hold at least one message",
+            "input",
+        ));
+    }
+    let mut chat = v.chat;
+    chat.messages = messages;
+    let echo = json!({
+        "instructions": r.instructions,
+        "max_output_tokens": r.max_output_tokens,
+        "metadata": r.metadata.unwrap_or_default(),
+        "parallel_tool_calls": r.parallel_tool_calls.unwrap_or(true),
+        "previous_response_id": r.previous_response_id,
+        "temperature": r.temperature.unwrap_or(1.0),
+        "top_p": r.top_p.unwrap_or(1.0),
+        "text": r.text.unwrap_or_else(|| json!({"format": {"type": "text"}})),
+        "tool_choice": r.tool_choice.unwrap_or_else(|| json!("auto")),
+        "tools": tools_wire,
+        "truncation": "disabled",
+        "store": r.store.unwrap_or(true),
+        "background": false,
+        "user": r.user,
+    });
+    Ok(Plan {
+        model: r.model,
+        stream: r.stream.unwrap_or(false),
+        store: r.store.unwrap_or(true),
+        options: r.experient.unwrap_or_default(),
+        chat,
+        input,
+        history,
+        echo,
+    })
+}
+
+/// The stored conversation that `previous_response_id` names: its history, input and output.
+fn conversation_of(state: &AppState, id: &str) -> Result<Vec<Value>> {
+    let record = state.responses.get(id)?.ok_or_else(|| Error::NotFound {
+        message: format!(
+            "no stored response '{id}' (it was never stored, was deleted, or has expired)"
+        ),
+        param: Some("previous_response_id".into()),
+    })?;
+    let mut items = Vec::new();
+    for key in ["history", "input"] {
+        items.extend(record[key].as_array().cloned().unwrap_or_default());
+    }
+    items.extend(
+        record["response"]["output"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default(),
+    );
+    Ok(items)
+}
+
+fn as_items(input: Value) -> Result<Vec<Value>> {
+    match input {
+        Value::String(s) => Ok(vec![
+            json!({"type": "message", "role": "user", "content": s}),
+        ]),
+        Value::Array(items) => Ok(items),
+        _ => Err(Error::invalid(
+            "input must be a string or a list of items",
+            "input",
+        )),
+    }
+}
+
+/// A message item's text: a string, or parts of type `input_text`/`output_text`/`text`.
+fn item_text(content: &Value, at: &str) -> Result<String> {
+    match content {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => {
+            let mut text = String::new();
+            for (j, p) in parts.iter().enumerate() {
+                match (
+                    p.get("type").and_then(Value::as_str),
+                    p.get("text").and_then(Value::as_str),
+                ) {
+                    (Some("input_text" | "output_text" | "text"), Some(t)) => text.push_str(t),
+                    (Some("refusal"), _) => {}
+                    (kind, _) => {
+                        return Err(Error::invalid_param(
+                            format!(
+                                "content parts of type {kind:?} are not supported; only text is"
+                            ),
+                            format!("{at}.content[{j}].type"),
+                        ))
+                    }
+                }
+            }
+            Ok(text)
+        }
+        _ => Err(Error::invalid_param(
+            "content must be text or a list of parts",
+            format!("{at}.content"),
+        )),
+    }
+}
+
+/// Input items as chat messages. Consecutive `function_call` items become one assistant turn
+/// with several calls (joined to the assistant text before them, if any), and each
+/// `function_call_output` a tool message that answers its call.
+fn items_to_messages(items: &[Value], field: &str) -> Result<Vec<Message>> {
+    let mut out: Vec<Message> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("{field}[{i}]");
+        let kind = item.get("type").and_then(Value::as_str);
+        let role = item.get("role").and_then(Value::as_str);
+        match (kind, role) {
+            (Some("message") | None, Some(role)) => {
+                let role = match role {
+                    "user" => Role::User,
+                    "assistant" => Role::Assistant,
+                    "system" | "developer" => Role::System,
+                    other => {
+                        return Err(Error::invalid_param(
+                            format!("unknown role '{other}'"),
+                            format!("{at}.role"),
+                        ))
+                    }
+                };
+                let content = item.get("content").unwrap_or(&Value::Null);
+                out.push(Message::new(role, item_text(content, &at)?));
+            }
+            (Some("function_call"), _) => {
+                let field = |k: &str| item.get(k).and_then(Value::as_str);
+                let (Some(call_id), Some(name)) = (field("call_id"), field("name")) else {
+                    return Err(Error::invalid_param(
+                        "a function_call item needs call_id and name",
+                        at,
+                    ));
+                };
+                let call = ToolCall {
+                    id: call_id.to_owned(),
+                    name: name.to_owned(),
+                    arguments: field("arguments").unwrap_or("{}").to_owned(),
+                };
+                match out.last_mut() {
+                    Some(m) if m.role == Role::Assistant => m.tool_calls.push(call),
+                    _ => {
+                        let mut m = Message::new(Role::Assistant, "");
+                        m.tool_calls.push(call);
+                        out.push(m);
+                    }
+                }
+            }
+            (Some("function_call_output"), _) => {
+                let Some(call_id) = item.get("call_id").and_then(Value::as_str) else {
+                    return Err(Error::invalid_param(
+                        "a function_call_output item needs the call_id it answers",
+                        format!("{at}.call_id"),
+                    ));
+                };
+                let output = match item.get("output") {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(v @ Value::Array(_)) => item_text(v, &at)?,
+                    _ => {
+                        return Err(Error::invalid_param(
+                            "a function_call_output item needs its output",
+                            format!("{at}.output"),
+                        ))
+                    }
+                };
+                let mut m = Message::new(Role::Tool, output);
+                m.tool_call_id = Some(call_id.to_owned());
+                out.push(m);
+            }
+            (other, _) => {
+                return Err(Error::invalid_param(
+                    format!(
+                        "input items of type {other:?} are not supported; use messages, function_call and function_call_output"
+                    ),
+                    format!("{at}.type"),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn hex_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+fn message_item(id: &str, text: &str, status: &str) -> Value {
+    json!({
+        "id": id, "type": "message", "status": status, "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+    })
+}
+
+fn call_item(id: &str, call: &ToolCall, arguments: &str, status: &str) -> Value {
+    json!({
+        "id": id, "type": "function_call", "status": status,
+        "call_id": call.id, "name": call.name, "arguments": arguments,
+    })
+}
+
+#[utoipa::path(post, path = "/v1/responses", tag = "openai", request_body = CreateResponse, responses((status = 200, description = "a response, or with stream an SSE stream of response events", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such model or previous response", body = crate::api::openapi::ErrorEnvelope), (status = 429, description = "at capacity", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "loading", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn create(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<CreateResponse>,
+) -> Result<Response> {
+    let p = plan(&state, req)?;
+    let route = state.router.resolve(
+        &p.model,
+        p.options.method.as_deref(),
+        p.options.library.as_deref(),
+    )?;
+    let opts = super::chat::method_options(&state, &p.options)?;
+    let ctx = super::chat::method_context(&state);
+    let id = hex_id("resp");
+    let output = methods::run(&ctx, route, p.chat.clone(), &opts).await?;
+    let turn = Turn {
+        id,
+        created: wire::now_secs(),
+        state: state.clone(),
+        plan: p,
+    };
+    if !turn.plan.stream {
+        let done = tokio::time::timeout(state.request_timeout, backend::collect(output.events, 1))
+            .await
+            .map_err(|_| Error::Timeout("generation did not finish in time".into()))??;
+        let mut applied = output.applied;
+        applied.trace = done.trace;
+        let choice = done.choices.into_iter().next();
+        let mut items = Vec::new();
+        let mut status = "completed";
+        if let Some(c) = choice {
+            if !c.text.is_empty() || c.tool_calls.is_empty() {
+                items.push(message_item(&hex_id("msg"), &c.text, "completed"));
+            }
+            for call in &c.tool_calls {
+                items.push(call_item(&hex_id("fc"), call, &call.arguments, "completed"));
+            }
+            if c.finish_reason == FinishReason::Length {
+                status = "incomplete";
+            }
+        }
+        let body = turn.finish(status, &items, Some(done.usage), &applied)?;
+        return Ok(axum::Json(body).into_response());
+    }
+    let events = stream_events(turn, output.events, output.applied);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(events.map(Ok::<_, Infallible>)),
+    )
+        .into_response())
+}
+
+/// One request's identity and what it needs to finish: the response is built and stored
+/// from it, whether it was streamed or not.
+struct Turn {
+    id: String,
+    created: u64,
+    state: AppState,
+    plan: Plan,
+}
+
+impl Turn {
+    /// The response object around `output`, with the request's echoed fields.
+    fn object(
+        &self,
+        status: &str,
+        output: &[Value],
+        usage: Option<Usage>,
+        applied: &Applied,
+    ) -> Value {
+        let mut r = json!({
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "error": null,
+            "incomplete_details": if status == "incomplete" { json!({"reason": "max_output_tokens"}) } else { Value::Null },
+            "model": self.plan.model,
+            "output": output,
+            "usage": usage.map(|u| json!({
+                "input_tokens": u.prompt_tokens,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": u.completion_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": u.total(),
+            })),
+            "experient": applied,
+        });
+        if let (Some(r), Some(e)) = (r.as_object_mut(), self.plan.echo.as_object()) {
+            for (k, v) in e {
+                r.insert(k.clone(), v.clone());
+            }
+        }
+        if status == "completed" {
+            r["completed_at"] = json!(wire::now_secs());
+        }
+        r
+    }
+
+    /// The final response object, kept when the request asked for it.
+    fn finish(
+        &self,
+        status: &str,
+        output: &[Value],
+        usage: Option<Usage>,
+        applied: &Applied,
+    ) -> Result<Value> {
+        let body = self.object(status, output, usage, applied);
+        if self.plan.store {
+            let record =
+                json!({"response": body, "input": self.plan.input, "history": self.plan.history});
+            self.state.responses.put(&self.id, &record)?;
+        }
+        Ok(body)
+    }
+}
+
+/// The typed SSE events of a streamed response, each with its `sequence_number`.
+fn stream_events(
+    turn: Turn,
+    mut events: backend::EventStream,
+    mut applied: Applied,
+) -> impl Stream<Item = Bytes> + Send {
+    async_stream::stream! {
+        let mut seq = 0u64;
+        let mut send = |kind: &str, mut data: Value| {
+            data["type"] = json!(kind);
+            data["sequence_number"] = json!(seq);
+            seq += 1;
+            Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
+        };
+        let start = turn.object("in_progress", &[], None, &applied);
+        yield send("response.created", json!({"response": start}));
+        yield send("response.in_progress", json!({"response": start}));
+        let mut output: Vec<Value> = Vec::new();
+        // The message item being written: its id, its output index and its text so far.
+        let mut open: Option<(String, usize, String)> = None;
+        let mut usage = None;
+        let mut status = "completed";
+        let close = |open: &mut Option<(String, usize, String)>, output: &mut Vec<Value>| -> Vec<(&'static str, Value)> {
+            let Some((id, at, text)) = open.take() else { return vec![] };
+            let part = json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []});
+            let item = message_item(&id, &text, "completed");
+            output.push(item.clone());
+            vec![
+                ("response.output_text.done", json!({"item_id": id, "output_index": at, "content_index": 0, "text": text, "logprobs": []})),
+                ("response.content_part.done", json!({"item_id": id, "output_index": at, "content_index": 0, "part": part})),
+                ("response.output_item.done", json!({"output_index": at, "item": item})),
+            ]
+        };
+        while let Some(ev) = events.next().await {
+            match ev {
+                Ok(Event::Delta { text, .. }) => {
+                    if open.is_none() {
+                        let id = hex_id("msg");
+                        let at = output.len();
+                        let item = json!({"id": id, "type": "message", "status": "in_progress", "role": "assistant", "content": []});
+                        yield send("response.output_item.added", json!({"output_index": at, "item": item}));
+                        let part = json!({"type": "output_text", "text": "", "annotations": [], "logprobs": []});
+                        yield send("response.content_part.added", json!({"item_id": id, "output_index": at, "content_index": 0, "part": part}));
+                        open = Some((id, at, String::new()));
+                    }
+                    if let Some((id, at, acc)) = open.as_mut() {
+                        acc.push_str(&text);
+                        let d = json!({"item_id": id, "output_index": at, "content_index": 0, "delta": text, "logprobs": []});
+                        yield send("response.output_text.delta", d);
+                    }
+                }
+                Ok(Event::ToolCall { call, .. }) => {
+                    for (kind, data) in close(&mut open, &mut output) {
+                        yield send(kind, data);
+                    }
+                    let id = hex_id("fc");
+                    let at = output.len();
+                    yield send("response.output_item.added", json!({"output_index": at, "item": call_item(&id, &call, "", "in_progress")}));
+                    yield send("response.function_call_arguments.delta", json!({"item_id": id, "output_index": at, "delta": call.arguments}));
+                    yield send("response.function_call_arguments.done", json!({"item_id": id, "output_index": at, "name": call.name, "arguments": call.arguments}));
+                    let item = call_item(&id, &call, &call.arguments, "completed");
+                    output.push(item.clone());
+                    yield send("response.output_item.done", json!({"output_index": at, "item": item}));
+                }
+                Ok(Event::Finish { reason, .. }) => {
+                    if reason == FinishReason::Length {
+                        status = "incomplete";
+                    }
+                }
+                Ok(Event::Trace(t)) => applied.trace = Some(t),
+                Ok(Event::Usage(u)) => usage = Some(u),
+                Ok(_) => {}
+                Err(e) => {
+                    let env = e.envelope();
+                    let err = &env["error"];
+                    yield send("error", json!({"code": err["code"], "message": err["message"], "param": err["param"]}));
+                    return;
+                }
+            }
+        }
+        if open.is_none() && output.is_empty() {
+            // An empty answer is still one message, as the non-streamed response has.
+            let id = hex_id("msg");
+            let item = json!({"id": id, "type": "message", "status": "in_progress", "role": "assistant", "content": []});
+            yield send("response.output_item.added", json!({"output_index": 0, "item": item}));
+            let part = json!({"type": "output_text", "text": "", "annotations": [], "logprobs": []});
+            yield send("response.content_part.added", json!({"item_id": id, "output_index": 0, "content_index": 0, "part": part}));
+            open = Some((id, 0, String::new()));
+        }
+        for (kind, data) in close(&mut open, &mut output) {
+            yield send(kind, data);
+        }
+        match turn.finish(status, &output, usage, &applied) {
+            Ok(done) => {
+                let kind = if status == "completed" { "response.completed" } else { "response.incomplete" };
+                yield send(kind, json!({"response": done}));
+            }
+            Err(e) => {
+                let env = e.envelope();
+                let err = &env["error"];
+                yield send("error", json!({"code": err["code"], "message": err["message"], "param": err["param"]}));
+            }
+        }
+    }
+}
+
+fn stored(state: &AppState, id: &str) -> Result<Value> {
+    state.responses.get(id)?.ok_or_else(|| Error::NotFound {
+        message: format!("no stored response '{id}'"),
+        param: Some("response_id".into()),
+    })
+}
+
+#[utoipa::path(get, path = "/v1/responses/{id}", tag = "openai", params(("id" = String, Path)), responses((status = 200, description = "the stored response", body = Object), (status = 404, description = "not stored", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn retrieve(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let record = stored(&state, &id)?;
+    Ok(axum::Json(record["response"].clone()).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/responses/{id}/input_items", tag = "openai", params(("id" = String, Path)), responses((status = 200, description = "the response's input items", body = Object), (status = 404, description = "not stored", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn input_items(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let record = stored(&state, &id)?;
+    let data: Vec<Value> = record["input"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|mut item| {
+            if item.get("id").is_none() {
+                item["id"] = json!(hex_id("msg"));
+            }
+            if item.get("type").is_none() {
+                item["type"] = json!("message");
+            }
+            item
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "object": "list",
+        "first_id": data.first().map(|i| i["id"].clone()),
+        "last_id": data.last().map(|i| i["id"].clone()),
+        "has_more": false,
+        "data": data,
+    }))
+    .into_response())
+}
+
+#[utoipa::path(delete, path = "/v1/responses/{id}", tag = "openai", params(("id" = String, Path)), responses((status = 200, description = "deleted", body = Object), (status = 404, description = "not stored", body = crate::api::openapi::ErrorEnvelope)))]
+pub(super) async fn delete(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    if !state.responses.delete(&id)? {
+        return Err(Error::NotFound {
+            message: format!("no stored response '{id}'"),
+            param: Some("response_id".into()),
+        });
+    }
+    Ok(axum::Json(json!({"id": id, "object": "response", "deleted": true})).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_items_become_one_conversation_with_its_calls_intact() {
+        let items = vec![
+            json!({"role": "user", "content": "Weather in Oslo and Rome?"}),
+            json!({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]}),
+            json!({"type": "function_call", "call_id": "call_1", "name": "weather", "arguments": "{\"city\":\"Oslo\"}"}),
+            json!({"type": "function_call", "call_id": "call_2", "name": "weather", "arguments": "{\"city\":\"Rome\"}"}),
+            json!({"type": "function_call_output", "call_id": "call_1", "output": "sunny"}),
+            json!({"type": "function_call_output", "call_id": "call_2", "output": [{"type": "input_text", "text": "rain"}]}),
+        ];
+        let m = items_to_messages(&items, "input").unwrap();
+        let roles: Vec<Role> = m.iter().map(|m| m.role).collect();
+        assert_eq!(roles, [Role::User, Role::Assistant, Role::Tool, Role::Tool]);
+        assert_eq!(m[1].content, "Checking.");
+        let calls: Vec<&str> = m[1].tool_calls.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(calls, ["call_1", "call_2"]);
+        assert_eq!(m[3].tool_call_id.as_deref(), Some("call_2"));
+        assert_eq!(m[3].content, "rain");
+
+        for (bad, param) in [
+            (json!({"type": "reasoning", "summary": []}), "input[0].type"),
+            (json!({"type": "function_call", "name": "f"}), "input[0]"),
+            (
+                json!({"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}),
+                "input[0].content[0].type",
+            ),
+        ] {
+            match items_to_messages(&[bad], "input") {
+                Err(Error::InvalidRequest { param: Some(p), .. }) => assert_eq!(p, param),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn responses_shapes_translate_to_chat_shapes() {
+        let t = chat_tool(0, &json!({"type": "function", "name": "f", "parameters": {"type": "object"}, "strict": true})).unwrap();
+        assert_eq!(
+            t,
+            json!({"type": "function", "function": {"name": "f", "parameters": {"type": "object"}, "strict": true}})
+        );
+        assert!(chat_tool(0, &json!({"type": "web_search"})).is_err());
+        let f = chat_format(Some(
+            &json!({"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}),
+        ))
+        .unwrap();
+        assert_eq!(
+            f,
+            Some(
+                json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})
+            )
+        );
+        assert_eq!(chat_format(None).unwrap(), None);
+        let e = respell(
+            Error::invalid(
+                "response_format.json_schema.name must be a string",
+                "response_format.json_schema.name",
+            ),
+            "response_format.json_schema",
+            "text.format",
+        );
+        assert!(
+            matches!(e, Error::InvalidRequest { param: Some(p), .. } if p == "text.format.name")
+        );
+    }
+}
