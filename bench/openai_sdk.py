@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""The official openai Python SDK against experient, used the way agent frameworks use it.
+
+Starts two servers from the release binary: one on the embedded model, and one whose model "up"
+is the first server (upstream mode), then runs the same checks on both: forced, streamed and
+multi-turn tool calls (with a library prior on the local one), schema-valid JSON through
+`chat.completions.parse`, logprobs, the Responses API (create, stream, function calls,
+previous_response_id, retrieve, delete) and legacy completions (create, stream).
+
+    cargo build --release
+    python3 -m pip install openai==3.57.0
+    python3 bench/openai_sdk.py
+
+Prints one line per check and exits non-zero if any failed.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+from openai import NotFoundError, OpenAI
+from pydantic import BaseModel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BINARY = os.path.join(ROOT, "target/release/experient")
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather now in a city.",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"type": "string", "maxLength": 30}}}}}]
+FAILED = []
+
+
+def start(config=None):
+    work = tempfile.mkdtemp()
+    args = [BINARY, "serve", "--addr", "127.0.0.1:0",
+            "--experience-dir", os.path.join(work, "experience")]
+    if config:
+        path = os.path.join(work, "config.toml")
+        with open(path, "w") as f:
+            f.write(config)
+        args += ["--config", path]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("experient: listening on "):
+            base = line.split()[-1]
+            break
+    else:
+        sys.exit("the server did not start")
+    while True:
+        try:
+            urllib.request.urlopen(base + "/health", timeout=5)
+            return proc, base
+        except Exception:
+            time.sleep(0.3)
+
+
+def check(name, fn):
+    try:
+        detail = fn()
+        print(f"ok    {name}: {detail}")
+    except Exception as e:  # noqa: BLE001 - every failure is reported, then counted
+        FAILED.append(name)
+        print(f"FAIL  {name}: {type(e).__name__}: {e}")
+
+
+def run(client, model, prior_model):
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+    def forced():
+        r = client.chat.completions.create(model=prior_model, messages=ask, tools=TOOLS,
+                                           tool_choice="required", temperature=0)
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls" and c.message.content is None, r
+        call = c.message.tool_calls[0]
+        json.loads(call.function.arguments)
+        return f"{call.function.name}({call.function.arguments})"
+
+    def streamed():
+        with client.chat.completions.stream(
+                model=model, messages=ask, tools=TOOLS, temperature=0,
+                tool_choice={"type": "function", "function": {"name": "get_weather"}}) as s:
+            for _ in s:
+                pass
+            final = s.get_final_completion()
+        call = final.choices[0].message.tool_calls[0]
+        # The SDK's helper concatenates names repeated across deltas: one name means spec form.
+        assert call.function.name == "get_weather", call
+        json.loads(call.function.arguments)
+        return f"{call.function.name}({call.function.arguments})"
+
+    def multi_turn():
+        r = client.chat.completions.create(model=model, messages=ask, tools=TOOLS,
+                                           tool_choice="required", temperature=0)
+        msg = r.choices[0].message
+        history = ask + [msg, {"role": "tool", "tool_call_id": msg.tool_calls[0].id,
+                               "content": '{"sky": "sunny"}'}]
+        r2 = client.chat.completions.create(model=model, messages=history, tools=TOOLS,
+                                            tool_choice="none", temperature=0, max_tokens=24)
+        assert r2.choices[0].message.content, r2
+        return repr(r2.choices[0].message.content)
+
+    class Cat(BaseModel):
+        name: str
+        legs: int
+
+    def parse():
+        r = client.chat.completions.parse(
+            model=model, temperature=0, max_tokens=60, response_format=Cat,
+            messages=[{"role": "user", "content": "Describe a cat."}])
+        cat = r.choices[0].message.parsed
+        assert isinstance(cat, Cat), r
+        return repr(cat)
+
+    def logprobs():
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=4, temperature=0, logprobs=True,
+                                           top_logprobs=2)
+        lp = r.choices[0].logprobs.content
+        assert lp and all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in lp), lp
+        return " ".join(f"{t.token!r}:{t.logprob:.2f}" for t in lp)
+
+    def responses():
+        tool = {"type": "function", "name": "get_weather", "parameters": TOOLS[0]["function"]["parameters"]}
+        r = client.responses.create(model=model, input="What is the weather in Paris?",
+                                    tools=[tool], tool_choice="required", temperature=0)
+        call = next(o for o in r.output if o.type == "function_call")
+        r2 = client.responses.create(model=model, previous_response_id=r.id, tools=[tool],
+                                     max_output_tokens=20, temperature=0,
+                                     input=[{"type": "function_call_output",
+                                             "call_id": call.call_id, "output": "sunny"}])
+        assert r2.output_text, r2
+        assert client.responses.retrieve(r2.id).output_text == r2.output_text
+        client.responses.delete(r.id)
+        try:
+            client.responses.retrieve(r.id)
+            raise AssertionError("a deleted response is still there")
+        except NotFoundError:
+            pass
+        return f"{call.name}({call.arguments}) -> {r2.output_text!r}"
+
+    def responses_stream():
+        with client.responses.stream(model=model, input="Say hello.", max_output_tokens=200,
+                                     temperature=0) as s:
+            kinds = [e.type for e in s]
+            final = s.get_final_response()
+        assert kinds[0] == "response.created" and final.output_text, kinds
+        return f"{len(kinds)} events, {final.output_text!r}"
+
+    def completions():
+        r = client.completions.create(model=model, prompt="The capital of France is",
+                                      max_tokens=5, temperature=0)
+        text = "".join(c.choices[0].text for c in client.completions.create(
+            model=model, prompt="The capital of France is", max_tokens=5, temperature=0,
+            stream=True))
+        assert r.choices[0].text == text, (r, text)
+        return repr(text)
+
+    for name, fn in [("forced tool call", forced), ("streamed tool call", streamed),
+                     ("multi-turn tools", multi_turn), ("parse (json_schema)", parse),
+                     ("logprobs", logprobs), ("responses + previous_response_id", responses),
+                     ("responses.stream", responses_stream), ("completions", completions)]:
+        check(f"[{model}] {name}", fn)
+
+
+def main():
+    local, base = start()
+    front = None
+    try:
+        up = f'[[models]]\nkind = "upstream"\nid = "up"\nbase_url = "{base}/v1"\nmodel = "smollm2-135m"\n'
+        front, front_base = start(up)
+        req = urllib.request.Request(base + "/v1/libraries", data=b'{"name": "cities"}',
+                                     headers={"content-type": "application/json"})
+        urllib.request.urlopen(req)
+        req = urllib.request.Request(
+            base + "/v1/libraries/cities/experiences",
+            data=b'{"text": "Cities: pass the city name exactly as the user wrote it."}',
+            headers={"content-type": "application/json"})
+        urllib.request.urlopen(req)
+        run(OpenAI(base_url=base + "/v1", api_key="unused"), "smollm2-135m", "smollm2-135m@cities")
+        run(OpenAI(base_url=front_base + "/v1", api_key="unused"), "up", "up")
+    finally:
+        for p in (local, front):
+            if p:
+                p.terminate()
+    if FAILED:
+        sys.exit(f"{len(FAILED)} failed: {FAILED}")
+
+
+if __name__ == "__main__":
+    main()
