@@ -22,6 +22,9 @@ pub struct Config {
     /// How many stored Responses API objects are kept, and for how long.
     #[serde(default)]
     pub responses: crate::response_store::ResponsesConfig,
+    /// Recording served completions for feedback and learning, and its bounds.
+    #[serde(default)]
+    pub traffic: crate::experience::traffic::TrafficConfig,
 }
 
 /// Upper bounds on every count a client, a library setting or a learning job may supply,
@@ -471,6 +474,9 @@ impl Config {
             if v == 0 {
                 anyhow::bail!("responses.{key}: must be at least 1");
             }
+        }
+        if self.traffic.max_bytes < 4096 || self.traffic.max_age_days == 0 {
+            anyhow::bail!("traffic: max_bytes must be at least 4096 and max_age_days at least 1");
         }
         if self.responses.max_age_days > 36_500 {
             anyhow::bail!("responses.max_age_days: must be at most 36500");

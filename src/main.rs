@@ -183,8 +183,16 @@ fn main() -> std::process::ExitCode {
 #[derive(clap::Args)]
 struct EvalArgs {
     /// Task file: GSM8K-style JSONL (question, answer) or BBH JSON (examples: input, target).
+    #[arg(long, required_unless_present = "from_traffic")]
+    dataset: Option<PathBuf>,
+    /// Evaluate on the library's recorded traffic instead: the completions whose feedback gave
+    /// the right answer (`expected`), scored against it. Needs --library.
+    #[arg(long, conflicts_with = "dataset", requires = "library")]
+    from_traffic: bool,
+    /// How answers are scored: numeric, exact or regex:PATTERN ({answer} stands for the
+    /// reference); default: what fits the data.
     #[arg(long)]
-    dataset: PathBuf,
+    verifier: Option<String>,
     /// Model alias, as in the config (default: the embedded model).
     #[arg(long, default_value = fetch::DEFAULT_MODEL_ID)]
     model: String,
@@ -228,6 +236,10 @@ struct LearnArgs {
     /// Task file: GSM8K-style JSONL or BBH JSON.
     #[arg(long)]
     dataset: Option<PathBuf>,
+    /// Learn from the library's recorded traffic that has feedback, instead of a task file
+    /// (the verifier is then an LLM judge unless --verifier says otherwise).
+    #[arg(long, conflicts_with_all = ["dataset", "resume"])]
+    from_traffic: bool,
     /// Continue the run in this run directory where it stopped (all other options come from it).
     #[arg(long, conflicts_with_all = ["library", "dataset"])]
     resume: Option<PathBuf>,
@@ -302,8 +314,19 @@ fn run_learn(a: LearnArgs) -> anyhow::Result<()> {
     let runs_dir = a.models.runs_dir();
     let run = match (&a.resume, &a.library, &a.dataset) {
         (Some(dir), _, _) => Run::open(dir).map_err(|e| anyhow::anyhow!("{e}"))?,
-        (None, Some(library), Some(dataset)) => {
-            let mut data = Dataset::load(dataset, config.bounds.max_dataset_bytes)?;
+        (None, Some(library), dataset) if dataset.is_some() || a.from_traffic => {
+            let mut data = match dataset {
+                Some(path) => Dataset::load(path, config.bounds.max_dataset_bytes)?,
+                None => {
+                    let scored = traffic(&a.models, &config)?
+                        .scored(library)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    if scored.is_empty() {
+                        anyhow::bail!("library '{library}' has no recorded completions with feedback to learn from");
+                    }
+                    experient::learn::dataset::from_traffic(library, &scored)
+                }
+            };
             if let Some(seed) = a.seed {
                 data.shuffle(seed);
             }
@@ -320,7 +343,10 @@ fn run_learn(a: LearnArgs) -> anyhow::Result<()> {
                 max_tokens: a.max_tokens,
                 learner_max_tokens: a.learner_max_tokens,
                 concurrency: a.concurrency,
-                verifier: a.verifier.clone(),
+                verifier: a
+                    .verifier
+                    .clone()
+                    .or_else(|| a.from_traffic.then(|| "judge".to_owned())),
                 judge_model: a.judge_model.clone(),
                 instruction: a.instruction.clone(),
                 max_lessons: a.max_lessons,
@@ -338,7 +364,7 @@ fn run_learn(a: LearnArgs) -> anyhow::Result<()> {
             )
             .map_err(|e| anyhow::anyhow!("{e}"))?
         }
-        _ => anyhow::bail!("give --library and --dataset, or --resume RUN_DIR"),
+        _ => anyhow::bail!("give --library and --dataset (or --from-traffic), or --resume RUN_DIR"),
     };
     eprintln!(
         "experient: learning run {} in {}",
@@ -565,9 +591,40 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     use experient::learn::{dataset::Dataset, eval};
 
     let config = a.models.config()?;
-    let mut ds = Dataset::load(&a.dataset, config.bounds.max_dataset_bytes)?;
+    let mut ds = match (&a.dataset, &a.library) {
+        (Some(path), _) => Dataset::load(path, config.bounds.max_dataset_bytes)?,
+        (None, Some(library)) if a.from_traffic => {
+            let scored: Vec<_> = traffic(&a.models, &config)?
+                .scored(library)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .into_iter()
+                .filter(|(_, f)| f.expected.is_some())
+                .collect();
+            if scored.is_empty() {
+                anyhow::bail!("library '{library}' has no feedback that gives the right answer (expected) to score against");
+            }
+            experient::learn::dataset::from_traffic(library, &scored)
+        }
+        _ => anyhow::bail!("give --dataset, or --library with --from-traffic"),
+    };
     if let Some(seed) = a.seed {
         ds.shuffle(seed);
+    }
+    if let Some(v) = &a.verifier {
+        use experient::learn::verify::Verifier;
+        ds.verifier = match v.as_str() {
+            "numeric" => Verifier::Numeric,
+            "exact" => Verifier::Exact,
+            r if r.starts_with("regex:") => {
+                let p = &r["regex:".len()..];
+                regex::Regex::new(&p.replace("{answer}", "x"))
+                    .map_err(|e| anyhow::anyhow!("--verifier: the regex is invalid: {e}"))?;
+                Verifier::Regex(p.to_owned())
+            }
+            other => {
+                anyhow::bail!("--verifier: use numeric, exact or regex:PATTERN, not '{other}'")
+            }
+        };
     }
     let model_cache = a.models.model_cache();
     let runtime = tokio::runtime::Runtime::new()?;
@@ -595,6 +652,19 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     println!("{json}");
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(())
+}
+
+/// The recorded traffic of the experience directory, for the CLI (which runs while no server
+/// holds the directory).
+fn traffic(
+    models: &ModelArgs,
+    config: &experient::config::Config,
+) -> anyhow::Result<experient::experience::traffic::Traffic> {
+    experient::experience::traffic::Traffic::open(
+        &models.experience_dir.join(".traffic"),
+        config.traffic.clone(),
+    )
+    .map_err(|e| anyhow::anyhow!("recorded traffic: {e}"))
 }
 
 fn run_serve(a: ServeArgs) -> anyhow::Result<()> {

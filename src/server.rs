@@ -208,6 +208,11 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         opts.config.responses.clone(),
     )
     .map_err(|e| anyhow::anyhow!("stored responses: {e}"))?;
+    let traffic = crate::experience::traffic::Traffic::open(
+        &opts.experience_dir.join(".traffic"),
+        opts.config.traffic.clone(),
+    )
+    .map_err(|e| anyhow::anyhow!("recorded traffic: {e}"))?;
 
     let shutting_down = Arc::new(AtomicBool::new(false));
     let state = AppState::new(api::Shared {
@@ -228,6 +233,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         methods: Arc::new(opts.config.methods.clone()),
         bounds: Arc::new(opts.config.bounds.clone()),
         responses: Arc::new(responses),
+        traffic: Arc::new(traffic),
     });
     let app = api::app(
         state,

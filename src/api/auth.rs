@@ -78,10 +78,13 @@ impl Keys {
     }
 }
 
-fn is_admin_route(path: &str) -> bool {
+/// Libraries and jobs are administered; feedback may be given with a user key (applications
+/// send it) but only read with an admin key (it holds what users asked).
+fn is_admin_route(method: &axum::http::Method, path: &str) -> bool {
     ["/v1/libraries", "/v1/jobs"]
         .iter()
         .any(|p| path == *p || path.starts_with(&format!("{p}/")))
+        || (path == "/v1/feedback" && method != axum::http::Method::POST)
 }
 
 pub async fn check(State(s): State<AppState>, req: Request, next: Next) -> Response {
@@ -109,7 +112,7 @@ pub async fn check(State(s): State<AppState>, req: Request, next: Next) -> Respo
         }
         Some(k) => s.keys.identify(k),
     };
-    match (who, is_admin_route(path)) {
+    match (who, is_admin_route(req.method(), path)) {
         (Who::Nobody, _) => Error::Unauthorized("invalid API key".into()).into_response(),
         (Who::User, true) => Error::Forbidden(
             "this route needs an admin key (libraries and jobs are administered with admin keys)"

@@ -33,6 +33,7 @@ pub async fn chat_completions(
     let model_label = route.model.clone();
     let ctx = method_context(&state);
     let id = wire::completion_id();
+    let rec = super::feedback::recording(&state, &route, &id, "chat.completions", &v.chat.messages);
     let output = methods::run(&ctx, route, v.chat, &opts).await?;
     let applied_header = applied_header(&output.applied);
 
@@ -48,6 +49,11 @@ pub async fn chat_completions(
         count_tokens(&model_label, done.usage);
         let mut applied = output.applied;
         applied.trace = done.trace;
+        if let (Some(rec), Some(c)) = (rec, done.choices.first()) {
+            let answer = super::feedback::answer_text(&c.text, &c.tool_calls);
+            let used = applied.experiences.clone();
+            let _ = tokio::task::spawn_blocking(move || rec.keep(answer, used)).await;
+        }
         let body = json!({
             "id": id,
             "object": "chat.completion",
@@ -63,8 +69,10 @@ pub async fn chat_completions(
         return Ok(resp);
     }
 
+    let events =
+        super::feedback::record_stream(output.events, rec, output.applied.experiences.clone());
     let frames = chunks(
-        output.events,
+        events,
         Head { id, model: v.model },
         n,
         v.include_usage,

@@ -47,9 +47,12 @@ struct Source {
     validation_size: usize,
     /// The id of an earlier run of this library to continue.
     resume: Option<String>,
+    /// "traffic": learn from the library's recorded completions that have feedback.
+    source: Option<String>,
 }
 
-const SOURCE_FIELDS: [&str; 8] = [
+const SOURCE_FIELDS: [&str; 9] = [
+    "source",
     "tasks",
     "dataset",
     "validation",
@@ -65,6 +68,7 @@ fn tasks(list: Vec<TaskBody>) -> Vec<Task> {
         .map(|t| Task {
             question: t.question,
             answer: t.answer,
+            origin: None,
         })
         .collect()
 }
@@ -94,6 +98,20 @@ pub(super) async fn start(
         }
     }
     fields.insert("library".into(), json!(name));
+    let from_traffic = match src.source.as_deref() {
+        None | Some("tasks") => false,
+        Some("traffic") => true,
+        Some(other) => {
+            return Err(Error::invalid(
+                format!("source must be \"traffic\" (or left out, with tasks or a dataset), got \"{other}\""),
+                "source",
+            ))
+        }
+    };
+    if from_traffic && !fields.contains_key("verifier") {
+        // Traffic has no rule to check answers by; a judge compares them with the reference.
+        fields.insert("verifier".into(), json!("judge"));
+    }
     let options: LearnOptions = parse_json(&serde_json::to_vec(&fields).map_err(Error::internal)?)?;
     options.check(&s.bounds)?;
     // Unknown models are refused now rather than failing the job later.
@@ -140,6 +158,7 @@ pub(super) async fn start(
         run
     } else {
         let mut data = match (src.tasks, &src.dataset) {
+            _ if from_traffic => traffic_data(&s, &name).await?,
             (Some(t), None) => Dataset::from_tasks("inline", tasks(t)),
             (None, Some(path)) => {
                 let path = std::path::PathBuf::from(path);
@@ -185,6 +204,76 @@ pub(super) async fn start(
     };
     let job = s.jobs.start(ctx, s.router.clone(), run)?;
     Ok((StatusCode::ACCEPTED, Json(job.view())).into_response())
+}
+
+/// The library's scored traffic as a data set; a 400 when there is none to learn from.
+async fn traffic_data(s: &AppState, library: &str) -> Result<Dataset> {
+    let (traffic, l) = (s.traffic.clone(), library.to_owned());
+    let scored = tokio::task::spawn_blocking(move || traffic.scored(&l))
+        .await
+        .map_err(Error::internal)??;
+    if scored.is_empty() {
+        return Err(Error::invalid(
+            format!("library '{library}' has no recorded completions with feedback to learn from"),
+            "source",
+        ));
+    }
+    Ok(crate::learn::dataset::from_traffic(library, &scored))
+}
+
+/// Continuous learning: when `library` has `auto_learn` and at least `after` pieces of feedback
+/// arrived since its last automatic job, and it is not learning now, a job from its traffic
+/// starts, at the learning lane's priority like every job. Failures are logged; the feedback
+/// that triggered it was kept either way.
+pub(super) async fn auto_learn(s: &AppState, library: &str) {
+    let Ok(lib) = s.store.library(library) else {
+        return;
+    };
+    let Some(auto) = lib.settings().auto_learn else {
+        return;
+    };
+    if s.jobs.learning(library) {
+        return;
+    }
+    let since = s.traffic.last_auto(library);
+    let new = s
+        .traffic
+        .feedback(Some(library), since)
+        .map_or(0, |f| f.len());
+    if new < auto.after {
+        return;
+    }
+    if let Err(e) = start_auto(s, library, auto.model).await {
+        tracing::warn!(library, error = %e, "automatic learning from traffic did not start");
+    }
+}
+
+async fn start_auto(s: &AppState, library: &str, model: Option<String>) -> Result<()> {
+    let data = traffic_data(s, library).await?;
+    let model = match model {
+        Some(m) => m,
+        None => s.traffic.usual_model(library)?.ok_or_else(|| {
+            Error::invalid("no recorded traffic names a model", "auto_learn.model")
+        })?,
+    };
+    let options: LearnOptions =
+        serde_json::from_value(json!({"library": library, "model": model, "verifier": "judge"}))
+            .map_err(Error::internal)?;
+    options.check(&s.bounds)?;
+    s.router.resolve(&options.model, None, None)?;
+    let (runs_dir, bounds) = (s.jobs.runs_dir().to_owned(), s.bounds.clone());
+    let train = data.tasks.clone();
+    let run = tokio::task::spawn_blocking(move || {
+        Run::create(&runs_dir, options, &data, train, vec![], &bounds)
+    })
+    .await
+    .map_err(Error::internal)??;
+    let job = s
+        .jobs
+        .start(super::chat::method_context(s), s.router.clone(), run)?;
+    s.traffic.set_last_auto(library, chrono::Utc::now())?;
+    tracing::info!(library, job = %job.id, "started learning from traffic");
+    Ok(())
 }
 
 #[utoipa::path(get, path = "/v1/jobs", tag = "jobs", responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope)))]

@@ -142,6 +142,11 @@ pub(super) async fn delete_library(
 ) -> Result<Json<Value>> {
     let n = name.clone();
     blocking(&s.store, move |st| st.delete(&n)).await?;
+    // Its recorded traffic and feedback go with it: user data outlives nothing it served.
+    let (traffic, n) = (s.traffic.clone(), name.clone());
+    tokio::task::spawn_blocking(move || traffic.purge(&n))
+        .await
+        .map_err(crate::error::Error::internal)??;
     Ok(Json(
         json!({"id": name, "object": "library.deleted", "deleted": true}),
     ))

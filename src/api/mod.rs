@@ -4,6 +4,7 @@ pub mod auth;
 pub mod chat;
 pub mod completions;
 pub mod error;
+pub mod feedback;
 pub mod jobs;
 pub mod libraries;
 pub mod listen;
@@ -61,6 +62,8 @@ pub struct Shared {
     pub bounds: Arc<crate::config::Bounds>,
     /// Responses API objects kept for `previous_response_id` and `GET /v1/responses/{id}`.
     pub responses: Arc<crate::response_store::ResponseStore>,
+    /// Recorded completions and the feedback on them.
+    pub traffic: Arc<crate::experience::traffic::Traffic>,
 }
 
 pub struct AppSettings {
@@ -72,6 +75,7 @@ pub fn app(state: AppState, settings: &AppSettings) -> axum::Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .merge(responses::routes())
+        .merge(feedback::routes())
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
         .route("/health", get(health))

@@ -45,6 +45,9 @@ impl Modify for BearerKeys {
     paths(
         super::chat::chat_completions,
         super::completions::completions,
+        super::feedback::create,
+        super::feedback::list,
+        super::feedback::purge,
         super::responses::create,
         super::responses::retrieve,
         super::responses::delete,

@@ -487,6 +487,25 @@ fn hex_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }
 
+/// The recorded answer of a response: its text, or its function calls as JSON.
+fn output_text(output: &[Value]) -> String {
+    let text: String = output
+        .iter()
+        .filter(|o| o["type"] == "message")
+        .flat_map(|o| o["content"].as_array().cloned().unwrap_or_default())
+        .filter_map(|c| c["text"].as_str().map(str::to_owned))
+        .collect();
+    let calls: Vec<&Value> = output
+        .iter()
+        .filter(|o| o["type"] == "function_call")
+        .collect();
+    if text.is_empty() && !calls.is_empty() {
+        json!(calls).to_string()
+    } else {
+        text
+    }
+}
+
 fn message_item(id: &str, text: &str, status: &str) -> Value {
     json!({
         "id": id, "type": "message", "status": status, "role": "assistant",
@@ -515,12 +534,14 @@ pub(super) async fn create(
     let opts = super::chat::method_options(&state, &p.options)?;
     let ctx = super::chat::method_context(&state);
     let id = hex_id("resp");
+    let rec = super::feedback::recording(&state, &route, &id, "responses", &p.chat.messages);
     let output = methods::run(&ctx, route, p.chat.clone(), &opts).await?;
     let turn = Turn {
         id,
         created: wire::now_secs(),
         state: state.clone(),
         plan: p,
+        rec: parking_lot::Mutex::new(rec),
     };
     if !turn.plan.stream {
         let done = tokio::time::timeout(state.request_timeout, backend::collect(output.events, 1))
@@ -563,6 +584,8 @@ struct Turn {
     created: u64,
     state: AppState,
     plan: Plan,
+    /// Taken when the response is finished, if its library records.
+    rec: parking_lot::Mutex<Option<super::feedback::Recording>>,
 }
 
 impl Turn {
@@ -612,6 +635,9 @@ impl Turn {
         applied: &Applied,
     ) -> Result<Value> {
         let body = self.object(status, output, usage, applied);
+        if let Some(rec) = self.rec.lock().take() {
+            rec.keep(output_text(output), applied.experiences.clone());
+        }
         if self.plan.store {
             let record =
                 json!({"response": body, "input": self.plan.input, "history": self.plan.history});

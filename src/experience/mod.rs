@@ -11,6 +11,7 @@
 mod index;
 mod library;
 mod store;
+pub mod traffic;
 
 pub use library::{write_atomic, Change, Diff, Library, Op, Version, VersionSummary};
 pub use store::{SearchHit, Store, StoreOptions};
@@ -38,6 +39,10 @@ pub struct Provenance {
     pub step: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// What the learning step learned from, when it was recorded traffic: the served
+    /// completions (`chatcmpl-...`, `resp_...`) and the feedback (`fb_...`) on them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,6 +70,24 @@ pub struct Settings {
     pub inject: Inject,
     #[serde(default = "default_top_k")]
     pub top_k: usize,
+    /// Keep every completion served with this library, so feedback can be given on it and
+    /// learned from (`.traffic/`; user data, see README).
+    #[serde(default)]
+    pub record: bool,
+    /// Learn from traffic by itself once this much new feedback has arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_learn: Option<AutoLearn>,
+}
+
+/// Continuous learning from feedback: a job (`"source": "traffic"`) starts once `after` new
+/// pieces of feedback have arrived since the last one, at most one at a time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AutoLearn {
+    pub after: usize,
+    /// The model to learn with; the model most of the recorded traffic used when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 fn default_top_k() -> usize {
@@ -81,6 +104,14 @@ impl Settings {
                 param: Some("top_k".into()),
             });
         }
+        if let Some(a) = &self.auto_learn {
+            if a.after == 0 || a.after > 100_000 {
+                return Err(Error::InvalidRequest {
+                    message: "auto_learn.after must be from 1 to 100000".into(),
+                    param: Some("auto_learn.after".into()),
+                });
+            }
+        }
         Ok(())
     }
 }
@@ -90,6 +121,8 @@ impl Default for Settings {
         Settings {
             inject: Inject::default(),
             top_k: default_top_k(),
+            record: false,
+            auto_learn: None,
         }
     }
 }

@@ -12,6 +12,9 @@ pub struct Task {
     pub question: String,
     /// The reference answer as the verifier reads it.
     pub answer: String,
+    /// Where the task came from, when it is not a data set's: recorded traffic names the
+    /// completion and the feedback (`chatcmpl-... fb_...`), and learned experiences cite it.
+    pub origin: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -66,6 +69,7 @@ impl Dataset {
                                     format!("{}: examples[{i}].target", path.display())
                                 })?
                                 .to_owned(),
+                            origin: None,
                         })
                     })
                     .collect::<anyhow::Result<Vec<_>>>()?;
@@ -90,6 +94,7 @@ impl Dataset {
                 Ok(Task {
                     question: question.to_owned(),
                     answer: answer.to_owned(),
+                    origin: None,
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -141,5 +146,60 @@ impl Dataset {
             let j = (next() % (i as u64 + 1)) as usize;
             self.tasks.swap(i, j);
         }
+    }
+}
+
+/// Tasks from recorded traffic and the feedback on it: the question is the conversation the
+/// client sent, and the reference is what the person said is right: `expected` when given;
+/// otherwise the served answer itself when it was marked good, or, when it was marked bad, a
+/// description a judge can grade against. Each task's origin names the completion and the
+/// feedback, so that what is learned from it cites them.
+pub fn from_traffic(
+    library: &str,
+    scored: &[(
+        crate::experience::traffic::Record,
+        crate::experience::traffic::Feedback,
+    )],
+) -> Dataset {
+    let tasks = scored
+        .iter()
+        .map(|(r, f)| {
+            let answer = match (&f.expected, f.score >= 0.5) {
+                (Some(e), _) => e.clone(),
+                (None, true) => r.answer.clone(),
+                (None, false) => format!(
+                    "Not known. A person marked this answer as wrong{}: {}",
+                    f.comment
+                        .as_deref()
+                        .map(|c| format!(" ({c})"))
+                        .unwrap_or_default(),
+                    r.answer
+                ),
+            };
+            Task {
+                question: conversation(&r.messages),
+                answer,
+                origin: Some(format!("{} {}", r.id, f.id)),
+            }
+        })
+        .collect();
+    let mut data = Dataset::from_tasks(&format!("traffic:{library}"), tasks);
+    if !matches!(data.verifier, Verifier::Numeric) {
+        data.instruction = "Answer the user's request.".into();
+    }
+    data
+}
+
+/// A recorded conversation as one question: a lone user message as it is, a longer one as a
+/// transcript that ends with the last turn.
+fn conversation(messages: &[serde_json::Value]) -> String {
+    let text = |m: &serde_json::Value| m["content"].as_str().unwrap_or_default().to_owned();
+    match messages {
+        [one] => text(one),
+        many => many
+            .iter()
+            .map(|m| format!("{}: {}", m["role"].as_str().unwrap_or("user"), text(m)))
+            .collect::<Vec<_>>()
+            .join("\n"),
     }
 }

@@ -239,7 +239,7 @@ fn write_tasks(path: &Path, tasks: &[Task]) -> Result<()> {
     for t in tasks {
         text.push_str(
             &serde_json::to_string(
-                &serde_json::json!({"question": t.question, "answer": t.answer}),
+                &serde_json::json!({"question": t.question, "answer": t.answer, "origin": t.origin}),
             )
             .map_err(Error::internal)?,
         );
@@ -258,6 +258,7 @@ fn read_tasks(path: &Path) -> Result<Vec<Task>> {
             Ok(Task {
                 question: v["question"].as_str().unwrap_or_default().to_owned(),
                 answer: v["answer"].as_str().unwrap_or_default().to_owned(),
+                origin: v["origin"].as_str().map(str::to_owned),
             })
         })
         .collect()
@@ -352,6 +353,7 @@ impl Run {
                 .map(|i| Task {
                     question: i.to_string(),
                     answer: String::new(),
+                    origin: None,
                 })
                 .collect(),
             verifier: Verifier::Exact,
@@ -756,7 +758,14 @@ impl Learner<'_> {
             self.progress.phase(step, "consolidating");
             let c = self.consolidate(proposals, &snapshot).await?;
             write_json(&dir.join("consolidation.json"), &c)?;
-            let changes = ops::to_changes(&c.result, &self.run.info.id, step, &o.tags);
+            // Traffic tasks cite what they came from: every group that proposed something.
+            let sources: Vec<String> = records
+                .iter()
+                .filter(|g| !g.proposals.is_empty())
+                .filter_map(|g| self.run.tasks[g.task].origin.clone())
+                .flat_map(|o| o.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+                .collect();
+            let changes = ops::to_changes(&c.result, &self.run.info.id, step, &o.tags, &sources);
             if !changes.is_empty() {
                 let store = self.ctx.store.clone();
                 let (library, message) = (o.library.clone(), message.clone());

@@ -102,6 +102,14 @@ impl Jobs {
         }
     }
 
+    /// Whether a job is running for `library` now.
+    pub fn learning(&self, library: &str) -> bool {
+        self.jobs
+            .lock()
+            .values()
+            .any(|j| j.library == library && j.status() == Status::Running)
+    }
+
     pub fn runs_dir(&self) -> &Path {
         &self.runs_dir
     }

@@ -321,7 +321,13 @@ pub fn similarity(a: &str, b: &str) -> f64 {
 }
 
 /// The store changes for merged proposals, each new experience tagged with where it came from.
-pub fn to_changes(proposals: &[Proposal], run: &str, step: u64, tags: &[String]) -> Vec<Change> {
+pub fn to_changes(
+    proposals: &[Proposal],
+    run: &str,
+    step: u64,
+    tags: &[String],
+    sources: &[String],
+) -> Vec<Change> {
     proposals
         .iter()
         .filter_map(|p| match p.op {
@@ -333,6 +339,7 @@ pub fn to_changes(proposals: &[Proposal], run: &str, step: u64, tags: &[String])
                     run: Some(run.to_owned()),
                     step: Some(step),
                     note: None,
+                    sources: sources.to_vec(),
                 },
             }),
             Kind::Update => Some(Change::Update {
@@ -484,7 +491,7 @@ mod tests {
                 "ADD: Reread: check the question again before answering."
             ]
         );
-        let changes = to_changes(&merged, "run-1", 3, &[]);
+        let changes = to_changes(&merged, "run-1", 3, &[], &[]);
         assert!(matches!(&changes[0], Change::Delete { id } if id == "E1"));
         assert!(
             matches!(&changes[2], Change::Add { provenance, source: Source::Learned, .. } if provenance.step == Some(3))

@@ -1,0 +1,398 @@
+//! Recorded traffic and the feedback people give on it: the raw material for learning a
+//! library from what it actually serves.
+//!
+//! Each library that records (its `record` setting, or `[traffic] record_all`) gets a folder in
+//! `.traffic/` inside the experience directory, where no library name can be: `records.jsonl`
+//! holds one served completion per line (its response id, model, messages, answer, the
+//! experiences used and the time) and `feedback.jsonl` the feedback on them. Both are
+//! append-only journals, each bounded: when one passes half of `max_bytes` it becomes
+//! `*.old.jsonl` (the previous old one is dropped), so a library's traffic never takes more than
+//! `max_bytes` on disk, and lines older than `max_age_days` are not read. A torn last line (a
+//! crash mid-write) is skipped. This is user data: README says how to turn recording off and
+//! purge it (`DELETE /v1/libraries/{name}/traffic`).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// `[traffic]` in the configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrafficConfig {
+    /// Record every completion served with a library, whatever the library's own setting.
+    pub record_all: bool,
+    /// Most bytes one library's records and feedback may take on disk together.
+    pub max_bytes: u64,
+    /// Records and feedback older than this are dropped, in days.
+    pub max_age_days: u64,
+}
+
+impl Default for TrafficConfig {
+    fn default() -> Self {
+        TrafficConfig {
+            record_all: false,
+            max_bytes: 64 << 20,
+            max_age_days: 30,
+        }
+    }
+}
+
+/// One served completion.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Record {
+    /// The id the client saw (`chatcmpl-...` or `resp_...`).
+    pub id: String,
+    pub created: DateTime<Utc>,
+    pub library: String,
+    pub model: String,
+    /// `chat.completions` or `responses`.
+    pub api: String,
+    /// The conversation as the client sent it: `{"role", "content"}` objects.
+    pub messages: Vec<serde_json::Value>,
+    /// The first choice's text (or its tool calls, as JSON).
+    pub answer: String,
+    /// The experiences injected.
+    pub experiences: Vec<String>,
+}
+
+/// What a person said about one served completion.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Feedback {
+    pub id: String,
+    pub object: String,
+    /// The completion it is about.
+    pub response_id: String,
+    pub library: String,
+    pub created: DateTime<Utc>,
+    /// 0 (wrong) to 1 (right); a label "good" is 1 and "bad" is 0.
+    pub score: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    /// The right answer, when the person gave it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected: Option<String>,
+}
+
+pub struct Traffic {
+    dir: PathBuf,
+    config: TrafficConfig,
+    /// Response id -> library, for the records kept; feedback names only the response.
+    index: Mutex<HashMap<String, String>>,
+    /// Appends to one library's journals are serialised.
+    writing: Mutex<()>,
+}
+
+const RECORDS: &str = "records";
+const FEEDBACK: &str = "feedback";
+
+impl Traffic {
+    /// Opens (creating) the traffic folder and indexes the records it holds.
+    pub fn open(dir: &Path, config: TrafficConfig) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let t = Traffic {
+            dir: dir.to_owned(),
+            config,
+            index: Mutex::new(HashMap::new()),
+            writing: Mutex::new(()),
+        };
+        for entry in std::fs::read_dir(dir)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if super::validate_library_name(&name).is_err() {
+                continue;
+            }
+            for r in t.read::<Record>(&name, RECORDS)? {
+                t.index.lock().insert(r.id, name.clone());
+            }
+        }
+        Ok(t)
+    }
+
+    pub fn config(&self) -> &TrafficConfig {
+        &self.config
+    }
+
+    fn journal(&self, library: &str, kind: &str, old: bool) -> PathBuf {
+        let suffix = if old { ".old.jsonl" } else { ".jsonl" };
+        self.dir.join(library).join(format!("{kind}{suffix}"))
+    }
+
+    /// Appends one line, rotating first when the journal has passed its half of the bound.
+    fn append(&self, library: &str, kind: &str, value: &impl Serialize) -> Result<()> {
+        let mut line = serde_json::to_vec(value).map_err(Error::internal)?;
+        line.push(b'\n');
+        let _guard = self.writing.lock();
+        std::fs::create_dir_all(self.dir.join(library))?;
+        let path = self.journal(library, kind, false);
+        let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+        // Records and feedback share the library's bound: a quarter each for current and old.
+        if size + line.len() as u64 > self.config.max_bytes / 4 {
+            if kind == RECORDS {
+                // The old journal is about to be dropped: its records leave the index.
+                let dropped = self.read_file::<Record>(&self.journal(library, kind, true));
+                let kept: std::collections::HashSet<String> = self
+                    .read_file::<Record>(&path)
+                    .into_iter()
+                    .map(|r| r.id)
+                    .collect();
+                let mut index = self.index.lock();
+                for r in dropped.into_iter().filter(|r| !kept.contains(&r.id)) {
+                    index.remove(&r.id);
+                }
+            }
+            std::fs::rename(&path, self.journal(library, kind, true)).or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })?;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        f.write_all(&line)?;
+        f.sync_data()?;
+        Ok(())
+    }
+
+    fn read_file<T: serde::de::DeserializeOwned>(&self, path: &Path) -> Vec<T> {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return vec![];
+        };
+        text.lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// A journal's entries, oldest first (the old file, then the current one).
+    fn read<T: serde::de::DeserializeOwned>(&self, library: &str, kind: &str) -> Result<Vec<T>> {
+        let mut out = self.read_file(&self.journal(library, kind, true));
+        out.extend(self.read_file(&self.journal(library, kind, false)));
+        Ok(out)
+    }
+
+    fn fresh(&self, t: DateTime<Utc>) -> bool {
+        let age = chrono::Duration::days(self.config.max_age_days.min(36_500) as i64);
+        t >= Utc::now() - age
+    }
+
+    /// Keeps a served completion.
+    pub fn record(&self, r: &Record) -> Result<()> {
+        self.append(&r.library, RECORDS, r)?;
+        self.index.lock().insert(r.id.clone(), r.library.clone());
+        Ok(())
+    }
+
+    /// The kept records of a library, oldest first.
+    pub fn records(&self, library: &str) -> Result<Vec<Record>> {
+        Ok(self
+            .read::<Record>(library, RECORDS)?
+            .into_iter()
+            .filter(|r| self.fresh(r.created))
+            .collect())
+    }
+
+    /// Stores feedback on a recorded completion; `NotFound` when no record has that id.
+    pub fn add_feedback(
+        &self,
+        response_id: &str,
+        score: f64,
+        label: Option<String>,
+        comment: Option<String>,
+        expected: Option<String>,
+    ) -> Result<Feedback> {
+        let library = self.index.lock().get(response_id).cloned().ok_or_else(|| {
+            Error::NotFound {
+                message: format!(
+                    "no recorded completion '{response_id}': only completions served with a recording library are kept"
+                ),
+                param: Some("id".into()),
+            }
+        })?;
+        let fb = Feedback {
+            id: format!("fb_{}", uuid::Uuid::new_v4().simple()),
+            object: "feedback".into(),
+            response_id: response_id.to_owned(),
+            library: library.clone(),
+            created: Utc::now(),
+            score,
+            label,
+            comment,
+            expected,
+        };
+        self.append(&library, FEEDBACK, &fb)?;
+        Ok(fb)
+    }
+
+    /// Feedback, oldest first: of one library or all, since a time.
+    pub fn feedback(
+        &self,
+        library: Option<&str>,
+        since: Option<DateTime<Utc>>,
+    ) -> Result<Vec<Feedback>> {
+        let libraries: Vec<String> = match library {
+            Some(l) => vec![l.to_owned()],
+            None => {
+                let mut v: Vec<String> = self.index.lock().values().cloned().collect();
+                v.sort();
+                v.dedup();
+                v
+            }
+        };
+        let mut out = Vec::new();
+        for l in libraries {
+            out.extend(
+                self.read::<Feedback>(&l, FEEDBACK)?
+                    .into_iter()
+                    .filter(|f| self.fresh(f.created))
+                    .filter(|f| since.is_none_or(|s| f.created > s)),
+            );
+        }
+        out.sort_by_key(|f| f.created);
+        Ok(out)
+    }
+
+    /// Each record that has feedback, with its latest feedback, oldest first.
+    pub fn scored(&self, library: &str) -> Result<Vec<(Record, Feedback)>> {
+        let mut latest: HashMap<String, Feedback> = HashMap::new();
+        for f in self.feedback(Some(library), None)? {
+            latest.insert(f.response_id.clone(), f);
+        }
+        Ok(self
+            .records(library)?
+            .into_iter()
+            .filter_map(|r| latest.remove(&r.id).map(|f| (r, f)))
+            .collect())
+    }
+
+    /// When the last automatic learning job from this library's traffic started.
+    pub fn last_auto(&self, library: &str) -> Option<DateTime<Utc>> {
+        let text = std::fs::read_to_string(self.dir.join(library).join("auto.json")).ok()?;
+        serde_json::from_str::<serde_json::Value>(&text).ok()?["started"]
+            .as_str()?
+            .parse()
+            .ok()
+    }
+
+    pub fn set_last_auto(&self, library: &str, t: DateTime<Utc>) -> Result<()> {
+        let dir = self.dir.join(library);
+        std::fs::create_dir_all(&dir)?;
+        let body = serde_json::json!({"started": t.to_rfc3339()}).to_string();
+        super::write_atomic(&dir.join("auto.json"), body.as_bytes())
+    }
+
+    /// The model most of a library's recorded completions were served by.
+    pub fn usual_model(&self, library: &str) -> Result<Option<String>> {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for r in self.records(library)? {
+            *counts.entry(r.model).or_default() += 1;
+        }
+        Ok(counts
+            .into_iter()
+            .max_by_key(|(m, n)| (*n, m.clone()))
+            .map(|(m, _)| m))
+    }
+
+    /// Removes everything kept for a library.
+    pub fn purge(&self, library: &str) -> Result<()> {
+        let _guard = self.writing.lock();
+        self.index.lock().retain(|_, l| l != library);
+        match std::fs::remove_dir_all(self.dir.join(library)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn record(id: &str, library: &str) -> Record {
+        Record {
+            id: id.into(),
+            created: Utc::now(),
+            library: library.into(),
+            model: "m".into(),
+            api: "chat.completions".into(),
+            messages: vec![json!({"role": "user", "content": "2+2?"})],
+            answer: "4".into(),
+            experiences: vec!["E1".into()],
+        }
+    }
+
+    #[test]
+    fn feedback_finds_its_record_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Traffic::open(dir.path(), TrafficConfig::default()).unwrap();
+        t.record(&record("chatcmpl-1", "math")).unwrap();
+        t.record(&record("chatcmpl-2", "math")).unwrap();
+        assert!(matches!(
+            t.add_feedback("chatcmpl-9", 1.0, None, None, None),
+            Err(Error::NotFound { .. })
+        ));
+        t.add_feedback("chatcmpl-1", 0.0, Some("bad".into()), None, None)
+            .unwrap();
+        t.add_feedback("chatcmpl-1", 1.0, None, None, Some("4".into()))
+            .unwrap();
+        // The latest feedback on each record counts; records without any are left out.
+        let scored = t.scored("math").unwrap();
+        assert_eq!(scored.len(), 1);
+        assert_eq!(
+            (scored[0].0.id.as_str(), scored[0].1.score),
+            ("chatcmpl-1", 1.0)
+        );
+        // A torn last line is skipped, and the index is rebuilt from the files.
+        let path = dir.path().join("math/records.jsonl");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(b"{\"id\": \"chatcm").unwrap();
+        let again = Traffic::open(dir.path(), TrafficConfig::default()).unwrap();
+        assert_eq!(again.records("math").unwrap().len(), 2);
+        assert!(again
+            .add_feedback("chatcmpl-2", 0.5, None, None, None)
+            .is_ok());
+        assert_eq!(again.feedback(None, None).unwrap().len(), 3);
+        again.purge("math").unwrap();
+        assert!(again.records("math").unwrap().is_empty());
+        assert!(again
+            .add_feedback("chatcmpl-2", 0.5, None, None, None)
+            .is_err());
+    }
+
+    #[test]
+    fn the_journals_stay_within_their_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = TrafficConfig {
+            max_bytes: 4_000,
+            ..Default::default()
+        };
+        let t = Traffic::open(dir.path(), config).unwrap();
+        for i in 0..100 {
+            t.record(&record(&format!("chatcmpl-{i}"), "math")).unwrap();
+        }
+        let size: u64 = std::fs::read_dir(dir.path().join("math"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(size <= 2_000, "records take at most half the bound: {size}");
+        // The newest are kept, and only kept records take feedback.
+        let kept = t.records("math").unwrap();
+        assert_eq!(kept.last().unwrap().id, "chatcmpl-99");
+        assert!(t.add_feedback("chatcmpl-0", 1.0, None, None, None).is_err());
+        assert!(t.add_feedback("chatcmpl-99", 1.0, None, None, None).is_ok());
+    }
+}
