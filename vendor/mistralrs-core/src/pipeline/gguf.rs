@@ -402,9 +402,18 @@ impl Loader for GGUFLoader {
 
         // TODO: PagedAttention is not supported with CPU for now.
         // This check is not really necessary because `get_device_layers` should prevent it.
-        let mapping_uses_cpu = mapper.get_unique_devices().iter().any(Device::is_cpu);
+        // experient: say what is true, and only when PagedAttention was asked for. On a
+        // CPU-only machine the mapping is all CPU, not "a mix of GPU and CPU".
+        let devices = mapper.get_unique_devices();
+        let mapping_uses_cpu = devices.iter().any(Device::is_cpu);
         if mapping_uses_cpu {
-            warn!("Device mapping contains a mix of GPU and CPU. There is no CPU support for PagedAttention, disabling PagedAttention.");
+            if paged_attn_config.is_some() {
+                if devices.iter().all(Device::is_cpu) {
+                    info!("The model runs on the CPU; PagedAttention needs a GPU, so it is off.");
+                } else {
+                    warn!("Some layers are mapped to the CPU, which PagedAttention does not support; PagedAttention is off.");
+                }
+            }
             paged_attn_config = None;
         }
 
