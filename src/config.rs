@@ -59,6 +59,8 @@ pub struct Bounds {
     pub max_plan_rounds: u32,
     /// Most learning jobs running at once across the server (one per library at most).
     pub max_jobs: usize,
+    /// Most prompts in one legacy completion request (`prompt` as a list).
+    pub max_prompts: usize,
 }
 
 impl Default for Bounds {
@@ -76,6 +78,7 @@ impl Default for Bounds {
             max_plan_instances: 1000,
             max_plan_rounds: 16,
             max_jobs: 4,
+            max_prompts: 64,
         }
     }
 }
@@ -94,6 +97,7 @@ impl Bounds {
             ("max_plan_instances", self.max_plan_instances as u64),
             ("max_plan_rounds", u64::from(self.max_plan_rounds)),
             ("max_jobs", self.max_jobs as u64),
+            ("max_prompts", self.max_prompts as u64),
         ] {
             if v == 0 {
                 anyhow::bail!("bounds.{key}: must be at least 1");
@@ -112,6 +116,7 @@ impl Bounds {
                 1_000_000,
             ),
             ("max_plan_rounds", u64::from(self.max_plan_rounds), 1000),
+            ("max_prompts", self.max_prompts as u64, 100_000),
         ];
         for (key, v, ceiling) in ceilings {
             if v > ceiling {

@@ -2,8 +2,9 @@
 //! and `GET`/`DELETE /v1/responses/{id}` find it.
 //!
 //! One JSON file per response in a directory (by default `.responses/` inside the experience
-//! directory, where no library name can be), written to a temporary name and renamed, so that a
-//! crash leaves the old state or the new, never half a file. What is kept is bounded by count,
+//! directory, where no library name can be), written as every stored file is
+//! (`experience::write_atomic`: a temporary file, synced, renamed), so that a crash leaves the
+//! old state or the new, never half a file. What is kept is bounded by count,
 //! total size and age (`[responses]`); the oldest go first. Each record holds the response as
 //! the client saw it and the whole conversation up to it, so that a continuation needs one read
 //! and keeps every function-call item of every earlier turn.
@@ -69,7 +70,8 @@ impl ResponseStore {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let Some(id) = name.strip_suffix(".json").filter(|id| valid_id(id)) else {
-                if name.ends_with(".tmp") {
+                // A write cut off by a crash leaves write_atomic's temporary file.
+                if name.starts_with('.') && name.contains(".tmp-") {
                     let _ = std::fs::remove_file(entry.path());
                 }
                 continue;
@@ -97,9 +99,7 @@ impl ResponseStore {
             return Err(Error::Internal(format!("not a response id: {id}")));
         }
         let bytes = serde_json::to_vec(record).map_err(|e| Error::Internal(e.to_string()))?;
-        let tmp = self.dir.join(format!("{id}.tmp"));
-        std::fs::write(&tmp, &bytes)?;
-        std::fs::rename(&tmp, self.path(id))?;
+        crate::experience::write_atomic(&self.path(id), &bytes)?;
         self.index.lock().insert(
             (nanos(SystemTime::now()), id.to_owned()),
             bytes.len() as u64,
@@ -203,10 +203,11 @@ mod tests {
             assert!(store.put(bad, &json!({})).is_err());
         }
         // Reopened, the index is rebuilt from the files and a torn temporary file is removed.
-        std::fs::write(dir.path().join(format!("{}.tmp", id(9))), b"{").unwrap();
+        let torn = dir.path().join(format!(".{}.json.tmp-7", id(9)));
+        std::fs::write(&torn, b"{").unwrap();
         let again = ResponseStore::open(dir.path(), config).unwrap();
         assert_eq!(again.get(&id(3)).unwrap(), Some(json!({"n": 3})));
-        assert!(!dir.path().join(format!("{}.tmp", id(9))).exists());
+        assert!(!torn.exists());
     }
 
     #[test]

@@ -437,13 +437,28 @@ async fn the_responses_api_answers_streams_calls_and_continues() {
         let got: Response = client.responses().retrieve_byot(&r.id).await.unwrap();
         assert_eq!(got.id, r.id);
         assert_eq!(got.output_text(), r.output_text());
-        let (s, _) = post(
+        // Its input items are kept with it.
+        let items = reqwest::get(server.url(&format!("/v1/responses/{}/input_items", r.id)))
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap();
+        assert_eq!(items["data"][0]["role"], "user", "{items}");
+        assert_eq!(items["data"][0]["content"], "Say hello.");
+        // With store false, nothing is kept.
+        let (s, unstored) = post(
             server,
             "/v1/responses",
             &json!({"model": model, "input": "x", "store": false, "max_output_tokens": 2}),
         )
         .await;
         assert_eq!(s, 200);
+        let url = server.url(&format!(
+            "/v1/responses/{}",
+            unstored["id"].as_str().unwrap()
+        ));
+        assert_eq!(reqwest::get(url).await.unwrap().status(), 404);
         let deleted = client.responses().delete(&r.id).await.unwrap();
         assert!(deleted.deleted);
         let gone = reqwest::get(server.url(&format!("/v1/responses/{}", r.id)))
@@ -575,6 +590,31 @@ async fn legacy_completions_plain_streamed_echoed_and_listed() {
             })
             .collect();
         assert_eq!(streamed, text);
+
+        // A list longer than the model's 8 generation slots runs prompt after prompt.
+        let prompts: Vec<String> = (0..10).map(|i| format!("{i} plus {i} is")).collect();
+        let body = json!({"model": model, "prompt": prompts, "max_tokens": 2, "temperature": 0});
+        let (status, v) = post(server, "/v1/completions", &body).await;
+        assert_eq!(status, 200, "{v}");
+        let idx: Vec<u64> = v["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["index"].as_u64().unwrap())
+            .collect();
+        assert_eq!(idx, (0..10).collect::<Vec<u64>>());
+        let too_many: Vec<&str> = vec!["x"; 65];
+        let (s, e) = post(
+            server,
+            "/v1/completions",
+            &json!({"model": model, "prompt": too_many}),
+        )
+        .await;
+        assert_eq!(
+            (s, e["error"]["param"].as_str()),
+            (400, Some("prompt")),
+            "{e}"
+        );
 
         // echo, a list of prompts with n, and logprobs.
         let body = json!({"model": model, "prompt": ["One, two,", "A, B,"], "n": 2, "max_tokens": 3, "temperature": 0, "echo": true});

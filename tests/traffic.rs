@@ -186,8 +186,18 @@ async fn feedback_on_served_answers_grows_the_library() {
     )
     .await;
     assert_eq!(few["data"].as_array().unwrap().len(), 2);
-    let (s, _) = call(&http, "GET", &url("/v1/feedback?since=yesterday"), None).await;
-    assert_eq!(s, 400);
+    for (query, param) in [
+        ("since=yesterday", "since"),
+        ("limit=lots", "limit"),
+        ("limit=0", "limit"),
+    ] {
+        let (s, e) = call(&http, "GET", &url(&format!("/v1/feedback?{query}")), None).await;
+        assert_eq!(
+            (s, e["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{query}: {e}"
+        );
+    }
 
     // Learning from the traffic: the ordinary loop, with the expected answers as references.
     let (s, job) = call(

@@ -171,21 +171,36 @@ pub async fn completions(
             "model",
         ));
     }
+    if v.prompts.len() > state.bounds.max_prompts {
+        return Err(Error::invalid(
+            format!(
+                "prompt may hold at most {} prompts",
+                state.bounds.max_prompts
+            ),
+            "prompt",
+        ));
+    }
     let n = v.sampling.n as usize;
     let ctx = super::chat::method_context(&state);
-    // Each prompt is its own generation; choice `j` of prompt `p` is choice `p * n + j`.
-    let mut streams = Vec::with_capacity(v.prompts.len());
-    for (p, prompt) in v.prompts.iter().enumerate() {
-        let request = ChatRequest {
-            raw_prompt: Some(prompt.clone()),
-            sampling: v.sampling.clone(),
-            user: v.user.clone(),
-            ..Default::default()
-        };
-        let out = methods::run(&ctx, route.clone(), request, &Default::default()).await?;
-        streams.push(reindex(out.events, (p * n) as u32));
-    }
-    let events = merge(streams);
+    let request = |prompt: &String| ChatRequest {
+        raw_prompt: Some(prompt.clone()),
+        sampling: v.sampling.clone(),
+        user: v.user.clone(),
+        ..Default::default()
+    };
+    // The first prompt starts now, so that what fails before any token (overload, a bad
+    // request) is the HTTP status; the rest run one after another as the stream goes on.
+    // Starting them all at once would hold every prompt's slots while the first is still
+    // unread, and a list longer than the model's slots would wait on itself.
+    let first = methods::run(
+        &ctx,
+        route.clone(),
+        request(&v.prompts[0]),
+        &Default::default(),
+    )
+    .await?;
+    let rest: Vec<ChatRequest> = v.prompts[1..].iter().map(request).collect();
+    let events = one_after_another(first.events, rest, n as u32, ctx, route);
     let total = n * v.prompts.len();
     let echoes: Vec<String> = (0..total)
         .map(|i| {
@@ -239,41 +254,56 @@ fn completion_id() -> String {
     format!("cmpl-{}", uuid::Uuid::new_v4().simple())
 }
 
-/// The events of one prompt's generation with its choices moved to start at `base`.
-fn reindex(events: EventStream, base: u32) -> EventStream {
-    events
-        .map(move |ev| {
-            ev.map(|e| match e {
-                Event::Delta { index, text } => Event::Delta {
-                    index: index + base,
-                    text,
-                },
-                Event::Finish { index, reason } => Event::Finish {
-                    index: index + base,
-                    reason,
-                },
-                Event::Logprobs { index, tokens } => Event::Logprobs {
-                    index: index + base,
-                    tokens,
-                },
-                other => other,
-            })
-        })
-        .boxed()
+/// An event of one prompt's generation with its choice moved up by `base`.
+fn reindex(event: Event, base: u32) -> Event {
+    match event {
+        Event::Delta { index, text } => Event::Delta {
+            index: index + base,
+            text,
+        },
+        Event::Finish { index, reason } => Event::Finish {
+            index: index + base,
+            reason,
+        },
+        Event::Logprobs { index, tokens } => Event::Logprobs {
+            index: index + base,
+            tokens,
+        },
+        other => other,
+    }
 }
 
-/// All prompts' events as one stream, with one usage at the end: their sum.
-fn merge(streams: Vec<EventStream>) -> EventStream {
-    let mut all = futures::stream::select_all(streams);
+/// The prompts' generations in order, each one's `n` choices after the previous one's, with
+/// one usage at the end: their sum. A later prompt's failure ends the stream with its error.
+fn one_after_another(
+    first: EventStream,
+    rest: Vec<ChatRequest>,
+    n: u32,
+    ctx: methods::Context,
+    route: crate::router::Route,
+) -> EventStream {
     async_stream::stream! {
         let mut usage = Usage::default();
-        while let Some(ev) = all.next().await {
-            match ev {
-                Ok(Event::Usage(u)) => {
-                    usage.prompt_tokens += u.prompt_tokens;
-                    usage.completion_tokens += u.completion_tokens;
+        let mut current = Some(first);
+        let mut rest = rest.into_iter();
+        let mut base = 0;
+        while let Some(mut events) = current.take() {
+            while let Some(ev) = events.next().await {
+                match ev {
+                    Ok(Event::Usage(u)) => {
+                        usage.prompt_tokens += u.prompt_tokens;
+                        usage.completion_tokens += u.completion_tokens;
+                    }
+                    Ok(e) => yield Ok(reindex(e, base)),
+                    Err(e) => { yield Err(e); return; }
                 }
-                other => yield other,
+            }
+            base += n;
+            if let Some(request) = rest.next() {
+                match methods::run(&ctx, route.clone(), request, &Default::default()).await {
+                    Ok(out) => current = Some(out.events),
+                    Err(e) => { yield Err(e); return; }
+                }
             }
         }
         yield Ok(Event::Usage(usage));

@@ -101,14 +101,15 @@ pub(super) async fn create(
     Ok((StatusCode::CREATED, Json(fb)).into_response())
 }
 
+/// Read as text, as the other list routes read theirs, so that a bad value gets the error
+/// envelope from here rather than axum's plain-text rejection.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct ListQuery {
     library: Option<String>,
     /// RFC 3339 time or seconds since the epoch: only feedback after it.
     since: Option<String>,
     /// The newest this many (default 100, at most 1000).
-    limit: Option<usize>,
+    limit: Option<String>,
 }
 
 fn parse_since(s: &str) -> Result<DateTime<Utc>> {
@@ -131,10 +132,14 @@ pub(super) async fn list(
     State(s): State<AppState>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<serde_json::Value>> {
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(Error::invalid("limit must be from 1 to 1000", "limit"));
-    }
+    let limit = match q.limit.as_deref() {
+        None => 100,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|k| (1..=1000).contains(k))
+            .ok_or_else(|| Error::invalid("limit must be a number from 1 to 1000", "limit"))?,
+    };
     if let Some(l) = &q.library {
         crate::experience::validate_library_name(l)?;
     }
