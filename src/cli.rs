@@ -53,6 +53,9 @@ pub enum ExperienceCommand {
         text: String,
         #[arg(long = "tag")]
         tags: Vec<String>,
+        /// Hold it as a proposal for review instead of committing it.
+        #[arg(long)]
+        review: bool,
     },
     /// Change an experience's text or tags.
     Edit {
@@ -63,9 +66,18 @@ pub enum ExperienceCommand {
         /// Replaces all tags; give it several times for several tags.
         #[arg(long = "tag")]
         tags: Option<Vec<String>>,
+        /// Hold it as a proposal for review instead of committing it.
+        #[arg(long)]
+        review: bool,
     },
     /// Delete an experience.
-    Rm { library: String, id: String },
+    Rm {
+        library: String,
+        id: String,
+        /// Hold it as a proposal for review instead of committing it.
+        #[arg(long)]
+        review: bool,
+    },
     /// Print the library as JSON (experient's format, or the GRPO reference's flat format).
     Export {
         library: String,
@@ -90,6 +102,34 @@ pub enum ExperienceCommand {
     },
     /// Make a new version equal to an old one.
     Rollback { library: String, version: u64 },
+    /// List the changes waiting for review (libraries with `review` on).
+    Proposals {
+        library: String,
+        #[arg(long, default_value = "pending", value_parser = ["pending", "approved", "rejected", "all"])]
+        status: String,
+    },
+    /// Approve proposals; all of them are committed together as one version.
+    Approve {
+        library: String,
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Recorded with the decision.
+        #[arg(long)]
+        reviewer: Option<String>,
+        /// Replace the proposed text (only when approving one proposal).
+        #[arg(long)]
+        text: Option<String>,
+    },
+    /// Reject proposals; the library does not change.
+    Reject {
+        library: String,
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[arg(long)]
+        reviewer: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 pub fn run(args: ExperienceArgs) -> anyhow::Result<()> {
@@ -129,16 +169,38 @@ fn run_on(store: &Store, command: ExperienceCommand) -> crate::Result<serde_json
             library,
             text,
             tags,
-        } => to_json(&store.add(&library, &text, tags)?),
+            review,
+        } => {
+            if review {
+                to_json(&store.propose_one(&library, store.add_change(&text, tags)?)?)
+            } else {
+                to_json(&store.add(&library, &text, tags)?)
+            }
+        }
         Edit {
             library,
             id,
             text,
             tags,
-        } => to_json(&store.edit(&library, &id, text, tags)?),
-        Rm { library, id } => {
-            store.remove(&library, &id)?;
-            json!({"id": id, "deleted": true})
+            review,
+        } => {
+            if review {
+                to_json(&store.propose_one(&library, store.edit_change(&id, text, tags)?)?)
+            } else {
+                to_json(&store.edit(&library, &id, text, tags)?)
+            }
+        }
+        Rm {
+            library,
+            id,
+            review,
+        } => {
+            if review {
+                to_json(&store.propose_one(&library, experience::Change::Delete { id })?)
+            } else {
+                store.remove(&library, &id)?;
+                json!({"id": id, "deleted": true})
+            }
         }
         Export { library, format } => {
             let l = store.library(&library)?;
@@ -177,6 +239,45 @@ fn run_on(store: &Store, command: ExperienceCommand) -> crate::Result<serde_json
             let v = store.rollback(&library, version)?;
             to_json(&experience::VersionSummary::from(&v))
         }
+        Proposals { library, status } => {
+            let all = store.library(&library)?.proposals();
+            to_json(
+                &all.into_iter()
+                    .filter(|p| status == "all" || to_json(&p.status) == json!(status))
+                    .collect::<Vec<_>>(),
+            )
+        }
+        Approve {
+            library,
+            ids,
+            reviewer,
+            text,
+        } => {
+            let mut edits = std::collections::BTreeMap::new();
+            if let Some(text) = text {
+                if ids.len() != 1 {
+                    return Err(crate::Error::invalid(
+                        "--text edits one proposal; approve the others separately",
+                        "text",
+                    ));
+                }
+                edits.insert(
+                    ids[0].clone(),
+                    experience::proposals::Edit {
+                        text: Some(text),
+                        tags: None,
+                    },
+                );
+            }
+            let v = store.approve(&library, &ids, &edits, reviewer)?;
+            to_json(&experience::VersionSummary::from(&v))
+        }
+        Reject {
+            library,
+            ids,
+            reviewer,
+            reason,
+        } => to_json(&store.reject(&library, &ids, reviewer, reason)?),
     })
 }
 

@@ -61,6 +61,8 @@ pub struct Bounds {
     pub max_jobs: usize,
     /// Most prompts in one legacy completion request (`prompt` as a list).
     pub max_prompts: usize,
+    /// Most pending proposals one library holds for review.
+    pub max_proposals: usize,
 }
 
 impl Default for Bounds {
@@ -79,6 +81,7 @@ impl Default for Bounds {
             max_plan_rounds: 16,
             max_jobs: 4,
             max_prompts: 64,
+            max_proposals: 1000,
         }
     }
 }
@@ -98,6 +101,7 @@ impl Bounds {
             ("max_plan_rounds", u64::from(self.max_plan_rounds)),
             ("max_jobs", self.max_jobs as u64),
             ("max_prompts", self.max_prompts as u64),
+            ("max_proposals", self.max_proposals as u64),
         ] {
             if v == 0 {
                 anyhow::bail!("bounds.{key}: must be at least 1");
@@ -117,6 +121,7 @@ impl Bounds {
             ),
             ("max_plan_rounds", u64::from(self.max_plan_rounds), 1000),
             ("max_prompts", self.max_prompts as u64, 100_000),
+            ("max_proposals", self.max_proposals as u64, 100_000),
         ];
         for (key, v, ceiling) in ceilings {
             if v > ceiling {

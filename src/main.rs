@@ -96,6 +96,7 @@ impl ModelArgs {
             &self.experience_dir,
             experient::experience::StoreOptions {
                 max_top_k: config.bounds.max_experiences,
+                max_proposals: config.bounds.max_proposals,
                 ..Default::default()
             },
         )

@@ -190,6 +190,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let store_dir = opts.experience_dir.clone();
     let store_options = StoreOptions {
         max_top_k: opts.config.bounds.max_experiences,
+        max_proposals: opts.config.bounds.max_proposals,
         ..StoreOptions::default()
     };
     let store = tokio::task::spawn_blocking(move || Store::open(&store_dir, store_options))

@@ -556,3 +556,274 @@ async fn a_library_is_injected_as_a_prior() {
         .await;
     assert_eq!(v["error"]["param"], "model");
 }
+
+#[tokio::test]
+async fn reviewing_changes_over_http() {
+    let server = start(None, &[]);
+    let api = Api::new(&server);
+    api.ok("POST", "/v1/libraries", Some(json!({"name": "rev"})))
+        .await;
+    let e1 = api
+        .ok(
+            "POST",
+            "/v1/libraries/rev/experiences",
+            Some(json!({"text": "Units: convert first."})),
+        )
+        .await;
+    let e1 = e1["id"].as_str().unwrap().to_owned();
+
+    // Writes that ask for review are held: 202 with the proposal, the library unchanged.
+    let (s, add) = api
+        .call(
+            "POST",
+            "/v1/libraries/rev/experiences?review=true",
+            Some(json!({"text": "Reread: read the question twice.", "tags": ["habits"]})),
+        )
+        .await;
+    assert_eq!(s, 202, "{add}");
+    assert_eq!(add["object"], "library.proposal");
+    assert_eq!(add["status"], "pending");
+    assert_eq!(add["change"]["op"], "add");
+    assert_eq!(add["origin"]["kind"], "api");
+    let (s, edit) = api
+        .call(
+            "PATCH",
+            &format!("/v1/libraries/rev/experiences/{e1}?review=true"),
+            Some(json!({"text": "Units: convert everything first."})),
+        )
+        .await;
+    assert_eq!(s, 202, "{edit}");
+    let (s, del) = api
+        .call(
+            "DELETE",
+            &format!("/v1/libraries/rev/experiences/{e1}?review=true"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 202, "{del}");
+    let lib = api.ok("GET", "/v1/libraries/rev", None).await;
+    assert_eq!(
+        (lib["version"].as_u64(), lib["pending_proposals"].as_u64()),
+        (Some(1), Some(3))
+    );
+    api.err(
+        "POST",
+        "/v1/libraries/rev/experiences?review=maybe",
+        Some(json!({"text": "A: b."})),
+        400,
+    )
+    .await;
+    api.err(
+        "POST",
+        "/v1/libraries/rev/experiences?review=true",
+        Some(json!({"text": " "})),
+        400,
+    )
+    .await;
+    api.err(
+        "DELETE",
+        "/v1/libraries/rev/experiences/E99?review=true",
+        None,
+        404,
+    )
+    .await;
+
+    // The list shows what each would change; one proposal in full.
+    let list = api.ok("GET", "/v1/libraries/rev/proposals", None).await;
+    assert_eq!(ids(&list).len(), 3);
+    assert_eq!(list["data"][1]["current"]["text"], "Units: convert first.");
+    let one = api
+        .ok(
+            "GET",
+            &format!(
+                "/v1/libraries/rev/proposals/{}",
+                add["id"].as_str().unwrap()
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(one["change"]["text"], "Reread: read the question twice.");
+    api.err("GET", "/v1/libraries/rev/proposals/P99", None, 404)
+        .await;
+    api.err("GET", "/v1/libraries/rev/proposals?status=odd", None, 400)
+        .await;
+
+    // Approve two together, one with an edit: one version, naming them and the reviewer.
+    let (a, e) = (add["id"].as_str().unwrap(), edit["id"].as_str().unwrap());
+    let v = api
+        .ok(
+            "POST",
+            "/v1/libraries/rev/proposals/approve",
+            Some(json!({"ids": [a, e], "reviewer": "ada", "edits": {a: {"text": "Reread: read it twice."}}})),
+        )
+        .await;
+    assert_eq!(v["version"], 2, "{v}");
+    assert_eq!(v["review"]["proposals"], json!([a, e]));
+    assert_eq!(v["review"]["reviewer"], "ada");
+    assert_eq!(v["review"]["edited"], json!([a]));
+    let exps = api.ok("GET", "/v1/libraries/rev/experiences", None).await;
+    let texts: Vec<&str> = exps["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        texts,
+        ["Units: convert everything first.", "Reread: read it twice."]
+    );
+    let err = api
+        .err(
+            "POST",
+            &format!("/v1/libraries/rev/proposals/{a}/approve"),
+            None,
+            409,
+        )
+        .await;
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already approved"),
+        "{err}"
+    );
+
+    // Reject the delete: nothing changes, and the decision is kept.
+    let d = del["id"].as_str().unwrap();
+    let r = api
+        .ok(
+            "POST",
+            &format!("/v1/libraries/rev/proposals/{d}/reject"),
+            Some(json!({"reason": "still useful"})),
+        )
+        .await;
+    assert_eq!(r["data"][0]["status"], "rejected");
+    api.err(
+        "POST",
+        &format!("/v1/libraries/rev/proposals/{d}/approve"),
+        Some(json!({"text": 3})),
+        400,
+    )
+    .await;
+    let lib = api.ok("GET", "/v1/libraries/rev", None).await;
+    assert_eq!(
+        (
+            lib["experiences"].as_u64(),
+            lib["pending_proposals"].as_u64()
+        ),
+        (Some(2), Some(0))
+    );
+    let all = api
+        .ok("GET", "/v1/libraries/rev/proposals?status=all", None)
+        .await;
+    assert_eq!(ids(&all).len(), 3);
+
+    // Provenance: how each entered and every version that touched it.
+    let p = api
+        .ok(
+            "GET",
+            &format!("/v1/libraries/rev/experiences/{e1}/provenance"),
+            None,
+        )
+        .await;
+    assert_eq!(p["object"], "experience.provenance");
+    assert_eq!(p["source"], "manual");
+    let vs = p["versions"].as_array().unwrap();
+    assert_eq!(vs.len(), 2, "{p}");
+    assert_eq!(vs[1]["op"]["op"], "update");
+    assert_eq!(vs[1]["review"]["reviewer"], "ada");
+    assert_eq!(vs[1]["proposal"]["id"], e);
+    assert!(p["learned"].is_null());
+    let reread = exps["data"][1]["id"].as_str().unwrap().to_owned();
+    api.ok(
+        "DELETE",
+        &format!("/v1/libraries/rev/experiences/{reread}"),
+        None,
+    )
+    .await;
+    let gone = api
+        .ok(
+            "GET",
+            &format!("/v1/libraries/rev/experiences/{reread}/provenance"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        gone["deleted"], true,
+        "a deleted experience keeps its history: {gone}"
+    );
+    assert_eq!(gone["versions"].as_array().unwrap().len(), 2);
+    api.err(
+        "GET",
+        "/v1/libraries/rev/experiences/E77/provenance",
+        None,
+        404,
+    )
+    .await;
+    api.err("GET", "/v1/jobs/job_nope/chart.svg", None, 404)
+        .await;
+
+    // The UI is served by the binary itself, locked down.
+    let r = reqwest::get(server.url("/ui")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let csp = r.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    let html = r.text().await.unwrap();
+    assert!(html.contains("/ui/app.js"));
+    let js = reqwest::get(server.url("/ui/app.js")).await.unwrap();
+    assert!(js.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/javascript"));
+}
+
+#[test]
+fn reviewing_from_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    assert!(cli(dir, &["create", "notes"]).0);
+    let (ok, p1, err) = cli(dir, &["add", "notes", "Units: convert first.", "--review"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        (p1["id"].as_str(), p1["status"].as_str()),
+        (Some("P1"), Some("pending"))
+    );
+    assert!(cli(dir, &["add", "notes", "Guess: say True.", "--review"]).0);
+    let (_, list, _) = cli(dir, &["list", "notes"]);
+    assert_eq!(list, json!([]), "nothing is live before review");
+    let (ok, pending, err) = cli(dir, &["proposals", "notes"]);
+    assert!(ok, "{err}");
+    assert_eq!(pending.as_array().unwrap().len(), 2);
+    let (ok, v, err) = cli(
+        dir,
+        &[
+            "approve",
+            "notes",
+            "P1",
+            "--reviewer",
+            "ada",
+            "--text",
+            "Units: convert everything first.",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(v["review"]["proposals"], json!(["P1"]));
+    assert_eq!(v["review"]["edited"], json!(["P1"]));
+    let (ok, _, err) = cli(dir, &["reject", "notes", "P2", "--reason", "a guess"]);
+    assert!(ok, "{err}");
+    let (_, list, _) = cli(dir, &["list", "notes"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["text"], "Units: convert everything first.");
+    let (ok, _, err) = cli(dir, &["approve", "notes", "P2"]);
+    assert!(!ok && err.contains("already rejected"), "{err}");
+    let (_, pending, _) = cli(dir, &["proposals", "notes"]);
+    assert_eq!(pending, json!([]));
+    let (_, decided, _) = cli(dir, &["proposals", "notes", "--status", "all"]);
+    assert_eq!(decided.as_array().unwrap().len(), 2);
+}

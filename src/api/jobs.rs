@@ -21,6 +21,7 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/v1/libraries/{name}/learn", post(start))
         .route("/v1/jobs", get(list))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel))
+        .route("/v1/jobs/{id}/chart.svg", get(chart))
 }
 
 #[derive(Deserialize)]
@@ -296,4 +297,29 @@ pub(super) async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Json<Value>> {
     Ok(Json(s.jobs.cancel(&id)?.view()))
+}
+
+#[utoipa::path(get, path = "/v1/jobs/{id}/chart.svg", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the run's chart so far (mean reward and validation accuracy per step), as SVG", content_type = "image/svg+xml", body = String), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such job", body = crate::api::openapi::ErrorEnvelope)))]
+/// The chart `learn` draws, drawn from the run's records as they stand, so a running job
+/// shows the steps it has finished.
+pub(super) async fn chart(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response> {
+    let job = s.jobs.get(&id)?;
+    let store = s.store.clone();
+    let svg = tokio::task::spawn_blocking(move || -> Result<String> {
+        let run = Run::open(&job.run_dir)?;
+        let lib = store.library(&job.library).ok();
+        let summary = crate::learn::grpo::RunSummary {
+            run: run.info.id.clone(),
+            dir: run.dir.clone(),
+            library: job.library.clone(),
+            steps: run.results(),
+            baseline_validation: run.baseline(),
+            version: lib.as_ref().map(|l| l.version()).unwrap_or(0),
+            experiences: lib.as_ref().map(|l| l.len()).unwrap_or(0),
+        };
+        Ok(crate::learn::plot::run_chart(&summary))
+    })
+    .await
+    .map_err(Error::internal)??;
+    Ok(([(axum::http::header::CONTENT_TYPE, "image/svg+xml")], svg).into_response())
 }

@@ -32,6 +32,10 @@ pub fn routes() -> axum::Router<AppState> {
                 .patch(patch_experience)
                 .delete(delete_experience),
         )
+        .route(
+            "/v1/libraries/{name}/experiences/{id}/provenance",
+            get(provenance),
+        )
         .route("/v1/libraries/{name}/versions", get(list_versions))
         .route("/v1/libraries/{name}/versions/{version}", get(get_version))
         .route("/v1/libraries/{name}/diff", get(diff))
@@ -41,7 +45,7 @@ pub fn routes() -> axum::Router<AppState> {
 }
 
 /// Store operations fsync and commit the index, so they run off the async threads.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     store: &Arc<Store>,
     f: impl FnOnce(&Store) -> Result<T> + Send + 'static,
 ) -> Result<T> {
@@ -51,12 +55,15 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| Error::internal(format!("store task failed: {e}")))?
 }
 
-fn library_object(lib: &Library) -> Value {
+pub(super) fn library_object(lib: &Library) -> Value {
+    let last = lib.versions().pop();
     json!({
         "object": "library",
         "name": lib.name,
         "version": lib.version(),
         "experiences": lib.len(),
+        "updated_at": last.map(|v| v.at),
+        "pending_proposals": lib.pending_proposals(),
         "settings": lib.settings(),
     })
 }
@@ -221,11 +228,48 @@ pub(super) struct NewExperience {
 pub(super) async fn add_experience(
     State(s): State<AppState>,
     Path(name): Path<String>,
+    Query(r): Query<ReviewParam>,
     JsonBody(body): JsonBody<NewExperience>,
 ) -> Result<Response> {
     let lib = s.store.library(&name)?;
+    if r.wanted()? {
+        return proposed(&s, name, move |st| st.add_change(&body.text, body.tags)).await;
+    }
     let e = blocking(&s.store, move |st| st.add(&name, &body.text, body.tags)).await?;
     Ok((StatusCode::CREATED, Json(experience_object(&lib, &e))).into_response())
+}
+
+/// `?review=true` on a write: hold it as a pending proposal instead of committing it.
+#[derive(Deserialize)]
+pub(super) struct ReviewParam {
+    review: Option<String>,
+}
+
+impl ReviewParam {
+    fn wanted(&self) -> Result<bool> {
+        match self.review.as_deref() {
+            None | Some("false") => Ok(false),
+            Some("true") => Ok(true),
+            Some(other) => Err(Error::invalid(
+                format!("review must be true or false, got '{other}'"),
+                "review",
+            )),
+        }
+    }
+}
+
+/// A write held for review: 202, with the proposal it became.
+async fn proposed(
+    s: &AppState,
+    name: String,
+    change: impl FnOnce(&Store) -> Result<experience::Change> + Send + 'static,
+) -> Result<Response> {
+    let p = blocking(&s.store, move |st| st.propose_one(&name, change(st)?)).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(super::review::proposal_object(&p)),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -241,26 +285,35 @@ pub(super) struct EditExperience {
 pub(super) async fn patch_experience(
     State(s): State<AppState>,
     Path((name, id)): Path<(String, String)>,
+    Query(r): Query<ReviewParam>,
     JsonBody(body): JsonBody<EditExperience>,
-) -> Result<Json<Value>> {
+) -> Result<Response> {
     let lib = s.store.library(&name)?;
+    if r.wanted()? {
+        return proposed(&s, name, move |st| {
+            st.edit_change(&id, body.text, body.tags)
+        })
+        .await;
+    }
     let e = blocking(&s.store, move |st| {
         st.edit(&name, &id, body.text, body.tags)
     })
     .await?;
-    Ok(Json(experience_object(&lib, &e)))
+    Ok(Json(experience_object(&lib, &e)).into_response())
 }
 
 #[utoipa::path(delete, path = "/v1/libraries/{name}/experiences/{id}", tag = "libraries", params(("name" = String, Path, description = "the library"), ("id" = String, Path)), responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "damaged library", body = crate::api::openapi::ErrorEnvelope)))]
 pub(super) async fn delete_experience(
     State(s): State<AppState>,
     Path((name, id)): Path<(String, String)>,
-) -> Result<Json<Value>> {
+    Query(r): Query<ReviewParam>,
+) -> Result<Response> {
+    if r.wanted()? {
+        return proposed(&s, name, move |_| Ok(experience::Change::Delete { id })).await;
+    }
     let i = id.clone();
     blocking(&s.store, move |st| st.remove(&name, &i)).await?;
-    Ok(Json(
-        json!({"id": id, "object": "experience.deleted", "deleted": true}),
-    ))
+    Ok(Json(json!({"id": id, "object": "experience.deleted", "deleted": true})).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/libraries/{name}/versions", tag = "libraries", params(("name" = String, Path, description = "the library")), responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "damaged library", body = crate::api::openapi::ErrorEnvelope)))]
@@ -395,4 +448,96 @@ pub(super) async fn import(
     Ok(Json(
         json!({"object": "library.import", "version": v.version, "imported": ids, "library": library_object(&lib)}),
     ))
+}
+
+#[utoipa::path(get, path = "/v1/libraries/{name}/experiences/{id}/provenance", tag = "libraries", params(("name" = String, Path, description = "the library"), ("id" = String, Path, description = "E1, E2, ...")), responses((status = 200, description = "where the experience came from, every version that touched it, and the evidence it was learned from", body = Object), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "damaged library", body = crate::api::openapi::ErrorEnvelope)))]
+/// Why an experience exists: how it entered the library (by hand, imported, learned: then
+/// the run's evidence), every later version that changed it with the review that let each
+/// in, and how often it was injected. Deleted experiences keep their history.
+pub(super) async fn provenance(
+    State(s): State<AppState>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Json<Value>> {
+    let lib = s.store.library(&name)?;
+    let runs_dir = s.jobs.runs_dir().to_owned();
+    tokio::task::spawn_blocking(move || provenance_of(&lib, &id, &runs_dir))
+        .await
+        .map_err(Error::internal)?
+        .map(Json)
+}
+
+fn provenance_of(lib: &Library, id: &str, runs_dir: &std::path::Path) -> Result<Value> {
+    let history = lib.history(id);
+    if history.is_empty() {
+        return Err(Error::not_found(
+            format!(
+                "library '{}' has no experience '{id}', now or ever",
+                lib.name
+            ),
+            "id",
+        ));
+    }
+    let current = lib.get(id);
+    // How it entered: the first add (or a restore after it was lost to a rollback).
+    let (source, prov) = history
+        .iter()
+        .find_map(|(_, op)| match op {
+            experience::Op::Add {
+                source, provenance, ..
+            } => Some((*source, provenance.clone())),
+            experience::Op::Restore { experience } => {
+                Some((experience.source, experience.provenance.clone()))
+            }
+            _ => None,
+        })
+        .unwrap_or((experience::Source::Manual, Default::default()));
+    let versions: Vec<Value> = history
+        .iter()
+        .map(|(v, op)| history_entry(lib, v, op))
+        .collect();
+    let learned = match (&prov.run, prov.step) {
+        (Some(run), Some(step)) => {
+            let first_text = history.iter().find_map(|(_, op)| match op {
+                experience::Op::Add { text, .. } => Some(text.clone()),
+                _ => None,
+            });
+            let proposed_text = versions
+                .first()
+                .and_then(|v| v["proposal"]["change"]["text"].as_str().map(str::to_owned));
+            let text = proposed_text.or(first_text);
+            crate::learn::evidence::step_evidence(runs_dir, run, step, text.as_deref(), None)
+        }
+        _ => None,
+    };
+    Ok(json!({
+        "object": "experience.provenance",
+        "library": lib.name,
+        "id": id,
+        "experience": current.as_ref().map(|e| experience_object(lib, e)),
+        "deleted": current.is_none(),
+        "source": source,
+        "provenance": prov,
+        "uses": lib.uses(id),
+        "versions": versions,
+        "learned": learned,
+        "run_records_missing": prov.run.is_some() && learned.is_none(),
+    }))
+}
+
+/// One version in an experience's history, with the proposal it came through when it was
+/// reviewed (an approved version's ops are in the order of its proposals).
+fn history_entry(lib: &Library, v: &experience::VersionSummary, op: &experience::Op) -> Value {
+    let proposal = v.review.as_ref().and_then(|r| {
+        let record = lib.version_record(v.version)?;
+        let at = record.ops.iter().position(|o| o == op)?;
+        lib.proposal(r.proposals.get(at)?)
+    });
+    json!({
+        "version": v.version,
+        "at": v.at,
+        "message": v.message,
+        "op": op,
+        "review": v.review,
+        "proposal": proposal.map(|p| super::review::proposal_object(&p)),
+    })
 }

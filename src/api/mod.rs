@@ -11,6 +11,7 @@ pub mod listen;
 pub mod metrics;
 pub mod openapi;
 pub mod responses;
+pub mod review;
 pub mod wire;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -82,6 +83,7 @@ pub fn app(state: AppState, settings: &AppSettings) -> axum::Router {
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(openapi::document))
         .merge(libraries::routes())
+        .merge(review::routes())
         .merge(jobs::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

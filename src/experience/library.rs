@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::index::Index;
+use super::proposals::{self, Decision, Edit, Origin, Proposal, Proposals, Review};
 use super::{Experience, Provenance, Settings, Source};
 use crate::error::{Error, Result};
 
@@ -84,6 +85,9 @@ pub struct Version {
     pub at: DateTime<Utc>,
     pub message: String,
     pub ops: Vec<Op>,
+    /// Set when the version carries reviewed proposals: which ones, and who approved them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review: Option<Review>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -91,6 +95,8 @@ pub struct VersionSummary {
     pub version: u64,
     pub at: DateTime<Utc>,
     pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub review: Option<Review>,
     pub added: usize,
     pub updated: usize,
     pub deleted: usize,
@@ -103,6 +109,7 @@ impl From<&Version> for VersionSummary {
             version: v.version,
             at: v.at,
             message: v.message.clone(),
+            review: v.review.clone(),
             added: count(|o| matches!(o, Op::Add { .. } | Op::Restore { .. })),
             updated: count(|o| matches!(o, Op::Update { .. })),
             deleted: count(|o| matches!(o, Op::Delete { .. })),
@@ -223,6 +230,8 @@ pub struct Library {
     settings: RwLock<Settings>,
     pub(super) index: Index,
     usage: Mutex<Usage>,
+    /// Changes waiting for review. Its lock is taken before `writer` when both are held.
+    proposals: Mutex<Proposals>,
 }
 
 #[derive(Default)]
@@ -251,6 +260,7 @@ impl Library {
             at: Utc::now(),
             message: "created".into(),
             ops: vec![],
+            review: None,
         };
         let mut line = serde_json::to_string(&first).map_err(Error::internal)?;
         line.push('\n');
@@ -301,6 +311,7 @@ impl Library {
             next_id = next_id.max(max_id(v) + 1);
         }
         let settings = read_settings(dir, name, max_top_k)?;
+        let proposals = Proposals::load(dir, &versions)?;
         let usage = match std::fs::read(dir.join(USAGE_FILE)) {
             Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
             Err(_) => BTreeMap::new(),
@@ -323,6 +334,7 @@ impl Library {
                 counts: usage,
                 ..Default::default()
             }),
+            proposals: Mutex::new(proposals),
         })
     }
 
@@ -462,6 +474,16 @@ impl Library {
     /// disk. Validation happens before anything is written, so a bad change leaves the
     /// library exactly as it was.
     pub fn commit(&self, message: &str, changes: Vec<Change>) -> Result<Version> {
+        self.commit_reviewed(message, changes, None)
+    }
+
+    /// [`Library::commit`] for a version that carries reviewed proposals.
+    fn commit_reviewed(
+        &self,
+        message: &str,
+        changes: Vec<Change>,
+        review: Option<Review>,
+    ) -> Result<Version> {
         let writer = self.writer.lock();
         let (version, ops) = {
             let s = self.state.read();
@@ -520,6 +542,7 @@ impl Library {
             at: Utc::now(),
             message: message.to_owned(),
             ops,
+            review,
         };
         let mut line = serde_json::to_string(&record).map_err(Error::internal)?;
         line.push('\n');
@@ -614,6 +637,182 @@ impl Library {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Every version that touched experience `id`, oldest first, with the op it applied.
+    pub fn history(&self, id: &str) -> Vec<(VersionSummary, Op)> {
+        let s = self.state.read();
+        s.versions
+            .iter()
+            .flat_map(|v| {
+                v.ops
+                    .iter()
+                    .filter(|o| o.id() == id)
+                    .map(move |o| (VersionSummary::from(v), o.clone()))
+            })
+            .collect()
+    }
+
+    pub fn proposals(&self) -> Vec<Proposal> {
+        self.proposals.lock().all().to_vec()
+    }
+
+    pub fn proposal(&self, id: &str) -> Option<Proposal> {
+        self.proposals.lock().get(id).cloned()
+    }
+
+    pub fn pending_proposals(&self) -> usize {
+        self.proposals.lock().pending()
+    }
+
+    /// Holds `changes` back as pending proposals (at most `max_pending` at a time), written
+    /// to disk before they are returned. Updates and deletes must name an experience that
+    /// exists now; whether it still does is checked again on approval.
+    pub fn propose(
+        &self,
+        changes: Vec<Change>,
+        origin: &Origin,
+        max_pending: usize,
+    ) -> Result<Vec<Proposal>> {
+        for c in &changes {
+            if let Change::Update { id, .. } | Change::Delete { id } = c {
+                if self.get(id).is_none() {
+                    return Err(Error::not_found(
+                        format!("library '{}' has no experience '{id}'", self.name),
+                        "id",
+                    ));
+                }
+            }
+        }
+        let mut p = self.proposals.lock();
+        if p.pending() + changes.len() > max_pending {
+            return Err(Error::Conflict(format!(
+                "library '{}' holds {} pending proposals and may hold at most {max_pending} \
+                 (store.max_proposals); approve or reject some first",
+                self.name,
+                p.pending()
+            )));
+        }
+        let before = serde_json::to_value(&*p).map_err(Error::internal)?;
+        let made = p.add(changes, origin);
+        if let Err(e) = p.save(&self.dir) {
+            *p = serde_json::from_value(before).map_err(Error::internal)?;
+            return Err(e);
+        }
+        Ok(made)
+    }
+
+    /// Commits the pending proposals `ids`, with the reviewer's edits, as one version that
+    /// names them, then marks them approved.
+    pub fn approve(
+        &self,
+        ids: &[String],
+        edits: &BTreeMap<String, Edit>,
+        reviewer: Option<String>,
+    ) -> Result<Version> {
+        if ids.is_empty() {
+            return Err(Error::invalid(
+                "name at least one proposal to approve",
+                "ids",
+            ));
+        }
+        if let Some(twice) = ids
+            .iter()
+            .enumerate()
+            .find(|(i, id)| ids[..*i].contains(id))
+        {
+            return Err(Error::invalid(format!("{} is named twice", twice.1), "ids"));
+        }
+        if let Some(stray) = edits.keys().find(|k| !ids.contains(k)) {
+            return Err(Error::invalid(
+                format!("an edit is given for {stray}, which is not being approved"),
+                "edits",
+            ));
+        }
+        let mut p = self.proposals.lock();
+        let decision = Decision {
+            at: Utc::now(),
+            reviewer: reviewer.clone(),
+            edited: false,
+            version: None,
+            reason: None,
+        };
+        let mut changes = Vec::new();
+        for id in ids {
+            let one = p.pending_one(&self.name, id)?;
+            changes.push(proposals::to_change(one, edits.get(id), &decision)?);
+        }
+        let edited: Vec<String> = ids
+            .iter()
+            .filter(|id| {
+                edits
+                    .get(*id)
+                    .is_some_and(|e| e.text.is_some() || e.tags.is_some())
+            })
+            .cloned()
+            .collect();
+        let message = format!(
+            "approved {}{}",
+            ids.join(", "),
+            reviewer
+                .as_deref()
+                .map(|r| format!(" (reviewed by {r})"))
+                .unwrap_or_default()
+        );
+        let review = Review {
+            reviewer,
+            proposals: ids.to_vec(),
+            edited: edited.clone(),
+        };
+        let v = self.commit_reviewed(&message, changes, Some(review))?;
+        p.decide(
+            ids,
+            proposals::Status::Approved,
+            &Decision {
+                version: Some(v.version),
+                ..decision
+            },
+            &edited,
+        );
+        // The version is on disk and names the proposals, so a failed save is repaired by
+        // the reconciliation at the next open; the approval stands.
+        if let Err(e) = p.save(&self.dir) {
+            tracing::error!(library = %self.name, error = %e, "saving proposals after an approval failed; the log will reconcile them");
+        }
+        Ok(v)
+    }
+
+    /// Marks the pending proposals `ids` rejected; the library does not change.
+    pub fn reject(
+        &self,
+        ids: &[String],
+        reviewer: Option<String>,
+        reason: Option<String>,
+    ) -> Result<Vec<Proposal>> {
+        if ids.is_empty() {
+            return Err(Error::invalid(
+                "name at least one proposal to reject",
+                "ids",
+            ));
+        }
+        let mut p = self.proposals.lock();
+        for id in ids {
+            p.pending_one(&self.name, id)?;
+        }
+        let before = serde_json::to_value(&*p).map_err(Error::internal)?;
+        let decision = Decision {
+            at: Utc::now(),
+            reviewer,
+            edited: false,
+            version: None,
+            reason,
+        };
+        p.decide(ids, proposals::Status::Rejected, &decision, &[]);
+        if let Err(e) = p.save(&self.dir) {
+            *p = serde_json::from_value(before).map_err(Error::internal)?;
+            return Err(e);
+        }
+        Ok(ids.iter().filter_map(|id| p.get(id).cloned()).collect())
     }
 }
 
@@ -954,6 +1153,7 @@ pub(super) mod tests {
                     at: Utc::now(),
                     message: t.clone(),
                     ops: vec![Op::Add { id: format!("E{}", i + 1), text: t.clone(), tags: vec![], source: Source::Manual, provenance: Provenance::default() }],
+                    review: None,
                 };
                 log.extend_from_slice(serde_json::to_string(&v).unwrap().as_bytes());
                 log.push(b'\n');

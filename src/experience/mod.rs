@@ -10,6 +10,7 @@
 
 mod index;
 mod library;
+pub mod proposals;
 mod store;
 pub mod traffic;
 
@@ -77,6 +78,10 @@ pub struct Settings {
     /// Learn from traffic by itself once this much new feedback has arrived.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_learn: Option<AutoLearn>,
+    /// Hold what learning proposes as pending proposals for a person to approve or reject,
+    /// instead of committing it straight away.
+    #[serde(default)]
+    pub review: bool,
 }
 
 /// Continuous learning from feedback: a job (`"source": "traffic"`) starts once `after` new
@@ -123,6 +128,7 @@ impl Default for Settings {
             top_k: default_top_k(),
             record: false,
             auto_learn: None,
+            review: false,
         }
     }
 }

@@ -10,6 +10,7 @@ use parking_lot::RwLock;
 use serde::Serialize;
 
 use super::library::{Change, Library, LOG_FILE};
+use super::proposals::{Edit, Origin, Proposal};
 use super::{validate_library_name, validate_tags, validate_text, Experience, Provenance, Source};
 use crate::error::{Error, Result};
 
@@ -21,6 +22,8 @@ pub struct StoreOptions {
     pub cache_entries: u64,
     /// The largest `top_k` a library may be set to (`bounds.max_experiences`).
     pub max_top_k: usize,
+    /// Most pending proposals a library holds (`bounds.max_proposals`).
+    pub max_proposals: usize,
 }
 
 impl Default for StoreOptions {
@@ -29,6 +32,7 @@ impl Default for StoreOptions {
             max_text_chars: 2000,
             cache_entries: 10_000,
             max_top_k: crate::config::Bounds::default().max_experiences,
+            max_proposals: crate::config::Bounds::default().max_proposals,
         }
     }
 }
@@ -195,23 +199,25 @@ impl Store {
     }
 
     pub fn add(&self, library: &str, text: &str, tags: Vec<String>) -> Result<Experience> {
-        self.check(Some(text), Some(&tags))?;
         let lib = self.library(library)?;
-        let v = lib.commit(
-            "added by hand",
-            vec![Change::Add {
-                text: text.trim().to_owned(),
-                tags,
-                source: Source::Manual,
-                provenance: Provenance {
-                    note: Some("added by hand".into()),
-                    ..Default::default()
-                },
-            }],
-        )?;
+        let v = lib.commit("added by hand", vec![self.add_change(text, tags)?])?;
         let id = v.ops[0].id().to_owned();
         lib.get(&id)
             .ok_or_else(|| Error::internal("added experience vanished"))
+    }
+
+    /// A person's new experience, checked, as a change to commit or propose.
+    pub fn add_change(&self, text: &str, tags: Vec<String>) -> Result<Change> {
+        self.check(Some(text), Some(&tags))?;
+        Ok(Change::Add {
+            text: text.trim().to_owned(),
+            tags,
+            source: Source::Manual,
+            provenance: Provenance {
+                note: Some("added by hand".into()),
+                ..Default::default()
+            },
+        })
     }
 
     pub fn edit(
@@ -221,21 +227,29 @@ impl Store {
         text: Option<String>,
         tags: Option<Vec<String>>,
     ) -> Result<Experience> {
+        let change = self.edit_change(id, text, tags)?;
+        let lib = self.library(library)?;
+        lib.commit(&format!("edited {id}"), vec![change])?;
+        lib.get(id)
+            .ok_or_else(|| Error::internal("edited experience vanished"))
+    }
+
+    /// A person's edit, checked, as a change to commit or propose.
+    pub fn edit_change(
+        &self,
+        id: &str,
+        text: Option<String>,
+        tags: Option<Vec<String>>,
+    ) -> Result<Change> {
         self.check(text.as_deref(), tags.as_deref())?;
         if text.is_none() && tags.is_none() {
             return Err(Error::invalid("give text or tags to change", None));
         }
-        let lib = self.library(library)?;
-        lib.commit(
-            &format!("edited {id}"),
-            vec![Change::Update {
-                id: id.to_owned(),
-                text: text.map(|t| t.trim().to_owned()),
-                tags,
-            }],
-        )?;
-        lib.get(id)
-            .ok_or_else(|| Error::internal("edited experience vanished"))
+        Ok(Change::Update {
+            id: id.to_owned(),
+            text: text.map(|t| t.trim().to_owned()),
+            tags,
+        })
     }
 
     pub fn remove(&self, library: &str, id: &str) -> Result<()> {
@@ -260,7 +274,12 @@ impl Store {
         message: &str,
         changes: Vec<Change>,
     ) -> Result<super::Version> {
-        for c in &changes {
+        self.check_changes(&changes)?;
+        self.library(library)?.commit(message, changes)
+    }
+
+    fn check_changes(&self, changes: &[Change]) -> Result<()> {
+        for c in changes {
             match c {
                 Change::Add { text, tags, .. } => self.check(Some(text), Some(tags))?,
                 Change::Update { text, tags, .. } => {
@@ -269,7 +288,61 @@ impl Store {
                 _ => {}
             }
         }
-        self.library(library)?.commit(message, changes)
+        Ok(())
+    }
+
+    /// Holds `changes` for review instead of committing them (see [`super::proposals`]).
+    pub fn propose(
+        &self,
+        library: &str,
+        changes: Vec<Change>,
+        origin: &Origin,
+    ) -> Result<Vec<Proposal>> {
+        self.check_changes(&changes)?;
+        self.library(library)?
+            .propose(changes, origin, self.options.max_proposals)
+    }
+
+    /// The write an API call asked to have reviewed, as a proposal.
+    pub fn propose_one(&self, library: &str, change: Change) -> Result<Proposal> {
+        let message = match &change {
+            Change::Add { .. } => "added by hand".to_owned(),
+            Change::Update { id, .. } => format!("edited {id}"),
+            Change::Delete { id } => format!("deleted {id}"),
+            Change::Restore(e) => format!("restored {}", e.id),
+        };
+        let origin = Origin {
+            kind: "api".into(),
+            message,
+            ..Default::default()
+        };
+        self.propose(library, vec![change], &origin)?
+            .pop()
+            .ok_or_else(|| Error::invalid("a restore cannot be proposed", None))
+    }
+
+    /// Commits the pending proposals `ids` as one version, with the reviewer's edits.
+    pub fn approve(
+        &self,
+        library: &str,
+        ids: &[String],
+        edits: &BTreeMap<String, Edit>,
+        reviewer: Option<String>,
+    ) -> Result<super::Version> {
+        for e in edits.values() {
+            self.check(e.text.as_deref(), e.tags.as_deref())?;
+        }
+        self.library(library)?.approve(ids, edits, reviewer)
+    }
+
+    pub fn reject(
+        &self,
+        library: &str,
+        ids: &[String],
+        reviewer: Option<String>,
+        reason: Option<String>,
+    ) -> Result<Vec<Proposal>> {
+        self.library(library)?.reject(ids, reviewer, reason)
     }
 
     /// Ranked search when `q` is given, otherwise the library in id order; both filtered by tag.

@@ -29,7 +29,8 @@ use super::verify::{Judge, Verifier};
 use crate::backend::{Backend, ChatRequest, FinishReason, Message, Priority, Role, Sampling};
 use crate::config::Bounds;
 use crate::error::{Error, Result};
-use crate::experience::Experience;
+use crate::experience::proposals::Origin;
+use crate::experience::{Change, Experience};
 use crate::methods::{self, prior, Context};
 use crate::router::{Route, Router};
 
@@ -535,6 +536,9 @@ pub struct StepResult {
     pub added: Vec<String>,
     pub updated: Vec<String>,
     pub deleted: Vec<String>,
+    /// Proposals this step left for review, when the library reviews what learning does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proposed: Vec<String>,
     pub library_size: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation: Option<Validation>,
@@ -687,7 +691,14 @@ impl Learner<'_> {
         // A crash between the commit and result.json: the step is done, only its record is
         // missing. Rebuild it from the library's log instead of learning the step twice.
         let message = self.run.message(step);
-        if let Some(v) = lib.versions().into_iter().find(|v| v.message == message) {
+        let proposed: Vec<String> = lib
+            .proposals()
+            .into_iter()
+            .filter(|p| p.origin.message == message)
+            .map(|p| p.id)
+            .collect();
+        let committed = lib.versions().into_iter().find(|v| v.message == message);
+        if committed.is_some() || !proposed.is_empty() {
             return Ok(StepResult {
                 step,
                 epoch,
@@ -697,10 +708,11 @@ impl Learner<'_> {
                 mean_reward: 0.0,
                 mixed_groups: 0,
                 skipped_groups: 0,
-                version: Some(v.version),
+                version: committed.map(|v| v.version),
                 added: vec![],
                 updated: vec![],
                 deleted: vec![],
+                proposed,
                 library_size: lib.len(),
                 validation: None,
             });
@@ -751,6 +763,7 @@ impl Learner<'_> {
             added: vec![],
             updated: vec![],
             deleted: vec![],
+            proposed: vec![],
             library_size: snapshot.len(),
             validation: None,
         };
@@ -766,7 +779,9 @@ impl Learner<'_> {
                 .flat_map(|o| o.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
                 .collect();
             let changes = ops::to_changes(&c.result, &self.run.info.id, step, &o.tags, &sources);
-            if !changes.is_empty() {
+            if !changes.is_empty() && lib.settings().review {
+                result.proposed = self.propose(step, &message, changes).await?;
+            } else if !changes.is_empty() {
                 let store = self.ctx.store.clone();
                 let (library, message) = (o.library.clone(), message.clone());
                 let v =
@@ -791,6 +806,23 @@ impl Learner<'_> {
             result.validation = Some(self.validate().await?);
         }
         Ok(result)
+    }
+
+    /// Holds a step's changes for review (the library's `review` setting) instead of
+    /// committing them, and returns the proposals' ids.
+    async fn propose(&self, step: u64, message: &str, changes: Vec<Change>) -> Result<Vec<String>> {
+        let origin = Origin {
+            kind: "learned".into(),
+            run: Some(self.run.info.id.clone()),
+            step: Some(step),
+            sources: vec![],
+            message: message.to_owned(),
+        };
+        let (store, library) = (self.ctx.store.clone(), self.options().library.clone());
+        let made = tokio::task::spawn_blocking(move || store.propose(&library, changes, &origin))
+            .await
+            .map_err(Error::internal)??;
+        Ok(made.into_iter().map(|p| p.id).collect())
     }
 
     /// `group_size` attempts at every task of the batch, scored. An attempt that fails after

@@ -7,6 +7,7 @@
 
 pub mod dataset;
 pub mod eval;
+pub mod evidence;
 pub mod grpo;
 pub mod jobs;
 pub mod ops;
