@@ -89,8 +89,10 @@ fn is_admin_route(method: &axum::http::Method, path: &str) -> bool {
 
 pub async fn check(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    let public =
-        matches!(path, "/health" | "/openapi.json") || (path == "/metrics" && s.public_metrics);
+    // The UI's files hold no data (it asks for the key and sends it with each API call).
+    let public = matches!(path, "/health" | "/openapi.json")
+        || (path == "/metrics" && s.public_metrics)
+        || super::ui::is_asset(path);
     if !s.keys.enabled() || public {
         return next.run(req).await;
     }

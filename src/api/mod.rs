@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod responses;
 pub mod review;
+pub mod ui;
 pub mod wire;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -84,6 +85,7 @@ pub fn app(state: AppState, settings: &AppSettings) -> axum::Router {
         .route("/openapi.json", get(openapi::document))
         .merge(libraries::routes())
         .merge(review::routes())
+        .merge(ui::routes())
         .merge(jobs::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
