@@ -433,10 +433,22 @@ pub struct LocalModelConfig {
     /// Aliases tried in order when this one fails before its first byte.
     #[serde(default)]
     pub fallback: Vec<String>,
+    /// Finished requests whose KV state is kept, so that a request starting with the same
+    /// tokens (a library's prior, a shared system prompt, the earlier turns of a chat)
+    /// prefills only what follows them; greedy output is the same with it as without
+    /// (tests/local_model.rs). 0 turns the prefix cache off. Each kept state holds its
+    /// tokens' keys and values (about 46 KB a token for the default model).
+    /// `bench/prefix_cache.py`: a 3,074-token prompt's time to first token goes from 35 s to
+    /// 0.87 s once its prior is cached.
+    #[serde(default = "default_prefix_cache")]
+    pub prefix_cache: usize,
 }
 
 pub fn default_max_seqs() -> usize {
     1
+}
+pub fn default_prefix_cache() -> usize {
+    4
 }
 pub fn default_max_concurrent() -> usize {
     8
@@ -511,6 +523,12 @@ impl Config {
                         anyhow::bail!("models[{i}].max_concurrent: must be at least 1");
                     }
                     check_background(i, l.background_slots, l.max_concurrent)?;
+                    if l.prefix_cache > 1024 {
+                        anyhow::bail!(
+                            "models[{i}].prefix_cache: {} is over the most this server keeps, 1024",
+                            l.prefix_cache
+                        );
+                    }
                     if let Some(g) = &l.gguf {
                         if !g.is_file() {
                             anyhow::bail!("models[{i}].gguf: {} is not a file", g.display());

@@ -88,6 +88,7 @@ fn local_models(config: &Config) -> Vec<LocalModelConfig> {
             force_cpu: false,
             requantize_q4_1: false,
             fallback: vec![],
+            prefix_cache: crate::config::default_prefix_cache(),
         }];
     }
     config
@@ -135,6 +136,7 @@ pub async fn backends(
             queue: m.queue,
             background_slots: crate::config::background_slots(m.background_slots, m.max_concurrent),
             force_cpu: m.force_cpu,
+            prefix_cache: m.prefix_cache,
         });
         raw.insert(
             m.id.clone(),

@@ -38,3 +38,55 @@ async fn q4_1_is_served_as_is_unless_the_q8_0_rewrite_is_asked_for() {
         assert_eq!(rewrite.exists(), rewritten, "{setting:?}");
     }
 }
+
+/// The prefix cache (`prefix_cache`) lets a request that starts with a finished request's
+/// tokens prefill only the rest. It must not change what the model says: the same requests
+/// under one library prior, greedy, give the same text with the cache off and on, including
+/// repeats that hit the cache and a question asked twice.
+#[tokio::test]
+async fn the_prefix_cache_changes_no_greedy_output() {
+    let questions = [
+        "A shirt costs $20 and is 25% off. What does it cost?",
+        "What is 15% of 80?",
+        "A shirt costs $20 and is 25% off. What does it cost?",
+        "If 4 pens cost $6, what do 10 pens cost?",
+    ];
+    let mut texts = Vec::new();
+    for cache in [0, 4] {
+        let config = format!(
+            "[[models]]\nkind = \"local\"\nid = \"{}\"\nprefix_cache = {cache}\n",
+            common::MODEL
+        );
+        let s = common::start(Some(&config), &[]);
+        let http = reqwest::Client::new();
+        http.post(s.url("/v1/libraries"))
+            .json(&serde_json::json!({"name": "math"}))
+            .send()
+            .await
+            .unwrap();
+        for i in 0..12 {
+            http.post(s.url("/v1/libraries/math/experiences"))
+                .json(&serde_json::json!({"text": format!(
+                    "Rule {i}: turn every quantity into one unit, then multiply groups by their size before adding the rest."
+                )}))
+                .send()
+                .await
+                .unwrap();
+        }
+        let mut out = Vec::new();
+        for q in questions {
+            let req = CreateChatCompletionRequestArgs::default()
+                .model(format!("{}@math", common::MODEL))
+                .messages(vec![ChatCompletionRequestUserMessage::from(q).into()])
+                .max_completion_tokens(24u32)
+                .temperature(0.0)
+                .build()
+                .unwrap();
+            let resp = s.client().chat().create(req).await.unwrap();
+            out.push(resp.choices[0].message.content.clone().unwrap_or_default());
+        }
+        texts.push(out);
+    }
+    assert!(texts[0].iter().all(|t| !t.is_empty()), "{texts:?}");
+    assert_eq!(texts[0], texts[1], "output with the prefix cache differs");
+}

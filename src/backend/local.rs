@@ -45,6 +45,8 @@ pub struct LocalSettings {
     pub background_slots: usize,
     /// Force the CPU even when a GPU build finds a device.
     pub force_cpu: bool,
+    /// Finished sequences whose KV state is kept for requests that share their prefix.
+    pub prefix_cache: usize,
 }
 
 pub struct LocalBackend {
@@ -107,9 +109,7 @@ async fn load_model(s: &LocalSettings) -> anyhow::Result<Model> {
     let mut builder = GgufModelBuilder::new(dir.to_string_lossy(), vec![file])
         .with_token_source(TokenSource::None)
         .with_max_num_seqs(s.max_seqs.max(1))
-        // The prefix cache shares KV state between sequences; like batching (see
-        // `LocalModelConfig::max_seqs`) it stays off until it is shown not to mix them up.
-        .with_prefix_cache_n(None);
+        .with_prefix_cache_n((s.prefix_cache > 0).then_some(s.prefix_cache));
     if s.force_cpu {
         builder = builder.with_force_cpu();
     }

@@ -1,6 +1,5 @@
-use candle_core::{Device, Result};
+use candle_core::Result;
 use indexmap::IndexMap;
-use itertools::Itertools;
 use tracing::info;
 
 use crate::{
@@ -115,69 +114,20 @@ impl PrefixCacheManagerV2 {
         }
     }
 
-    /// Evict the caches. This will evict the first k seqs such that the number of sequences on device after the copy is
-    /// the maximum allowed. Returns the number of evicted sequences.
+    /// Evict the caches: drop the oldest until at most `n_on_device` are kept.
+    ///
+    /// experient: upstream counted only caches held off the CPU, so on a CPU-only machine
+    /// (every cache on the CPU) nothing was ever evicted and every finished sequence's KV
+    /// state was kept for good. Every cache counts now, wherever it lives. Returns the number
+    /// of evicted sequences.
     pub fn evict_caches(&mut self) -> Result<usize> {
         if self.no_prefix_cache {
             return Ok(0);
         }
-        let mut n_on_device = 0;
-        for cache in self.caches.values() {
-            let first_non_none = cache
-                .cache
-                .iter()
-                .find_or_first(|x| x.as_ref().is_some_and(|kv| kv.k().ok().flatten().is_some()));
-            let Some(Some(first_non_none)) = first_non_none else {
-                continue;
-            };
-
-            let cache_device = match first_non_none {
-                KvCache::Normal { k, .. } => {
-                    k.all_data().as_ref().expect("No KV cache data").device()
-                }
-                KvCache::Rotating { k, .. } => {
-                    k.all_data().as_ref().expect("No KV cache data").device()
-                }
-                KvCache::Shared { .. } => continue,
-            };
-
-            if !matches!(cache_device, Device::Cpu) {
-                n_on_device += 1;
-            }
-        }
-        let mut n_evicted = 0;
-        // Intentionally evict the first ones first, as they are the oldest
-        for cache in self.caches.values_mut() {
-            if n_on_device - n_evicted <= self.n_on_device {
-                break;
-            }
-            let first_non_none = cache
-                .cache
-                .iter()
-                .find_or_first(|x| x.as_ref().is_some_and(|kv| kv.k().ok().flatten().is_some()));
-            let Some(Some(first_non_none)) = first_non_none else {
-                continue;
-            };
-
-            let cache_device = match first_non_none {
-                KvCache::Normal { k, .. } => {
-                    k.all_data().as_ref().expect("No KV cache data").device()
-                }
-                KvCache::Rotating { k, .. } => {
-                    k.all_data().as_ref().expect("No KV cache data").device()
-                }
-                KvCache::Shared { .. } => continue,
-            };
-
-            if !matches!(cache_device, Device::Cpu) {
-                cache.cache.clear();
-                n_evicted += 1;
-            }
-        }
-
-        self.caches.retain(|_tokens, cache| !cache.cache.is_empty());
-
-        Ok(n_evicted)
+        let excess = self.caches.len().saturating_sub(self.n_on_device);
+        // IndexMap keeps insertion order: the first ones are the oldest.
+        self.caches.drain(..excess);
+        Ok(excess)
     }
 
     /// Evict all the caches.
@@ -346,12 +296,36 @@ impl PrefixCacheManagerV2 {
             videos_match_until,
         )) = best_match
         {
+            // experient: a finished sequence's last sampled token was never run through the
+            // model, so its cache holds one position fewer than its tokens; matching that
+            // position (a follow-up turn that repeats the answer and its end token) would
+            // reuse a slot of stale memory as if it were that token's keys and values.
+            let computed = cache_element
+                .cache
+                .iter()
+                .flatten()
+                .filter(|l| !l.is_shared())
+                .map(|l| l.current_seq_len())
+                .min()
+                .unwrap_or(0);
+            let match_len = match_len.min(computed);
+            if match_len == 0 {
+                return Ok(None);
+            }
             let new_toks = toks.0[match_len..].to_vec();
             if new_toks.is_empty() {
                 return Ok(None);
             }
 
             let mut cache = cache_element.clone();
+            // experient: cloning a KV cache shares its tensors, and appending writes into
+            // them in place, so the new sequence would overwrite the cached entry's keys and
+            // values past `match_len` while the entry still claims its own tokens; the next
+            // request matching those tokens would read another request's state. The new
+            // sequence gets its own copy.
+            for layer in cache.cache.iter_mut().flatten() {
+                own_storage(layer)?;
+            }
             // Count how many input images are not already cached
             let images_to_keep = if let Some(input_hashes) = image_hashes {
                 input_hashes.len().saturating_sub(images_match_until)
@@ -389,6 +363,28 @@ impl PrefixCacheManagerV2 {
 
         Ok(None)
     }
+}
+
+/// Gives a KV cache its own storage instead of the storage it shares with its clones.
+fn own_storage(layer: &mut KvCache) -> Result<()> {
+    match layer {
+        KvCache::Normal { k, v } => {
+            for c in [k, v] {
+                if let Some(d) = &c.all_data {
+                    c.all_data = Some(d.copy()?);
+                }
+            }
+        }
+        KvCache::Rotating { k, v } => {
+            for c in [k, v] {
+                if let Some(d) = &c.all_data {
+                    c.all_data = Some(d.copy()?);
+                }
+            }
+        }
+        KvCache::Shared { .. } => {}
+    }
+    Ok(())
 }
 
 #[cfg(test)]
