@@ -15,6 +15,7 @@ pub mod methods;
 pub mod planning;
 pub mod prompts;
 pub mod response_store;
+pub mod retry;
 pub mod router;
 pub mod sandbox;
 pub mod server;

@@ -513,11 +513,7 @@ fn chunks(response: reqwest::Response) -> ChunkStream {
 /// Whether an error before the first token is worth another try (here, or at the next model of
 /// a fallback chain).
 pub fn retryable(e: &Error) -> bool {
-    match e {
-        Error::Unavailable(_) | Error::Timeout(_) | Error::Overloaded { .. } => true,
-        Error::Upstream { status, .. } => *status == 429 || *status >= 500,
-        _ => false,
-    }
+    crate::retry::transient(e)
 }
 
 impl UpstreamBackend {
@@ -702,17 +698,6 @@ impl UpstreamBackend {
     }
 }
 
-fn backoff(attempt: u32, e: &Error) -> Duration {
-    let exp = Duration::from_millis(200) * 2u32.saturating_pow(attempt);
-    let hinted = match e {
-        Error::Overloaded {
-            retry_after_secs, ..
-        } => Duration::from_secs(*retry_after_secs),
-        _ => Duration::ZERO,
-    };
-    exp.max(hinted).min(Duration::from_secs(30))
-}
-
 #[async_trait::async_trait]
 impl Backend for UpstreamBackend {
     fn ready(&self) -> bool {
@@ -724,22 +709,15 @@ impl Backend for UpstreamBackend {
         let permit = self.admission.admit(1, request.priority).await?;
         let body = self.body(&request);
         let deadline = Instant::now() + self.total;
-        let mut attempt = 0;
-        let (mut upstream, first) = loop {
-            match self.open(&body, request.raw_prompt.is_some()).await {
-                Ok(v) => break v,
-                Err(e) if retryable(&e) && attempt < self.max_retries => {
-                    let wait = backoff(attempt, &e);
-                    if Instant::now() + wait >= deadline {
-                        return Err(e);
-                    }
-                    tracing::warn!(model = %self.id, attempt, error = %e, wait_ms = wait.as_millis() as u64, "upstream failed before the first token; retrying");
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
+        let policy = crate::retry::Policy {
+            retries: self.max_retries as usize,
+            first: Duration::from_millis(200),
+            max: Duration::from_secs(30),
+            deadline: Some(deadline.into_std()),
         };
+        let raw = request.raw_prompt.is_some();
+        let (mut upstream, first) =
+            crate::retry::retry(&self.id, policy, || self.open(&body, raw)).await?;
         let prompt_chars: usize = request
             .messages
             .iter()

@@ -866,43 +866,49 @@ impl Learner<'_> {
         if !chosen.is_empty() {
             prior::apply_prior(&mut request, &prior::render(self.ctx, &chosen)?);
         }
-        let mut error = None;
-        for _ in 0..=o.retries {
-            match self.rollout.backend.complete(request.clone()).await {
-                Ok(c) => {
-                    let output = c
-                        .choices
-                        .into_iter()
-                        .next()
-                        .map(|c| c.text)
-                        .unwrap_or_default();
-                    let (reward, critique) = match (&self.scoring, &self.judge) {
-                        (Scoring::Judge, Some(j)) => {
-                            let (r, why) = j.grade(&t.question, &output, &t.answer).await?;
-                            (r, Some(why))
-                        }
-                        (Scoring::Rule(v), _) => (v.score(&output, &t.answer), None),
-                        (Scoring::Judge, None) => {
-                            unreachable!("a judge is built for judge scoring")
-                        }
-                    };
-                    return Ok(Rollout {
-                        task,
-                        attempt,
-                        output,
-                        reward,
-                        critique,
-                        error: None,
-                    });
-                }
-                // Overload and timeouts pass; anything else would fail again.
-                Err(e @ (Error::Overloaded { .. } | Error::Timeout(_) | Error::Unavailable(_))) => {
-                    error = Some(e.to_string());
-                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                }
-                Err(e) => return Err(e),
+        let policy = crate::retry::Policy {
+            retries: o.retries as usize,
+            first: std::time::Duration::from_millis(500),
+            max: std::time::Duration::from_secs(10),
+            deadline: None,
+        };
+        let backend = &self.rollout.backend;
+        let error = match crate::retry::retry("learning attempt", policy, || {
+            backend.complete(request.clone())
+        })
+        .await
+        {
+            Ok(c) => {
+                let output = c
+                    .choices
+                    .into_iter()
+                    .next()
+                    .map(|c| c.text)
+                    .unwrap_or_default();
+                let (reward, critique) = match (&self.scoring, &self.judge) {
+                    (Scoring::Judge, Some(j)) => {
+                        let (r, why) = j.grade(&t.question, &output, &t.answer).await?;
+                        (r, Some(why))
+                    }
+                    (Scoring::Rule(v), _) => (v.score(&output, &t.answer), None),
+                    (Scoring::Judge, None) => {
+                        unreachable!("a judge is built for judge scoring")
+                    }
+                };
+                return Ok(Rollout {
+                    task,
+                    attempt,
+                    output,
+                    reward,
+                    critique,
+                    error: None,
+                });
             }
-        }
+            // Overload and timeouts that outlasted the retries leave the attempt out; anything
+            // else would fail every attempt and fails the step.
+            Err(e) if crate::retry::transient(&e) => Some(e.to_string()),
+            Err(e) => return Err(e),
+        };
         tracing::warn!(task, attempt, error = ?error, "attempt failed after retries; left out");
         Ok(Rollout {
             task,
