@@ -181,115 +181,90 @@ pub async fn backends(
     Ok((router, locals))
 }
 
-pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
-    check_cpu()?;
-    let keys = keys(&opts.config);
-    check_exposure(opts.addr, &keys, opts.allow_unauthenticated)?;
-    let max_connections = api::listen::fit_connections(opts.config.server.max_connections);
-    crate::sandbox::set_max_workers(opts.config.server.max_sandboxes);
-    let (router, locals) = backends(&opts.config, &opts.model_cache).await?;
+/// What a running server is made of. `serve` builds it from the configuration (models
+/// fetched and loading, keys from the environment); a test builds it around a scripted
+/// backend and serves it in-process.
+pub struct Parts {
+    pub config: Config,
+    pub router: Router,
+    pub store: Arc<Store>,
+    pub keys: api::auth::Keys,
+    pub prompts: Prompts,
+    /// Holds `.responses/` (stored Responses API objects) and `.traffic/` (recordings).
+    pub experience_dir: PathBuf,
+    /// Where learning jobs write their run directories.
+    pub runs_dir: PathBuf,
+}
 
-    let store_dir = opts.experience_dir.clone();
-    let store_options = StoreOptions {
-        max_top_k: opts.config.bounds.max_experiences,
-        max_proposals: opts.config.bounds.max_proposals,
-        ..StoreOptions::default()
-    };
-    let store = tokio::task::spawn_blocking(move || Store::open(&store_dir, store_options))
-        .await
-        .context("store task failed")?
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "experience directory {}: {e}",
-                opts.experience_dir.display()
-            )
-        })?;
-    let store = Arc::new(store);
+/// The state every handler reads, from its parts. Opens the response and traffic stores.
+pub fn state(parts: Parts) -> anyhow::Result<AppState> {
+    let Parts {
+        config,
+        router,
+        store,
+        keys,
+        prompts,
+        experience_dir,
+        runs_dir,
+    } = parts;
     // Inside the experience directory, where a dot-name can never be a library.
     let responses = crate::response_store::ResponseStore::open(
-        &opts.experience_dir.join(".responses"),
-        opts.config.responses.clone(),
+        &experience_dir.join(".responses"),
+        config.responses.clone(),
     )
     .map_err(|e| anyhow::anyhow!("stored responses: {e}"))?;
     let traffic = crate::experience::traffic::Traffic::open(
-        &opts.experience_dir.join(".traffic"),
-        opts.config.traffic.clone(),
+        &experience_dir.join(".traffic"),
+        config.traffic.clone(),
     )
     .map_err(|e| anyhow::anyhow!("recorded traffic: {e}"))?;
-
-    let shutting_down = Arc::new(AtomicBool::new(false));
-    let state = AppState::new(api::Shared {
+    Ok(AppState::new(api::Shared {
         router: Arc::new(router),
         limits: Limits {
-            max_n: opts.config.server.max_n,
-            max_stop: opts.config.server.max_stop,
+            max_n: config.server.max_n,
+            max_stop: config.server.max_stop,
         },
-        request_timeout: Duration::from_secs(opts.config.server.request_timeout_secs),
+        request_timeout: Duration::from_secs(config.server.request_timeout_secs),
         started: api::wire::now_secs(),
-        shutting_down: shutting_down.clone(),
+        shutting_down: Arc::new(AtomicBool::new(false)),
         metrics: api::metrics::Metrics::install(),
-        store: store.clone(),
-        prompts: Arc::new(Prompts::load(opts.prompts_dir.as_deref())?),
+        store,
+        prompts: Arc::new(prompts),
         keys,
-        public_metrics: opts.config.auth.public_metrics,
-        jobs: crate::learn::jobs::Jobs::new(&opts.runs_dir, opts.config.bounds.max_jobs),
-        methods: Arc::new(opts.config.methods.clone()),
-        bounds: Arc::new(opts.config.bounds.clone()),
+        public_metrics: config.auth.public_metrics,
+        jobs: crate::learn::jobs::Jobs::new(&runs_dir, config.bounds.max_jobs),
+        methods: Arc::new(config.methods.clone()),
+        bounds: Arc::new(config.bounds.clone()),
         responses: Arc::new(responses),
         traffic: Arc::new(traffic),
-    });
+    }))
+}
+
+/// Serves `state` on `listener` until `shutdown` completes; then `/health` answers 503, new
+/// connections are refused, and requests in flight get `shutdown_grace_secs` to finish before
+/// they are cancelled. The store's usage counts are flushed last.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    server: &crate::config::ServerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let app = api::app(
-        state,
+        state.clone(),
         &AppSettings {
-            max_body_bytes: opts.config.server.max_body_bytes,
+            max_body_bytes: server.max_body_bytes,
         },
     );
-
-    let listener = tokio::net::TcpListener::bind(opts.addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", opts.addr))?;
-    let local = listener.local_addr()?;
-    // Tests and scripts read this line to learn an ephemeral port.
-    println!("experient: listening on http://{local}");
-
-    for b in locals {
-        let id = b.settings().id.clone();
-        let load = tokio::spawn(async move {
-            let t = std::time::Instant::now();
-            match b.load().await {
-                Ok(()) => tracing::info!(
-                    model = %b.settings().id,
-                    secs = t.elapsed().as_secs_f32(),
-                    "model loaded"
-                ),
-                Err(e) => {
-                    eprintln!(
-                        "experient: loading model '{}' from {} failed: {e:#}",
-                        b.settings().id,
-                        b.settings().gguf.display()
-                    );
-                    std::process::exit(1);
-                }
-            }
-        });
-        // A panic inside the loader must not leave a server that answers 503 forever.
-        tokio::spawn(async move {
-            if let Err(e) = load.await {
-                eprintln!("experient: loading model '{id}' crashed: {e}");
-                std::process::exit(1);
-            }
-        });
-    }
-
-    let grace = Duration::from_secs(opts.config.server.shutdown_grace_secs);
+    let grace = Duration::from_secs(server.shutdown_grace_secs);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let limits = api::listen::ConnectionLimits {
-        max_connections,
-        header_read_timeout: Duration::from_secs(opts.config.server.header_read_timeout_secs),
-        idle_timeout: Duration::from_secs(opts.config.server.idle_timeout_secs),
+        max_connections: api::listen::fit_connections(server.max_connections),
+        header_read_timeout: Duration::from_secs(server.header_read_timeout_secs),
+        idle_timeout: Duration::from_secs(server.idle_timeout_secs),
     };
-    let server = api::listen::serve(listener, app, limits, async move {
-        shutdown_signal().await;
+    let shutting_down = state.shutting_down.clone();
+    let serving = api::listen::serve(listener, app, limits, async move {
+        shutdown.await;
         shutting_down.store(true, Ordering::SeqCst);
         eprintln!(
             "experient: shutting down; waiting up to {} s for in-flight requests",
@@ -298,7 +273,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
     tokio::select! {
-        () = server => {},
+        () = serving => {},
         _ = async {
             let _ = stop_rx.wait_for(|s| *s).await;
             tokio::time::sleep(grace).await;
@@ -306,8 +281,105 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             eprintln!("experient: grace period over; cancelling remaining requests");
         }
     }
-    store.flush();
+    state.store.flush();
     Ok(())
+}
+
+/// The whole server from its options: checks, models, store, state, the listening socket,
+/// then [`run`] until a signal, or until a model fails to load.
+pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    check_cpu()?;
+    let keys = keys(&opts.config);
+    check_exposure(opts.addr, &keys, opts.allow_unauthenticated)?;
+    crate::sandbox::set_max_workers(opts.config.server.max_sandboxes);
+    let (router, locals) = backends(&opts.config, &opts.model_cache).await?;
+    let store = open_store(&opts).await?;
+    let state = state(Parts {
+        config: opts.config.clone(),
+        router,
+        store,
+        keys,
+        prompts: Prompts::load(opts.prompts_dir.as_deref())?,
+        experience_dir: opts.experience_dir.clone(),
+        runs_dir: opts.runs_dir.clone(),
+    })?;
+    let listener = tokio::net::TcpListener::bind(opts.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", opts.addr))?;
+    // Tests and scripts read this line to learn an ephemeral port.
+    println!("experient: listening on http://{}", listener.local_addr()?);
+
+    let (failed_tx, mut failed_rx) = tokio::sync::mpsc::unbounded_channel();
+    for b in locals {
+        load_in_background(b, failed_tx.clone());
+    }
+    drop(failed_tx);
+    let failure = Arc::new(parking_lot::Mutex::new(None));
+    let noted = failure.clone();
+    let stop = async move {
+        tokio::select! {
+            () = shutdown_signal() => {},
+            Some(e) = failed_rx.recv() => *noted.lock() = Some(e),
+        }
+    };
+    run(listener, state, &opts.config.server, stop).await?;
+    // A model that cannot load leaves a server that would answer 503 forever: stop instead.
+    let failed = failure.lock().take();
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+async fn open_store(opts: &ServeOptions) -> anyhow::Result<Arc<Store>> {
+    let dir = opts.experience_dir.clone();
+    let options = StoreOptions {
+        max_top_k: opts.config.bounds.max_experiences,
+        max_proposals: opts.config.bounds.max_proposals,
+        ..StoreOptions::default()
+    };
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir, options))
+        .await
+        .context("store task failed")?
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "experience directory {}: {e}",
+                opts.experience_dir.display()
+            )
+        })?;
+    Ok(Arc::new(store))
+}
+
+/// Loads a local model in the background; a failure (or a panic in the loader) is sent on
+/// `failed`, which stops the server.
+fn load_in_background(
+    b: Arc<LocalBackend>,
+    failed: tokio::sync::mpsc::UnboundedSender<anyhow::Error>,
+) {
+    let id = b.settings().id.clone();
+    let crashed = failed.clone();
+    let load = tokio::spawn(async move {
+        let t = std::time::Instant::now();
+        match b.load().await {
+            Ok(()) => tracing::info!(
+                model = %b.settings().id,
+                secs = t.elapsed().as_secs_f32(),
+                "model loaded"
+            ),
+            Err(e) => {
+                let _ = failed.send(anyhow::anyhow!(
+                    "loading model '{}' from {} failed: {e:#}",
+                    b.settings().id,
+                    b.settings().gguf.display()
+                ));
+            }
+        }
+    });
+    tokio::spawn(async move {
+        if let Err(e) = load.await {
+            let _ = crashed.send(anyhow::anyhow!("loading model '{id}' crashed: {e}"));
+        }
+    });
 }
 
 fn keys(config: &Config) -> api::auth::Keys {

@@ -163,3 +163,49 @@ async fn sigterm_finishes_in_flight_work_then_exits() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A model that cannot load would leave a server answering 503 forever; it stops instead,
+/// saying which model and why, with a failing exit status.
+#[test]
+fn a_model_that_cannot_load_stops_the_server_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    // A file that exists, so the config is accepted, but holds no model.
+    let gguf = dir.path().join("model.gguf");
+    std::fs::write(&gguf, "this is not a GGUF file").unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[models]]\nkind = \"local\"\nid = \"broken\"\ngguf = \"{}\"\n",
+            gguf.display()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_experient"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--experience-dir")
+        .arg(dir.path().join("experience"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the server kept running with a model that cannot load");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("loading model 'broken' from") && stderr.contains("failed"),
+        "{stderr}"
+    );
+}

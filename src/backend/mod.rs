@@ -9,6 +9,7 @@ pub mod fallback;
 pub mod fetch;
 pub mod local;
 pub mod requantize;
+pub mod scripted;
 pub mod tools;
 pub mod upstream;
 

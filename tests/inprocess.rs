@@ -1,0 +1,407 @@
+//! The server in-process (`server::run`) on a scripted backend: wire format, stream framing,
+//! envelopes, auth and routing, through the real HTTP stack and a real OpenAI client, with no
+//! model to load. Each test starts its own server in milliseconds.
+
+use std::sync::Arc;
+
+use async_openai::config::OpenAIConfig;
+use async_openai::types::chat::{
+    ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
+    CreateChatCompletionRequestArgs,
+};
+use async_openai::Client;
+use experient::backend::scripted::{Script, Scripted};
+use experient::backend::Role;
+use experient::config::Config;
+use experient::experience::{Store, StoreOptions};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+struct Server {
+    base: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn client(&self, key: &str) -> Client<OpenAIConfig> {
+        Client::with_config(
+            OpenAIConfig::new()
+                .with_api_base(self.url("/v1"))
+                .with_api_key(key),
+        )
+    }
+
+    /// Signals shutdown and waits for `run` to return.
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.done.await.unwrap().unwrap();
+    }
+}
+
+/// `server::run` on an ephemeral port with `backend` as model "m", the given keys, and a
+/// store holding library "math" with two experiences.
+async fn serve(backend: Arc<Scripted>, users: &[&str], admins: &[&str]) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let experience_dir = dir.path().join("experience");
+    let store = Store::open(&experience_dir, StoreOptions::default()).unwrap();
+    store.create("math").unwrap();
+    store
+        .add(
+            "math",
+            "Units: convert every quantity to one unit first.",
+            vec![],
+        )
+        .unwrap();
+    store
+        .add(
+            "math",
+            "Percentages: a discount of p% leaves (100-p)%.",
+            vec![],
+        )
+        .unwrap();
+    let mut router = experient::router::Router::default();
+    router.add("m", backend);
+    let config = Config::default();
+    let state = experient::server::state(experient::server::Parts {
+        config: config.clone(),
+        router,
+        store: Arc::new(store),
+        keys: experient::api::auth::Keys::new(users.iter().copied(), admins.iter().copied()),
+        prompts: experient::prompts::Prompts::builtin(),
+        experience_dir: experience_dir.clone(),
+        runs_dir: experience_dir.join(".runs"),
+    })
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(async move {
+        experient::server::run(listener, state, &config.server, async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    Server {
+        base,
+        stop: Some(tx),
+        done,
+        _dir: dir,
+    }
+}
+
+async fn raw(
+    method: &str,
+    url: &str,
+    key: Option<&str>,
+    body: Option<&str>,
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    let mut r = reqwest::Client::new().request(method.parse().unwrap(), url);
+    if let Some(k) = key {
+        r = r.bearer_auth(k);
+    }
+    if let Some(b) = body {
+        r = r
+            .header("content-type", "application/json")
+            .body(b.to_owned());
+    }
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        headers,
+    )
+}
+
+/// An OpenAI error envelope with every field present.
+fn envelope(v: &Value) -> &Value {
+    let e = &v["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    for k in ["type", "param", "code"] {
+        assert!(e.get(k).is_some(), "{k} missing in {v}");
+    }
+    e
+}
+
+#[tokio::test]
+async fn a_chat_completion_comes_back_in_openai_shape() {
+    let s = serve(Scripted::echo(), &[], &[]).await;
+    let req = CreateChatCompletionRequestArgs::default()
+        .model("m")
+        .messages(vec![ChatCompletionRequestUserMessage::from(
+            "one two three",
+        )
+        .into()])
+        .n(2u8)
+        .build()
+        .unwrap();
+    let r = s.client("k").chat().create(req).await.unwrap();
+    assert!(r.id.starts_with("chatcmpl-"), "{}", r.id);
+    assert_eq!(r.model, "m");
+    assert_eq!(r.choices.len(), 2);
+    for (i, c) in r.choices.iter().enumerate() {
+        assert_eq!(c.index, i as u32);
+        assert_eq!(c.message.content.as_deref(), Some("one two three"));
+    }
+    let usage = r.usage.unwrap();
+    assert_eq!((usage.prompt_tokens, usage.completion_tokens), (3, 6));
+    assert_eq!(usage.total_tokens, 9);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_follows_the_chunk_protocol() {
+    let s = serve(Scripted::echo(), &[], &[]).await;
+    let body = json!({"model": "m", "stream": true, "stream_options": {"include_usage": true},
+                      "max_tokens": 2, "messages": [{"role": "user", "content": "alpha beta gamma"}]});
+    let resp = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let text = resp.text().await.unwrap();
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter(|e| e.starts_with("data: "))
+        .map(|e| &e[6..])
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let id = chunks[0]["id"].as_str().unwrap();
+    assert!(chunks
+        .iter()
+        .all(|c| c["id"] == id && c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "alpha beta", "cut at max_tokens");
+    let finish: Vec<&Value> = chunks
+        .iter()
+        .map(|c| &c["choices"][0]["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finish, [&json!("length")]);
+    // The usage chunk is last, with no choices.
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"]["completion_tokens"], 2);
+    assert!(chunks[..chunks.len() - 1]
+        .iter()
+        .all(|c| c["usage"].is_null()));
+
+    // The same stream through async-openai's own types.
+    let req = CreateChatCompletionRequestArgs::default()
+        .model("m")
+        .messages(vec![ChatCompletionRequestUserMessage::from("x y").into()])
+        .stream(true)
+        .build()
+        .unwrap();
+    let mut stream = s.client("k").chat().create_stream(req).await.unwrap();
+    let mut got = String::new();
+    while let Some(chunk) = stream.next().await {
+        for c in chunk.unwrap().choices {
+            got.push_str(c.delta.content.as_deref().unwrap_or_default());
+        }
+    }
+    assert_eq!(got, "x y");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn every_error_is_the_envelope_with_its_status() {
+    let s = serve(Scripted::echo(), &[], &[]).await;
+    let chat = s.url("/v1/chat/completions");
+    let (st, v, _) = raw("GET", &s.url("/v1/nothing"), None, None).await;
+    assert_eq!(st, 404);
+    envelope(&v);
+    let (st, v, _) = raw("DELETE", &chat, None, None).await;
+    assert_eq!(st, 405);
+    envelope(&v);
+    let (st, v, _) = raw("POST", &chat, None, Some("{not json")).await;
+    assert_eq!(st, 400);
+    assert!(envelope(&v)["message"]
+        .as_str()
+        .unwrap()
+        .contains("not valid JSON"));
+    let (st, v, _) = raw(
+        "POST",
+        &chat,
+        None,
+        Some(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"frobnicate":1}"#),
+    )
+    .await;
+    assert_eq!(st, 400);
+    let e = envelope(&v);
+    assert!(e["message"].as_str().unwrap().contains("frobnicate"), "{v}");
+    let (st, v, _) = raw(
+        "POST",
+        &chat,
+        None,
+        Some(r#"{"model":"nope","messages":[{"role":"user","content":"hi"}]}"#),
+    )
+    .await;
+    assert_eq!(st, 404);
+    assert_eq!(envelope(&v)["param"], "model");
+    let (st, v, _) = raw(
+        "POST",
+        &chat,
+        None,
+        Some(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":9}"#),
+    )
+    .await;
+    assert_eq!(st, 400);
+    assert_eq!(envelope(&v)["param"], "temperature");
+    let big = format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "a".repeat(Config::default().server.max_body_bytes + 1)
+    );
+    let (st, v, _) = raw("POST", &chat, None, Some(&big)).await;
+    assert_eq!(st, 413);
+    envelope(&v);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_backend_becomes_429_with_retry_after() {
+    let backend = Scripted::new(|_| Script {
+        refuse: Some(experient::Error::Overloaded {
+            message: "the model is busy".into(),
+            retry_after_secs: 7,
+        }),
+        ..Script::words("unused")
+    });
+    let s = serve(backend, &[], &[]).await;
+    let (st, v, headers) = raw(
+        "POST",
+        &s.url("/v1/chat/completions"),
+        None,
+        Some(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#),
+    )
+    .await;
+    assert_eq!(st, 429, "{v}");
+    assert_eq!(headers["retry-after"], "7");
+    assert!(envelope(&v)["message"].as_str().unwrap().contains("busy"));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn keys_guard_every_route_but_health_and_the_ui() {
+    let s = serve(Scripted::echo(), &["user-key"], &["admin-key"]).await;
+    let chat_body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let chat = s.url("/v1/chat/completions");
+    let (st, v, _) = raw("POST", &chat, None, Some(chat_body)).await;
+    assert_eq!(st, 401);
+    envelope(&v);
+    let (st, _, _) = raw("POST", &chat, Some("wrong"), Some(chat_body)).await;
+    assert_eq!(st, 401);
+    let (st, _, _) = raw("POST", &chat, Some("user-key"), Some(chat_body)).await;
+    assert_eq!(st, 200);
+    let libs = s.url("/v1/libraries");
+    let (st, v, _) = raw("GET", &libs, Some("user-key"), None).await;
+    assert_eq!(st, 403);
+    envelope(&v);
+    let (st, v, _) = raw("GET", &libs, Some("admin-key"), None).await;
+    assert_eq!(st, 200);
+    assert_eq!(v["data"][0]["name"], "math");
+    let (st, _, _) = raw("GET", &s.url("/health"), None, None).await;
+    assert_eq!(st, 200);
+    let (st, _, headers) = raw("GET", &s.url("/ui"), None, None).await;
+    assert_eq!(st, 200);
+    assert!(headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_library_in_the_model_name_reaches_the_backend_as_a_prior() {
+    let backend = Scripted::echo();
+    let s = serve(backend.clone(), &[], &[]).await;
+    let req = CreateChatCompletionRequestArgs::default()
+        .model("m@math")
+        .messages(vec![
+            ChatCompletionRequestSystemMessage::from("Be brief.").into(),
+            ChatCompletionRequestUserMessage::from("A shirt is 25% off. Price?").into(),
+        ])
+        .build()
+        .unwrap();
+    let r = s.client("k").chat().create(req).await.unwrap();
+    assert_eq!(r.model, "m@math");
+    let (_, v, _) = raw(
+        "POST",
+        &s.url("/v1/chat/completions"),
+        None,
+        Some(r#"{"model":"m@math","messages":[{"role":"user","content":"hi"}]}"#),
+    )
+    .await;
+    assert_eq!(v["experient"]["library"], "math");
+    assert_eq!(v["experient"]["experiences"], json!(["E1", "E2"]));
+    let seen = backend.received();
+    assert_eq!(seen.len(), 2);
+    let system: Vec<&str> = seen[0]
+        .messages
+        .iter()
+        .filter(|m| m.role == Role::System)
+        .map(|m| m.content.as_str())
+        .collect();
+    let all = system.join("\n");
+    assert!(all.contains("Be brief."), "{all}");
+    assert!(all.contains("Units: convert every quantity"), "{all}");
+    assert!(all.contains("Percentages: a discount"), "{all}");
+    // An unknown library is a 404 naming it; the backend is not called.
+    let (st, v, _) = raw(
+        "POST",
+        &s.url("/v1/chat/completions"),
+        None,
+        Some(r#"{"model":"m@nope","messages":[{"role":"user","content":"hi"}]}"#),
+    )
+    .await;
+    assert_eq!(st, 404, "{v}");
+    envelope(&v);
+    assert_eq!(backend.received().len(), 2);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_a_request_in_flight_finish() {
+    let backend = Scripted::new(|_| Script {
+        delay: std::time::Duration::from_millis(100),
+        ..Script::words("slow but sure")
+    });
+    let s = serve(backend, &[], &[]).await;
+    let url = s.url("/v1/chat/completions");
+    let inflight = tokio::spawn(async move {
+        raw(
+            "POST",
+            &url,
+            None,
+            Some(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#),
+        )
+        .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let base = s.base.clone();
+    s.stop().await;
+    let (st, v, _) = inflight.await.unwrap();
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], "slow but sure");
+    // And the listener is gone.
+    assert!(reqwest::get(format!("{base}/health")).await.is_err());
+}
