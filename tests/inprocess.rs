@@ -405,3 +405,57 @@ async fn shutdown_lets_a_request_in_flight_finish() {
     // And the listener is gone.
     assert!(reqwest::get(format!("{base}/health")).await.is_err());
 }
+
+#[tokio::test]
+async fn iterresearch_gets_the_prior_as_direct_requests_do_and_counts_its_use() {
+    let backend = Scripted::new(|_| Script::words("Report: done.\nAnswer: 42"));
+    let s = serve(backend.clone(), &[], &["admin"]).await;
+    let (st, v, _) = raw(
+        "POST",
+        &s.url("/v1/chat/completions"),
+        Some("admin"),
+        Some(r#"{"model":"iterresearch:m@math","messages":[{"role":"system","content":"Be exact."},{"role":"user","content":"What is six times seven?"}]}"#),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["experient"]["method"], "iterresearch");
+    assert_eq!(v["experient"]["experiences"], json!(["E1", "E2"]));
+    assert!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("42"),
+        "{v}"
+    );
+    // Every round's system message holds the client's system prompt and the prior.
+    let round = &backend.received()[0];
+    let system = &round.messages[0];
+    assert_eq!(system.role, Role::System);
+    assert!(system.content.contains("Be exact."), "{}", system.content);
+    assert!(
+        system.content.contains("Units: convert every quantity"),
+        "{}",
+        system.content
+    );
+    // Injections are counted, as for the direct method (off the request's path, so soon
+    // after rather than at once).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let (_, e1, _) = raw(
+            "GET",
+            &s.url("/v1/libraries/math/experiences/E1"),
+            Some("admin"),
+            None,
+        )
+        .await;
+        if e1["uses"] == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "use never counted: {e1}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    s.stop().await;
+}

@@ -331,19 +331,21 @@ pub async fn run(
         .join("\n\n");
     let mut experiences = None;
     if let Some(lib) = &route.library {
-        let probe = ChatRequest {
+        // Injected as the direct method injects it (and counted as used): into a request of
+        // the system prompt and the question, whose system message then leads every round.
+        let mut probe = ChatRequest {
             messages: vec![Message::new(Role::User, ws.question.clone())],
             ..Default::default()
         };
-        let chosen = super::prior::choose(ctx, lib, &probe, opts.selection).await?;
-        if !chosen.is_empty() {
-            let prior = super::prior::render(ctx, &chosen)?;
-            system = if system.is_empty() {
-                prior
-            } else {
-                format!("{system}\n\n{prior}")
-            };
-            experiences = Some(chosen.into_iter().map(|e| e.id).collect());
+        if !system.is_empty() {
+            probe
+                .messages
+                .insert(0, Message::new(Role::System, system.clone()));
+        }
+        let ids = super::prior::inject(ctx, lib, &mut probe, opts.selection).await?;
+        if !ids.is_empty() {
+            system = probe.messages[0].content.clone();
+            experiences = Some(ids);
         }
     }
     let applied = Applied {
