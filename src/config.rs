@@ -61,7 +61,7 @@ pub struct Bounds {
     pub max_jobs: usize,
     /// Most prompts in one legacy completion request (`prompt` as a list).
     pub max_prompts: usize,
-    /// Most pending proposals one library holds for review.
+    /// Most pending proposals one library holds for review; as many decided ones are kept.
     pub max_proposals: usize,
 }
 

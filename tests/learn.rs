@@ -15,20 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-const LESSON: &str = "Inside out: Evaluate the innermost brackets first.";
-
-/// BBH boolean_expressions tasks: binary answers, so attempts at temperature 1 disagree.
-fn tasks(n: usize) -> Vec<Value> {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let data: Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{root}/tests/data/boolean_expressions.json")).unwrap(),
-    )
-    .unwrap();
-    data["examples"].as_array().unwrap()[..n]
-        .iter()
-        .map(|e| json!({"question": e["input"], "answer": e["target"]}))
-        .collect()
-}
+use common::learning::{bool_tasks as tasks, learner_prompts, FIRST_WORD};
 
 async fn poll(http: &reqwest::Client, url: &str, until: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(900);
@@ -56,12 +43,6 @@ async fn start(http: &reqwest::Client, url: &str, body: Value) -> String {
         .unwrap()
         .to_owned()
 }
-
-/// The verifier both small jobs use: an answer counts when it starts with the right word. Read
-/// exactly, the model's six-token answers are right about 1 time in 12, so now and then all 48
-/// attempts of a job scored 0 and no group was mixed; by first word they are right about 3 times
-/// in 10 (all 48 wrong: about 1 in 10^7).
-const FIRST_WORD: &str = r"regex:(?i)^\W*{answer}\b";
 
 /// From a finished job's run directory: how many learner replies were cut off, and the part of
 /// every operations reply (per group and the consolidation) that was read, which is the whole
@@ -101,32 +82,7 @@ fn read_operation_replies(job: &Value) -> (usize, Vec<String>) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_learning_job_commits_a_version_that_explains_itself() {
     let dir = tempfile::tempdir().unwrap();
-    let prompts = dir.path().join("prompts");
-    std::fs::create_dir_all(&prompts).unwrap();
-    // What the 135M model reliably does is repeat a short sentence under this system prompt.
-    std::fs::write(
-        prompts.join("learner_system.j2"),
-        "You repeat what the user says, word for word.",
-    )
-    .unwrap();
-    std::fs::write(
-        prompts.join("group_advantage.j2"),
-        format!("Say exactly: {LESSON}"),
-    )
-    .unwrap();
-    std::fs::write(
-        prompts.join("group_update.j2"),
-        "Say exactly:\nADD: {{ lessons }}",
-    )
-    .unwrap();
-    // Left as shipped, the consolidation prompt is beyond it: its sampled retries invent
-    // changes now and then, which made this test flaky.
-    std::fs::write(
-        prompts.join("batch_consolidate.j2"),
-        "Say exactly:\n{% if adds %}ADD: {{ adds[0] }}{% else %}NONE{% endif %}",
-    )
-    .unwrap();
-    let prompts_dir = prompts.display().to_string();
+    let prompts_dir = learner_prompts(dir.path());
     let server = common::start_in(dir, None, &[("EXPERIENT_PROMPTS_DIR", &prompts_dir)]);
     let http = reqwest::Client::new();
 

@@ -14,21 +14,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-const LESSON: &str = "Inside out: Evaluate the innermost brackets first.";
-const FIRST_WORD: &str = r"regex:(?i)^\W*{answer}\b";
+use common::learning::{learner_prompts, FIRST_WORD};
 
+/// The first `n` BBH boolean_expressions tasks as (question, answer).
 fn bool_tasks(n: usize) -> Vec<(String, String)> {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let data: Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{root}/tests/data/boolean_expressions.json")).unwrap(),
-    )
-    .unwrap();
-    data["examples"].as_array().unwrap()[..n]
-        .iter()
-        .map(|e| {
+    common::learning::bool_tasks(n)
+        .into_iter()
+        .map(|t| {
             (
-                e["input"].as_str().unwrap().to_owned(),
-                e["target"].as_str().unwrap().to_owned(),
+                t["question"].as_str().unwrap().to_owned(),
+                t["answer"].as_str().unwrap().to_owned(),
             )
         })
         .collect()
@@ -47,29 +42,6 @@ async fn call(
     let r = r.send().await.unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
-}
-
-fn learner_prompts(dir: &std::path::Path) -> String {
-    let prompts = dir.join("prompts");
-    std::fs::create_dir_all(&prompts).unwrap();
-    for (file, text) in [
-        (
-            "learner_system.j2",
-            "You repeat what the user says, word for word.".to_owned(),
-        ),
-        ("group_advantage.j2", format!("Say exactly: {LESSON}")),
-        (
-            "group_update.j2",
-            "Say exactly:\nADD: {{ lessons }}".to_owned(),
-        ),
-        (
-            "batch_consolidate.j2",
-            "Say exactly:\n{% if adds %}ADD: {{ adds[0] }}{% else %}NONE{% endif %}".to_owned(),
-        ),
-    ] {
-        std::fs::write(prompts.join(file), text).unwrap();
-    }
-    prompts.display().to_string()
 }
 
 async fn wait_job(http: &reqwest::Client, url: &str) -> Value {

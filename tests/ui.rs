@@ -23,7 +23,6 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 
 const ADMIN_KEY: &str = "ui-test-admin-key";
-const LESSON: &str = "Inside out: Evaluate the innermost brackets first.";
 
 struct Driver(Child);
 
@@ -192,43 +191,20 @@ async fn admin(http: &reqwest::Client, url: String) -> Value {
         .unwrap()
 }
 
+/// Tasks as the learn form takes them: one JSON object a line.
 fn tasks(n: usize) -> String {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let data: Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{root}/tests/data/boolean_expressions.json")).unwrap(),
-    )
-    .unwrap();
-    data["examples"].as_array().unwrap()[..n]
+    common::learning::bool_tasks(n)
         .iter()
-        .map(|e| json!({"question": e["input"], "answer": e["target"]}).to_string())
+        .map(Value::to_string)
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// The learner prompts the 135M model can follow (as tests/learn.rs explains): it repeats a
-/// given lesson, so learning reliably proposes something for review.
-fn learner_prompts(dir: &std::path::Path) -> String {
-    let prompts = dir.join("prompts");
-    std::fs::create_dir_all(&prompts).unwrap();
-    let write = |name: &str, text: &str| std::fs::write(prompts.join(name), text).unwrap();
-    write(
-        "learner_system.j2",
-        "You repeat what the user says, word for word.",
-    );
-    write("group_advantage.j2", &format!("Say exactly: {LESSON}"));
-    write("group_update.j2", "Say exactly:\nADD: {{ lessons }}");
-    write(
-        "batch_consolidate.j2",
-        "Say exactly:\n{% if adds %}ADD: {{ adds[0] }}{% else %}NONE{% endif %}",
-    );
-    prompts.display().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_curator_works_a_library_end_to_end_in_the_browser() {
     let (_driver, driver_url) = chromedriver();
     let dir = tempfile::tempdir().unwrap();
-    let prompts = learner_prompts(dir.path());
+    let prompts = common::learning::learner_prompts(dir.path());
     let server = common::start_in(
         dir,
         None,
@@ -356,7 +332,7 @@ async fn a_curator_works_a_library_end_to_end_in_the_browser() {
         &c,
         "#learn-options",
         &json!({"temperature": 1.0, "max_tokens": 6, "learner_max_tokens": 40,
-                "verifier": r"regex:(?i)^\W*{answer}\b", "concurrency": 4, "tags": ["bbh"]})
+                "verifier": common::learning::FIRST_WORD, "concurrency": 4, "tags": ["bbh"]})
         .to_string(),
     )
     .await;

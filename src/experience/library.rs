@@ -693,22 +693,23 @@ impl Library {
                 p.pending()
             )));
         }
-        let before = serde_json::to_value(&*p).map_err(Error::internal)?;
+        let before = p.clone();
         let made = p.add(changes, origin);
         if let Err(e) = p.save(&self.dir) {
-            *p = serde_json::from_value(before).map_err(Error::internal)?;
+            *p = before;
             return Err(e);
         }
         Ok(made)
     }
 
     /// Commits the pending proposals `ids`, with the reviewer's edits, as one version that
-    /// names them, then marks them approved.
+    /// names them, then marks them approved (keeping at most `keep` decided ones).
     pub fn approve(
         &self,
         ids: &[String],
         edits: &BTreeMap<String, Edit>,
         reviewer: Option<String>,
+        keep: usize,
     ) -> Result<Version> {
         if ids.is_empty() {
             return Err(Error::invalid(
@@ -773,6 +774,7 @@ impl Library {
                 ..decision
             },
             &edited,
+            keep,
         );
         // The version is on disk and names the proposals, so a failed save is repaired by
         // the reconciliation at the next open; the approval stands.
@@ -782,12 +784,14 @@ impl Library {
         Ok(v)
     }
 
-    /// Marks the pending proposals `ids` rejected; the library does not change.
+    /// Marks the pending proposals `ids` rejected (keeping at most `keep` decided ones); the
+    /// library does not change.
     pub fn reject(
         &self,
         ids: &[String],
         reviewer: Option<String>,
         reason: Option<String>,
+        keep: usize,
     ) -> Result<Vec<Proposal>> {
         if ids.is_empty() {
             return Err(Error::invalid(
@@ -799,7 +803,7 @@ impl Library {
         for id in ids {
             p.pending_one(&self.name, id)?;
         }
-        let before = serde_json::to_value(&*p).map_err(Error::internal)?;
+        let before = p.clone();
         let decision = Decision {
             at: Utc::now(),
             reviewer,
@@ -807,9 +811,9 @@ impl Library {
             version: None,
             reason,
         };
-        p.decide(ids, proposals::Status::Rejected, &decision, &[]);
+        p.decide(ids, proposals::Status::Rejected, &decision, &[], keep);
         if let Err(e) = p.save(&self.dir) {
-            *p = serde_json::from_value(before).map_err(Error::internal)?;
+            *p = before;
             return Err(e);
         }
         Ok(ids.iter().filter_map(|id| p.get(id).cloned()).collect())

@@ -19,10 +19,6 @@ use crate::error::{Error, Result};
 
 pub const PROPOSALS_FILE: &str = "proposals.json";
 
-/// Decided proposals kept for the record beyond the pending ones; older ones are dropped
-/// (the versions they made stay in the log for good).
-const KEEP_DECIDED: usize = 1000;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
@@ -122,7 +118,7 @@ impl Edit {
     }
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub(super) struct Proposals {
     next_id: u64,
     list: Vec<Proposal>,
@@ -242,13 +238,15 @@ impl Proposals {
         Ok(p)
     }
 
-    /// Marks proposals decided and drops the oldest decided ones past the bound.
+    /// Marks proposals decided and keeps at most `keep` decided ones for the record, dropping
+    /// the oldest (the versions approvals made stay in the log for good).
     pub fn decide(
         &mut self,
         ids: &[String],
         status: Status,
         decision: &Decision,
         edited: &[String],
+        keep: usize,
     ) {
         for p in self.list.iter_mut().filter(|p| ids.contains(&p.id)) {
             p.status = status;
@@ -258,7 +256,7 @@ impl Proposals {
             });
         }
         let decided = self.list.len() - self.pending();
-        let mut drop = decided.saturating_sub(KEEP_DECIDED);
+        let mut drop = decided.saturating_sub(keep);
         self.list.retain(|p| {
             if drop > 0 && p.status != Status::Pending {
                 drop -= 1;
@@ -467,6 +465,22 @@ mod tests {
             matches!(empty, Err(Error::InvalidRequest { .. })),
             "{empty:?}"
         );
+    }
+
+    #[test]
+    fn decided_proposals_kept_for_the_record_are_bounded_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 2);
+        s.create("lib").unwrap();
+        for i in 0..5 {
+            let made = s
+                .propose("lib", vec![learned(&format!("R{i}: r."))], &origin())
+                .unwrap();
+            s.reject("lib", &[made[0].id.clone()], None, None).unwrap();
+        }
+        let kept = s.library("lib").unwrap().proposals();
+        let ids: Vec<&str> = kept.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids, ["P4", "P5"], "the newest decided ones are kept");
     }
 
     #[test]

@@ -22,7 +22,8 @@ pub struct StoreOptions {
     pub cache_entries: u64,
     /// The largest `top_k` a library may be set to (`bounds.max_experiences`).
     pub max_top_k: usize,
-    /// Most pending proposals a library holds (`bounds.max_proposals`).
+    /// Most pending proposals a library holds, and most decided ones it keeps for the record
+    /// (`bounds.max_proposals`).
     pub max_proposals: usize,
 }
 
@@ -332,7 +333,8 @@ impl Store {
         for e in edits.values() {
             self.check(e.text.as_deref(), e.tags.as_deref())?;
         }
-        self.library(library)?.approve(ids, edits, reviewer)
+        self.library(library)?
+            .approve(ids, edits, reviewer, self.options.max_proposals)
     }
 
     pub fn reject(
@@ -342,7 +344,8 @@ impl Store {
         reviewer: Option<String>,
         reason: Option<String>,
     ) -> Result<Vec<Proposal>> {
-        self.library(library)?.reject(ids, reviewer, reason)
+        self.library(library)?
+            .reject(ids, reviewer, reason, self.options.max_proposals)
     }
 
     /// Ranked search when `q` is given, otherwise the library in id order; both filtered by tag.

@@ -1,6 +1,8 @@
 //! Starting real `experient` processes for the tests, and clients that talk to them.
 #![allow(dead_code)]
 
+pub mod learning;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
