@@ -436,7 +436,7 @@ pub struct LocalModelConfig {
     /// Finished requests whose KV state is kept, so that a request starting with the same
     /// tokens (a library's prior, a shared system prompt, the earlier turns of a chat)
     /// prefills only what follows them; greedy output is the same with it as without
-    /// (tests/local_model.rs). 0 turns the prefix cache off. Each kept state holds its
+    /// (tests/e2e/local_model.rs). 0 turns the prefix cache off. Each kept state holds its
     /// tokens' keys and values (about 46 KB a token for the default model).
     /// `bench/prefix_cache.py`: a 3,074-token prompt's time to first token goes from 35 s to
     /// 0.87 s once its prior is cached.

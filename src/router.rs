@@ -6,10 +6,38 @@
 use std::sync::Arc;
 
 use indexmap::IndexMap;
+use serde::Serialize;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::methods::Method;
+
+/// How a request is served: the methods in `crate::methods` each implement one of these.
+/// It lives here, with [`Route`], so that resolving a name needs nothing from the methods
+/// themselves (they depend on the router, never the reverse).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// The request goes to the model as it is (with a library's prior, when one is named).
+    Direct,
+    IterResearch,
+    Plan,
+}
+
+impl Method {
+    pub const ALL: [Method; 3] = [Method::Direct, Method::IterResearch, Method::Plan];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Direct => "direct",
+            Method::IterResearch => "iterresearch",
+            Method::Plan => "plan",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Method> {
+        Method::ALL.into_iter().find(|m| m.name() == s)
+    }
+}
 
 /// What a request resolved to.
 #[derive(Clone)]

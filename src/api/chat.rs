@@ -92,41 +92,25 @@ pub async fn chat_completions(
     Ok(resp)
 }
 
-/// The methods' choices from the `experient` request object, checked against the bounds.
+/// The methods' choices from the `experient` request object (typed when it was read), with
+/// the counts checked against the bounds.
 pub(super) fn method_options(
     state: &AppState,
     options: &wire::ExperientOptions,
 ) -> Result<methods::Options, Error> {
     let max = state.bounds.max_experiences;
-    let selection = match &options.experiences {
-        None => None,
-        Some(Value::String(s)) if s == "all" => Some(Selection::All),
-        Some(Value::Number(n)) if n.as_u64().is_some_and(|k| (1..=max as u64).contains(&k)) => {
-            Some(Selection::TopK(n.as_u64().unwrap_or(1) as usize))
-        }
-        Some(_) => {
-            return Err(Error::InvalidRequest {
-                message: format!(
-                    "experient.experiences must be \"all\" or a number from 1 to {max}"
-                ),
-                param: Some("experient.experiences".into()),
-            })
-        }
-    };
-    let full_history = match options.workspace.as_deref() {
-        None | Some("markovian") => false,
-        Some("full") => true,
-        Some(_) => {
+    if let Some(Selection::TopK(k)) = options.experiences {
+        if k > max {
             return Err(Error::invalid(
-                "experient.workspace must be \"markovian\" or \"full\"",
-                "experient.workspace",
-            ))
+                format!("experient.experiences must be \"all\" or a number from 1 to {max}"),
+                "experient.experiences",
+            ));
         }
-    };
+    }
     Ok(methods::Options {
-        selection,
+        selection: options.experiences,
         max_rounds: options.max_rounds,
-        full_history,
+        workspace: options.workspace.unwrap_or_default(),
         plan: methods::plan::PlanOptions {
             env: options.env.clone(),
             instances: options.instances.clone(),
@@ -402,7 +386,7 @@ fn chunks(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::methods::Method;
+    use crate::router::Method;
 
     fn head(model: &str) -> Head {
         Head {

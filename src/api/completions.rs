@@ -17,7 +17,8 @@ use super::wire::{self, Stop, StreamOptions, WireUsage, SYSTEM_FINGERPRINT};
 use super::AppState;
 use crate::backend::{self, ChatRequest, Event, EventStream, Sampling, TokenLogprob, Usage};
 use crate::error::{Error, Result};
-use crate::methods::{self, Method};
+use crate::methods;
+use crate::router::Method;
 
 /// OpenAI's default `max_tokens` for this endpoint.
 const DEFAULT_MAX_TOKENS: u32 = 16;

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use super::error::{parse_json, JsonBody};
 use super::AppState;
 use crate::error::{Error, Result};
-use crate::learn::dataset::{Dataset, Task};
+use crate::learn::dataset::{Dataset, Split, Task};
 use crate::learn::grpo::{LearnOptions, Run};
 use crate::methods::Context;
 
@@ -158,7 +158,7 @@ pub(super) async fn start(
         }
         run
     } else {
-        let mut data = match (src.tasks, &src.dataset) {
+        let data = match (src.tasks, &src.dataset) {
             _ if from_traffic => traffic_data(&s, &name).await?,
             (Some(t), None) => Dataset::from_tasks("inline", tasks(t)),
             (None, Some(path)) => {
@@ -176,19 +176,15 @@ pub(super) async fn start(
                 ))
             }
         };
-        if let Some(seed) = src.split_seed {
-            data.shuffle(seed);
-        }
-        let rest: Vec<Task> = data.tasks.iter().skip(src.offset).cloned().collect();
-        let n = src.limit.unwrap_or(rest.len()).min(rest.len());
-        let train = rest[..n].to_vec();
+        let (train, held_out) = data.split(&Split {
+            seed: src.split_seed,
+            offset: src.offset,
+            limit: src.limit,
+            held_out: src.validation_size,
+        });
         let validation = match src.validation {
             Some(v) => tasks(v),
-            None => rest[n..]
-                .iter()
-                .take(src.validation_size)
-                .cloned()
-                .collect(),
+            None => held_out,
         };
         let bounds = s.bounds.clone();
         tokio::task::spawn_blocking(move || {

@@ -112,23 +112,27 @@ pub struct ExperientOptions {
     pub library: Option<String>,
     /// How many experiences to inject: a number, or "all".
     #[serde(default)]
-    pub experiences: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub experiences: Option<crate::methods::Selection>,
     /// IterResearch: most rounds before an answer is forced.
     #[serde(default)]
     pub max_rounds: Option<u32>,
     /// IterResearch: "markovian" (the default: question, report, last action) or "full" (the
     /// whole history, ReAct-style; a baseline for comparison).
     #[serde(default)]
-    pub workspace: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub workspace: Option<crate::methods::Workspace>,
     /// Planning: the task family (a MiniGrid id such as "MiniGrid-DoorKey-5x5-v0", or "grasp").
     #[serde(default)]
     pub env: Option<String>,
     /// Planning: what to solve: a count, a list of seeds, or GRASP grids (`{"grid": [...]}`).
     #[serde(default)]
-    pub instances: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub instances: Option<crate::methods::plan::Instances>,
     /// Planning: training instances for refinement: a count or a list of seeds.
     #[serde(default)]
-    pub train: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub train: Option<crate::methods::plan::Seeds>,
     /// Planning: refinement rounds after the first program.
     #[serde(default)]
     pub rounds: Option<u32>,

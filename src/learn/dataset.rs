@@ -133,19 +133,59 @@ impl Dataset {
     /// Shuffles the tasks deterministically: the same seed gives the same order everywhere,
     /// so `--seed S --offset A --limit B` names the same split on every machine.
     pub fn shuffle(&mut self, seed: u64) {
-        // splitmix64, then Fisher-Yates.
-        let mut state = seed;
-        let mut next = move || {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        };
-        for i in (1..self.tasks.len()).rev() {
-            let j = (next() % (i as u64 + 1)) as usize;
-            self.tasks.swap(i, j);
+        shuffle(&mut self.tasks, seed);
+    }
+}
+
+/// splitmix64, then Fisher-Yates: portable, so a seed means the same order on every machine.
+fn shuffle(tasks: &mut [Task], seed: u64) {
+    let mut state = seed;
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    for i in (1..tasks.len()).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        tasks.swap(i, j);
+    }
+}
+
+/// Which tasks of a data set a run uses. The CLI's `--seed/--offset/--limit/--validation` and
+/// the learn API's `split_seed/offset/limit/validation_size` mean the same thing, so both go
+/// through [`Dataset::split`] and name the same tasks for the same numbers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Split {
+    /// Shuffle with this seed first ([`Dataset::shuffle`]).
+    pub seed: Option<u64>,
+    /// Tasks to skip, to keep one split disjoint from another.
+    pub offset: usize,
+    /// Tasks to use after the offset (all that remain when `None`).
+    pub limit: Option<usize>,
+    /// Tasks held out after the used ones (for validation).
+    pub held_out: usize,
+}
+
+impl Dataset {
+    /// The tasks `split` selects, and the held-out ones that follow them.
+    pub fn split(&self, split: &Split) -> (Vec<Task>, Vec<Task>) {
+        let mut tasks = self.tasks.clone();
+        if let Some(seed) = split.seed {
+            shuffle(&mut tasks, seed);
         }
+        let mut rest = tasks.split_off(split.offset.min(tasks.len()));
+        let n = split.limit.unwrap_or(rest.len()).min(rest.len());
+        let mut held_out = rest.split_off(n);
+        held_out.truncate(split.held_out);
+        (rest, held_out)
+    }
+
+    /// The same data set with only the tasks `split` selects.
+    pub fn select(mut self, split: &Split) -> Dataset {
+        self.tasks = self.split(split).0;
+        self
     }
 }
 
@@ -201,5 +241,68 @@ fn conversation(messages: &[serde_json::Value]) -> String {
             .map(|m| format!("{}: {}", m["role"].as_str().unwrap_or("user"), text(m)))
             .collect::<Vec<_>>()
             .join("\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn numbered(n: usize) -> Dataset {
+        let tasks = (0..n)
+            .map(|i| Task {
+                question: format!("q{i}"),
+                answer: i.to_string(),
+                origin: None,
+            })
+            .collect();
+        Dataset::from_tasks("n", tasks)
+    }
+
+    fn questions(tasks: &[Task]) -> Vec<&str> {
+        tasks.iter().map(|t| t.question.as_str()).collect()
+    }
+
+    #[test]
+    fn a_split_skips_takes_and_holds_out_in_order() {
+        let d = numbered(6);
+        let split = Split {
+            offset: 1,
+            limit: Some(2),
+            held_out: 2,
+            ..Default::default()
+        };
+        let (used, held) = d.split(&split);
+        assert_eq!(questions(&used), ["q1", "q2"]);
+        assert_eq!(questions(&held), ["q3", "q4"]);
+        // Past the end, everything is just empty.
+        let far = Split {
+            offset: 10,
+            held_out: 3,
+            ..Default::default()
+        };
+        let (used, held) = d.split(&far);
+        assert!(used.is_empty() && held.is_empty());
+        let all = d.split(&Split::default());
+        assert_eq!(all.0.len(), 6);
+        assert!(all.1.is_empty());
+    }
+
+    #[test]
+    fn a_seeded_split_is_the_shuffled_order_and_disjoint() {
+        let d = numbered(20);
+        let mut shuffled = d.clone();
+        shuffled.shuffle(7);
+        assert_ne!(questions(&shuffled.tasks), questions(&d.tasks));
+        let split = Split {
+            seed: Some(7),
+            offset: 3,
+            limit: Some(5),
+            held_out: 4,
+        };
+        let (used, held) = d.split(&split);
+        assert_eq!(questions(&used), questions(&shuffled.tasks[3..8]));
+        assert_eq!(questions(&held), questions(&shuffled.tasks[8..12]));
+        assert_eq!(questions(&d.clone().select(&split).tasks), questions(&used));
     }
 }

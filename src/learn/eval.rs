@@ -12,15 +12,27 @@ use serde::Serialize;
 
 use super::dataset::Dataset;
 use crate::backend::{self, ChatRequest, Message, Role, Sampling};
-use crate::methods::{self, Context, Method};
+use crate::methods::{self, Context};
+use crate::router::Method;
 use crate::router::Route;
 
+/// What [`evaluate`] reports as it goes, for the caller to show (the CLI draws a bar).
+pub enum Tick<'a> {
+    /// An arm starts: its label and how many answers it will collect.
+    Arm { label: &'a str, answers: u64 },
+    /// One more answer is in.
+    Answer,
+    /// The arm is done.
+    ArmDone,
+}
+
+/// Receives [`Tick`]s; `&|_| {}` shows nothing.
+pub type OnTick<'a> = &'a (dyn Fn(Tick<'_>) + Sync);
+
+/// How every task of the (already split, see `Dataset::split`) data set is answered.
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
     pub samples: u32,
-    pub limit: Option<usize>,
-    /// Tasks are taken in file order after skipping this many (for a disjoint split).
-    pub offset: usize,
     pub temperature: f32,
     pub max_tokens: u32,
     pub concurrency: usize,
@@ -56,14 +68,9 @@ pub async fn run_arm(
     route: &Route,
     ds: &Dataset,
     opts: &EvalOptions,
-    progress: &indicatif::ProgressBar,
+    on_tick: OnTick<'_>,
 ) -> anyhow::Result<Arm> {
-    let tasks: Vec<_> = ds
-        .tasks
-        .iter()
-        .skip(opts.offset)
-        .take(opts.limit.unwrap_or(usize::MAX))
-        .collect();
+    let tasks: Vec<_> = ds.tasks.iter().collect();
     let used = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut work = Vec::new();
     for (t, task) in tasks.iter().enumerate() {
@@ -87,7 +94,7 @@ pub async fn run_arm(
                     used.store(e.len(), std::sync::atomic::Ordering::Relaxed);
                 }
                 let done = backend::collect(out.events, 1).await?;
-                progress.inc(1);
+                on_tick(Tick::Answer);
                 Ok::<_, crate::Error>((t, ds.verifier.score(&done.choices[0].text, &task.answer)))
             });
         }
@@ -141,6 +148,7 @@ pub async fn evaluate(
     library: Option<&str>,
     ds: &Dataset,
     opts: &EvalOptions,
+    on_tick: OnTick<'_>,
 ) -> anyhow::Result<Report> {
     let b = &ctx.bounds;
     if !(1..=b.max_concurrency).contains(&opts.concurrency) {
@@ -166,25 +174,19 @@ pub async fn evaluate(
             ..base
         });
     }
-    let n = ds
-        .tasks
-        .len()
-        .saturating_sub(opts.offset)
-        .min(opts.limit.unwrap_or(usize::MAX));
+    let answers = (ds.tasks.len() as u64) * u64::from(opts.samples);
     let mut arms = Vec::new();
     for route in &routes {
-        let bar = indicatif::ProgressBar::new((n as u64) * u64::from(opts.samples));
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{msg:<24} [{bar:30}] {pos}/{len} ({eta})")
-                .expect("static template")
-                .progress_chars("=> "),
-        );
-        bar.set_message(match &route.library {
+        let label = match &route.library {
             Some(l) => format!("with library {l}"),
             None => "without a library".into(),
+        };
+        on_tick(Tick::Arm {
+            label: &label,
+            answers,
         });
-        let arm = run_arm(ctx, route, ds, opts, &bar).await?;
-        bar.finish_and_clear();
+        let arm = run_arm(ctx, route, ds, opts, on_tick).await?;
+        on_tick(Tick::ArmDone);
         arms.push(arm);
     }
     Ok(Report {

@@ -9,7 +9,7 @@ use std::sync::LazyLock;
 use regex::Regex;
 
 use crate::backend::{Backend, ChatRequest, Message, Role, Sampling};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::prompts::Prompts;
 
 /// How a rollout's answer is compared with the reference.
@@ -21,6 +21,40 @@ pub enum Verifier {
     Exact,
     /// The answer matches the pattern; `{answer}` in it stands for the escaped reference.
     Regex(String),
+}
+
+/// How attempts are scored: by a rule against the reference, or by an LLM judge.
+#[derive(Debug, Clone)]
+pub enum Scoring {
+    Rule(Verifier),
+    Judge,
+}
+
+impl Scoring {
+    /// Reads a verifier's name as `learn --verifier`, `eval --verifier` and the learn API's
+    /// `verifier` write it: numeric, exact, regex:PATTERN or judge.
+    pub fn parse(s: &str) -> Result<Scoring> {
+        Ok(match s {
+            "numeric" => Scoring::Rule(Verifier::Numeric),
+            "exact" => Scoring::Rule(Verifier::Exact),
+            "judge" => Scoring::Judge,
+            r if r.starts_with("regex:") => {
+                let p = &r["regex:".len()..];
+                Regex::new(&p.replace("{answer}", "x")).map_err(|e| {
+                    Error::invalid(format!("the verifier's regex is invalid: {e}"), "verifier")
+                })?;
+                Scoring::Rule(Verifier::Regex(p.to_owned()))
+            }
+            other => {
+                return Err(Error::invalid(
+                    format!(
+                        "unknown verifier '{other}': use numeric, exact, regex:PATTERN or judge"
+                    ),
+                    "verifier",
+                ))
+            }
+        })
+    }
 }
 
 impl Verifier {

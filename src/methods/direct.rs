@@ -1,10 +1,10 @@
 //! The plain method: the request goes to the backend as it is, with a library's experiences
 //! injected as a prior when the route names one.
 
-use super::{prior, Applied, Context, Method, Output, Selection};
+use super::{prior, Applied, Context, Output, Selection};
 use crate::backend::ChatRequest;
 use crate::error::Result;
-use crate::router::Route;
+use crate::router::{Method, Route};
 
 pub async fn run(
     ctx: &Context,

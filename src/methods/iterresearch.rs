@@ -10,7 +10,7 @@
 //! result: the server keeps no state, and a client with a long history still sends the model
 //! a bounded prompt.
 //!
-//! `full_history` runs the same loop ReAct-style (every reply and result appended to the
+//! `Workspace::Full` runs the same loop ReAct-style (every reply and result appended to the
 //! conversation), as the baseline the method is measured against.
 
 use std::sync::LazyLock;
@@ -19,12 +19,12 @@ use futures::StreamExt;
 use regex::Regex;
 use serde_json::{json, Value};
 
-use super::{Applied, Context, Method, Options, Output};
+use super::{Applied, Context, Options, Output};
 use crate::backend::{
     ChatRequest, Event, FinishReason, Message, Role, Sampling, ToolCall, ToolSpec, Usage,
 };
 use crate::error::{Error, Result};
-use crate::router::Route;
+use crate::router::{Method, Route};
 
 /// The most rounds a request may ask for.
 const MAX_ROUNDS_LIMIT: u32 = 64;
@@ -367,7 +367,7 @@ pub async fn run(
         ..request.sampling.clone()
     };
     let ctx = ctx.clone();
-    let full = opts.full_history;
+    let full = opts.workspace == super::Workspace::Full;
     let label = route.model.clone();
     let events = async_stream::stream! {
         let tool_list: Vec<Value> = tools

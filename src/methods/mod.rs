@@ -17,32 +17,7 @@ use crate::backend::{ChatRequest, EventStream, ToolChoice};
 use crate::error::{Error, Result};
 use crate::experience::Store;
 use crate::prompts::Prompts;
-use crate::router::Route;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    /// The request goes to the model as it is (with a library's prior, when one is named).
-    Direct,
-    IterResearch,
-    Plan,
-}
-
-impl Method {
-    pub const ALL: [Method; 3] = [Method::Direct, Method::IterResearch, Method::Plan];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Direct => "direct",
-            Method::IterResearch => "iterresearch",
-            Method::Plan => "plan",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Method> {
-        Method::ALL.into_iter().find(|m| m.name() == s)
-    }
-}
+use crate::router::{Method, Route};
 
 /// What every method may use besides its backend.
 #[derive(Clone)]
@@ -61,17 +36,43 @@ pub struct Options {
     pub selection: Option<Selection>,
     /// IterResearch: most rounds, overriding the configuration.
     pub max_rounds: Option<u32>,
-    /// IterResearch: keep the whole history (ReAct) instead of rebuilding the workspace.
-    pub full_history: bool,
+    /// IterResearch: rebuild the workspace every round, or keep the whole history.
+    pub workspace: Workspace,
     /// Planning: the task family, instances and rounds.
     pub plan: plan::PlanOptions,
 }
 
-/// How many experiences a request asks for, overriding the library's setting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How many experiences a request asks for, overriding the library's setting: `"all"` or a
+/// count on the wire (checked against `bounds.max_experiences` where the request is read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "serde_json::Value")]
 pub enum Selection {
     All,
     TopK(usize),
+}
+
+impl TryFrom<serde_json::Value> for Selection {
+    type Error = &'static str;
+    fn try_from(v: serde_json::Value) -> std::result::Result<Selection, Self::Error> {
+        match &v {
+            serde_json::Value::String(s) if s == "all" => Ok(Selection::All),
+            serde_json::Value::Number(n) => match n.as_u64() {
+                Some(k) if k >= 1 => Ok(Selection::TopK(usize::try_from(k).unwrap_or(usize::MAX))),
+                _ => Err("must be \"all\" or a count from 1"),
+            },
+            _ => Err("must be \"all\" or a count from 1"),
+        }
+    }
+}
+
+/// IterResearch's workspace: rebuilt every round (the method itself), or the whole history
+/// (ReAct), kept as a baseline for comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workspace {
+    #[default]
+    Markovian,
+    Full,
 }
 
 /// What a method applied, reported to the client in the `experient` response object.

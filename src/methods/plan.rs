@@ -7,31 +7,28 @@
 
 use std::sync::Arc;
 
+use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{Applied, Context, Method, Output};
-use crate::backend::{ChatRequest, Event, FinishReason, Role, Sampling, Usage};
+use super::{Applied, Context, Output};
+use crate::backend::{ChatRequest, Event, FinishReason, Role, Usage};
 use crate::error::{Error, Result};
 use crate::planning::cache::ProgramCache;
 use crate::planning::grasp::Grasp;
-use crate::planning::ipp::{self, Report, Spec};
+use crate::planning::ipp::{self, Report, Spec, TRAIN_SEED_BASE};
 use crate::planning::{Family, Instance};
-use crate::router::Route;
-use crate::sandbox::Limits;
+use crate::router::{Method, Route};
 
-/// Seeds of generated training instances start here, away from the small seeds clients
-/// usually evaluate on.
-pub const TRAIN_SEED_BASE: u64 = 10_000;
-
-/// The planning fields of the `experient` request object.
+/// The planning fields of the `experient` request object, typed where the request is read
+/// (`api::wire`); the counts are checked against the bounds here, where the bounds are known.
 #[derive(Debug, Clone, Default)]
 pub struct PlanOptions {
     /// The task family: a MiniGrid id or a GRASP setting.
     pub env: Option<String>,
-    /// What to solve: a count (seeds 0..n), a list of seeds, or (GRASP) a list of grids.
-    pub instances: Option<Value>,
-    /// Training instances: a count or a list of seeds.
-    pub train: Option<Value>,
+    /// What to solve (default: seeds 0..5).
+    pub instances: Option<Instances>,
+    /// Training instances (default: the configured count, from [`TRAIN_SEED_BASE`]).
+    pub train: Option<Seeds>,
     pub rounds: Option<u32>,
     /// Also ask the model for each instance's actions directly, for comparison.
     pub direct: bool,
@@ -39,68 +36,115 @@ pub struct PlanOptions {
     pub refresh: bool,
 }
 
-fn seeds(v: &Value, base: u64, param: &'static str, max: usize) -> Result<Vec<u64>> {
-    match v {
-        Value::Number(n) => match n.as_u64() {
-            Some(k) if (1..=max as u64).contains(&k) => Ok((base..base + k).collect()),
-            _ => Err(Error::invalid(
-                format!("{param} must be between 1 and {max}"),
-                param,
-            )),
-        },
-        Value::Array(items) if !items.is_empty() && items.len() <= max => items
-            .iter()
-            .map(|s| {
-                s.as_u64().ok_or_else(|| {
-                    Error::invalid(
-                        format!("{param} must hold seeds (non-negative integers)"),
-                        param,
-                    )
-                })
-            })
-            .collect(),
-        _ => Err(Error::invalid(
-            format!("{param} must be a number or a list of 1 to {max} seeds"),
-            param,
-        )),
+/// Instances named by seed: a count (seeds from a base) or the seeds themselves.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "Value")]
+pub enum Seeds {
+    Count(u64),
+    List(Vec<u64>),
+}
+
+impl TryFrom<Value> for Seeds {
+    type Error = String;
+    fn try_from(v: Value) -> std::result::Result<Seeds, String> {
+        const SHAPE: &str = "a count or a list of seeds (non-negative integers)";
+        match v {
+            Value::Number(n) => n
+                .as_u64()
+                .map(Seeds::Count)
+                .ok_or(format!("must be {SHAPE}")),
+            Value::Array(items) => items
+                .iter()
+                .map(Value::as_u64)
+                .collect::<Option<Vec<u64>>>()
+                .map(Seeds::List)
+                .ok_or(format!("must be {SHAPE}")),
+            _ => Err(format!("must be {SHAPE}")),
+        }
     }
 }
 
-fn instances(family: &Family, v: Option<&Value>, max: usize) -> Result<Vec<Instance>> {
-    const PARAM: &str = "experient.instances";
-    let v = v.cloned().unwrap_or(json!(5));
-    if let (Family::Grasp(settings), Value::Array(items)) = (family, &v) {
-        if items.first().is_some_and(Value::is_object) {
-            if items.len() > max {
-                return Err(Error::invalid(format!("at most {max} instances"), PARAM));
-            }
-            return items
+impl Seeds {
+    /// The seeds, `1..=max` of them; a count starts at `base`.
+    fn resolve(&self, base: u64, param: &'static str, max: usize) -> Result<Vec<u64>> {
+        let seeds: Vec<u64> = match self {
+            Seeds::Count(k) => (base..base.saturating_add((*k).min(max as u64 + 1))).collect(),
+            Seeds::List(list) => list.clone(),
+        };
+        if !(1..=max).contains(&seeds.len()) {
+            return Err(Error::invalid(
+                format!("{param} must name from 1 to {max} instances (bounds.max_plan_instances)"),
+                param,
+            ));
+        }
+        Ok(seeds)
+    }
+}
+
+/// What a plan request solves: instances by seed, or (GRASP) grids the client drew.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "Value")]
+pub enum Instances {
+    Seeds(Seeds),
+    /// Each grid as its rows of text (`{"grid": ["row", ...]}` on the wire).
+    Grids(Vec<Vec<String>>),
+}
+
+impl TryFrom<Value> for Instances {
+    type Error = String;
+    fn try_from(v: Value) -> std::result::Result<Instances, String> {
+        match &v {
+            Value::Array(items) if items.first().is_some_and(Value::is_object) => items
                 .iter()
                 .enumerate()
                 .map(|(i, item)| {
-                    let rows: Vec<String> = item
-                        .get("grid")
+                    item.get("grid")
                         .and_then(|g| serde_json::from_value(g.clone()).ok())
-                        .ok_or_else(|| {
-                            Error::invalid_param(
-                                "a GRASP instance is {\"grid\": [\"row\", ...]}",
-                                format!("{PARAM}[{i}].grid"),
-                            )
-                        })?;
-                    let grid = Grasp::from_rows(*settings, rows)
-                        .map_err(|e| Error::invalid_param(e, format!("{PARAM}[{i}].grid")))?;
-                    Ok(Instance::Grasp {
-                        id: format!("instance {i}"),
-                        grid,
-                    })
+                        .ok_or(format!(
+                            "item {i} is not a GRASP instance, {{\"grid\": [\"row\", ...]}}"
+                        ))
                 })
-                .collect();
+                .collect::<std::result::Result<_, _>>()
+                .map(Instances::Grids),
+            _ => Seeds::try_from(v).map(Instances::Seeds),
         }
     }
-    Ok(seeds(&v, 0, PARAM, max)?
-        .into_iter()
-        .map(|s| family.instance(s))
-        .collect())
+}
+
+fn instances(family: &Family, given: Option<&Instances>, max: usize) -> Result<Vec<Instance>> {
+    const PARAM: &str = "experient.instances";
+    let grids = match given {
+        None => return Ok((0..5).map(|s| family.instance(s)).collect()),
+        Some(Instances::Seeds(seeds)) => {
+            return Ok(seeds
+                .resolve(0, PARAM, max)?
+                .into_iter()
+                .map(|s| family.instance(s))
+                .collect())
+        }
+        Some(Instances::Grids(grids)) => grids,
+    };
+    let Family::Grasp(settings) = family else {
+        return Err(Error::invalid(
+            "grids are given for GRASP families only; name MiniGrid instances by seed",
+            PARAM,
+        ));
+    };
+    if grids.len() > max {
+        return Err(Error::invalid(format!("at most {max} instances"), PARAM));
+    }
+    grids
+        .iter()
+        .enumerate()
+        .map(|(i, rows)| {
+            let grid = Grasp::from_rows(*settings, rows.clone())
+                .map_err(|e| Error::invalid_param(e, format!("{PARAM}[{i}].grid")))?;
+            Ok(Instance::Grasp {
+                id: format!("instance {i}"),
+                grid,
+            })
+        })
+        .collect()
 }
 
 pub async fn run(
@@ -131,18 +175,15 @@ pub async fn run(
             "experient.env",
         )
     })?;
-    let rounds = opts.rounds.unwrap_or(settings.rounds);
-    let (max, max_rounds) = (ctx.bounds.max_plan_instances, ctx.bounds.max_plan_rounds);
-    if rounds > max_rounds {
-        return Err(Error::invalid(
-            format!("experient.rounds must be at most {max_rounds}"),
-            "experient.rounds",
-        ));
-    }
+    let max = ctx.bounds.max_plan_instances;
     let eval = instances(&family, opts.instances.as_ref(), max)?;
-    let train_seeds = match &opts.train {
-        Some(v) => seeds(v, TRAIN_SEED_BASE, "experient.train", max)?,
-        None => (TRAIN_SEED_BASE..TRAIN_SEED_BASE + settings.train as u64).collect(),
+    let train = match &opts.train {
+        Some(seeds) => seeds
+            .resolve(TRAIN_SEED_BASE, "experient.train", max)?
+            .into_iter()
+            .map(|s| family.instance(s))
+            .collect(),
+        None => ipp::training_instances(family, settings.train),
     };
     // The user's words describe the task; a system prompt applies to every model call.
     let text = |role: Role| {
@@ -155,31 +196,23 @@ pub async fn run(
             .collect::<Vec<_>>()
             .join("\n")
     };
-    let (system, task) = (text(Role::System), text(Role::User));
     let spec = Spec {
-        family,
-        system,
-        task,
-        train: train_seeds
-            .into_iter()
-            .map(|s| family.instance(s))
-            .collect(),
-        eval,
-        rounds,
-        feedback: settings.feedback,
-        sampling: Sampling {
-            max_tokens: Some(request.sampling.max_tokens.unwrap_or(settings.max_tokens)),
-            n: 1,
-            ..request.sampling.clone()
-        },
-        limits: Limits {
-            time: std::time::Duration::from_secs(settings.program_time_secs),
-            memory_bytes: settings.program_memory_mib << 20,
-            ..Limits::default()
-        },
+        system: text(Role::System),
+        task: text(Role::User),
         direct: opts.direct,
-        reuse: None,
+        ..Spec::new(
+            family,
+            &settings,
+            train,
+            eval,
+            opts.rounds,
+            request.sampling.clone(),
+        )
     };
+    spec.check(
+        &ctx.bounds,
+        ["experient.train", "experient.instances", "experient.rounds"],
+    )?;
     let refresh = opts.refresh;
     let ctx = ctx.clone();
     let backend = route.backend.clone();

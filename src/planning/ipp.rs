@@ -40,6 +40,77 @@ pub struct Spec {
     pub reuse: Option<Cached>,
 }
 
+/// Seeds of generated training instances start here, away from the small seeds clients
+/// usually evaluate on.
+pub const TRAIN_SEED_BASE: u64 = 10_000;
+
+impl Spec {
+    /// A run of `family` as the configuration sets it up: the sandbox limits and the feedback
+    /// count from `settings`, `rounds` and the token limit defaulting to theirs. The CLI and
+    /// the `plan` method both start here, then say what is theirs (prompts, `direct`, reuse).
+    pub fn new(
+        family: Family,
+        settings: &crate::config::PlanConfig,
+        train: Vec<Instance>,
+        eval: Vec<Instance>,
+        rounds: Option<u32>,
+        sampling: Sampling,
+    ) -> Spec {
+        Spec {
+            family,
+            system: String::new(),
+            task: String::new(),
+            train,
+            eval,
+            rounds: rounds.unwrap_or(settings.rounds),
+            feedback: settings.feedback,
+            sampling: Sampling {
+                max_tokens: Some(sampling.max_tokens.unwrap_or(settings.max_tokens)),
+                n: 1,
+                ..sampling
+            },
+            limits: Limits {
+                time: std::time::Duration::from_secs(settings.program_time_secs),
+                memory_bytes: settings.program_memory_mib << 20,
+                ..Limits::default()
+            },
+            direct: false,
+            reuse: None,
+        }
+    }
+
+    /// Checks the counts against the configured bounds; `names` are what the caller calls the
+    /// training instances, the evaluation instances and the rounds, for the message.
+    pub fn check(&self, bounds: &crate::config::Bounds, names: [&str; 3]) -> Result<()> {
+        let max = bounds.max_plan_instances;
+        for (name, n) in [(names[0], self.train.len()), (names[1], self.eval.len())] {
+            if !(1..=max).contains(&n) {
+                return Err(Error::invalid_param(
+                    format!("{name} must be from 1 to {max} (bounds.max_plan_instances)"),
+                    name,
+                ));
+            }
+        }
+        if self.rounds > bounds.max_plan_rounds {
+            return Err(Error::invalid_param(
+                format!(
+                    "{} must be at most {} (bounds.max_plan_rounds)",
+                    names[2], bounds.max_plan_rounds
+                ),
+                names[2],
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The first `n` generated training instances of `family`.
+pub fn training_instances(family: Family, n: usize) -> Vec<Instance> {
+    (TRAIN_SEED_BASE..TRAIN_SEED_BASE + n as u64)
+        .map(|s| family.instance(s))
+        .collect()
+}
+
 /// A kept program, as the cache stores it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Cached {

@@ -1,5 +1,5 @@
 //! MiniGrid's Empty, DoorKey, Unlock, FourRooms and LavaCrossing levels, with the Python
-//! package's dynamics and, for the same seed, the same layout (`tests/minigrid.rs` checks both
+//! package's dynamics and, for the same seed, the same layout (`tests/e2e/minigrid.rs` checks both
 //! against `minigrid` 3.0 itself).
 //!
 //! The world is fully observed here: a planning program receives the whole grid, the agent's

@@ -13,549 +13,34 @@
 //! trusted: replies that do not parse are retried, then skipped with the reason recorded, and
 //! every proposal is checked against the library before the commit, which is all or nothing.
 
+mod options;
+mod progress;
+mod records;
+mod run;
+
+pub use options::LearnOptions;
+pub use progress::{Progress, ProgressSnapshot, Watcher};
+pub use records::{Consolidation, GroupRecord, Rollout, RunSummary, StepResult, Validation};
+pub use run::{Run, RunInfo};
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use super::dataset::{Dataset, Task};
-use super::ops::{self, Proposal, Rejected};
-use super::verify::{Judge, Verifier};
+use super::dataset::Dataset;
+use super::ops::{self, Proposal};
+use super::verify::{Judge, Scoring, Verifier};
 use crate::backend::{Backend, ChatRequest, FinishReason, Message, Priority, Role, Sampling};
-use crate::config::Bounds;
 use crate::error::{Error, Result};
 use crate::experience::proposals::Origin;
 use crate::experience::{Change, Experience};
-use crate::methods::{self, prior, Context};
+use crate::methods::{prior, Context};
 use crate::router::{Route, Router};
-
-/// What a run does. Stored in the run directory, so a resumed run does exactly the same.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LearnOptions {
-    pub library: String,
-    /// The model that makes the attempts.
-    pub model: String,
-    /// The model that summarises, compares and edits the library (default: `model`).
-    pub learner_model: Option<String>,
-    pub epochs: u32,
-    pub batch_size: usize,
-    /// Attempts per task (G).
-    pub group_size: u32,
-    pub temperature: f32,
-    /// Token limit of an attempt.
-    pub max_tokens: u32,
-    /// Token limit of a learner call.
-    pub learner_max_tokens: u32,
-    /// Model calls in flight at once.
-    pub concurrency: usize,
-    /// `numeric`, `exact`, `regex:PATTERN` or `judge`; default: what fits the data set.
-    pub verifier: Option<String>,
-    /// The judge's model (default: `learner_model`).
-    pub judge_model: Option<String>,
-    /// What the model is told besides the question (default: what fits the data set).
-    pub instruction: Option<String>,
-    /// Most lessons one group may yield.
-    pub max_lessons: usize,
-    /// Extra attempts at a learner call whose reply does not parse.
-    pub retries: u32,
-    /// Seed of the per-epoch task order.
-    pub seed: u64,
-    /// Tags put on every learned experience.
-    pub tags: Vec<String>,
-}
-
-impl Default for LearnOptions {
-    fn default() -> Self {
-        LearnOptions {
-            library: String::new(),
-            model: crate::backend::fetch::DEFAULT_MODEL_ID.into(),
-            learner_model: None,
-            epochs: 3,
-            batch_size: 8,
-            group_size: 5,
-            temperature: 0.7,
-            max_tokens: 512,
-            learner_max_tokens: 384,
-            concurrency: 4,
-            verifier: None,
-            judge_model: None,
-            instruction: None,
-            max_lessons: 2,
-            retries: 2,
-            seed: 42,
-            tags: vec![],
-        }
-    }
-}
-
-impl LearnOptions {
-    /// Checks what can be checked before any model runs, against the server's bounds: each of
-    /// these counts sizes a loop or an allocation.
-    pub fn check(&self, bounds: &Bounds) -> Result<()> {
-        crate::experience::validate_library_name(&self.library)?;
-        let within = |v: u64, lo: u64, hi: u64, p: &'static str| {
-            if (lo..=hi).contains(&v) {
-                Ok(())
-            } else {
-                Err(Error::invalid(
-                    format!("{p} must be from {lo} to {hi}, got {v}"),
-                    p,
-                ))
-            }
-        };
-        within(self.epochs.into(), 1, bounds.max_epochs.into(), "epochs")?;
-        within(
-            self.batch_size as u64,
-            1,
-            bounds.max_batch_size as u64,
-            "batch_size",
-        )?;
-        if self.group_size < 2 {
-            return Err(Error::invalid(
-                "group_size must be at least 2: a group of one has no winners and losers to compare",
-                "group_size",
-            ));
-        }
-        within(
-            self.group_size.into(),
-            2,
-            bounds.max_group_size.into(),
-            "group_size",
-        )?;
-        if !(0.0..=2.0).contains(&self.temperature) {
-            return Err(Error::invalid(
-                "temperature must be between 0 and 2",
-                "temperature",
-            ));
-        }
-        if self.max_tokens == 0 || self.learner_max_tokens == 0 {
-            return Err(Error::invalid(
-                "token limits must be at least 1",
-                "max_tokens",
-            ));
-        }
-        within(
-            self.concurrency as u64,
-            1,
-            bounds.max_concurrency as u64,
-            "concurrency",
-        )?;
-        within(self.retries.into(), 0, bounds.max_retries.into(), "retries")?;
-        within(
-            self.max_lessons as u64,
-            1,
-            bounds.max_lessons as u64,
-            "max_lessons",
-        )?;
-        if let Some(v) = &self.verifier {
-            parse_verifier(v)?;
-        }
-        crate::experience::validate_tags(&self.tags)?;
-        Ok(())
-    }
-
-    fn learner(&self) -> &str {
-        self.learner_model.as_deref().unwrap_or(&self.model)
-    }
-}
-
-enum Scoring {
-    Rule(Verifier),
-    Judge,
-}
-
-fn parse_verifier(s: &str) -> Result<Scoring> {
-    Ok(match s {
-        "numeric" => Scoring::Rule(Verifier::Numeric),
-        "exact" => Scoring::Rule(Verifier::Exact),
-        "judge" => Scoring::Judge,
-        r if r.starts_with("regex:") => {
-            let p = &r["regex:".len()..];
-            regex::Regex::new(&p.replace("{answer}", "x")).map_err(|e| {
-                Error::invalid(format!("the verifier's regex is invalid: {e}"), "verifier")
-            })?;
-            Scoring::Rule(Verifier::Regex(p.to_owned()))
-        }
-        other => {
-            return Err(Error::invalid(
-                format!("unknown verifier '{other}': use numeric, exact, regex:PATTERN or judge"),
-                "verifier",
-            ))
-        }
-    })
-}
-
-/// A run on disk.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunInfo {
-    pub id: String,
-    pub created: chrono::DateTime<chrono::Utc>,
-    pub dataset: String,
-    pub instruction: String,
-    /// The verifier the data set calls for, when the options name none.
-    pub default_verifier: String,
-    pub tasks: usize,
-    pub validation: usize,
-    pub steps: u64,
-    pub options: LearnOptions,
-}
-
-pub struct Run {
-    pub info: RunInfo,
-    pub dir: PathBuf,
-    tasks: Vec<Task>,
-    validation: Vec<Task>,
-}
-
-fn verifier_name(v: &Verifier) -> String {
-    match v {
-        Verifier::Numeric => "numeric".into(),
-        Verifier::Exact => "exact".into(),
-        Verifier::Regex(p) => format!("regex:{p}"),
-    }
-}
-
-fn io(context: &str, e: impl std::fmt::Display) -> Error {
-    Error::internal(format!("{context}: {e}"))
-}
-
-fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
-    let bytes = serde_json::to_vec_pretty(value).map_err(Error::internal)?;
-    crate::experience::write_atomic(path, &bytes)
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| io(&path.display().to_string(), e))?;
-    serde_json::from_str(&text).map_err(|e| io(&path.display().to_string(), e))
-}
-
-fn write_tasks(path: &Path, tasks: &[Task]) -> Result<()> {
-    let mut text = String::new();
-    for t in tasks {
-        text.push_str(
-            &serde_json::to_string(
-                &serde_json::json!({"question": t.question, "answer": t.answer, "origin": t.origin}),
-            )
-            .map_err(Error::internal)?,
-        );
-        text.push('\n');
-    }
-    crate::experience::write_atomic(path, text.as_bytes())
-}
-
-fn read_tasks(path: &Path) -> Result<Vec<Task>> {
-    let text = std::fs::read_to_string(path).map_err(|e| io(&path.display().to_string(), e))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let v: serde_json::Value =
-                serde_json::from_str(l).map_err(|e| io(&path.display().to_string(), e))?;
-            Ok(Task {
-                question: v["question"].as_str().unwrap_or_default().to_owned(),
-                answer: v["answer"].as_str().unwrap_or_default().to_owned(),
-                origin: v["origin"].as_str().map(str::to_owned),
-            })
-        })
-        .collect()
-}
-
-impl Run {
-    /// Starts a new run directory under `runs_dir` for `train` (and `validation`, evaluated
-    /// after every step when not empty).
-    pub fn create(
-        runs_dir: &Path,
-        options: LearnOptions,
-        data: &Dataset,
-        train: Vec<Task>,
-        validation: Vec<Task>,
-        bounds: &Bounds,
-    ) -> Result<Run> {
-        options.check(bounds)?;
-        if train.is_empty() {
-            return Err(Error::invalid("there are no tasks to learn from", "tasks"));
-        }
-        if train.len() > bounds.max_tasks || validation.len() > bounds.max_tasks {
-            return Err(Error::invalid(
-                format!(
-                    "a run may have at most {} tasks and as many validation tasks",
-                    bounds.max_tasks
-                ),
-                "tasks",
-            ));
-        }
-        let id = format!(
-            "{}-{}-{}",
-            options.library,
-            chrono::Utc::now().format("%Y%m%dT%H%M%S"),
-            &uuid::Uuid::new_v4().simple().to_string()[..6]
-        );
-        let dir = runs_dir.join(&id);
-        std::fs::create_dir_all(&dir).map_err(|e| io(&dir.display().to_string(), e))?;
-        let per_epoch = train.len().div_ceil(options.batch_size) as u64;
-        let info = RunInfo {
-            id,
-            created: chrono::Utc::now(),
-            dataset: data.name.clone(),
-            instruction: options
-                .instruction
-                .clone()
-                .unwrap_or_else(|| data.instruction.clone()),
-            default_verifier: verifier_name(&data.verifier),
-            tasks: train.len(),
-            validation: validation.len(),
-            steps: per_epoch * u64::from(options.epochs),
-            options,
-        };
-        write_tasks(&dir.join("tasks.jsonl"), &train)?;
-        write_tasks(&dir.join("validation.jsonl"), &validation)?;
-        write_json(&dir.join("run.json"), &info)?;
-        Ok(Run {
-            info,
-            dir,
-            tasks: train,
-            validation,
-        })
-    }
-
-    /// Opens a run directory to resume it.
-    pub fn open(dir: &Path) -> Result<Run> {
-        let info: RunInfo = read_json(&dir.join("run.json"))?;
-        Ok(Run {
-            tasks: read_tasks(&dir.join("tasks.jsonl"))?,
-            validation: read_tasks(&dir.join("validation.jsonl"))?,
-            info,
-            dir: dir.to_owned(),
-        })
-    }
-
-    fn step_dir(&self, step: u64) -> PathBuf {
-        self.dir.join(format!("step-{step:04}"))
-    }
-
-    fn message(&self, step: u64) -> String {
-        format!("learn run {} step {step}/{}", self.info.id, self.info.steps)
-    }
-
-    /// The task indices of `step` (1-based): epoch `e` visits the tasks in an order shuffled
-    /// by `seed + e`, cut into batches.
-    fn batch(&self, step: u64) -> (u32, Vec<usize>) {
-        let per_epoch = self.tasks.len().div_ceil(self.info.options.batch_size) as u64;
-        let epoch = (step - 1) / per_epoch;
-        let b = ((step - 1) % per_epoch) as usize;
-        let mut order = Dataset {
-            name: String::new(),
-            tasks: (0..self.tasks.len())
-                .map(|i| Task {
-                    question: i.to_string(),
-                    answer: String::new(),
-                    origin: None,
-                })
-                .collect(),
-            verifier: Verifier::Exact,
-            instruction: String::new(),
-        };
-        order.shuffle(self.info.options.seed.wrapping_add(epoch));
-        let idx: Vec<usize> = order
-            .tasks
-            .iter()
-            .map(|t| t.question.parse().unwrap())
-            .skip(b * self.info.options.batch_size)
-            .take(self.info.options.batch_size)
-            .collect();
-        (epoch as u32 + 1, idx)
-    }
-
-    /// Results of the finished steps, in order.
-    pub fn results(&self) -> Vec<StepResult> {
-        (1..=self.info.steps)
-            .map_while(|s| read_json(&self.step_dir(s).join("result.json")).ok())
-            .collect()
-    }
-
-    pub fn baseline(&self) -> Option<f64> {
-        read_json::<Validation>(&self.dir.join("baseline.json"))
-            .ok()
-            .map(|v| v.accuracy)
-    }
-}
-
-/// Live progress of a run, read by the CLI's progress bar and by `GET /v1/jobs/{id}`.
-#[derive(Default)]
-pub struct Progress {
-    pub step: AtomicU64,
-    pub steps: AtomicU64,
-    pub rollouts_done: AtomicU64,
-    pub rollouts_total: AtomicU64,
-    phase: Mutex<String>,
-    bar: Option<indicatif::ProgressBar>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ProgressSnapshot {
-    pub step: u64,
-    pub steps: u64,
-    pub rollouts_done: u64,
-    pub rollouts_total: u64,
-    pub phase: String,
-}
-
-impl Progress {
-    /// Progress shown as a bar with ETA on the terminal.
-    pub fn with_bar() -> Progress {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg:<34} [{bar:30}] {pos}/{len} attempts ({elapsed} elapsed, ETA {eta})",
-            )
-            .expect("static template")
-            .progress_chars("=> "),
-        );
-        Progress {
-            bar: Some(bar),
-            ..Default::default()
-        }
-    }
-
-    fn phase(&self, step: u64, what: &str) {
-        let steps = self.steps.load(Ordering::Relaxed);
-        let text = format!("step {step}/{steps}: {what}");
-        self.step.store(step, Ordering::Relaxed);
-        if let Some(b) = &self.bar {
-            b.set_message(text.clone());
-        }
-        *self.phase.lock() = text;
-    }
-
-    fn rollout_done(&self) {
-        self.rollouts_done.fetch_add(1, Ordering::Relaxed);
-        if let Some(b) = &self.bar {
-            b.inc(1);
-        }
-    }
-
-    pub fn snapshot(&self) -> ProgressSnapshot {
-        ProgressSnapshot {
-            step: self.step.load(Ordering::Relaxed),
-            steps: self.steps.load(Ordering::Relaxed),
-            rollouts_done: self.rollouts_done.load(Ordering::Relaxed),
-            rollouts_total: self.rollouts_total.load(Ordering::Relaxed),
-            phase: self.phase.lock().clone(),
-        }
-    }
-
-    pub fn finish(&self) {
-        if let Some(b) = &self.bar {
-            b.finish_and_clear();
-        }
-    }
-}
-
-/// One attempt at one task.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Rollout {
-    pub task: usize,
-    pub attempt: u32,
-    pub output: String,
-    pub reward: f64,
-    /// The judge's reasoning, when a judge scored it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub critique: Option<String>,
-    /// Why the attempt has no output, when it failed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-/// What the learner made of one group.
-#[derive(Debug, Clone, Serialize)]
-pub struct GroupRecord {
-    pub task: usize,
-    pub question: String,
-    pub answer: String,
-    pub rewards: Vec<f64>,
-    pub summaries: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub advantage_reply: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub lessons: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub update_reply: Option<String>,
-    /// The comparison reply hit `learner_max_tokens`, so its unfinished last line was not read.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub advantage_cut: bool,
-    /// The same for the operations reply: a cut operation never reaches the library.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub update_cut: bool,
-    pub proposals: Vec<Proposal>,
-    pub rejected: Vec<Rejected>,
-    /// Why the group yielded nothing, when it did not.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub skipped: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Consolidation {
-    pub proposals: Vec<Proposal>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reply: Option<String>,
-    /// The reply hit `learner_max_tokens`, so its unfinished last line was not read.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub reply_cut: bool,
-    pub rejected: Vec<Rejected>,
-    /// Set when the model's merge could not be used and the rule-based merge was.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fallback: Option<String>,
-    pub result: Vec<Proposal>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Validation {
-    pub accuracy: f64,
-    pub ci95: [f64; 2],
-    pub tasks: usize,
-}
-
-/// The outcome of one finished step.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StepResult {
-    pub step: u64,
-    pub epoch: u32,
-    pub tasks: Vec<usize>,
-    pub rollouts: usize,
-    pub failed_rollouts: usize,
-    pub mean_reward: f64,
-    pub mixed_groups: usize,
-    pub skipped_groups: usize,
-    /// The library version this step committed, if it changed anything.
-    pub version: Option<u64>,
-    pub added: Vec<String>,
-    pub updated: Vec<String>,
-    pub deleted: Vec<String>,
-    /// Proposals this step left for review, when the library reviews what learning does.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub proposed: Vec<String>,
-    pub library_size: usize,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub validation: Option<Validation>,
-}
-
-/// What a whole run did.
-#[derive(Debug, Clone, Serialize)]
-pub struct RunSummary {
-    pub run: String,
-    pub dir: PathBuf,
-    pub library: String,
-    pub steps: Vec<StepResult>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub baseline_validation: Option<f64>,
-    pub version: u64,
-    pub experiences: usize,
-}
+use run::{io, write_json};
 
 struct Learner<'a> {
     ctx: &'a Context,
@@ -579,13 +64,13 @@ pub async fn learn(
     let o = &run.info.options;
     // A resumed run's options come from its directory, which may have been edited by hand.
     o.check(&ctx.bounds)?;
-    let rollout = router.resolve(&o.model, Some(methods::Method::Direct.name()), None)?;
+    let rollout = router.resolve(&o.model, Some(crate::router::Method::Direct.name()), None)?;
     let learner = router
         .resolve(o.learner(), None, None)
         .map_err(|e| rename_param(e, "learner_model"))?
         .backend;
-    let scoring = parse_verifier(o.verifier.as_deref().unwrap_or(&run.info.default_verifier))?;
-    let rule = match parse_verifier(&run.info.default_verifier)? {
+    let scoring = Scoring::parse(o.verifier.as_deref().unwrap_or(&run.info.default_verifier))?;
+    let rule = match Scoring::parse(&run.info.default_verifier)? {
         Scoring::Rule(v) => v,
         Scoring::Judge => Verifier::Exact,
     };
@@ -619,9 +104,7 @@ pub async fn learn(
         (run.info.tasks as u64) * u64::from(o.group_size) * u64::from(o.epochs),
         Ordering::Relaxed,
     );
-    if let Some(b) = &progress.bar {
-        b.set_length(progress.rollouts_total.load(Ordering::Relaxed));
-    }
+    progress.changed();
     if !run.validation.is_empty() && !run.dir.join("baseline.json").is_file() {
         progress.phase(0, "validating the starting library");
         let v = l.validate().await?;
@@ -634,9 +117,7 @@ pub async fn learn(
                 (run.batch(step).1.len() as u64) * u64::from(o.group_size),
                 Ordering::Relaxed,
             );
-            if let Some(b) = &progress.bar {
-                b.set_position(progress.rollouts_done.load(Ordering::Relaxed));
-            }
+            progress.changed();
             continue;
         }
         let result = l.step(step).await?;
@@ -646,7 +127,6 @@ pub async fn learn(
             version = ?result.version, "learning step done"
         );
     }
-    progress.finish();
     let lib = ctx.store.library(&o.library)?;
     let summary = RunSummary {
         run: run.info.id.clone(),
@@ -1156,13 +636,11 @@ impl Learner<'_> {
             &ds,
             &super::eval::EvalOptions {
                 samples: 1,
-                limit: None,
-                offset: 0,
                 temperature: 0.0,
                 max_tokens: o.max_tokens,
                 concurrency: o.concurrency,
             },
-            &indicatif::ProgressBar::hidden(),
+            &|_| {},
         )
         .await
         .map_err(|e| Error::internal(format!("validation: {e:#}")))?;

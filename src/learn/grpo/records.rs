@@ -1,0 +1,108 @@
+//! What a run writes down: every attempt, every group's comparison, each step's result.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::super::ops::{Proposal, Rejected};
+
+/// One attempt at one task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Rollout {
+    pub task: usize,
+    pub attempt: u32,
+    pub output: String,
+    pub reward: f64,
+    /// The judge's reasoning, when a judge scored it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub critique: Option<String>,
+    /// Why the attempt has no output, when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What the learner made of one group.
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupRecord {
+    pub task: usize,
+    pub question: String,
+    pub answer: String,
+    pub rewards: Vec<f64>,
+    pub summaries: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advantage_reply: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lessons: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update_reply: Option<String>,
+    /// The comparison reply hit `learner_max_tokens`, so its unfinished last line was not read.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub advantage_cut: bool,
+    /// The same for the operations reply: a cut operation never reaches the library.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub update_cut: bool,
+    pub proposals: Vec<Proposal>,
+    pub rejected: Vec<Rejected>,
+    /// Why the group yielded nothing, when it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Consolidation {
+    pub proposals: Vec<Proposal>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply: Option<String>,
+    /// The reply hit `learner_max_tokens`, so its unfinished last line was not read.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub reply_cut: bool,
+    pub rejected: Vec<Rejected>,
+    /// Set when the model's merge could not be used and the rule-based merge was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+    pub result: Vec<Proposal>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Validation {
+    pub accuracy: f64,
+    pub ci95: [f64; 2],
+    pub tasks: usize,
+}
+
+/// The outcome of one finished step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepResult {
+    pub step: u64,
+    pub epoch: u32,
+    pub tasks: Vec<usize>,
+    pub rollouts: usize,
+    pub failed_rollouts: usize,
+    pub mean_reward: f64,
+    pub mixed_groups: usize,
+    pub skipped_groups: usize,
+    /// The library version this step committed, if it changed anything.
+    pub version: Option<u64>,
+    pub added: Vec<String>,
+    pub updated: Vec<String>,
+    pub deleted: Vec<String>,
+    /// Proposals this step left for review, when the library reviews what learning does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proposed: Vec<String>,
+    pub library_size: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<Validation>,
+}
+
+/// What a whole run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub run: String,
+    pub dir: PathBuf,
+    pub library: String,
+    pub steps: Vec<StepResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_validation: Option<f64>,
+    pub version: u64,
+    pub experiences: usize,
+}
