@@ -4,7 +4,7 @@
 //! - `q4_1_layer/*`: the seven Q4_1 weight matrices of one layer (q, k, v, o, gate, up, down)
 //!   against 1 input row (decoding) and 39 (a short prompt), on one thread. `one_pair` makes
 //!   one `vec_dot` call per output; `tiles` is `vec_dot_rows`, which the matmul now uses. Both
-//!   give the same bits (tests/quantized_kernels.rs).
+//!   give the same bits (tests/e2e/quantized_kernels.rs).
 //! - `attention/*`: mistral.rs's CPU flash attention in BF16 (the dtype the model runs in on
 //!   CPU), 9 query heads over 3 KV heads of 64 dims: one decoding step at 170 cached positions,
 //!   and prompts of 39 and 315 tokens, on rayon's pool.
@@ -13,7 +13,7 @@ use candle_core::quantized::k_quants::{BlockQ4_1, BlockQ8_1, GgmlType};
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
-#[path = "../tests/common/lcg.rs"]
+#[path = "../tests/e2e/common/lcg.rs"]
 mod lcg;
 
 fn values(seed: u64, len: usize) -> Vec<f32> {

@@ -6,8 +6,7 @@ use candle_core::quantized::k_quants::{BlockQ4_1, BlockQ8_1, GgmlType};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 
-#[path = "common/lcg.rs"]
-mod lcg;
+use crate::common::lcg;
 
 /// Deterministic values with the spread of real activations and weights: mostly small, some
 /// large, both signs, and whole blocks of zeros (a zero scale) now and then.

@@ -3,7 +3,7 @@
 //! `requantize_q4_1` asks. Each way a real server loads a copy of the embedded model and
 //! answers through an OpenAI client.
 
-mod common;
+use crate::common;
 
 use async_openai::types::chat::{
     ChatCompletionRequestUserMessage, CreateChatCompletionRequestArgs,

@@ -1,13 +1,13 @@
 //! Inbound API keys: user keys for the OpenAI routes, admin keys for libraries and jobs.
 
-mod common;
+use crate::common;
 
+use crate::common::{start, MODEL};
 use async_openai::config::OpenAIConfig;
 use async_openai::types::chat::{
     ChatCompletionRequestUserMessage, CreateChatCompletionRequestArgs,
 };
 use async_openai::Client;
-use common::{start, MODEL};
 use serde_json::Value;
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! The attacks of the hardening review, replayed against the real server: each of these once
 //! aborted the process, starved it, or reached what it should not.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{start, start_in, start_limited, Server, MODEL};
+use crate::common::{start, start_in, start_limited, Server, MODEL};
 use serde_json::{json, Value};
 
 async fn call(server: &Server, method: &str, path: &str, body: Value) -> (u16, Value) {

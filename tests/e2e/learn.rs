@@ -8,14 +8,14 @@
 //! attempts, rewards from the verifier, the homogeneous-group skip, summaries, parsing,
 //! checking, consolidation and the commit.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::learning::{bool_tasks as tasks, learner_prompts, FIRST_WORD};
+use crate::common::learning::{bool_tasks as tasks, learner_prompts, FIRST_WORD};
 
 async fn poll(http: &reqwest::Client, url: &str, until: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(900);

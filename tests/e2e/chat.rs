@@ -2,17 +2,17 @@
 //! `async-openai` client where it can express the request and by raw HTTP where the wire
 //! format itself is under test.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 
+use crate::common::{shared, sse_data, MODEL};
 use async_openai::error::OpenAIError;
 use async_openai::types::chat::{
     ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
     ChatCompletionRequestUserMessage, ChatCompletionStreamOptions, CreateChatCompletionRequest,
     CreateChatCompletionRequestArgs, FinishReason, StopConfiguration,
 };
-use common::{shared, sse_data, MODEL};
 use futures::StreamExt;
 use serde_json::{json, Value};
 

@@ -9,7 +9,7 @@
 //! a program that wins. Another runs the built-in prompts, where the model writes whatever it
 //! writes and the loop must still finish and account for every round.
 
-mod common;
+use crate::common;
 
 use async_openai::types::chat::{
     ChatCompletionRequestSystemMessageArgs, ChatCompletionRequestUserMessageArgs,
@@ -17,7 +17,7 @@ use async_openai::types::chat::{
 };
 use serde_json::{json, Value};
 
-use common::Server;
+use crate::common::Server;
 
 const REPEAT: &str = "You repeat what the user says, word for word.";
 /// Empty-5x5 from its fixed start: two steps along the top row, turn down, two steps onto the
@@ -292,7 +292,7 @@ async fn the_loop_with_built_in_prompts_records_every_round() {
 async fn a_correct_program_wins_every_level_through_the_sandbox() {
     use experient::planning::{ipp, minigrid::Level, Family};
     std::env::set_var("EXPERIENT_SANDBOX_EXE", env!("CARGO_BIN_EXE_experient"));
-    let code = include_str!("../bench/programs/minigrid_bfs.py");
+    let code = include_str!("../../bench/programs/minigrid_bfs.py");
     let limits = experient::sandbox::Limits::default();
     for id in Level::IDS {
         let family = Family::parse(id).unwrap();
@@ -302,7 +302,7 @@ async fn a_correct_program_wins_every_level_through_the_sandbox() {
             assert!(run.played.success, "{id} seed {seed}: {run:?}");
         }
     }
-    let greedy = include_str!("../bench/programs/grasp_greedy.py");
+    let greedy = include_str!("../../bench/programs/grasp_greedy.py");
     for name in ["grasp", "grasp-diag-carry2-cost0.1"] {
         let family = Family::parse(name).unwrap();
         let mut won = 0;

@@ -9,8 +9,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-#[path = "common/lcg.rs"]
-mod lcg;
+use crate::common::lcg;
 
 const TILE_KV: usize = 16;
 const DOT_CHUNK: usize = 4;

@@ -12,7 +12,7 @@
 //! copied to docs/ui/ for README. Chromium and chromedriver are required: without them the
 //! test fails, it does not skip (`.ci/run` installs them).
 
-mod common;
+use crate::common;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

@@ -1,13 +1,11 @@
 //! The experience store through the HTTP API and the CLI, its durability across restarts and
 //! crashes, and libraries applied to chat requests.
 
-mod common;
-
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{start, start_in, Server, MODEL};
+use crate::common::{start, start_in, Server, MODEL};
 use serde_json::{json, Value};
 
 struct Api<'a> {

@@ -4,7 +4,7 @@
 //! a request and in the middle of a stream, a slow upstream hitting the first-byte timeout,
 //! fallback to another upstream, and upstream API keys.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use async_openai::types::chat::{
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use common::{sse_data, Server, MODEL};
+use crate::common::{sse_data, Server, MODEL};
 
 fn request(model: &str, max_tokens: u32) -> CreateChatCompletionRequest {
     CreateChatCompletionRequestArgs::default()

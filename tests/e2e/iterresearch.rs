@@ -8,7 +8,7 @@
 //! model what to say; the model still writes every reply, and the loop reads, acts on and
 //! rebuilds from what it wrote.
 
-mod common;
+use crate::common;
 
 use async_openai::types::chat::{
     ChatCompletionMessageToolCalls, ChatCompletionRequestAssistantMessageArgs,
@@ -18,7 +18,7 @@ use async_openai::types::chat::{
 };
 use serde_json::{json, Value};
 
-use common::Server;
+use crate::common::Server;
 
 const REPEAT: &str = "You repeat what the user says, word for word.";
 

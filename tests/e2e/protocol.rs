@@ -5,15 +5,15 @@
 //! so both backends answer the same requests over real HTTP. Responses are parsed with
 //! async-openai's own types, which fail on any field out of OpenAI's shape.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
+use crate::common::{sse_data, Server, MODEL};
 use async_openai::types::chat::{CreateChatCompletionResponse, CreateChatCompletionStreamResponse};
 use async_openai::types::completions::CreateCompletionResponse;
 use async_openai::types::responses::{OutputItem, Response, ResponseStreamEvent, Status};
-use common::{sse_data, Server, MODEL};
 use serde_json::{json, Value};
 
 /// The embedded model's server, and a second server whose model "up" is the first one.

@@ -1,11 +1,11 @@
 //! Server behaviour over time: cancellation, overload, deadlines and shutdown. Each test runs
 //! its own server, so that gauges and queues are not shared with other tests.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use common::{metric, start, Server, MODEL};
+use crate::common::{metric, start, Server, MODEL};
 use futures::StreamExt;
 use serde_json::{json, Value};
 

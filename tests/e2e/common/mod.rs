@@ -1,6 +1,7 @@
 //! Starting real `experient` processes for the tests, and clients that talk to them.
 #![allow(dead_code)]
 
+pub mod lcg;
 pub mod learning;
 
 use std::io::{BufRead, BufReader};

@@ -8,13 +8,13 @@
 //! the 135M model can follow: it repeats a given lesson. The attempts, their rewards, the
 //! groups and the commit are the real pipeline.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::learning::{learner_prompts, FIRST_WORD};
+use crate::common::learning::{learner_prompts, FIRST_WORD};
 
 /// The first `n` BBH boolean_expressions tasks as (question, answer).
 fn bool_tasks(n: usize) -> Vec<(String, String)> {
