@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// The whole configuration file; every section has defaults, so none is required.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -213,6 +214,7 @@ impl Default for PlanConfig {
     }
 }
 
+/// IterResearch's defaults and limits.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IterResearchConfig {
@@ -254,6 +256,7 @@ pub struct AuthConfig {
     pub public_metrics: bool,
 }
 
+/// HTTP limits: body size, connections, timeouts.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
@@ -317,6 +320,7 @@ impl Default for ServerConfig {
     }
 }
 
+/// One served model: local (GGUF) or upstream (another OpenAI-compatible server).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum ModelConfig {
@@ -325,6 +329,7 @@ pub enum ModelConfig {
 }
 
 impl ModelConfig {
+    /// The alias clients name the model by.
     pub fn id(&self) -> &str {
         match self {
             ModelConfig::Local(l) => &l.id,
@@ -332,6 +337,7 @@ impl ModelConfig {
         }
     }
 
+    /// Aliases tried, in order, when this model fails before its first token.
     pub fn fallback(&self) -> &[String] {
         match self {
             ModelConfig::Local(l) => &l.fallback,
@@ -398,6 +404,7 @@ fn default_upstream_concurrent() -> usize {
     256
 }
 
+/// A GGUF model run in-process through mistral.rs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalModelConfig {

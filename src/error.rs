@@ -56,9 +56,11 @@ pub enum Error {
     Internal(String),
 }
 
+/// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// A 400 naming the request field at fault.
     pub fn invalid(message: impl Into<String>, param: impl Into<Option<&'static str>>) -> Self {
         Error::InvalidRequest {
             message: message.into(),
@@ -66,6 +68,7 @@ impl Error {
         }
     }
 
+    /// A 400 naming a field path built at run time (`experient.instances[2].grid`).
     pub fn invalid_param(message: impl Into<String>, param: impl Into<String>) -> Self {
         Error::InvalidRequest {
             message: message.into(),
@@ -73,6 +76,7 @@ impl Error {
         }
     }
 
+    /// A 404.
     pub fn not_found(message: impl Into<String>, param: impl Into<Option<&'static str>>) -> Self {
         Error::NotFound {
             message: message.into(),
@@ -80,6 +84,7 @@ impl Error {
         }
     }
 
+    /// A 500 for what the client cannot fix; the message is logged and sent.
     pub fn internal(e: impl std::fmt::Display) -> Self {
         Error::Internal(e.to_string())
     }

@@ -33,11 +33,14 @@ const DEFAULTS: &[(&str, &str)] = &[
     template!("plan_direct.j2"),
 ];
 
+/// The prompt templates: the built-in ones, overridden file by file from a directory.
 pub struct Prompts {
     env: Environment<'static>,
 }
 
 impl Prompts {
+    /// The built-in templates with `overrides`'s files in their place; every template is parsed
+    /// now, so a broken one fails at start-up.
     pub fn load(overrides: Option<&Path>) -> anyhow::Result<Prompts> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);

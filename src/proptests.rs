@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use serde_json::{json, Value};
 
 use crate::api::error::parse_json;
-use crate::api::wire::{ChatCompletionRequest, Limits};
+use crate::api::wire::{ChatCompletionRequest, RequestLimits};
 
 /// Field names a chat request really has, so that generated objects reach deep into parsing
 /// and validation instead of stopping at an unknown shape.
@@ -81,8 +81,8 @@ fn json_value() -> impl Strategy<Value = Value> {
     })
 }
 
-fn limits() -> Limits {
-    Limits {
+fn limits() -> RequestLimits {
+    RequestLimits {
         max_n: 8,
         max_stop: 4,
     }

@@ -24,8 +24,10 @@ pub enum Method {
 }
 
 impl Method {
+    /// Every method, in the order error messages list them.
     pub const ALL: [Method; 3] = [Method::Direct, Method::IterResearch, Method::Plan];
 
+    /// The name clients write, in the model name or `experient.method`.
     pub fn name(self) -> &'static str {
         match self {
             Method::Direct => "direct",
@@ -34,6 +36,7 @@ impl Method {
         }
     }
 
+    /// The method called `s`, if there is one.
     pub fn parse(s: &str) -> Option<Method> {
         Method::ALL.into_iter().find(|m| m.name() == s)
     }
@@ -49,6 +52,7 @@ pub struct Route {
     pub library: Option<String>,
 }
 
+/// The configured models by alias, in configuration order.
 #[derive(Default, Clone)]
 pub struct Router {
     models: IndexMap<String, Arc<dyn Backend>>,
@@ -81,18 +85,22 @@ pub fn parse_model_name(name: &str) -> ModelName<'_> {
 }
 
 impl Router {
+    /// Serves `backend` under `alias`.
     pub fn add(&mut self, alias: impl Into<String>, backend: Arc<dyn Backend>) {
         self.models.insert(alias.into(), backend);
     }
 
+    /// Every alias and its backend, for `/v1/models`.
     pub fn models(&self) -> impl Iterator<Item = (&String, &Arc<dyn Backend>)> {
         self.models.iter()
     }
 
+    /// Whether every backend can serve (what `/health` reports).
     pub fn all_ready(&self) -> bool {
         self.models.values().all(|b| b.ready())
     }
 
+    /// The backend of a configured alias.
     pub fn backend(&self, alias: &str) -> Option<&Arc<dyn Backend>> {
         self.models.get(alias)
     }

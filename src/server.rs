@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::api::{self, wire::Limits, AppSettings, AppState};
+use crate::api::{self, wire::RequestLimits, AppSettings, AppState};
 use crate::backend::fetch;
 use crate::backend::local::{LocalBackend, LocalSettings};
 use crate::config::{Config, LocalModelConfig, ModelConfig};
@@ -220,7 +220,7 @@ pub fn state(parts: Parts) -> anyhow::Result<AppState> {
     .map_err(|e| anyhow::anyhow!("recorded traffic: {e}"))?;
     Ok(AppState::new(api::Shared {
         router: Arc::new(router),
-        limits: Limits {
+        limits: RequestLimits {
             max_n: config.server.max_n,
             max_stop: config.server.max_stop,
         },

@@ -16,6 +16,7 @@ use subtle::ConstantTimeEq;
 use super::AppState;
 use crate::error::Error;
 
+/// The inbound API keys, kept as SHA-256 digests so that comparing them takes constant time.
 #[derive(Default, Clone)]
 pub struct Keys {
     users: Vec<[u8; 32]>,
@@ -52,6 +53,7 @@ impl Keys {
         }
     }
 
+    /// Whether any key is configured (without one, the server listens only on loopback).
     pub fn enabled(&self) -> bool {
         !self.users.is_empty() || !self.admins.is_empty()
     }
@@ -87,6 +89,8 @@ fn is_admin_route(method: &axum::http::Method, path: &str) -> bool {
         || (path == "/v1/feedback" && method != axum::http::Method::POST)
 }
 
+/// Middleware: user keys for the OpenAI routes, admin keys for libraries and jobs; `/health`
+/// and the UI's files stay public.
 pub async fn check(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     // The UI's files hold no data (it asks for the key and sends it with each API call).

@@ -17,6 +17,7 @@ use crate::backend::{self, Event, FinishReason, Usage};
 use crate::error::Error;
 use crate::methods::{self, Applied, Selection};
 
+/// `POST /v1/chat/completions`: validate, route, run the method, answer whole or as SSE.
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", request_body = ChatCompletionRequest, responses((status = 200, description = "a chat.completion, or with stream an SSE stream of chat.completion.chunk", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 413, description = "body too large", body = crate::api::openapi::ErrorEnvelope), (status = 429, description = "at capacity", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "loading", body = crate::api::openapi::ErrorEnvelope), (status = 504, description = "past request_timeout_secs", body = crate::api::openapi::ErrorEnvelope)))]
 pub async fn chat_completions(
     State(state): State<AppState>,

@@ -25,6 +25,7 @@ const DEFAULT_MAX_TOKENS: u32 = 16;
 /// OpenAI's most `logprobs` alternatives for this endpoint.
 const MAX_LOGPROBS: u8 = 5;
 
+/// The legacy `POST /v1/completions` body.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CompletionRequest {
@@ -100,7 +101,7 @@ struct Validated {
 impl CompletionRequest {
     /// Checks what only this endpoint has, and the shared sampling fields through the chat
     /// request's own checks, so that both endpoints accept exactly the same values.
-    fn validate(self, limits: &wire::Limits) -> Result<Validated> {
+    fn validate(self, limits: &wire::RequestLimits) -> Result<Validated> {
         if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
             return Err(Error::invalid(
                 "suffix (fill in the middle) is not supported by this server",
@@ -159,6 +160,7 @@ impl CompletionRequest {
     }
 }
 
+/// `POST /v1/completions`: the prompt is continued as it is, with no chat template.
 #[utoipa::path(post, path = "/v1/completions", tag = "openai", request_body = CompletionRequest, responses((status = 200, description = "a text_completion, or with stream an SSE stream of them", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such model", body = crate::api::openapi::ErrorEnvelope), (status = 429, description = "at capacity", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "loading", body = crate::api::openapi::ErrorEnvelope)))]
 pub async fn completions(
     State(state): State<AppState>,

@@ -10,6 +10,7 @@ use serde_json::json;
 use crate::error::Error;
 
 impl Error {
+    /// The one mapping from an error to its HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
             Error::InvalidRequest { .. } => StatusCode::BAD_REQUEST,

@@ -19,12 +19,14 @@ use super::error::JsonBody;
 use super::AppState;
 use crate::error::{Error, Result};
 
+/// The feedback routes, under the completions they rate.
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
         .route("/v1/feedback", post(create).get(list))
         .route("/v1/libraries/{name}/traffic", delete(purge))
 }
 
+/// What a person says about a served completion.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FeedbackBody {

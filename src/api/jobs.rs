@@ -16,6 +16,7 @@ use crate::learn::dataset::{Dataset, Split, Task};
 use crate::learn::grpo::{LearnOptions, Run};
 use crate::methods::Context;
 
+/// Learning jobs: start one on a library, read, cancel, chart.
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
         .route("/v1/libraries/{name}/learn", post(start))

@@ -15,6 +15,7 @@ use super::AppState;
 use crate::error::{Error, Result};
 use crate::experience::{self, Experience, Library, Settings, Store};
 
+/// The experience-library admin routes.
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
         .route("/v1/libraries", get(list_libraries).post(create_library))
@@ -68,6 +69,7 @@ pub(super) fn library_object(lib: &Library) -> Value {
     })
 }
 
+/// An experience as the API shows it, with its use count.
 pub fn experience_object(lib: &Library, e: &Experience) -> Value {
     let mut v = serde_json::to_value(e).unwrap_or_default();
     v["object"] = json!("experience");

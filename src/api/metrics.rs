@@ -13,6 +13,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use super::AppState;
 
+/// The handle to the process's Prometheus recorder that `/metrics` renders. metrics' macros
+/// record into one process-wide recorder, so every in-process server shares it.
 #[derive(Clone)]
 pub struct Metrics {
     handle: PrometheusHandle,
@@ -84,6 +86,7 @@ fn describe() {
     );
 }
 
+/// `GET /metrics` in the Prometheus text format.
 #[utoipa::path(get, path = "/metrics", tag = "server", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
 pub async fn render(State(s): State<AppState>) -> Response {
     (
@@ -93,6 +96,8 @@ pub async fn render(State(s): State<AppState>) -> Response {
         .into_response()
 }
 
+/// Middleware: requests in flight, and each request counted with its latency by route and
+/// status.
 pub async fn track(req: Request, next: Next) -> Response {
     let route = req
         .extensions()

@@ -35,6 +35,7 @@ use crate::router::Router;
 pub struct AppState(Arc<Shared>);
 
 impl AppState {
+    /// Wraps the shared parts in the one `Arc` that axum clones per request.
     pub fn new(shared: Shared) -> AppState {
         AppState(Arc::new(shared))
     }
@@ -47,9 +48,10 @@ impl std::ops::Deref for AppState {
     }
 }
 
+/// Everything the handlers share: backends, store, jobs, settings and bounds.
 pub struct Shared {
     pub router: Arc<Router>,
-    pub limits: wire::Limits,
+    pub limits: wire::RequestLimits,
     pub request_timeout: Duration,
     pub started: u64,
     pub shutting_down: Arc<AtomicBool>,
@@ -68,10 +70,12 @@ pub struct Shared {
     pub traffic: Arc<crate::experience::traffic::Traffic>,
 }
 
+/// Settings that shape the router itself rather than a handler.
 pub struct AppSettings {
     pub max_body_bytes: usize,
 }
 
+/// Every route, with the layers (auth, limits, panics, metrics) in the order they apply.
 pub fn app(state: AppState, settings: &AppSettings) -> axum::Router {
     axum::Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))

@@ -25,6 +25,7 @@ use crate::backend::{self, ChatRequest, Event, FinishReason, Message, Role, Tool
 use crate::error::{Error, Result};
 use crate::methods::{self, Applied};
 
+/// The Responses API routes.
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
         .route("/v1/responses", post(create))
@@ -32,6 +33,7 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/v1/responses/{id}/input_items", get(input_items))
 }
 
+/// The `POST /v1/responses` body.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateResponse {

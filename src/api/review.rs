@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::experience::proposals::{Edit, Proposal, Proposed, Status};
 use crate::experience::{Library, VersionSummary};
 
+/// Review of proposed changes: list, read, approve, reject.
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
         .route("/v1/libraries/{name}/proposals", get(list))

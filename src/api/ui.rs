@@ -21,6 +21,7 @@ const CSP: &str =
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; \
                    connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'";
 
+/// The curation UI's page and files, under `/ui`.
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
         .route(

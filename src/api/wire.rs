@@ -12,6 +12,7 @@ use crate::backend::{
 };
 use crate::error::{Error, Result};
 
+/// The `POST /v1/chat/completions` body as OpenAI defines it; unknown fields are refused.
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatCompletionRequest {
@@ -88,6 +89,7 @@ pub struct ChatCompletionRequest {
     pub experient: Option<ExperientOptions>,
 }
 
+/// `stop`: one string or a list.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Stop {
@@ -95,6 +97,7 @@ pub enum Stop {
     Many(Vec<String>),
 }
 
+/// `stream_options`.
 #[derive(Debug, Deserialize, Default, utoipa::ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
@@ -144,6 +147,7 @@ pub struct ExperientOptions {
     pub refresh: bool,
 }
 
+/// A message as clients send it, before it is flattened to a [`Message`].
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct WireMessage {
     pub role: String,
@@ -155,6 +159,7 @@ pub struct WireMessage {
     pub tool_call_id: Option<String>,
 }
 
+/// Message content: a string or a list of parts.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Content {
@@ -162,6 +167,7 @@ pub enum Content {
     Parts(Vec<Part>),
 }
 
+/// One content part; only text parts are accepted.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct Part {
     #[serde(rename = "type")]
@@ -172,7 +178,7 @@ pub struct Part {
 
 /// What the server limits and defaults; comes from the configuration.
 #[derive(Debug, Clone)]
-pub struct Limits {
+pub struct RequestLimits {
     pub max_n: u32,
     pub max_stop: usize,
 }
@@ -234,37 +240,105 @@ impl ChatCompletionRequest {
         }
     }
 
-    pub fn validate(self, limits: &Limits) -> Result<Validated> {
+    /// Checks every field and converts the request into the crate's own types; a field that
+    /// cannot be honoured is a 400 naming it.
+    pub fn validate(self, limits: &RequestLimits) -> Result<Validated> {
+        self.refuse_unserved()?;
+        let logprobs = logprobs(self.logprobs, self.top_logprobs.as_ref(), 20)?;
+        let (tools, tool_choice) =
+            tools(self.tools.unwrap_or_default(), self.tool_choice.as_ref())?;
+        let format = output_format(self.response_format.as_ref())?;
+        if self.model.trim().is_empty() {
+            return Err(Error::invalid("model must not be empty", "model"));
+        }
+        if self.messages.is_empty() {
+            return Err(Error::invalid(
+                "messages must contain at least one message",
+                "messages",
+            ));
+        }
+        let messages = self
+            .messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| convert_message(i, m))
+            .collect::<Result<Vec<_>>>()?;
+
+        let temperature = range(self.temperature, 0.0, 2.0, "temperature")?;
+        let top_p = range(self.top_p, 0.0, 1.0, "top_p")?;
+        if top_p == Some(0.0) {
+            return Err(Error::invalid("top_p must be greater than 0", "top_p"));
+        }
+        let presence_penalty = range(self.presence_penalty, -2.0, 2.0, "presence_penalty")?;
+        let frequency_penalty = range(self.frequency_penalty, -2.0, 2.0, "frequency_penalty")?;
+        let n = self.n.unwrap_or(1);
+        if n < 1 || n > i64::from(limits.max_n) {
+            return Err(Error::invalid(
+                format!("n must be between 1 and {}, got {n}", limits.max_n),
+                "n",
+            ));
+        }
+        let max_tokens = max_tokens(self.max_completion_tokens, self.max_tokens)?;
+        let stop = stop_sequences(self.stop, limits.max_stop)?;
+        let logit_bias = logit_bias(self.logit_bias.unwrap_or_default())?;
+        let seed = match self.seed {
+            Some(s) if s < 0 => return Err(Error::invalid("seed must not be negative", "seed")),
+            s => s.map(|s| s as u64),
+        };
+        let stream = self.stream.unwrap_or(false);
+        let include_usage = stream
+            && self
+                .stream_options
+                .as_ref()
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false);
+        Ok(Validated {
+            model: self.model,
+            stream,
+            include_usage,
+            options: self.experient.unwrap_or_default(),
+            chat: ChatRequest {
+                tools,
+                tool_choice,
+                parallel_tool_calls: self.parallel_tool_calls,
+                raw_prompt: None,
+                user: self.user,
+                priority: Default::default(),
+                messages,
+                sampling: Sampling {
+                    max_tokens,
+                    temperature,
+                    top_p,
+                    n: n as u32,
+                    stop,
+                    presence_penalty,
+                    frequency_penalty,
+                    logit_bias,
+                    seed,
+                    format,
+                    logprobs,
+                },
+            },
+        })
+    }
+
+    /// Refuses the fields OpenAI defines that this server cannot honour, naming each, rather
+    /// than dropping them: a client that sent one believes it took effect.
+    fn refuse_unserved(&self) -> Result<()> {
         let unsupported = |name: &'static str| {
             Error::invalid(
                 format!("'{name}' is not supported by this server; remove it from the request"),
                 name,
             )
         };
-        let logprobs = logprobs(self.logprobs, self.top_logprobs.as_ref(), 20)?;
+        let given = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
         if self.functions.as_ref().is_some_and(|t| !t.is_empty()) {
             return Err(Error::invalid(
                 "'functions' is the deprecated form of 'tools'; send the functions as tools",
                 "functions",
             ));
         }
-        let tools = self
-            .tools
-            .unwrap_or_default()
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| convert_tool(i, t))
-            .collect::<Result<Vec<_>>>()?;
-        if let Some(i) =
-            (1..tools.len()).find(|&i| tools[..i].iter().any(|t| t.name == tools[i].name))
-        {
-            return Err(Error::invalid_param(
-                format!("the function name '{}' is given twice", tools[i].name),
-                format!("tools[{i}].function.name"),
-            ));
-        }
-        let tool_choice = tool_choice(self.tool_choice.as_ref(), &tools)?;
-        if self.function_call.as_ref().is_some_and(|v| !v.is_null()) {
+        if given(&self.function_call) {
             return Err(Error::invalid(
                 "'function_call' is the deprecated form of 'tool_choice'; use tool_choice",
                 "function_call",
@@ -296,17 +370,7 @@ impl ChatCompletionRequest {
                 ));
             }
         }
-        if self.reasoning_effort.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(unsupported("reasoning_effort"));
-        }
-        if self.verbosity.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(unsupported("verbosity"));
-        }
-        if self
-            .web_search_options
-            .as_ref()
-            .is_some_and(|v| !v.is_null())
-        {
+        if given(&self.web_search_options) {
             return Err(Error::invalid(
                 "web_search_options is not supported; the iterresearch method searches the web itself",
                 "web_search_options",
@@ -322,73 +386,60 @@ impl ChatCompletionRequest {
                 "modalities",
             ));
         }
-        let format = output_format(self.response_format.as_ref())?;
-        if self.audio.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(unsupported("audio"));
-        }
-        if self.prediction.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(unsupported("prediction"));
-        }
-        if self.model.trim().is_empty() {
-            return Err(Error::invalid("model must not be empty", "model"));
-        }
-        if self.messages.is_empty() {
-            return Err(Error::invalid(
-                "messages must contain at least one message",
-                "messages",
-            ));
-        }
-        let messages = self
-            .messages
-            .into_iter()
-            .enumerate()
-            .map(|(i, m)| convert_message(i, m))
-            .collect::<Result<Vec<_>>>()?;
-
-        let temperature = range(self.temperature, 0.0, 2.0, "temperature")?;
-        let top_p = range(self.top_p, 0.0, 1.0, "top_p")?;
-        if top_p == Some(0.0) {
-            return Err(Error::invalid("top_p must be greater than 0", "top_p"));
-        }
-        let presence_penalty = range(self.presence_penalty, -2.0, 2.0, "presence_penalty")?;
-        let frequency_penalty = range(self.frequency_penalty, -2.0, 2.0, "frequency_penalty")?;
-
-        let n = self.n.unwrap_or(1);
-        if n < 1 || n > i64::from(limits.max_n) {
-            return Err(Error::invalid(
-                format!("n must be between 1 and {}, got {n}", limits.max_n),
-                "n",
-            ));
-        }
-        let (max_param, max_tokens) = match (self.max_completion_tokens, self.max_tokens) {
-            (Some(m), _) => ("max_completion_tokens", Some(m)),
-            (None, Some(m)) => ("max_tokens", Some(m)),
-            (None, None) => ("max_tokens", None),
-        };
-        if let Some(m) = max_tokens {
-            if m < 1 || m > i64::from(u32::MAX) {
-                return Err(Error::invalid(
-                    format!("{max_param} must be at least 1, got {m}"),
-                    max_param,
-                ));
+        for (name, v) in [
+            ("reasoning_effort", &self.reasoning_effort),
+            ("verbosity", &self.verbosity),
+            ("audio", &self.audio),
+            ("prediction", &self.prediction),
+        ] {
+            if given(v) {
+                return Err(unsupported(name));
             }
         }
-        let stop = match self.stop {
-            None => vec![],
-            Some(Stop::One(s)) => vec![s],
-            Some(Stop::Many(v)) => v,
-        };
-        if stop.len() > limits.max_stop {
-            return Err(Error::invalid(
-                format!("stop may hold at most {} sequences", limits.max_stop),
-                "stop",
-            ));
-        }
-        if stop.iter().any(String::is_empty) {
-            return Err(Error::invalid("stop sequences must not be empty", "stop"));
-        }
-        let mut logit_bias = Vec::new();
-        for (k, v) in self.logit_bias.unwrap_or_default() {
+        Ok(())
+    }
+}
+
+/// The request's tools, each converted and their names unique, and the tool choice checked
+/// against them.
+fn tools(given: Vec<Value>, choice: Option<&Value>) -> Result<(Vec<ToolSpec>, ToolChoice)> {
+    let tools = given
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| convert_tool(i, t))
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(i) = (1..tools.len()).find(|&i| tools[..i].iter().any(|t| t.name == tools[i].name))
+    {
+        return Err(Error::invalid_param(
+            format!("the function name '{}' is given twice", tools[i].name),
+            format!("tools[{i}].function.name"),
+        ));
+    }
+    let choice = tool_choice(choice, &tools)?;
+    Ok((tools, choice))
+}
+
+/// The token limit, from `max_completion_tokens` or its older name `max_tokens` (the newer
+/// wins when both are given), at least 1.
+fn max_tokens(completion: Option<i64>, legacy: Option<i64>) -> Result<Option<u32>> {
+    let (param, max) = match (completion, legacy) {
+        (Some(m), _) => ("max_completion_tokens", m),
+        (None, Some(m)) => ("max_tokens", m),
+        (None, None) => return Ok(None),
+    };
+    u32::try_from(max)
+        .ok()
+        .filter(|&m| m >= 1)
+        .map(Some)
+        .ok_or_else(|| Error::invalid(format!("{param} must be at least 1, got {max}"), param))
+}
+
+/// `logit_bias` as (token id, bias) pairs: keys must be token ids and biases within
+/// -100..=100, as OpenAI requires.
+fn logit_bias(given: std::collections::BTreeMap<String, f64>) -> Result<Vec<(u32, f32)>> {
+    given
+        .into_iter()
+        .map(|(k, v)| {
             let id: u32 = k.parse().map_err(|_| {
                 Error::invalid(
                     format!("logit_bias keys must be token ids, got '{k}'"),
@@ -401,48 +452,28 @@ impl ChatCompletionRequest {
                     "logit_bias",
                 ));
             }
-            logit_bias.push((id, v as f32));
-        }
-        let seed = match self.seed {
-            Some(s) if s < 0 => return Err(Error::invalid("seed must not be negative", "seed")),
-            s => s.map(|s| s as u64),
-        };
-        let stream = self.stream.unwrap_or(false);
-        let include_usage = stream
-            && self
-                .stream_options
-                .as_ref()
-                .and_then(|o| o.include_usage)
-                .unwrap_or(false);
-        Ok(Validated {
-            model: self.model,
-            stream,
-            include_usage,
-            options: self.experient.unwrap_or_default(),
-            chat: ChatRequest {
-                tools,
-                tool_choice,
-                parallel_tool_calls: self.parallel_tool_calls,
-                raw_prompt: None,
-                user: self.user,
-                priority: Default::default(),
-                messages,
-                sampling: Sampling {
-                    max_tokens: max_tokens.map(|m| m as u32),
-                    temperature,
-                    top_p,
-                    n: n as u32,
-                    stop,
-                    presence_penalty,
-                    frequency_penalty,
-                    logit_bias,
-                    seed,
-                    format,
-                    logprobs,
-                },
-            },
+            Ok((id, v as f32))
         })
+        .collect()
+}
+
+/// The stop sequences, at most `max` of them and none empty (an empty one would stop at once).
+fn stop_sequences(stop: Option<Stop>, max: usize) -> Result<Vec<String>> {
+    let stop = match stop {
+        None => vec![],
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    if stop.len() > max {
+        return Err(Error::invalid(
+            format!("stop may hold at most {max} sequences"),
+            "stop",
+        ));
     }
+    if stop.iter().any(String::is_empty) {
+        return Err(Error::invalid("stop sequences must not be empty", "stop"));
+    }
+    Ok(stop)
 }
 
 /// `logprobs` and `top_logprobs` (0 to `max`): the number of alternatives, when log
@@ -718,6 +749,7 @@ fn convert_tool_calls(i: usize, v: Value) -> Result<Vec<ToolCall>> {
         .collect()
 }
 
+/// `usage` as OpenAI writes it.
 #[derive(Debug, Serialize)]
 pub struct WireUsage {
     pub prompt_tokens: u64,
@@ -738,10 +770,12 @@ impl From<crate::backend::Usage> for WireUsage {
 /// The one `system_fingerprint` this build reports: it changes when the server's code does.
 pub const SYSTEM_FINGERPRINT: &str = concat!("experient-", env!("CARGO_PKG_VERSION"));
 
+/// A fresh `chatcmpl-...` id.
 pub fn completion_id() -> String {
     format!("chatcmpl-{}", uuid::Uuid::new_v4().simple())
 }
 
+/// Seconds since the Unix epoch, for `created`.
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -8,11 +8,13 @@ use std::sync::Arc;
 use super::{upstream::retryable, Backend, ChatRequest, EventStream};
 use crate::error::{Error, Result};
 
+/// A backend made of others, tried in order until one starts answering.
 pub struct Chain {
     links: Vec<(String, Arc<dyn Backend>)>,
 }
 
 impl Chain {
+    /// A chain of (alias, backend), first tried first.
     pub fn new(links: Vec<(String, Arc<dyn Backend>)>) -> Self {
         assert!(!links.is_empty(), "a chain has at least its own model");
         Chain { links }

@@ -49,6 +49,7 @@ pub struct LocalSettings {
     pub prefix_cache: usize,
 }
 
+/// A GGUF model run in this process by mistral.rs, on CPU (or CUDA with the feature).
 pub struct LocalBackend {
     settings: LocalSettings,
     model: OnceLock<Arc<Model>>,
@@ -75,10 +76,12 @@ impl LocalBackend {
         })
     }
 
+    /// The settings it was configured with.
     pub fn settings(&self) -> &LocalSettings {
         &self.settings
     }
 
+    /// Loads the model; `ready()` is true after it returns.
     pub async fn load(&self) -> anyhow::Result<()> {
         let res = load_model(&self.settings).await;
         match res {

@@ -22,6 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{Error, Result};
 
+/// Who wrote a message; backends render it with the model's chat template.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     System,
@@ -41,6 +42,7 @@ impl Role {
     }
 }
 
+/// One message of a conversation, already validated and flattened to text at the edge.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     pub role: Role,
@@ -52,6 +54,7 @@ pub struct Message {
 }
 
 impl Message {
+    /// A plain message with no tool calls, for prompts the server writes itself.
     pub fn new(role: Role, content: impl Into<String>) -> Self {
         Message {
             role,
@@ -105,6 +108,7 @@ pub struct TokenLogprob {
     pub top_logprobs: Vec<TopLogprob>,
 }
 
+/// One alternative token at a position and its log probability.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TopLogprob {
     pub token: String,
@@ -127,6 +131,7 @@ pub enum OutputFormat {
     },
 }
 
+/// How to sample, as the request asked; `None` leaves a choice to the backend's default.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Sampling {
     pub max_tokens: Option<u32>,
@@ -144,6 +149,8 @@ pub struct Sampling {
     pub logprobs: Option<u8>,
 }
 
+/// What every method hands a backend: the messages, sampling, tools and priority, with no
+/// HTTP or OpenAI shape left.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ChatRequest {
     pub messages: Vec<Message>,
@@ -163,6 +170,7 @@ pub struct ChatRequest {
     pub priority: Priority,
 }
 
+/// Why a choice stopped; mapped to OpenAI's `finish_reason` strings at the edge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     Stop,
@@ -193,6 +201,7 @@ impl FinishReason {
     }
 }
 
+/// Tokens a request consumed, summed over every model call a method made for it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     pub prompt_tokens: u64,
@@ -200,6 +209,7 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// Prompt plus completion tokens.
     pub fn total(&self) -> u64 {
         self.prompt_tokens + self.completion_tokens
     }
@@ -236,6 +246,7 @@ pub enum Event {
     Usage(Usage),
 }
 
+/// What a backend and a method return: events in order; dropping it cancels generation.
 pub type EventStream = BoxStream<'static, Result<Event>>;
 
 /// Turns a panic inside whatever produces `events` into a last `Internal` error, so that a
@@ -256,6 +267,7 @@ pub fn catch_panics(events: EventStream) -> EventStream {
         .boxed()
 }
 
+/// One finished choice of a non-streaming answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Choice {
     pub text: String,
@@ -265,6 +277,7 @@ pub struct Choice {
     pub logprobs: Option<Vec<TokenLogprob>>,
 }
 
+/// A whole answer, collected from an [`EventStream`] by [`collect`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
     pub choices: Vec<Choice>,
@@ -272,6 +285,8 @@ pub struct Completion {
     pub trace: Option<serde_json::Value>,
 }
 
+/// A model that generates: in-process (`local`), on another server (`upstream`), or a
+/// fallback chain of them. Methods see only this trait, never which one they talk to.
 #[async_trait::async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// True once the backend can serve requests (a local model has finished loading).
@@ -452,10 +467,12 @@ impl Admission {
         self
     }
 
+    /// Whether background work waits while clients are in flight (local models: one CPU).
     pub fn yields_to_clients(&self) -> bool {
         self.yield_to_clients
     }
 
+    /// Sequences admitted at once.
     pub fn capacity(&self) -> usize {
         self.capacity
     }
@@ -598,6 +615,7 @@ pub struct StopFilter {
 }
 
 impl StopFilter {
+    /// A filter for these stop strings (empty ones are dropped: they would match everywhere).
     pub fn new(stops: Vec<String>) -> Self {
         StopFilter {
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),

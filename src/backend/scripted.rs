@@ -50,6 +50,7 @@ impl Script {
 
 type Reply = dyn Fn(&ChatRequest) -> Script + Send + Sync;
 
+/// A backend that answers from a script, for in-process tests of everything but the model.
 pub struct Scripted {
     reply: Box<Reply>,
     received: Mutex<Vec<ChatRequest>>,

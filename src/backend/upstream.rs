@@ -36,6 +36,7 @@ use super::{Admission, Backend, ChatRequest, Event, EventStream, FinishReason, U
 use crate::config::UpstreamModelConfig;
 use crate::error::{Error, Result};
 
+/// A model served by another OpenAI-compatible server, reached with async-openai's config.
 pub struct UpstreamBackend {
     id: String,
     model: String,
@@ -517,6 +518,7 @@ pub fn retryable(e: &Error) -> bool {
 }
 
 impl UpstreamBackend {
+    /// A client for the configured upstream (no request is made yet).
     pub fn new(c: &UpstreamModelConfig) -> anyhow::Result<Self> {
         let key = match &c.api_key_env {
             Some(var) => std::env::var(var)

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use super::models::{traffic, ModelArgs};
 use crate::backend::fetch;
 
+/// `experient eval`'s flags.
 #[derive(clap::Args)]
 pub struct EvalArgs {
     /// Task file: GSM8K-style JSONL (question, answer) or BBH JSON (examples: input, target).

@@ -10,6 +10,7 @@ use serde_json::json;
 
 use crate::experience::{self, Store, StoreOptions};
 
+/// `experient experience ...`: the directory and the operation.
 #[derive(clap::Args)]
 pub struct ExperienceArgs {
     /// Directory holding the experience libraries.
@@ -24,6 +25,7 @@ pub struct ExperienceArgs {
     pub command: ExperienceCommand,
 }
 
+/// The store operations the CLI offers.
 #[derive(Subcommand)]
 pub enum ExperienceCommand {
     /// List the libraries.
@@ -132,6 +134,7 @@ pub enum ExperienceCommand {
     },
 }
 
+/// Runs one store operation and prints its result as JSON.
 pub fn run(args: ExperienceArgs) -> anyhow::Result<()> {
     let store = Store::open(&args.experience_dir, StoreOptions::default())
         .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use super::models::{traffic, ModelArgs};
 use crate::backend::fetch;
 
+/// `experient learn`'s flags.
 #[derive(clap::Args)]
 pub struct LearnArgs {
     /// The library to learn into (created if missing).

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use super::models::ModelArgs;
 use crate::backend::fetch;
 
+/// `experient plan`'s flags.
 #[derive(clap::Args)]
 pub struct PlanArgs {
     /// Task family: a MiniGrid id (MiniGrid-Empty-5x5-v0, MiniGrid-DoorKey-5x5-v0,
@@ -104,7 +105,7 @@ pub(super) fn run(a: PlanArgs) -> anyhow::Result<()> {
         bar.set_length(3 + rounds + u64::from(spec.direct));
         bar.set_message("writing pseudocode");
         let drawn = bar.clone();
-        let progress: ipp::Progress = Arc::new(move |v| {
+        let progress: ipp::OnStage = Arc::new(move |v| {
             let round = v["round"].as_u64().unwrap_or(0);
             let (done, next) = match v["stage"].as_str() {
                 Some("pseudocode") => (1, "writing the program".to_owned()),

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use super::models::ModelArgs;
 use crate::server::{self, ServeOptions};
 
+/// `experient serve`'s flags.
 #[derive(clap::Args)]
 pub struct ServeArgs {
     /// Address to listen on; port 0 picks a free one (printed at startup).

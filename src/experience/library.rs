@@ -15,7 +15,9 @@ use super::proposals::{self, Decision, Edit, Origin, Proposal, Proposals, Review
 use super::{Experience, Provenance, Settings, Source};
 use crate::error::{Error, Result};
 
+/// The append-only log of versions: the only truth about a library's content.
 pub const LOG_FILE: &str = "log.jsonl";
+/// The library's settings (injection, review), rewritten atomically.
 pub const SETTINGS_FILE: &str = "library.json";
 const USAGE_FILE: &str = "usage.json";
 
@@ -90,6 +92,7 @@ pub struct Version {
     pub review: Option<Review>,
 }
 
+/// A version as the version list shows it: number, time, message and counts.
 #[derive(Debug, Clone, Serialize)]
 pub struct VersionSummary {
     pub version: u64,
@@ -117,6 +120,7 @@ impl From<&Version> for VersionSummary {
     }
 }
 
+/// One experience whose text or tags differ between two versions.
 #[derive(Debug, Clone, Serialize)]
 pub struct Changed {
     pub id: String,
@@ -124,6 +128,7 @@ pub struct Changed {
     pub after: Experience,
 }
 
+/// What changed between two versions: added, removed and changed experiences.
 #[derive(Debug, Clone, Serialize)]
 pub struct Diff {
     pub from: u64,
@@ -218,6 +223,8 @@ fn max_id(v: &Version) -> u64 {
         .unwrap_or(0)
 }
 
+/// One experience library: its content replayed from the log, its settings, proposals
+/// and use counts. Every write appends a version to the log before memory changes.
 pub struct Library {
     pub name: String,
     dir: PathBuf,
@@ -338,19 +345,23 @@ impl Library {
         })
     }
 
+    /// The newest committed version (0 for a new library).
     pub fn version(&self) -> u64 {
         let s = self.state.read();
         s.versions.last().map(|v| v.version).unwrap_or(0)
     }
 
+    /// Experiences in the newest version.
     pub fn len(&self) -> usize {
         self.state.read().experiences.len()
     }
 
+    /// Whether the newest version holds no experience.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// A copy of the settings, so no lock is held while a caller reads them.
     pub fn settings(&self) -> Settings {
         self.settings.read().clone()
     }
@@ -364,11 +375,13 @@ impl Library {
         Ok(())
     }
 
+    /// The experience with this id in the newest version.
     pub fn get(&self, id: &str) -> Option<Experience> {
         let n = id_number(id)?;
         self.state.read().experiences.get(&n).cloned()
     }
 
+    /// Up to `limit` experiences, in id order, optionally only those tagged `tag`.
     pub fn list(&self, tag: Option<&str>, limit: usize) -> Vec<Experience> {
         let s = self.state.read();
         s.experiences
@@ -379,15 +392,18 @@ impl Library {
             .collect()
     }
 
+    /// Every experience of the newest version, in id order.
     pub fn all(&self) -> Vec<Experience> {
         self.state.read().experiences.values().cloned().collect()
     }
 
+    /// Every version, oldest first.
     pub fn versions(&self) -> Vec<VersionSummary> {
         let s = self.state.read();
         s.versions.iter().map(VersionSummary::from).collect()
     }
 
+    /// Version `v` as it was logged, with its operations.
     pub fn version_record(&self, v: u64) -> Option<Version> {
         let s = self.state.read();
         s.versions.iter().find(|x| x.version == v).cloned()
@@ -413,6 +429,7 @@ impl Library {
         Ok(e)
     }
 
+    /// What changed from version `from` to version `to` (either order).
     pub fn diff(&self, from: u64, to: u64) -> Result<Diff> {
         let a = self.experiences_at(from)?;
         let b = self.experiences_at(to)?;
@@ -605,10 +622,12 @@ impl Library {
         }
     }
 
+    /// How many served requests had this experience injected.
     pub fn uses(&self, id: &str) -> u64 {
         self.usage.lock().counts.get(id).copied().unwrap_or(0)
     }
 
+    /// Writes the use counts to disk (they are counted in memory and saved now and then).
     pub fn flush_usage(&self) {
         let mut u = self.usage.lock();
         self.flush_usage_locked(&mut u);
@@ -635,6 +654,7 @@ impl Library {
         self.index.search(q, tag, limit)
     }
 
+    /// The library's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -653,14 +673,17 @@ impl Library {
             .collect()
     }
 
+    /// Every kept proposal, pending and decided, oldest first.
     pub fn proposals(&self) -> Vec<Proposal> {
         self.proposals.lock().all().to_vec()
     }
 
+    /// The proposal with this id.
     pub fn proposal(&self, id: &str) -> Option<Proposal> {
         self.proposals.lock().get(id).cloned()
     }
 
+    /// Proposals waiting for review.
     pub fn pending_proposals(&self) -> usize {
         self.proposals.lock().pending()
     }
@@ -905,6 +928,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     sync_dir(dir)
 }
 
+/// fsyncs a directory, so that a rename or a new file in it survives a power cut.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)?.sync_all()?;
     Ok(())

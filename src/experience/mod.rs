@@ -46,6 +46,7 @@ pub struct Provenance {
     pub sources: Vec<String>,
 }
 
+/// One short lesson, as libraries keep it: an id, its text and tags.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Experience {
     /// Stable across edits and never reused within a library, even after a delete.
@@ -133,6 +134,7 @@ impl Default for Settings {
     }
 }
 
+/// How many of a library's experiences go into a prompt.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Inject {
@@ -175,6 +177,7 @@ pub fn validate_text(text: &str, max_chars: usize) -> Result<()> {
     Ok(())
 }
 
+/// Refuses empty, overlong or too many tags (400 naming `tags`).
 pub fn validate_tags(tags: &[String]) -> Result<()> {
     for t in tags {
         if t.is_empty() || t.len() > 64 || t.chars().any(char::is_whitespace) {

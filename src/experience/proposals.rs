@@ -17,8 +17,10 @@ use super::library::{write_atomic, Change, Version};
 use super::{Provenance, Source};
 use crate::error::{Error, Result};
 
+/// Where a library's proposals are kept, beside its log.
 pub const PROPOSALS_FILE: &str = "proposals.json";
 
+/// Where a proposal stands in review.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
@@ -79,6 +81,7 @@ pub struct Decision {
     pub reason: Option<String>,
 }
 
+/// A change waiting for (or past) review, with where it came from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Proposal {
     /// `P1`, `P2`, ...: never reused within a library.
@@ -160,11 +163,13 @@ impl Proposals {
         Ok(p)
     }
 
+    /// Writes the proposals atomically (a crash leaves the old file or the new one).
     pub fn save(&self, dir: &Path) -> Result<()> {
         let b = serde_json::to_vec_pretty(self).map_err(Error::internal)?;
         write_atomic(&dir.join(PROPOSALS_FILE), &b)
     }
 
+    /// Proposals not yet decided.
     pub fn pending(&self) -> usize {
         self.list
             .iter()
@@ -172,10 +177,12 @@ impl Proposals {
             .count()
     }
 
+    /// Every kept proposal, oldest first.
     pub fn all(&self) -> &[Proposal] {
         &self.list
     }
 
+    /// The proposal with this id.
     pub fn get(&self, id: &str) -> Option<&Proposal> {
         self.list.iter().find(|p| p.id == id)
     }

@@ -14,6 +14,7 @@ use super::proposals::{Edit, Origin, Proposal};
 use super::{validate_library_name, validate_tags, validate_text, Experience, Provenance, Source};
 use crate::error::{Error, Result};
 
+/// Bounds and cache sizes of a store, from the configuration.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     /// Longest experience text accepted, in characters.
@@ -38,6 +39,7 @@ impl Default for StoreOptions {
     }
 }
 
+/// One search result: the experience and its BM25 score.
 #[derive(Debug, Clone, Serialize)]
 pub struct SearchHit {
     #[serde(flatten)]
@@ -49,6 +51,8 @@ pub struct SearchHit {
 
 type CacheKey = (String, u64, String, Option<String>, usize);
 
+/// Every library under one directory, loaded when the store opens, with the search cache.
+/// One process holds a directory at a time (a lock file), so two writers never interleave.
 pub struct Store {
     dir: PathBuf,
     options: StoreOptions,
@@ -128,14 +132,17 @@ impl Store {
         })
     }
 
+    /// The experience directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
+    /// The bounds the store was opened with.
     pub fn options(&self) -> &StoreOptions {
         &self.options
     }
 
+    /// Names of the libraries on disk, sorted.
     pub fn names(&self) -> Vec<String> {
         self.libraries.read().keys().cloned().collect()
     }
@@ -145,6 +152,7 @@ impl Store {
         &self.damaged
     }
 
+    /// The library `name`; 404 if it does not exist.
     pub fn library(&self, name: &str) -> Result<Arc<Library>> {
         validate_library_name(name)?;
         if let Some(reason) = self.damaged.get(name) {
@@ -160,6 +168,7 @@ impl Store {
             .ok_or_else(|| Error::not_found(format!("no library named '{name}'"), "library"))
     }
 
+    /// Creates an empty library; 409 if it exists.
     pub fn create(&self, name: &str) -> Result<Arc<Library>> {
         validate_library_name(name)?;
         let mut libs = self.libraries.write();
@@ -199,6 +208,7 @@ impl Store {
         Ok(())
     }
 
+    /// Adds one experience as a new version, and indexes it.
     pub fn add(&self, library: &str, text: &str, tags: Vec<String>) -> Result<Experience> {
         let lib = self.library(library)?;
         let v = lib.commit("added by hand", vec![self.add_change(text, tags)?])?;
@@ -221,6 +231,7 @@ impl Store {
         })
     }
 
+    /// Changes an experience's text or tags as a new version.
     pub fn edit(
         &self,
         library: &str,
@@ -253,6 +264,7 @@ impl Store {
         })
     }
 
+    /// Deletes an experience as a new version (its history stays in the log).
     pub fn remove(&self, library: &str, id: &str) -> Result<()> {
         let lib = self.library(library)?;
         lib.commit(
@@ -262,6 +274,7 @@ impl Store {
         Ok(())
     }
 
+    /// Makes the content of `version` the newest version again (history is kept, not rewritten).
     pub fn rollback(&self, library: &str, version: u64) -> Result<super::Version> {
         let lib = self.library(library)?;
         let changes = lib.rollback_changes(version)?;
@@ -337,6 +350,7 @@ impl Store {
             .approve(ids, edits, reviewer, self.options.max_proposals)
     }
 
+    /// Rejects pending proposals; the library's content does not change.
     pub fn reject(
         &self,
         library: &str,
@@ -394,6 +408,7 @@ impl Store {
             .collect())
     }
 
+    /// Saves every library's use counts, before shutdown.
     pub fn flush(&self) {
         for lib in self.libraries.read().values() {
             lib.flush_usage();

@@ -81,6 +81,7 @@ pub struct Feedback {
     pub expected: Option<String>,
 }
 
+/// Served completions and the feedback on them, per library, bounded and on disk.
 pub struct Traffic {
     dir: PathBuf,
     config: TrafficConfig,

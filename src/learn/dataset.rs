@@ -7,6 +7,7 @@ use anyhow::Context;
 
 use super::verify::Verifier;
 
+/// One task with a known answer.
 #[derive(Debug, Clone)]
 pub struct Task {
     pub question: String,
@@ -17,6 +18,7 @@ pub struct Task {
     pub origin: Option<String>,
 }
 
+/// A task set and how its answers are checked.
 #[derive(Debug, Clone)]
 pub struct Dataset {
     pub name: String,

@@ -38,6 +38,7 @@ pub struct EvalOptions {
     pub concurrency: usize,
 }
 
+/// One evaluated arm: with or without the library.
 #[derive(Debug, Clone, Serialize)]
 pub struct Arm {
     pub library: Option<String>,
@@ -48,8 +49,9 @@ pub struct Arm {
     pub experiences: usize,
 }
 
+/// `experient eval`'s report: every arm on one data set.
 #[derive(Debug, Clone, Serialize)]
-pub struct Report {
+pub struct EvalReport {
     pub dataset: String,
     pub model: String,
     pub arms: Vec<Arm>,
@@ -149,7 +151,7 @@ pub async fn evaluate(
     ds: &Dataset,
     opts: &EvalOptions,
     on_tick: OnTick<'_>,
-) -> anyhow::Result<Report> {
+) -> anyhow::Result<EvalReport> {
     let b = &ctx.bounds;
     if !(1..=b.max_concurrency).contains(&opts.concurrency) {
         anyhow::bail!(
@@ -189,7 +191,7 @@ pub async fn evaluate(
         on_tick(Tick::ArmDone);
         arms.push(arm);
     }
-    Ok(Report {
+    Ok(EvalReport {
         dataset: ds.name.clone(),
         model: model.to_owned(),
         arms,

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::methods::Context;
 use crate::router::Router;
 
+/// Where a learning job is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
@@ -25,6 +26,7 @@ pub enum Status {
     Cancelled,
 }
 
+/// A learning run started through the API, running in the server's background lane.
 pub struct Job {
     pub id: String,
     pub library: String,
@@ -63,6 +65,7 @@ impl Job {
         s.abort = None;
     }
 
+    /// The job's status now.
     pub fn status(&self) -> Status {
         self.state.lock().status
     }
@@ -85,6 +88,7 @@ impl Job {
     }
 }
 
+/// The server's learning jobs: at most `max_running` at once, one per library.
 pub struct Jobs {
     jobs: Mutex<IndexMap<String, Arc<Job>>>,
     runs_dir: PathBuf,
@@ -94,6 +98,7 @@ pub struct Jobs {
 }
 
 impl Jobs {
+    /// No jobs yet; runs go under `runs_dir`.
     pub fn new(runs_dir: &Path, max_running: usize) -> Jobs {
         Jobs {
             jobs: Mutex::default(),
@@ -110,6 +115,7 @@ impl Jobs {
             .any(|j| j.library == library && j.status() == Status::Running)
     }
 
+    /// Where the jobs' run directories are.
     pub fn runs_dir(&self) -> &Path {
         &self.runs_dir
     }
@@ -206,6 +212,7 @@ impl Jobs {
         Ok(job)
     }
 
+    /// The job `id`; 404 if there is none.
     pub fn get(&self, id: &str) -> Result<Arc<Job>> {
         self.jobs
             .lock()
@@ -214,6 +221,7 @@ impl Jobs {
             .ok_or_else(|| Error::not_found(format!("no job with id '{id}'"), "id"))
     }
 
+    /// Every job this server started, oldest first.
     pub fn list(&self) -> Vec<Arc<Job>> {
         self.jobs.lock().values().cloned().collect()
     }

@@ -4,7 +4,7 @@
 
 use minijinja::context;
 
-use super::eval::Report;
+use super::eval::EvalReport;
 use super::grpo::RunSummary;
 
 const TEMPLATE: &str = include_str!("chart.svg.j2");
@@ -87,7 +87,7 @@ pub fn run_chart(run: &RunSummary) -> String {
 }
 
 /// Accuracy of each arm with its 95% confidence interval.
-pub fn eval_chart(report: &Report) -> String {
+pub fn eval_chart(report: &EvalReport) -> String {
     let n = report.arms.len().max(1) as f64;
     let slot = (RIGHT - LEFT) / n;
     let bars: Vec<_> = report
@@ -126,12 +126,12 @@ pub fn eval_chart(report: &Report) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::eval::{Arm, Report};
+    use super::super::eval::{Arm, EvalReport};
     use super::*;
 
     #[test]
     fn eval_chart_is_well_formed_svg() {
-        let svg = eval_chart(&Report {
+        let svg = eval_chart(&EvalReport {
             dataset: "gsm8k".into(),
             model: "m".into(),
             arms: vec![

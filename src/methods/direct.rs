@@ -6,6 +6,7 @@ use crate::backend::ChatRequest;
 use crate::error::Result;
 use crate::router::{Method, Route};
 
+/// The request as it is, with the library's prior when one is named.
 pub async fn run(
     ctx: &Context,
     route: Route,

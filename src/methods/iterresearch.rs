@@ -284,27 +284,27 @@ fn workspace(messages: &[Message]) -> Result<Workspace> {
     })
 }
 
-pub async fn run(
-    ctx: &Context,
-    route: Route,
-    request: ChatRequest,
-    opts: &Options,
-) -> Result<Output> {
+/// The rounds this request may take, refusing what the method cannot give (n > 1).
+fn max_rounds(request: &ChatRequest, opts: &Options, default: u32) -> Result<u32> {
     if request.sampling.n > 1 {
         return Err(Error::invalid(
             "the iterresearch method gives one answer; n must be 1",
             "n",
         ));
     }
-    let settings = ctx.settings.iterresearch.clone();
-    let max_rounds = opts.max_rounds.unwrap_or(settings.max_rounds);
+    let max_rounds = opts.max_rounds.unwrap_or(default);
     if !(1..=MAX_ROUNDS_LIMIT).contains(&max_rounds) {
         return Err(Error::invalid(
             format!("experient.max_rounds must be between 1 and {MAX_ROUNDS_LIMIT}"),
             "experient.max_rounds",
         ));
     }
-    let mut ws = workspace(&request.messages)?;
+    Ok(max_rounds)
+}
+
+/// The built-in tools and, unless `tool_choice` is "none", the client's, whose names may not
+/// shadow a built-in one.
+fn offered_tools(ctx: &Context, request: &ChatRequest) -> Result<Vec<Tool>> {
     let mut tools = builtin_tools(ctx);
     let offered = request.tool_choice != crate::backend::ToolChoice::None;
     for t in request.tools.iter().filter(|_| offered) {
@@ -321,33 +321,59 @@ pub async fn run(
             client: Some(t.clone()),
         });
     }
-    // The library's experiences go in front of every round, as with the direct method.
-    let mut system = request
+    Ok(tools)
+}
+
+/// The system prompt that leads every round: the client's system messages, with the library's
+/// experiences injected as the direct method injects them (and counted as used), and the ids
+/// of those experiences.
+async fn system_with_prior(
+    ctx: &Context,
+    route: &Route,
+    request: &ChatRequest,
+    question: &str,
+    opts: &Options,
+) -> Result<(String, Option<Vec<String>>)> {
+    let system = request
         .messages
         .iter()
         .filter(|m| m.role == Role::System)
         .map(|m| m.content.clone())
         .collect::<Vec<_>>()
         .join("\n\n");
-    let mut experiences = None;
-    if let Some(lib) = &route.library {
-        // Injected as the direct method injects it (and counted as used): into a request of
-        // the system prompt and the question, whose system message then leads every round.
-        let mut probe = ChatRequest {
-            messages: vec![Message::new(Role::User, ws.question.clone())],
-            ..Default::default()
-        };
-        if !system.is_empty() {
-            probe
-                .messages
-                .insert(0, Message::new(Role::System, system.clone()));
-        }
-        let ids = super::prior::inject(ctx, lib, &mut probe, opts.selection).await?;
-        if !ids.is_empty() {
-            system = probe.messages[0].content.clone();
-            experiences = Some(ids);
-        }
+    let Some(lib) = &route.library else {
+        return Ok((system, None));
+    };
+    let mut probe = ChatRequest {
+        messages: vec![Message::new(Role::User, question.to_owned())],
+        ..Default::default()
+    };
+    if !system.is_empty() {
+        probe
+            .messages
+            .insert(0, Message::new(Role::System, system.clone()));
     }
+    let ids = super::prior::inject(ctx, lib, &mut probe, opts.selection).await?;
+    if ids.is_empty() {
+        return Ok((system, None));
+    }
+    Ok((probe.messages[0].content.clone(), Some(ids)))
+}
+
+/// Runs the round loop as one event stream: rounds as progress, then the answer (or the
+/// client tool call that the round chose).
+pub async fn run(
+    ctx: &Context,
+    route: Route,
+    request: ChatRequest,
+    opts: &Options,
+) -> Result<Output> {
+    let settings = ctx.settings.iterresearch.clone();
+    let max_rounds = max_rounds(&request, opts, settings.max_rounds)?;
+    let mut ws = workspace(&request.messages)?;
+    let tools = offered_tools(ctx, &request)?;
+    let (system, experiences) =
+        system_with_prior(ctx, &route, &request, &ws.question, opts).await?;
     let applied = Applied {
         method: Method::IterResearch,
         model: route.model.clone(),

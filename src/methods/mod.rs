@@ -89,11 +89,13 @@ pub struct Applied {
     pub trace: Option<serde_json::Value>,
 }
 
+/// What a method returns: its events and what it applied.
 pub struct Output {
     pub events: EventStream,
     pub applied: Applied,
 }
 
+/// Runs the route's method, after refusing what it cannot honour (naming the field).
 pub async fn run(
     ctx: &Context,
     route: Route,

@@ -15,7 +15,7 @@ use crate::backend::{ChatRequest, Event, FinishReason, Role, Usage};
 use crate::error::{Error, Result};
 use crate::planning::cache::ProgramCache;
 use crate::planning::grasp::Grasp;
-use crate::planning::ipp::{self, Report, Spec, TRAIN_SEED_BASE};
+use crate::planning::ipp::{self, PlanReport, Spec, TRAIN_SEED_BASE};
 use crate::planning::{Family, Instance};
 use crate::router::{Method, Route};
 
@@ -147,6 +147,7 @@ fn instances(family: &Family, given: Option<&Instances>, max: usize) -> Result<V
         .collect()
 }
 
+/// Writes (or reuses) a program for the family and plays the requested instances with it.
 pub async fn run(
     ctx: &Context,
     route: Route,
@@ -219,7 +220,7 @@ pub async fn run(
     let model = route.model.clone();
     let events = async_stream::stream! {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let progress: ipp::Progress = Arc::new(move |v| {
+        let progress: ipp::OnStage = Arc::new(move |v| {
             let _ = tx.send(v);
         });
         let cache = ProgramCache::beside(ctx.store.dir());
@@ -263,7 +264,7 @@ pub async fn run(
     })
 }
 
-fn total_usage(r: &Report) -> Usage {
+fn total_usage(r: &PlanReport) -> Usage {
     Usage {
         prompt_tokens: r.usage.prompt_tokens + r.direct_usage.prompt_tokens,
         completion_tokens: r.usage.completion_tokens + r.direct_usage.completion_tokens,
@@ -271,7 +272,7 @@ fn total_usage(r: &Report) -> Usage {
 }
 
 /// The reply's text: what was solved, how well, and the program.
-fn answer_text(r: &Report) -> String {
+fn answer_text(r: &PlanReport) -> String {
     let s = &r.refined_program.summary;
     let origin = if r.reused {
         "a kept program, reused without calling the model".to_string()

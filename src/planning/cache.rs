@@ -11,11 +11,13 @@ use super::ipp::Cached;
 /// a better program nor tear a file.
 static LOCK: Mutex<()> = Mutex::new(());
 
+/// The best program kept per task family, so later instances cost no model call.
 pub struct ProgramCache {
     dir: PathBuf,
 }
 
 impl ProgramCache {
+    /// A cache in `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> ProgramCache {
         ProgramCache { dir: dir.into() }
     }

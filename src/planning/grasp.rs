@@ -10,7 +10,7 @@ use super::nprand::NpRandom;
 
 /// The rules that vary between GRASP settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Settings {
+pub struct Variant {
     pub size: usize,
     pub diagonals: bool,
     pub carry_limit: u32,
@@ -18,9 +18,9 @@ pub struct Settings {
     pub max_actions: usize,
 }
 
-impl Default for Settings {
+impl Default for Variant {
     fn default() -> Self {
-        Settings {
+        Variant {
             size: 8,
             diagonals: false,
             carry_limit: 100,
@@ -30,15 +30,15 @@ impl Default for Settings {
     }
 }
 
-impl Settings {
+impl Variant {
     /// `grasp`, optionally followed by `-diag`, `-carryN`, `-costX` and `-sizeN` in any order.
-    pub fn parse(name: &str) -> Option<Settings> {
+    pub fn parse(name: &str) -> Option<Variant> {
         let lower = name.trim().to_ascii_lowercase();
         let mut parts = lower.split('-');
         if parts.next()? != "grasp" {
             return None;
         }
-        let mut s = Settings::default();
+        let mut s = Variant::default();
         for p in parts {
             if p == "diag" {
                 s.diagonals = true;
@@ -76,7 +76,7 @@ impl Settings {
 /// One grid: rows of '.', 'A', 'E' and 'O'.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Grasp {
-    pub settings: Settings,
+    pub settings: Variant,
     pub rows: Vec<String>,
 }
 
@@ -103,7 +103,7 @@ const MOVES: [(&str, (i64, i64)); 8] = [
 
 impl Grasp {
     /// A random grid: about a fifth energy, a tenth obstacles, the agent anywhere free.
-    pub fn generate(settings: Settings, seed: u64) -> Grasp {
+    pub fn generate(settings: Variant, seed: u64) -> Grasp {
         let mut rng = NpRandom::new(seed);
         let n = settings.size;
         let mut cells = vec![b'.'; n * n];
@@ -124,7 +124,7 @@ impl Grasp {
     }
 
     /// Validates a grid given by a client.
-    pub fn from_rows(settings: Settings, rows: Vec<String>) -> Result<Grasp, String> {
+    pub fn from_rows(settings: Variant, rows: Vec<String>) -> Result<Grasp, String> {
         let width = rows.first().map_or(0, |r| r.len());
         if rows.is_empty() || width == 0 {
             return Err("the grid is empty".into());
@@ -246,10 +246,10 @@ mod tests {
 
     #[test]
     fn scoring_follows_the_reference_harness() {
-        let settings = Settings {
+        let settings = Variant {
             carry_limit: 1,
             cost_per_step: 0.25,
-            ..Settings::default()
+            ..Variant::default()
         };
         let g = Grasp::from_rows(settings, vec!["AEE".into(), ".O.".into()]).unwrap();
         // Take one, come back, drop: 1 energy, 4 actions.
@@ -272,10 +272,10 @@ mod tests {
 
     #[test]
     fn names_and_generation() {
-        let s = Settings::parse("grasp-diag-carry2-cost0.3").unwrap();
+        let s = Variant::parse("grasp-diag-carry2-cost0.3").unwrap();
         assert!(s.diagonals && s.carry_limit == 2 && s.cost_per_step == 0.3);
         assert_eq!(s.name(), "grasp-diag-carry2-cost0.3");
-        assert!(Settings::parse("grasp-fly").is_none());
+        assert!(Variant::parse("grasp-fly").is_none());
         let a = Grasp::generate(s, 5);
         assert_eq!(a, Grasp::generate(s, 5), "seeded");
         assert_ne!(a, Grasp::generate(s, 6));

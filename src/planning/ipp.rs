@@ -126,6 +126,7 @@ pub struct Cached {
     pub created: String,
 }
 
+/// How a program did on a set of instances.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     pub instances: usize,
@@ -136,7 +137,7 @@ pub struct Summary {
 }
 
 impl Summary {
-    fn of(runs: &[Run]) -> Summary {
+    fn of(runs: &[Episode]) -> Summary {
         let n = runs.len().max(1) as f64;
         Summary {
             instances: runs.len(),
@@ -155,7 +156,7 @@ impl Summary {
 
 /// One instance played by a program or by direct elicitation.
 #[derive(Debug, Clone, Serialize)]
-pub struct Run {
+pub struct Episode {
     pub instance: String,
     /// The first actions (at most 64).
     pub actions: Vec<String>,
@@ -188,11 +189,12 @@ pub struct Arm {
     /// every instance they were played on.
     pub model_calls_per_instance: f64,
     pub tokens_per_instance: f64,
-    pub runs: Vec<Run>,
+    pub runs: Vec<Episode>,
 }
 
+/// What a planning run did and what each arm cost.
 #[derive(Debug, Clone, Serialize)]
-pub struct Report {
+pub struct PlanReport {
     pub family: String,
     pub reused: bool,
     pub pseudocode: Option<String>,
@@ -211,7 +213,7 @@ pub struct Report {
 }
 
 /// Where progress goes (a streaming client, a progress bar); receives small JSON objects.
-pub type Progress = Arc<dyn Fn(Value) + Send + Sync>;
+pub type OnStage = Arc<dyn Fn(Value) + Send + Sync>;
 
 struct Asker<'a> {
     backend: &'a dyn Backend,
@@ -250,12 +252,13 @@ impl Asker<'_> {
     }
 }
 
+/// Writes, refines and evaluates a program as `spec` says (or plays `spec.reuse`).
 pub async fn run(
     backend: &dyn Backend,
     prompts: &Prompts,
     spec: &Spec,
-    progress: Progress,
-) -> Result<Report> {
+    progress: OnStage,
+) -> Result<PlanReport> {
     if spec.train.is_empty() && spec.reuse.is_none() {
         return Err(Error::invalid(
             "planning needs at least one training instance",
@@ -385,7 +388,7 @@ pub async fn run(
             (spec.train.len() + spec.eval.len()) as u64,
         ),
     };
-    let amortised = |runs: Vec<Run>| Arm {
+    let amortised = |runs: Vec<Episode>| Arm {
         summary: Summary::of(&runs),
         model_calls_per_instance: program_cost.0 as f64 / program_cost.2 as f64,
         tokens_per_instance: program_cost.1.total() as f64 / program_cost.2 as f64,
@@ -424,7 +427,7 @@ pub async fn run(
                 .ask(vec![Message::new(Role::User, prompt)])
                 .await?;
             let actions = parse_actions(&reply);
-            runs.push(Run {
+            runs.push(Episode {
                 instance: inst.id(),
                 played: inst.play(&actions),
                 actions: actions.into_iter().take(64).collect(),
@@ -444,7 +447,7 @@ pub async fn run(
         None
     };
 
-    Ok(Report {
+    Ok(PlanReport {
         family: spec.family.name(),
         reused: spec.reuse.is_some(),
         pseudocode,
@@ -469,8 +472,8 @@ pub async fn run_cached(
     model: &str,
     mut spec: Spec,
     refresh: bool,
-    progress: Progress,
-) -> Result<Report> {
+    progress: OnStage,
+) -> Result<PlanReport> {
     let family = spec.family.name();
     if !refresh {
         spec.reuse = cache.get(&family);
@@ -513,10 +516,10 @@ fn sub(a: Usage, b: Usage) -> Usage {
 
 /// Indices of the `k` worst runs: failures to run first, then failures to succeed, lowest
 /// reward first (the reference harness sorted these the wrong way round).
-fn worst(runs: &[Run], k: usize) -> Vec<usize> {
+fn worst(runs: &[Episode], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..runs.len()).collect();
     idx.sort_by(|&a, &b| {
-        let key = |r: &Run| (r.error.is_none(), r.played.success);
+        let key = |r: &Episode| (r.error.is_none(), r.played.success);
         key(&runs[a])
             .cmp(&key(&runs[b]))
             .then(runs[a].played.reward.total_cmp(&runs[b].played.reward))
@@ -526,7 +529,7 @@ fn worst(runs: &[Run], k: usize) -> Vec<usize> {
 }
 
 /// The result of one run in words, for the refinement prompt.
-fn describe(run: &Run) -> String {
+fn describe(run: &Episode) -> String {
     if let Some(e) = &run.error {
         return format!("The program failed:\n{e}");
     }
@@ -617,7 +620,7 @@ pub fn parse_actions(reply: &str) -> Vec<String> {
         .collect()
 }
 
-async fn play_all(code: &str, instances: &[Instance], limits: &Limits) -> Vec<Run> {
+async fn play_all(code: &str, instances: &[Instance], limits: &Limits) -> Vec<Episode> {
     // Futures made by an iterator, not a stream combinator, keep the future `Send` for every
     // lifetime (a closure in `StreamExt::map` would not be general enough).
     let runs: Vec<_> = instances
@@ -629,12 +632,12 @@ async fn play_all(code: &str, instances: &[Instance], limits: &Limits) -> Vec<Ru
 
 /// Plays one instance with a program: `solve(obs)` in the sandbox, then the actions in the
 /// environment.
-pub async fn play_one(code: &str, inst: &Instance, limits: &Limits) -> Run {
+pub async fn play_one(code: &str, inst: &Instance, limits: &Limits) -> Episode {
     let harness = format!(
         "{code}\n\n__obs = {}\nsolve(__obs)\n",
         py_literal(&inst.observation())
     );
-    let failed = |error: String| Run {
+    let failed = |error: String| Episode {
         instance: inst.id(),
         actions: vec![],
         played: inst.play(&[]),
@@ -663,7 +666,7 @@ pub async fn play_one(code: &str, inst: &Instance, limits: &Limits) -> Run {
             ))
         }
     };
-    Run {
+    Episode {
         instance: inst.id(),
         played: inst.play(&actions),
         actions: actions.into_iter().take(64).collect(),
@@ -700,7 +703,7 @@ mod tests {
 
     #[test]
     fn feedback_takes_crashes_first_then_the_lowest_rewards() {
-        let run = |reward: f64, success: bool, error: bool| Run {
+        let run = |reward: f64, success: bool, error: bool| Episode {
             instance: String::new(),
             actions: vec![],
             played: Played {

@@ -18,12 +18,13 @@ use self::minigrid::{Action, Level, MiniGrid};
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Family {
     MiniGrid(Level),
-    Grasp(grasp::Settings),
+    Grasp(grasp::Variant),
 }
 
 impl Family {
+    /// The family a name means: a MiniGrid id or a GRASP variant.
     pub fn parse(name: &str) -> Option<Family> {
-        if let Some(s) = grasp::Settings::parse(name) {
+        if let Some(s) = grasp::Variant::parse(name) {
             return Some(Family::Grasp(s));
         }
         Level::parse(name).map(Family::MiniGrid)
@@ -44,6 +45,7 @@ impl Family {
         names.join(", ")
     }
 
+    /// The instance generated from `seed`, the same one on every machine.
     pub fn instance(&self, seed: u64) -> Instance {
         match *self {
             Family::MiniGrid(level) => Instance::MiniGrid {
@@ -100,6 +102,7 @@ pub struct Played {
 }
 
 impl Instance {
+    /// How reports name the instance (its seed, or its position for given grids).
     pub fn id(&self) -> String {
         match self {
             Instance::MiniGrid { seed, .. } => format!("seed {seed}"),
@@ -107,6 +110,7 @@ impl Instance {
         }
     }
 
+    /// What a program's `solve(obs)` receives.
     pub fn observation(&self) -> Value {
         match self {
             Instance::MiniGrid { env, .. } => env.observation(),
@@ -114,6 +118,7 @@ impl Instance {
         }
     }
 
+    /// A text drawing of the instance, for prompts.
     pub fn render(&self) -> String {
         match self {
             Instance::MiniGrid { env, .. } => env.render(),
@@ -121,6 +126,7 @@ impl Instance {
         }
     }
 
+    /// Plays `actions` from the start and scores the episode.
     pub fn play(&self, actions: &[String]) -> Played {
         match self {
             Instance::MiniGrid { env, .. } => {

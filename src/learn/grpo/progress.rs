@@ -20,6 +20,7 @@ pub struct Progress {
 /// Called with the progress after every change.
 pub type Watcher = Box<dyn Fn(&ProgressSnapshot) + Send + Sync>;
 
+/// Progress at one moment, as the jobs API shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ProgressSnapshot {
     pub step: u64,
@@ -56,6 +57,7 @@ impl Progress {
         self.changed();
     }
 
+    /// The progress now.
     pub fn snapshot(&self) -> ProgressSnapshot {
         ProgressSnapshot {
             step: self.step.load(Ordering::Relaxed),

@@ -48,6 +48,7 @@ pub struct GroupRecord {
     pub skipped: Option<String>,
 }
 
+/// A step's consolidation: the proposals in, the merged operations out.
 #[derive(Debug, Clone, Serialize)]
 pub struct Consolidation {
     pub proposals: Vec<Proposal>,
@@ -63,6 +64,7 @@ pub struct Consolidation {
     pub result: Vec<Proposal>,
 }
 
+/// Accuracy on the held-out tasks, with its 95% interval.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Validation {
     pub accuracy: f64,

@@ -27,6 +27,7 @@ pub struct RunInfo {
     pub options: LearnOptions,
 }
 
+/// An open run directory: its info and its task splits.
 pub struct Run {
     pub info: RunInfo,
     pub dir: PathBuf,
@@ -199,6 +200,7 @@ impl Run {
             .collect()
     }
 
+    /// Validation accuracy before the first step, when it was measured.
     pub fn baseline(&self) -> Option<f64> {
         read_json::<Validation>(&self.dir.join("baseline.json"))
             .ok()
