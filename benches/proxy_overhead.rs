@@ -15,6 +15,12 @@
 //!     cargo bench --bench proxy_overhead -- --split       # each proxy gets the last CPU alone
 //!     cargo bench --bench proxy_overhead -- --tokens 64   # a longer answer (default 16)
 //!     cargo bench --bench proxy_overhead -- --pace-ms 20  # tokens 20 ms apart, as a model streams
+//!     cargo bench --bench proxy_overhead -- --litellm "$(bench/litellm.sh)"  # LiteLLM as a peer
+//!
+//! With `--litellm PATH`, LiteLLM's proxy (the `litellm` command of `litellm[proxy]` from PyPI;
+//! `bench/litellm.sh` installs it) serves the same responder as a fourth path, one worker
+//! process, logging off, and each line ends with experient's added latency and CPU per request
+//! as a ratio to LiteLLM's.
 //!
 //! By default the responder sends the whole answer at once and every stream sends its next
 //! request the moment the last one ends, so "64 streams" is as many requests a second as the
@@ -414,6 +420,11 @@ fn main() {
     cmd.arg("--floor-proxy")
         .arg(format!("http://{upstream}/v1/chat/completions"));
     let (mut floor, floor_addr) = spawn(cmd, proxy_cpu, "floor: listening on ");
+    let mut litellm = value("--litellm").map(|exe| {
+        let (mut child, addr) = spawn_litellm(exe, &upstream.to_string(), dir.path(), proxy_cpu);
+        rt.block_on(wait_ready(&format!("{addr}/health/liveliness"), &mut child));
+        (child, addr)
+    });
 
     println!(
         "layout: {}; {} tokens an answer, {}",
@@ -429,35 +440,43 @@ fn main() {
             None => "all at once (saturation)".into(),
         }
     );
+    let peer = if litellm.is_some() {
+        " | LiteLLM adds the same, CPU/req (us) | ratios"
+    } else {
+        ""
+    };
     match pace() {
         None => println!(
-            "streams | direct p50 / p99 (ms) | floor adds p50 / p99 (ms), CPU/req (us) | experient adds p50 / p99 (ms), CPU/req (us)"
+            "streams | direct p50 / p99 (ms) | floor adds p50 / p99 (ms), CPU/req (us) | experient adds p50 / p99 (ms), CPU/req (us){peer}"
         ),
         Some(_) => println!(
-            "streams | direct first token, token delay p50 / p99 (ms) | floor adds the same, CPU/req (us) | experient adds the same, CPU/req (us)"
+            "streams | direct first token, token delay p50 / p99 (ms) | floor adds the same, CPU/req (us) | experient adds the same, CPU/req (us){peer}"
         ),
     }
     for concurrency in [1usize, 16, 64] {
-        let mut paths = [
-            Path {
-                url: format!("http://{upstream}/v1/chat/completions"),
-                pid: None,
-                sample: Sample::default(),
-                cpu: Duration::ZERO,
-            },
-            Path {
-                url: format!("{floor_addr}/v1/chat/completions"),
-                pid: Some(floor.id()),
-                sample: Sample::default(),
-                cpu: Duration::ZERO,
-            },
-            Path {
-                url: format!("{experient_addr}/v1/chat/completions"),
-                pid: Some(experient.id()),
-                sample: Sample::default(),
-                cpu: Duration::ZERO,
-            },
+        let path = |url: String, pid: Option<u32>| Path {
+            url,
+            pid,
+            sample: Sample::default(),
+            cpu: Duration::ZERO,
+        };
+        let mut paths = vec![
+            path(format!("http://{upstream}/v1/chat/completions"), None),
+            path(
+                format!("{floor_addr}/v1/chat/completions"),
+                Some(floor.id()),
+            ),
+            path(
+                format!("{experient_addr}/v1/chat/completions"),
+                Some(experient.id()),
+            ),
         ];
+        if let Some((child, addr)) = &litellm {
+            paths.push(path(
+                format!("{addr}/v1/chat/completions"),
+                Some(child.id()),
+            ));
+        }
         // Interleaved rounds, so that a noisy spell on the machine lands on every path alike.
         // Paced answers take tokens x pace each, so those rounds are far fewer requests.
         let (rounds, per_round) = match (pace(), concurrency) {
@@ -485,7 +504,9 @@ fn main() {
         }
         let ms = |x: Duration| x.as_secs_f64() * 1e3;
         let q = |v: &[Duration], at: f64| ms(percentile(v, at));
-        let [direct, proxies @ ..] = &paths;
+        let [direct, proxies @ ..] = &paths[..] else {
+            unreachable!("the direct path is always first")
+        };
         let mut line = format!("{concurrency:>7}");
         let measures: &[fn(&Sample) -> &[Duration]] = match pace() {
             None => &[|s| &s.whole],
@@ -510,10 +531,85 @@ fn main() {
                 p.cpu.as_secs_f64() * 1e6 / p.sample.whole.len() as f64
             );
         }
+        if let [_, _, exp, lite] = &paths[..] {
+            let added = |p: &Path| q(&p.sample.whole, 0.5) - q(&direct.sample.whole, 0.5);
+            let cpu = |p: &Path| p.cpu.as_secs_f64() / p.sample.whole.len() as f64;
+            line += &format!(
+                " | experient/LiteLLM: added p50 {:.3}x, CPU/req {:.3}x",
+                added(exp) / added(lite),
+                cpu(exp) / cpu(lite)
+            );
+        }
         println!("{line}");
     }
-    for child in [&mut experient, &mut floor] {
+    let litellm = litellm.as_mut().map(|(child, _)| child);
+    for child in [Some(&mut experient), Some(&mut floor), litellm]
+        .into_iter()
+        .flatten()
+    {
         let _ = child.kill();
         let _ = child.wait();
     }
+}
+
+/// Starts LiteLLM's proxy in front of the responder: one worker, no logging, as light as it
+/// is configured to go; returns the process and its base URL.
+fn spawn_litellm(
+    exe: &str,
+    upstream: &str,
+    dir: &std::path::Path,
+    cpu: Option<usize>,
+) -> (Child, String) {
+    let config = dir.join("litellm.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "model_list:\n  - model_name: fast\n    litellm_params:\n      model: openai/fast\n      \
+             api_base: http://{upstream}/v1\n      api_key: sk-none\n\
+             litellm_settings:\n  set_verbose: false\n  telemetry: false\n"
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let mut cmd = Command::new(exe);
+    cmd.args(["--config"])
+        .arg(&config)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--num_workers", "1"])
+        .env("LITELLM_LOG", "ERROR")
+        // The bench sends no key to any path (experient runs without keys on loopback too).
+        .env(
+            "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY",
+            "true",
+        )
+        .env("LITELLM_MODE", "PRODUCTION")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(cpu) = cpu {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the closure only calls sched_setaffinity, which is async-signal-safe.
+        unsafe { cmd.pre_exec(move || pin(&[cpu])) };
+    }
+    (cmd.spawn().unwrap(), format!("http://127.0.0.1:{port}"))
+}
+
+/// Polls `url` until it answers 200 (LiteLLM takes seconds to import and start); panics if
+/// `child` exits first.
+async fn wait_ready(url: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("LiteLLM exited before serving ({status}); run it by hand to see why");
+        }
+        if let Ok(r) = reqwest::get(url).await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("{url} never answered");
 }

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's own server, llama-server, from the llama.cpp sources that the
+# llama-cpp-python sdist on PyPI vendors (no prebuilt llama.cpp can be downloaded here), and
+# prints its path. bench/local_speed.py runs it as the peer.
+#
+#     bench/llama_server.sh [DIR]      # default DIR: target/peers; ~10 min on 2 cores
+#
+# The sdist is fetched from the package index's simple page rather than with
+# `pip download --no-binary :all:`, which would first build cmake itself from source to read
+# the package's metadata.
+set -euo pipefail
+VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
+DIR=${1:-target/peers}
+mkdir -p "$DIR"
+cd "$DIR"
+if ! command -v cmake >/dev/null 2>&1; then
+  python3 -m pip install -q --disable-pip-version-check cmake==4.4.5
+fi
+SRC="llama_cpp_python-$VERSION"
+if [ ! -d "$SRC" ]; then
+  python3 - "$VERSION" <<'PY'
+import os, re, sys, urllib.parse, urllib.request
+version = sys.argv[1]
+index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+page = urllib.request.urlopen(f"{index}/llama-cpp-python/").read().decode()
+name = f"llama_cpp_python-{version}.tar.gz"
+url = next(u for u in re.findall(r'href="([^"]+)"', page) if name in u)
+url = urllib.parse.urljoin(f"{index}/llama-cpp-python/", url.split("#")[0])
+urllib.request.urlretrieve(url, name)
+PY
+  tar xzf "$SRC.tar.gz"
+fi
+cmake -S "$SRC/vendor/llama.cpp" -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+  -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null
+cmake --build build --target llama-server -j "$(nproc)" >/dev/null
+realpath build/bin/llama-server
