@@ -413,9 +413,10 @@ pub struct LocalModelConfig {
     /// Path of the GGUF file; omitted means the embedded default model.
     #[serde(default)]
     pub gguf: Option<PathBuf>,
-    /// Sequences mistral.rs decodes together in one batch. Default 1, so that greedy output
-    /// does not depend on what else is running: batched sequences are padded, which regroups
-    /// their attention sums (README, Configuration).
+    /// Sequences mistral.rs decodes together in one batch. Default 8, as many as are admitted
+    /// at once: a request's greedy output is the same alone and in a batch, token for token
+    /// and log probability for log probability (tests/e2e/local_model.rs), so batching costs
+    /// no fidelity. 1 decodes one request at a time.
     #[serde(default = "default_max_seqs")]
     pub max_seqs: usize,
     /// Requests admitted at once; they share the engine's batch slots in turn.
@@ -451,15 +452,20 @@ pub struct LocalModelConfig {
     pub prefix_cache: usize,
 }
 
+/// One batch slot for every request admitted at once (`default_max_concurrent`), so that no
+/// admitted request waits for another to finish before it starts decoding.
 pub fn default_max_seqs() -> usize {
-    1
+    8
 }
+/// Enough kept states for a few libraries' priors and a chat or two.
 pub fn default_prefix_cache() -> usize {
     4
 }
+/// Concurrent requests per upstream model, before the queue.
 pub fn default_max_concurrent() -> usize {
     8
 }
+/// Requests that may wait for a slot before the next one gets 429.
 pub fn default_queue() -> usize {
     64
 }

@@ -223,8 +223,16 @@ impl<Backer: FcfsBacker> DefaultScheduler<Backer> {
                 };
             }
             (_, 0) => {
+                // experient patch: the waiting list also holds sequences that were decoding and
+                // were set aside by bucketing (a shorter bucket ran first). 0.8.1 made every one
+                // of them a prompt again whenever nothing was running, so they were prefilled
+                // anew from all their tokens: a whole context's prefill, and logits that are not
+                // the ones decoding would have given (greedy output then depended on when other
+                // requests finished). Only new sequences become prompts; the others carry on.
                 for seq in waiting.into_iter() {
-                    seq.set_state(SequenceState::RunningPrompt);
+                    if seq.is_waiting() {
+                        seq.set_state(SequenceState::RunningPrompt);
+                    }
                     self.running.push(seq);
                 }
                 self.waiting = Backer::new();
@@ -232,9 +240,17 @@ impl<Backer: FcfsBacker> DefaultScheduler<Backer> {
                 self.running = self.bucket_and_waitlist_seqs(running);
                 logger.set_num_running(self.running.len());
                 logger.set_num_waiting(self.waiting.len());
+                let (mut prompt, mut completion) = (Vec::new(), Vec::new());
+                for seq in &mut self.running {
+                    if seq.is_completion() {
+                        completion.push(seq);
+                    } else {
+                        prompt.push(seq);
+                    }
+                }
                 return DefaultSchedulerOutput {
-                    prompt: self.running.iter_mut().collect::<Vec<_>>().into(),
-                    completion: vec![].into(),
+                    prompt: prompt.into(),
+                    completion: completion.into(),
                 };
             }
             (0, _) => {
