@@ -13,9 +13,9 @@ use serde_json::{json, Value};
 use super::error::JsonBody;
 use super::wire::{self, ChatCompletionRequest, WireUsage, SYSTEM_FINGERPRINT};
 use super::AppState;
-use crate::backend::{self, Event, FinishReason, Usage};
+use crate::backend::{self, Event as Model, FinishReason, Usage};
 use crate::error::Error;
-use crate::methods::{self, Applied, Selection};
+use crate::methods::{self, Applied, Event, Selection};
 
 /// `POST /v1/chat/completions`: validate, route, run the method, answer whole or as SSE.
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", request_body = ChatCompletionRequest, responses((status = 200, description = "a chat.completion, or with stream an SSE stream of chat.completion.chunk", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 413, description = "body too large", body = crate::api::openapi::ErrorEnvelope), (status = 429, description = "at capacity", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "loading", body = crate::api::openapi::ErrorEnvelope), (status = 504, description = "past request_timeout_secs", body = crate::api::openapi::ErrorEnvelope)))]
@@ -39,17 +39,22 @@ pub async fn chat_completions(
     let applied_header = applied_header(&output.applied);
 
     if !v.stream {
-        let done = tokio::time::timeout(state.request_timeout, backend::collect(output.events, n))
-            .await
-            .map_err(|_| {
-                Error::Timeout(format!(
-                    "generation did not finish within {} s",
-                    state.request_timeout.as_secs()
-                ))
-            })??;
+        let answer =
+            tokio::time::timeout(state.request_timeout, methods::collect(output.events, n))
+                .await
+                .map_err(|_| {
+                    Error::Timeout(format!(
+                        "generation did not finish within {} s",
+                        state.request_timeout.as_secs()
+                    ))
+                })??;
+        let methods::Answer {
+            completion: done,
+            trace,
+        } = answer;
         count_tokens(&model_label, done.usage);
         let mut applied = output.applied;
-        applied.trace = done.trace;
+        applied.trace = trace;
         if let (Some(rec), Some(c)) = (rec, done.choices.first()) {
             let answer = super::feedback::answer_text(&c.text, &c.tool_calls);
             let used = applied.experiences.clone();
@@ -229,12 +234,12 @@ struct Head {
     model: String,
 }
 
-/// Turns backend events into the SSE events of an OpenAI chunk stream: one id and one
+/// Turns a method's events into the SSE events of an OpenAI chunk stream: one id and one
 /// `created` throughout, the role in each choice's first delta, exactly one finish_reason per
 /// choice, the usage chunk (`choices: []`) when asked for, an error event in the OpenAI envelope
 /// if generation fails, and `[DONE]` last in every case; a keep-alive comment while quiet.
 fn chunks(
-    mut events: backend::EventStream,
+    mut events: methods::Events,
     head: Head,
     n: usize,
     include_usage: bool,
@@ -314,7 +319,7 @@ fn chunks(
             };
             quiet = false;
             match ev {
-                Ok(Event::Delta { index, text }) => {
+                Ok(Event::Model(Model::Delta { index, text })) => {
                     let text = serde_json::to_string(&text).unwrap_or_default();
                     let lp = match logprobs.get_mut(index as usize).and_then(Option::take) {
                         Some(t) => logprobs_json(&t).to_string(),
@@ -325,12 +330,12 @@ fn chunks(
                     ));
                     yield delta;
                 }
-                Ok(Event::Logprobs { index, tokens }) => {
+                Ok(Event::Model(Model::Logprobs { index, tokens })) => {
                     if let Some(l) = logprobs.get_mut(index as usize) {
                         l.get_or_insert_with(Vec::new).extend(tokens);
                     }
                 }
-                Ok(Event::Finish { index, reason }) => {
+                Ok(Event::Model(Model::Finish { index, reason })) => {
                     if let Some(l) = logprobs.get_mut(index as usize) {
                         *l = None;
                     }
@@ -341,7 +346,7 @@ fn chunks(
                         }
                     }
                 }
-                Ok(Event::ToolCall { index, call }) => {
+                Ok(Event::Model(Model::ToolCall { index, call })) => {
                     // As OpenAI streams a call: its id, type and name first, with empty
                     // arguments, then the arguments; `index` counts the choice's calls.
                     let Some(k) = calls.get_mut(index as usize) else { continue };
@@ -360,7 +365,7 @@ fn chunks(
                     yield frame(&c.to_string());
                 }
                 Ok(Event::Trace(t)) => applied.trace = Some(t),
-                Ok(Event::Usage(u)) => usage = u,
+                Ok(Event::Model(Model::Usage(u))) => usage = u,
                 Err(e) => { failed = Some(e); break; }
             }
         }
@@ -387,6 +392,7 @@ fn chunks(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::Event;
     use crate::router::Method;
 
     fn head(model: &str) -> Head {
@@ -419,7 +425,7 @@ mod tests {
     }
 
     async fn run(events: Vec<crate::Result<Event>>, include_usage: bool) -> Vec<Value> {
-        let s = futures::stream::iter(events).boxed();
+        let s = methods::model_events(futures::stream::iter(events).boxed());
         chunks(
             s,
             head("m"),
@@ -502,14 +508,16 @@ mod tests {
     /// A stream that stays quiet gets the comment, and nothing else changes in it.
     #[tokio::test]
     async fn a_quiet_stream_gets_keep_alive_comments() {
-        let events = futures::stream::once(async {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            Ok(Event::Delta {
-                index: 0,
-                text: "late".into(),
+        let events = methods::model_events(
+            futures::stream::once(async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok(Event::Delta {
+                    index: 0,
+                    text: "late".into(),
+                })
             })
-        })
-        .boxed();
+            .boxed(),
+        );
         let every = Duration::from_millis(50);
         let out: Vec<Bytes> = chunks(events, head("m"), 1, false, applied(), "m".into(), every)
             .collect()
@@ -548,7 +556,7 @@ mod tests {
                 completion_tokens: 2,
             })),
         ];
-        let s = futures::stream::iter(events).boxed();
+        let s = methods::model_events(futures::stream::iter(events).boxed());
         let out: Vec<String> = chunks(
             s,
             head("m\"x"),

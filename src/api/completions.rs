@@ -15,9 +15,10 @@ use serde_json::{json, Value};
 use super::error::JsonBody;
 use super::wire::{self, Stop, StreamOptions, WireUsage, SYSTEM_FINGERPRINT};
 use super::AppState;
-use crate::backend::{self, ChatRequest, Event, EventStream, Sampling, TokenLogprob, Usage};
+use crate::backend::{ChatRequest, Event as Model, Sampling, TokenLogprob, Usage};
 use crate::error::{Error, Result};
 use crate::methods;
+use crate::methods::{Event, Events};
 use crate::router::Method;
 
 /// OpenAI's default `max_tokens` for this endpoint.
@@ -215,9 +216,10 @@ pub async fn completions(
         })
         .collect();
     if !v.stream {
-        let done = tokio::time::timeout(state.request_timeout, backend::collect(events, total))
+        let done = tokio::time::timeout(state.request_timeout, methods::collect(events, total))
             .await
-            .map_err(|_| Error::Timeout("generation did not finish in time".into()))??;
+            .map_err(|_| Error::Timeout("generation did not finish in time".into()))??
+            .completion;
         let choices: Vec<Value> = done
             .choices
             .iter()
@@ -258,17 +260,17 @@ fn completion_id() -> String {
 }
 
 /// An event of one prompt's generation with its choice moved up by `base`.
-fn reindex(event: Event, base: u32) -> Event {
+fn reindex(event: Model, base: u32) -> Model {
     match event {
-        Event::Delta { index, text } => Event::Delta {
+        Model::Delta { index, text } => Model::Delta {
             index: index + base,
             text,
         },
-        Event::Finish { index, reason } => Event::Finish {
+        Model::Finish { index, reason } => Model::Finish {
             index: index + base,
             reason,
         },
-        Event::Logprobs { index, tokens } => Event::Logprobs {
+        Model::Logprobs { index, tokens } => Model::Logprobs {
             index: index + base,
             tokens,
         },
@@ -279,12 +281,12 @@ fn reindex(event: Event, base: u32) -> Event {
 /// The prompts' generations in order, each one's `n` choices after the previous one's, with
 /// one usage at the end: their sum. A later prompt's failure ends the stream with its error.
 fn one_after_another(
-    first: EventStream,
+    first: Events,
     rest: Vec<ChatRequest>,
     n: u32,
     ctx: methods::Context,
     route: crate::router::Route,
-) -> EventStream {
+) -> Events {
     async_stream::stream! {
         let mut usage = Usage::default();
         let mut current = Some(first);
@@ -293,11 +295,12 @@ fn one_after_another(
         while let Some(mut events) = current.take() {
             while let Some(ev) = events.next().await {
                 match ev {
-                    Ok(Event::Usage(u)) => {
+                    Ok(Event::Model(Model::Usage(u))) => {
                         usage.prompt_tokens += u.prompt_tokens;
                         usage.completion_tokens += u.completion_tokens;
                     }
-                    Ok(e) => yield Ok(reindex(e, base)),
+                    Ok(Event::Model(e)) => yield Ok(Event::Model(reindex(e, base))),
+                    Ok(other) => yield Ok(other),
                     Err(e) => { yield Err(e); return; }
                 }
             }
@@ -309,7 +312,7 @@ fn one_after_another(
                 }
             }
         }
-        yield Ok(Event::Usage(usage));
+        yield Ok(Event::Model(Model::Usage(usage)));
     }
     .boxed()
 }
@@ -337,7 +340,7 @@ fn legacy_logprobs(tokens: &[TokenLogprob]) -> Value {
 /// for), one finish per choice, the usage chunk when asked for, errors as the envelope, and
 /// `[DONE]`.
 fn chunks(
-    mut events: EventStream,
+    mut events: Events,
     model: String,
     echoes: Vec<String>,
     include_usage: bool,
@@ -362,21 +365,21 @@ fn chunks(
         let mut failed = None;
         while let Some(ev) = events.next().await {
             match ev {
-                Ok(Event::Logprobs { index, tokens }) => {
+                Ok(Event::Model(Model::Logprobs { index, tokens })) => {
                     if let Some(p) = pending.get_mut(index as usize) { p.extend(tokens) }
                 }
-                Ok(Event::Delta { index, text }) => {
+                Ok(Event::Model(Model::Delta { index, text })) => {
                     let lp = pending.get_mut(index as usize).map(std::mem::take).filter(|p| !p.is_empty());
                     let lp = lp.as_deref().map_or(Value::Null, legacy_logprobs);
                     yield chunk(json!([{"text": text, "index": index, "logprobs": lp, "finish_reason": null}]));
                 }
-                Ok(Event::Finish { index, reason }) => {
+                Ok(Event::Model(Model::Finish { index, reason })) => {
                     if let Some(f) = finished.get_mut(index as usize).filter(|f| !**f) {
                         *f = true;
                         yield chunk(json!([{"text": "", "index": index, "logprobs": null, "finish_reason": reason.as_str()}]));
                     }
                 }
-                Ok(Event::Usage(u)) => usage = u,
+                Ok(Event::Model(Model::Usage(u))) => usage = u,
                 Ok(_) => {}
                 Err(e) => { failed = Some(e); break; }
             }

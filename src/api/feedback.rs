@@ -236,11 +236,12 @@ pub(super) fn answer_text(text: &str, calls: &[crate::backend::ToolCall]) -> Str
 /// Passes a stream through and, once it has ended without an error, records the first
 /// choice's answer before the end reaches the client (so feedback can follow at once).
 pub(super) fn record_stream(
-    events: crate::backend::EventStream,
+    events: crate::methods::Events,
     rec: Option<Recording>,
     experiences: Option<Vec<String>>,
-) -> crate::backend::EventStream {
-    use crate::backend::Event;
+) -> crate::methods::Events {
+    use crate::backend::Event as Model;
+    use crate::methods::Event;
     use futures::StreamExt;
     let Some(rec) = rec else { return events };
     async_stream::stream! {
@@ -249,8 +250,8 @@ pub(super) fn record_stream(
         let mut failed = false;
         while let Some(ev) = events.next().await {
             match &ev {
-                Ok(Event::Delta { index: 0, text: t }) => text.push_str(t),
-                Ok(Event::ToolCall { index: 0, call }) => calls.push(call.clone()),
+                Ok(Event::Model(Model::Delta { index: 0, text: t })) => text.push_str(t),
+                Ok(Event::Model(Model::ToolCall { index: 0, call })) => calls.push(call.clone()),
                 Err(_) => failed = true,
                 _ => {}
             }

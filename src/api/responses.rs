@@ -21,8 +21,9 @@ use serde_json::{json, Value};
 use super::error::JsonBody;
 use super::wire::{self, ChatCompletionRequest, ExperientOptions};
 use super::AppState;
-use crate::backend::{self, ChatRequest, Event, FinishReason, Message, Role, ToolCall, Usage};
+use crate::backend::{ChatRequest, Event as Model, FinishReason, Message, Role, ToolCall, Usage};
 use crate::error::{Error, Result};
+use crate::methods::Event;
 use crate::methods::{self, Applied};
 
 /// The Responses API routes.
@@ -325,6 +326,10 @@ fn plan(state: &AppState, r: CreateResponse) -> Result<Plan> {
         "store": r.store.unwrap_or(true),
         "background": false,
         "user": r.user,
+        "safety_identifier": r.safety_identifier,
+        // Echoed as OpenAI does. The prefix cache matches every request's leading tokens, so it
+        // needs no key to group requests by.
+        "prompt_cache_key": r.prompt_cache_key,
     });
     Ok(Plan {
         model: r.model,
@@ -546,11 +551,16 @@ pub(super) async fn create(
         rec: parking_lot::Mutex::new(rec),
     };
     if !turn.plan.stream {
-        let done = tokio::time::timeout(state.request_timeout, backend::collect(output.events, 1))
-            .await
-            .map_err(|_| Error::Timeout("generation did not finish in time".into()))??;
+        let answer =
+            tokio::time::timeout(state.request_timeout, methods::collect(output.events, 1))
+                .await
+                .map_err(|_| Error::Timeout("generation did not finish in time".into()))??;
+        let methods::Answer {
+            completion: done,
+            trace,
+        } = answer;
         let mut applied = output.applied;
-        applied.trace = done.trace;
+        applied.trace = trace;
         let choice = done.choices.into_iter().next();
         let mut items = Vec::new();
         let mut status = "completed";
@@ -652,7 +662,7 @@ impl Turn {
 /// The typed SSE events of a streamed response, each with its `sequence_number`.
 fn stream_events(
     turn: Turn,
-    mut events: backend::EventStream,
+    mut events: methods::Events,
     mut applied: Applied,
 ) -> impl Stream<Item = Bytes> + Send {
     async_stream::stream! {
@@ -684,7 +694,7 @@ fn stream_events(
         };
         while let Some(ev) = events.next().await {
             match ev {
-                Ok(Event::Delta { text, .. }) => {
+                Ok(Event::Model(Model::Delta { text, .. })) => {
                     if open.is_none() {
                         let id = hex_id("msg");
                         let at = output.len();
@@ -700,7 +710,7 @@ fn stream_events(
                         yield send("response.output_text.delta", d);
                     }
                 }
-                Ok(Event::ToolCall { call, .. }) => {
+                Ok(Event::Model(Model::ToolCall { call, .. })) => {
                     for (kind, data) in close(&mut open, &mut output) {
                         yield send(kind, data);
                     }
@@ -713,13 +723,13 @@ fn stream_events(
                     output.push(item.clone());
                     yield send("response.output_item.done", json!({"output_index": at, "item": item}));
                 }
-                Ok(Event::Finish { reason, .. }) => {
+                Ok(Event::Model(Model::Finish { reason, .. })) => {
                     if reason == FinishReason::Length {
                         status = "incomplete";
                     }
                 }
                 Ok(Event::Trace(t)) => applied.trace = Some(t),
-                Ok(Event::Usage(u)) => usage = Some(u),
+                Ok(Event::Model(Model::Usage(u))) => usage = Some(u),
                 Ok(_) => {}
                 Err(e) => {
                     let env = e.envelope();

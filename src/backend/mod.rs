@@ -5,13 +5,13 @@
 //! Non-streaming is derived from streaming ([`collect`]) so that both paths share one code path,
 //! and so that dropping the consumer always cancels generation.
 
-pub mod fallback;
+pub(crate) mod fallback;
 pub mod fetch;
-pub mod local;
-pub mod requantize;
+pub(crate) mod local;
+pub(crate) mod requantize;
 pub mod scripted;
-pub mod tools;
-pub mod upstream;
+pub(crate) mod tools;
+pub(crate) mod upstream;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -32,6 +32,7 @@ pub enum Role {
 }
 
 impl Role {
+    /// The role as OpenAI spells it.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::System => "system",
@@ -180,6 +181,7 @@ pub enum FinishReason {
 }
 
 impl FinishReason {
+    /// The `finish_reason` as OpenAI spells it.
     pub fn as_str(self) -> &'static str {
         match self {
             FinishReason::Stop => "stop",
@@ -238,11 +240,6 @@ pub enum Event {
         index: u32,
         tokens: Vec<TokenLogprob>,
     },
-    /// A method's progress report, passed to streaming clients as the chunk's `experient`
-    /// object: `{"round": ...}` for an IterResearch round, `{"plan": ...}` for a planning stage.
-    Progress(serde_json::Value),
-    /// What a method did, for the response's `experient` object; sent before `Usage`.
-    Trace(serde_json::Value),
     Usage(Usage),
 }
 
@@ -252,7 +249,9 @@ pub type EventStream = BoxStream<'static, Result<Event>>;
 /// Turns a panic inside whatever produces `events` into a last `Internal` error, so that a
 /// stream ends with an error event (and a non-streaming request with a 500) instead of the
 /// panic unwinding through the connection and cutting it without a word.
-pub fn catch_panics(events: EventStream) -> EventStream {
+pub fn catch_panics<T: Send + 'static>(
+    events: BoxStream<'static, Result<T>>,
+) -> BoxStream<'static, Result<T>> {
     std::panic::AssertUnwindSafe(events)
         .catch_unwind()
         .map(|item| {
@@ -282,7 +281,6 @@ pub struct Choice {
 pub struct Completion {
     pub choices: Vec<Choice>,
     pub usage: Usage,
-    pub trace: Option<serde_json::Value>,
 }
 
 /// A model that generates: in-process (`local`), on another server (`upstream`), or a
@@ -305,56 +303,82 @@ pub trait Backend: Send + Sync + 'static {
 
 /// Drains a stream into a completion with `n` choices.
 pub async fn collect(mut stream: EventStream, n: usize) -> Result<Completion> {
-    let mut texts = vec![String::new(); n];
-    let mut calls = vec![Vec::new(); n];
-    let mut logprobs: Vec<Option<Vec<TokenLogprob>>> = vec![None; n];
-    let mut finishes = vec![None; n];
-    let mut usage = Usage::default();
-    let mut trace = None;
+    let mut collector = Collector::new(n);
     while let Some(event) = stream.next().await {
-        match event? {
+        collector.push(event?);
+    }
+    Ok(collector.finish())
+}
+
+/// Builds a [`Completion`] from events one at a time, so that a stream which carries more than
+/// the backend's events (a method's) can be drained by the same code.
+pub struct Collector {
+    texts: Vec<String>,
+    calls: Vec<Vec<ToolCall>>,
+    logprobs: Vec<Option<Vec<TokenLogprob>>>,
+    finishes: Vec<Option<FinishReason>>,
+    usage: Usage,
+}
+
+impl Collector {
+    /// A collector for `n` choices; events for an index past them are dropped.
+    pub fn new(n: usize) -> Collector {
+        Collector {
+            texts: vec![String::new(); n],
+            calls: vec![Vec::new(); n],
+            logprobs: vec![None; n],
+            finishes: vec![None; n],
+            usage: Usage::default(),
+        }
+    }
+
+    /// Adds one event to its choice.
+    pub fn push(&mut self, event: Event) {
+        match event {
             Event::Delta { index, text } => {
-                if let Some(t) = texts.get_mut(index as usize) {
+                if let Some(t) = self.texts.get_mut(index as usize) {
                     t.push_str(&text)
                 }
             }
             Event::ToolCall { index, call } => {
-                if let Some(c) = calls.get_mut(index as usize) {
+                if let Some(c) = self.calls.get_mut(index as usize) {
                     c.push(call)
                 }
             }
             Event::Logprobs { index, tokens } => {
-                if let Some(l) = logprobs.get_mut(index as usize) {
+                if let Some(l) = self.logprobs.get_mut(index as usize) {
                     l.get_or_insert_with(Vec::new).extend(tokens)
                 }
             }
-            Event::Progress(_) => {}
-            Event::Trace(t) => trace = Some(t),
             Event::Finish { index, reason } => {
-                if let Some(f) = finishes.get_mut(index as usize) {
+                if let Some(f) = self.finishes.get_mut(index as usize) {
                     *f = Some(reason)
                 }
             }
-            Event::Usage(u) => usage = u,
+            Event::Usage(u) => self.usage = u,
         }
     }
-    let choices = texts
-        .into_iter()
-        .zip(calls)
-        .zip(finishes)
-        .zip(logprobs)
-        .map(|(((text, tool_calls), f), logprobs)| Choice {
-            text,
-            tool_calls,
-            finish_reason: f.unwrap_or(FinishReason::Stop),
-            logprobs,
-        })
-        .collect();
-    Ok(Completion {
-        choices,
-        usage,
-        trace,
-    })
+
+    /// The completion; a choice that never finished counts as stopped.
+    pub fn finish(self) -> Completion {
+        let choices = self
+            .texts
+            .into_iter()
+            .zip(self.calls)
+            .zip(self.finishes)
+            .zip(self.logprobs)
+            .map(|(((text, tool_calls), f), logprobs)| Choice {
+                text,
+                tool_calls,
+                finish_reason: f.unwrap_or(FinishReason::Stop),
+                logprobs,
+            })
+            .collect();
+        Completion {
+            choices,
+            usage: self.usage,
+        }
+    }
 }
 
 /// Which lane of admission a request waits in. Learning and evaluation send many requests

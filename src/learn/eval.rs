@@ -11,7 +11,7 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use super::dataset::Dataset;
-use crate::backend::{self, ChatRequest, Message, Role, Sampling};
+use crate::backend::{ChatRequest, Message, Role, Sampling};
 use crate::methods::{self, Context};
 use crate::router::Method;
 use crate::router::Route;
@@ -95,7 +95,7 @@ pub async fn run_arm(
                 if let Some(e) = &out.applied.experiences {
                     used.store(e.len(), std::sync::atomic::Ordering::Relaxed);
                 }
-                let done = backend::collect(out.events, 1).await?;
+                let done = methods::collect(out.events, 1).await?.completion;
                 on_tick(Tick::Answer);
                 Ok::<_, crate::Error>((t, ds.verifier.score(&done.choices[0].text, &task.answer)))
             });

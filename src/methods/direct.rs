@@ -1,7 +1,7 @@
 //! The plain method: the request goes to the backend as it is, with a library's experiences
 //! injected as a prior when the route names one.
 
-use super::{prior, Applied, Context, Output, Selection};
+use super::{model_events, prior, Applied, Context, Output, Selection};
 use crate::backend::ChatRequest;
 use crate::error::Result;
 use crate::router::{Method, Route};
@@ -18,7 +18,7 @@ pub async fn run(
         let used = prior::inject(ctx, library, &mut request, selection).await?;
         experiences = Some(used);
     }
-    let events = route.backend.stream(request).await?;
+    let events = model_events(route.backend.stream(request).await?);
     Ok(Output {
         events,
         applied: Applied {

@@ -19,9 +19,9 @@ use futures::StreamExt;
 use regex::Regex;
 use serde_json::{json, Value};
 
-use super::{Applied, Context, Options, Output};
+use super::{Applied, Context, Event, Options, Output};
 use crate::backend::{
-    ChatRequest, Event, FinishReason, Message, Role, Sampling, ToolCall, ToolSpec, Usage,
+    ChatRequest, Event as Model, FinishReason, Message, Role, Sampling, ToolCall, ToolSpec, Usage,
 };
 use crate::error::{Error, Result};
 use crate::router::{Method, Route};
@@ -520,14 +520,14 @@ pub async fn run(
                     };
                     // The report travels in the assistant message, so the next request can
                     // rebuild the workspace without server state.
-                    yield Ok(Event::Delta { index: 0, text: format!("Report: {}", ws.report) });
-                    yield Ok(Event::ToolCall { index: 0, call });
-                    yield Ok(Event::Finish { index: 0, reason: FinishReason::ToolCalls });
+                    yield Ok(Event::Model(Model::Delta { index: 0, text: format!("Report: {}", ws.report) }));
+                    yield Ok(Event::Model(Model::ToolCall { index: 0, call }));
+                    yield Ok(Event::Model(Model::Finish { index: 0, reason: FinishReason::ToolCalls }));
                     yield Ok(Event::Trace(json!({
                         "workspace": if full { "full" } else { "markovian" },
                         "rounds": rounds, "tool_calls": tool_calls, "stopped": "client_tool",
                     })));
-                    yield Ok(Event::Usage(usage));
+                    yield Ok(Event::Model(Model::Usage(usage)));
                     return;
                 }
                 Some(_) => {
@@ -551,13 +551,13 @@ pub async fn run(
             }
             ws.round += 1;
         }
-        yield Ok(Event::Delta { index: 0, text: answer });
-        yield Ok(Event::Finish { index: 0, reason: FinishReason::Stop });
+        yield Ok(Event::Model(Model::Delta { index: 0, text: answer }));
+        yield Ok(Event::Model(Model::Finish { index: 0, reason: FinishReason::Stop }));
         yield Ok(Event::Trace(json!({
             "workspace": if full { "full" } else { "markovian" },
             "rounds": rounds, "tool_calls": tool_calls, "stopped": stopped,
         })));
-        yield Ok(Event::Usage(usage));
+        yield Ok(Event::Model(Model::Usage(usage)));
     }
     .boxed();
     Ok(Output { events, applied })

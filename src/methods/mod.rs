@@ -11,9 +11,11 @@ pub mod prior;
 
 use std::sync::Arc;
 
+use futures::stream::BoxStream;
+use futures::StreamExt;
 use serde::Serialize;
 
-use crate::backend::{ChatRequest, EventStream, ToolChoice};
+use crate::backend::{self, ChatRequest, Collector, Completion, EventStream, ToolChoice};
 use crate::error::{Error, Result};
 use crate::experience::Store;
 use crate::prompts::Prompts;
@@ -89,9 +91,61 @@ pub struct Applied {
     pub trace: Option<serde_json::Value>,
 }
 
+/// What a method streams. The model's events pass through as `Model`; progress and the trace
+/// are what a method adds, so the backend's own type carries neither.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Model(backend::Event),
+    /// Progress of a multi-round method, passed to streaming clients as the chunk's
+    /// `experient` object: `{"round": ...}` for an IterResearch round, `{"plan": ...}` for a
+    /// planning stage.
+    Progress(serde_json::Value),
+    /// What the method did, for the response's `experient.trace`; sent before `Usage`.
+    Trace(serde_json::Value),
+}
+
+impl From<backend::Event> for Event {
+    fn from(event: backend::Event) -> Event {
+        Event::Model(event)
+    }
+}
+
+/// A method's events in order; dropping it cancels whatever generation is running.
+pub type Events = BoxStream<'static, Result<Event>>;
+
+/// A backend's stream as a method's, for methods that pass the model's answer on as it is.
+pub fn model_events(events: EventStream) -> Events {
+    events.map(|e| e.map(Event::Model)).boxed()
+}
+
+/// A method's whole answer, collected from its [`Events`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub completion: Completion,
+    pub trace: Option<serde_json::Value>,
+}
+
+/// Drains a method's events into its answer with `n` choices; progress is dropped, because a
+/// non-streaming client sees only the end.
+pub async fn collect(mut events: Events, n: usize) -> Result<Answer> {
+    let mut collector = Collector::new(n);
+    let mut trace = None;
+    while let Some(event) = events.next().await {
+        match event? {
+            Event::Model(e) => collector.push(e),
+            Event::Progress(_) => {}
+            Event::Trace(t) => trace = Some(t),
+        }
+    }
+    Ok(Answer {
+        completion: collector.finish(),
+        trace,
+    })
+}
+
 /// What a method returns: its events and what it applied.
 pub struct Output {
-    pub events: EventStream,
+    pub events: Events,
     pub applied: Applied,
 }
 
@@ -102,9 +156,7 @@ pub async fn run(
     request: ChatRequest,
     opts: &Options,
 ) -> Result<Output> {
-    if route.method != Method::Direct
-        && request.sampling.format != crate::backend::OutputFormat::Text
-    {
+    if route.method != Method::Direct && request.sampling.format != backend::OutputFormat::Text {
         return Err(Error::invalid(
             format!(
                 "response_format is applied to direct requests only; the {} method writes its own replies",
@@ -152,7 +204,7 @@ pub async fn run(
         Method::Plan => plan::run(ctx, route, request, &opts.plan).await,
     }?;
     Ok(Output {
-        events: crate::backend::catch_panics(output.events),
+        events: backend::catch_panics(output.events),
         applied: output.applied,
     })
 }

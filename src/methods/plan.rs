@@ -10,8 +10,8 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{Applied, Context, Output};
-use crate::backend::{ChatRequest, Event, FinishReason, Role, Usage};
+use super::{Applied, Context, Event, Output};
+use crate::backend::{ChatRequest, Event as Model, FinishReason, Role, Usage};
 use crate::error::{Error, Result};
 use crate::planning::cache::ProgramCache;
 use crate::planning::grasp::Grasp;
@@ -247,10 +247,10 @@ pub async fn run(
         metrics::counter!("experient_plan_instances_total", "family" => family)
             .increment(report.refined_program.summary.instances as u64);
         let usage = total_usage(&report);
-        yield Ok(Event::Delta { index: 0, text: answer_text(&report) });
-        yield Ok(Event::Finish { index: 0, reason: FinishReason::Stop });
+        yield Ok(Event::Model(Model::Delta { index: 0, text: answer_text(&report) }));
+        yield Ok(Event::Model(Model::Finish { index: 0, reason: FinishReason::Stop }));
         yield Ok(Event::Trace(serde_json::to_value(&report).unwrap_or_default()));
-        yield Ok(Event::Usage(usage));
+        yield Ok(Event::Model(Model::Usage(usage)));
     };
     Ok(Output {
         events: Box::pin(events),
