@@ -252,6 +252,208 @@ impl Asker<'_> {
     }
 }
 
+impl<'a> Asker<'a> {
+    fn new(backend: &'a dyn Backend, spec: &'a Spec) -> Asker<'a> {
+        Asker {
+            backend,
+            system: &spec.system,
+            sampling: &spec.sampling,
+            usage: Usage::default(),
+            calls: 0,
+        }
+    }
+}
+
+/// The programs a run wrote: every round, and the one it keeps.
+#[derive(Default)]
+struct Written {
+    pseudocode: Option<String>,
+    rounds: Vec<Round>,
+    program: String,
+    best_round: Option<u32>,
+    /// The first program, to measure what refinement added.
+    first_code: Option<String>,
+}
+
+/// What the steps of one run share: the spec, the prompts and where progress goes.
+struct Planner<'a> {
+    prompts: &'a Prompts,
+    spec: &'a Spec,
+    rules: Value,
+    progress: &'a OnStage,
+}
+
+impl Planner<'_> {
+    /// The rules of the task family with the task and `extra` added, for a prompt.
+    fn context(&self, extra: Value) -> Value {
+        let mut ctx = self.rules.clone();
+        ctx["task"] = json!(self.spec.task);
+        if let (Value::Object(c), Value::Object(e)) = (&mut ctx, extra) {
+            c.extend(e);
+        }
+        ctx
+    }
+
+    /// Pseudocode first, then a program from it, then refinements from the worst training
+    /// failures until every training instance succeeds or the rounds run out.
+    async fn write(&self, asker: &mut Asker<'_>) -> Result<Written> {
+        let spec = self.spec;
+        let example = spec.train[0].observation().to_string();
+        let ask_plan = self.prompts.render(
+            "plan_pseudocode.j2",
+            self.context(json!({ "example": example })),
+        )?;
+        let mut messages = vec![Message::new(Role::User, ask_plan)];
+        let plan = asker.ask(messages.clone()).await?;
+        (self.progress)(json!({"stage": "pseudocode", "text": plan}));
+        messages.push(Message::new(Role::Assistant, plan.clone()));
+        messages.push(Message::new(
+            Role::User,
+            self.prompts.render("plan_code.j2", &self.rules)?,
+        ));
+        let code = extract_code(&asker.ask(messages).await?);
+        let runs = play_all(&code, &spec.train, &spec.limits).await;
+        // The pseudocode call counts towards the first program.
+        let first = Round {
+            round: 0,
+            code,
+            train: Summary::of(&runs),
+            feedback: vec![],
+            usage: asker.usage,
+            model_calls: asker.calls,
+        };
+        (self.progress)(json!({"stage": "program", "round": 0, "train": first.train}));
+        let mut best = (0usize, first.train, runs);
+        let mut rounds = vec![first];
+        for r in 1..=spec.rounds {
+            if best.1.success_rate >= 1.0 {
+                break;
+            }
+            let (round, runs) = self.refine(asker, r, &rounds[best.0].code, &best.2).await?;
+            (self.progress)(json!({"stage": "refine", "round": r, "train": round.train}));
+            if round.train.better_than(&best.1) {
+                best = (rounds.len(), round.train, runs);
+            }
+            rounds.push(round);
+        }
+        Ok(Written {
+            pseudocode: Some(plan),
+            program: rounds[best.0].code.clone(),
+            best_round: Some(rounds[best.0].round),
+            first_code: Some(rounds[0].code.clone()),
+            rounds,
+        })
+    }
+
+    /// One refinement: the model sees `code` and its worst training results and writes a
+    /// new program, which is played on the training instances.
+    async fn refine(
+        &self,
+        asker: &mut Asker<'_>,
+        r: u32,
+        code: &str,
+        runs: &[Episode],
+    ) -> Result<(Round, Vec<Episode>)> {
+        let train = &self.spec.train;
+        let worst = worst(runs, self.spec.feedback);
+        let failures: Vec<Value> = worst
+            .iter()
+            .map(|&i| {
+                json!({
+                    "render": train[i].render(),
+                    "obs": train[i].observation().to_string(),
+                    "result": describe(&runs[i]),
+                })
+            })
+            .collect();
+        let keys: Vec<String> = match train[0].observation() {
+            Value::Object(m) => m.keys().cloned().collect(),
+            _ => vec![],
+        };
+        let prompt = self.prompts.render(
+            "plan_refine.j2",
+            self.context(json!({"code": code, "failures": failures, "keys": keys.join(", ")})),
+        )?;
+        let before = (asker.usage, asker.calls);
+        let reply = asker.ask(vec![Message::new(Role::User, prompt)]).await?;
+        let code = extract_code(&reply);
+        let runs = play_all(&code, train, &self.spec.limits).await;
+        let round = Round {
+            round: r,
+            code,
+            train: Summary::of(&runs),
+            feedback: worst.iter().map(|&i| train[i].id()).collect(),
+            usage: sub(asker.usage, before.0),
+            model_calls: asker.calls - before.1,
+        };
+        Ok((round, runs))
+    }
+
+    /// The kept program (and the first one, when refinement changed it) on the evaluation
+    /// instances, which the model never saw as feedback. A program's cost is spread over
+    /// every instance it has been played on.
+    async fn evaluate(&self, written: &Written, asker: &Asker<'_>) -> (Option<Arm>, Arm) {
+        let spec = self.spec;
+        let refined_runs = play_all(&written.program, &spec.eval, &spec.limits).await;
+        let (calls, usage, served) = match &spec.reuse {
+            Some(c) => (
+                c.model_calls,
+                c.usage,
+                c.instances_served + spec.eval.len() as u64,
+            ),
+            None => (
+                asker.calls,
+                asker.usage,
+                (spec.train.len() + spec.eval.len()) as u64,
+            ),
+        };
+        let amortised = |runs: Vec<Episode>| Arm {
+            summary: Summary::of(&runs),
+            model_calls_per_instance: calls as f64 / served as f64,
+            tokens_per_instance: usage.total() as f64 / served as f64,
+            runs,
+        };
+        let first_program = match &written.first_code {
+            Some(code) if *code != written.program => {
+                Some(amortised(play_all(code, &spec.eval, &spec.limits).await))
+            }
+            Some(_) => Some(amortised(refined_runs.clone())),
+            None => None,
+        };
+        (first_program, amortised(refined_runs))
+    }
+
+    /// The baseline: the model asked for each evaluation instance's actions directly.
+    async fn direct(&self, asker: &mut Asker<'_>) -> Result<Arm> {
+        let mut runs = Vec::new();
+        for inst in &self.spec.eval {
+            let prompt = self.prompts.render(
+                "plan_direct.j2",
+                self.context(json!({
+                    "render": inst.render(),
+                    "obs": inst.observation().to_string(),
+                })),
+            )?;
+            let reply = asker.ask(vec![Message::new(Role::User, prompt)]).await?;
+            let actions = parse_actions(&reply);
+            runs.push(Episode {
+                instance: inst.id(),
+                played: inst.play(&actions),
+                actions: actions.into_iter().take(64).collect(),
+                error: None,
+                reply: Some(reply.chars().take(400).collect()),
+            });
+        }
+        let n = self.spec.eval.len() as f64;
+        Ok(Arm {
+            summary: Summary::of(&runs),
+            model_calls_per_instance: asker.calls as f64 / n,
+            tokens_per_instance: asker.usage.total() as f64 / n,
+            runs,
+        })
+    }
+}
+
 /// Writes, refines and evaluates a program as `spec` says (or plays `spec.reuse`).
 pub async fn run(
     backend: &dyn Backend,
@@ -271,192 +473,39 @@ pub async fn run(
             "experient",
         ));
     }
-    let rules = spec.family.rules_context();
-    let with_rules = |extra: Value| {
-        let mut ctx = rules.clone();
-        ctx["task"] = json!(spec.task);
-        if let (Value::Object(c), Value::Object(e)) = (&mut ctx, extra) {
-            c.extend(e);
-        }
-        ctx
+    let planner = Planner {
+        prompts,
+        spec,
+        rules: spec.family.rules_context(),
+        progress: &progress,
     };
-    let mut asker = Asker {
-        backend,
-        system: &spec.system,
-        sampling: &spec.sampling,
-        usage: Usage::default(),
-        calls: 0,
+    let mut asker = Asker::new(backend, spec);
+    let written = match &spec.reuse {
+        Some(cached) => Written {
+            program: cached.program.clone(),
+            ..Written::default()
+        },
+        None => planner.write(&mut asker).await?,
     };
-    let mut rounds: Vec<Round> = Vec::new();
-    let mut pseudocode = None;
-    let (program, best_round, first_code) = match &spec.reuse {
-        Some(cached) => (cached.program.clone(), None, None),
-        None => {
-            let example = spec.train[0].observation().to_string();
-            let ask_plan = prompts.render(
-                "plan_pseudocode.j2",
-                with_rules(json!({ "example": example })),
-            )?;
-            let mut messages = vec![Message::new(Role::User, ask_plan)];
-            let plan = asker.ask(messages.clone()).await?;
-            progress(json!({"stage": "pseudocode", "text": plan}));
-            messages.push(Message::new(Role::Assistant, plan.clone()));
-            messages.push(Message::new(
-                Role::User,
-                prompts.render("plan_code.j2", &rules)?,
-            ));
-            pseudocode = Some(plan);
-            let reply = asker.ask(messages).await?;
-            let code = extract_code(&reply);
-            let runs = play_all(&code, &spec.train, &spec.limits).await;
-            // The pseudocode call counts towards the first program.
-            let round = Round {
-                round: 0,
-                code,
-                train: Summary::of(&runs),
-                feedback: vec![],
-                usage: asker.usage,
-                model_calls: asker.calls,
-            };
-            progress(json!({"stage": "program", "round": 0, "train": round.train}));
-            let mut best = (0usize, round.train, runs);
-            rounds.push(round);
-            for r in 1..=spec.rounds {
-                if best.1.success_rate >= 1.0 {
-                    break;
-                }
-                let current = &rounds[best.0];
-                let worst = worst(&best.2, spec.feedback);
-                let failures: Vec<Value> = worst
-                    .iter()
-                    .map(|&i| {
-                        let inst = &spec.train[i];
-                        json!({
-                            "render": inst.render(),
-                            "obs": inst.observation().to_string(),
-                            "result": describe(&best.2[i]),
-                        })
-                    })
-                    .collect();
-                let keys: Vec<String> = match spec.train[0].observation() {
-                    Value::Object(m) => m.keys().cloned().collect(),
-                    _ => vec![],
-                };
-                let prompt = prompts.render(
-                    "plan_refine.j2",
-                    with_rules(json!({"code": current.code, "failures": failures, "keys": keys.join(", ")})),
-                )?;
-                let before = (asker.usage, asker.calls);
-                let reply = asker.ask(vec![Message::new(Role::User, prompt)]).await?;
-                let code = extract_code(&reply);
-                let runs = play_all(&code, &spec.train, &spec.limits).await;
-                let round = Round {
-                    round: r,
-                    code,
-                    train: Summary::of(&runs),
-                    feedback: worst.iter().map(|&i| spec.train[i].id()).collect(),
-                    usage: sub(asker.usage, before.0),
-                    model_calls: asker.calls - before.1,
-                };
-                progress(json!({"stage": "refine", "round": r, "train": round.train}));
-                if round.train.better_than(&best.1) {
-                    best = (rounds.len(), round.train, runs);
-                }
-                rounds.push(round);
-            }
-            let best_round = rounds[best.0].round;
-            (
-                rounds[best.0].code.clone(),
-                Some(best_round),
-                Some(rounds[0].code.clone()),
-            )
-        }
-    };
-
-    // The comparison, on instances the model never saw as feedback.
     progress(json!({"stage": "evaluate"}));
-    let refined_runs = play_all(&program, &spec.eval, &spec.limits).await;
-    let program_cost = match &spec.reuse {
-        Some(c) => (
-            c.model_calls,
-            c.usage,
-            c.instances_served + spec.eval.len() as u64,
-        ),
-        None => (
-            asker.calls,
-            asker.usage,
-            (spec.train.len() + spec.eval.len()) as u64,
-        ),
-    };
-    let amortised = |runs: Vec<Episode>| Arm {
-        summary: Summary::of(&runs),
-        model_calls_per_instance: program_cost.0 as f64 / program_cost.2 as f64,
-        tokens_per_instance: program_cost.1.total() as f64 / program_cost.2 as f64,
-        runs,
-    };
-    let first_program = match &first_code {
-        Some(code) if *code != program => {
-            Some(amortised(play_all(code, &spec.eval, &spec.limits).await))
-        }
-        Some(_) => Some(amortised(refined_runs.clone())),
-        None => None,
-    };
-    let refined_program = amortised(refined_runs);
-    let (model_calls, usage) = (asker.calls, asker.usage);
-
-    let mut direct_usage = Usage::default();
+    let (first_program, refined_program) = planner.evaluate(&written, &asker).await;
+    let mut direct_asker = Asker::new(backend, spec);
     let direct = if spec.direct {
         progress(json!({"stage": "direct"}));
-        let mut direct_asker = Asker {
-            backend,
-            system: &spec.system,
-            sampling: &spec.sampling,
-            usage: Usage::default(),
-            calls: 0,
-        };
-        let mut runs = Vec::new();
-        for inst in &spec.eval {
-            let prompt = prompts.render(
-                "plan_direct.j2",
-                with_rules(json!({
-                    "render": inst.render(),
-                    "obs": inst.observation().to_string(),
-                })),
-            )?;
-            let reply = direct_asker
-                .ask(vec![Message::new(Role::User, prompt)])
-                .await?;
-            let actions = parse_actions(&reply);
-            runs.push(Episode {
-                instance: inst.id(),
-                played: inst.play(&actions),
-                actions: actions.into_iter().take(64).collect(),
-                error: None,
-                reply: Some(reply.chars().take(400).collect()),
-            });
-        }
-        let n = spec.eval.len() as f64;
-        direct_usage = direct_asker.usage;
-        Some(Arm {
-            summary: Summary::of(&runs),
-            model_calls_per_instance: direct_asker.calls as f64 / n,
-            tokens_per_instance: direct_asker.usage.total() as f64 / n,
-            runs,
-        })
+        Some(planner.direct(&mut direct_asker).await?)
     } else {
         None
     };
-
     Ok(PlanReport {
         family: spec.family.name(),
         reused: spec.reuse.is_some(),
-        pseudocode,
-        rounds,
-        program,
-        best_round,
-        model_calls,
-        usage,
-        direct_usage,
+        pseudocode: written.pseudocode,
+        rounds: written.rounds,
+        program: written.program,
+        best_round: written.best_round,
+        model_calls: asker.calls,
+        usage: asker.usage,
+        direct_usage: direct_asker.usage,
         direct,
         first_program,
         refined_program,
