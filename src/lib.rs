@@ -10,16 +10,16 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod experience;
-pub mod learn;
-pub mod methods;
+pub(crate) mod learn;
+pub(crate) mod methods;
 pub mod planning;
 pub mod prompts;
-pub mod response_store;
-pub mod retry;
+pub(crate) mod response_store;
+pub(crate) mod retry;
 pub mod router;
 pub mod sandbox;
 pub mod server;
-pub mod web;
+pub(crate) mod web;
 
 #[cfg(test)]
 mod proptests;

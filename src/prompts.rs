@@ -57,10 +57,13 @@ impl Prompts {
         Ok(Prompts { env })
     }
 
+    /// The templates compiled into the binary, with no overrides.
     pub fn builtin() -> Prompts {
         Prompts::load(None).expect("built-in prompts are valid")
     }
 
+    /// Renders template `name` with `ctx`, trimmed; a name with no template is an internal
+    /// error, since every caller names a built-in one.
     pub fn render<S: Serialize>(&self, name: &str, ctx: S) -> Result<String> {
         self.env
             .get_template(name)

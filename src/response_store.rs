@@ -40,6 +40,8 @@ impl Default for ResponsesConfig {
     }
 }
 
+/// Stored responses for `previous_response_id`: one file each, bounded by count, total bytes
+/// and age; the oldest go first.
 pub struct ResponseStore {
     dir: PathBuf,
     config: ResponsesConfig,

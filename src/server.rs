@@ -17,6 +17,8 @@ use crate::experience::{Store, StoreOptions};
 use crate::prompts::Prompts;
 use crate::router::Router;
 
+/// What `experient serve` is started with: where to listen, the configuration and where the
+/// libraries live.
 pub struct ServeOptions {
     pub addr: SocketAddr,
     pub config: Config,

@@ -34,6 +34,9 @@ enum Who {
 }
 
 impl Keys {
+    /// The key set: `users` may call the OpenAI routes, `admins` the admin routes as well;
+    /// blank keys are dropped. With none at all the server is open, so `serve` then listens
+    /// only on loopback unless told otherwise.
     pub fn new<'a>(
         users: impl IntoIterator<Item = &'a str>,
         admins: impl IntoIterator<Item = &'a str>,

@@ -1,19 +1,19 @@
 //! HTTP: routes, wire types, errors, metrics. The only module that knows HTTP exists.
 
 pub mod auth;
-pub mod chat;
-pub mod completions;
-pub mod error;
-pub mod feedback;
-pub mod jobs;
-pub mod libraries;
-pub mod listen;
-pub mod metrics;
-pub mod openapi;
-pub mod responses;
-pub mod review;
-pub mod ui;
-pub mod wire;
+pub(crate) mod chat;
+pub(crate) mod completions;
+pub(crate) mod error;
+pub(crate) mod feedback;
+pub(crate) mod jobs;
+pub(crate) mod libraries;
+pub(crate) mod listen;
+pub(crate) mod metrics;
+pub(crate) mod openapi;
+pub(crate) mod responses;
+pub(crate) mod review;
+pub(crate) mod ui;
+pub(crate) mod wire;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

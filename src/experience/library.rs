@@ -52,6 +52,7 @@ pub enum Op {
 }
 
 impl Op {
+    /// The experience the operation is about.
     pub fn id(&self) -> &str {
         match self {
             Op::Add { id, .. } | Op::Update { id, .. } | Op::Delete { id } => id,

@@ -10,9 +10,9 @@
 
 mod index;
 mod library;
-pub mod proposals;
+pub(crate) mod proposals;
 mod store;
-pub mod traffic;
+pub(crate) mod traffic;
 
 pub use library::{write_atomic, Change, Diff, Library, Op, Version, VersionSummary};
 pub use store::{SearchHit, Store, StoreOptions};

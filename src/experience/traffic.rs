@@ -116,6 +116,7 @@ impl Traffic {
         Ok(t)
     }
 
+    /// The settings the log was opened with (what the auto-learning scheduler reads).
     pub fn config(&self) -> &TrafficConfig {
         &self.config
     }
@@ -284,6 +285,8 @@ impl Traffic {
             .ok()
     }
 
+    /// Records when automatic learning last started for `library`: only feedback that came
+    /// after it counts towards the next automatic job, across restarts too.
     pub fn set_last_auto(&self, library: &str, t: DateTime<Utc>) -> Result<()> {
         let dir = self.dir.join(library);
         std::fs::create_dir_all(&dir)?;

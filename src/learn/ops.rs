@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::experience::{Change, Experience, Provenance, Source};
 
+/// What a proposal does to the library; `None` is the model saying nothing should change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
@@ -36,6 +37,8 @@ pub struct Proposal {
 }
 
 impl Proposal {
+    /// A proposal to add `text` as a new experience.
+    #[cfg(test)]
     pub fn add(text: &str) -> Self {
         Proposal {
             op: Kind::Add,

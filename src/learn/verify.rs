@@ -148,6 +148,8 @@ fn normalise(s: &str) -> String {
     s.trim().trim_end_matches('.').to_lowercase()
 }
 
+/// Equal up to a relative 1e-6, so "0.1+0.2" and 0.3 agree and large answers are not held to
+/// absolute precision.
 pub fn numbers_equal(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-6 * b.abs().max(1.0)
 }

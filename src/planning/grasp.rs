@@ -55,6 +55,7 @@ impl Variant {
         Some(s)
     }
 
+    /// The family's name as requests spell it: `grasp`, with `-diag` and other variant flags.
     pub fn name(&self) -> String {
         let mut name = "grasp".to_string();
         if self.diagonals {
@@ -143,6 +144,7 @@ impl Grasp {
         Ok(Grasp { settings, rows })
     }
 
+    /// Where the agent (`A`) starts.
     pub fn start(&self) -> (i64, i64) {
         for (y, row) in self.rows.iter().enumerate() {
             if let Some(x) = row.find('A') {
@@ -152,6 +154,7 @@ impl Grasp {
         unreachable!("validated: one 'A'")
     }
 
+    /// How many energy cells (`E`) the grid holds.
     pub fn energy(&self) -> usize {
         self.rows.iter().map(|r| r.matches('E').count()).sum()
     }
@@ -169,6 +172,7 @@ impl Grasp {
         })
     }
 
+    /// The grid as text, one row a line, as the model sees it.
     pub fn render(&self) -> String {
         self.rows.join("\n") + "\n"
     }

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use super::nprand::NpRandom;
 
+/// The object colours of MiniGrid, in its index order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Color {
@@ -36,6 +37,7 @@ impl Color {
         self as u8
     }
 
+    /// The colour as MiniGrid names it.
     pub fn name(self) -> &'static str {
         match self {
             Color::Red => "red",
@@ -48,6 +50,7 @@ impl Color {
     }
 }
 
+/// What a cell can hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Obj {
     Wall,
@@ -143,6 +146,7 @@ pub enum Action {
 }
 
 impl Action {
+    /// Every action, in MiniGrid's index order.
     pub const ALL: [Action; 7] = [
         Action::Left,
         Action::Right,
@@ -153,6 +157,7 @@ impl Action {
         Action::Done,
     ];
 
+    /// The action as programs write it.
     pub fn name(self) -> &'static str {
         match self {
             Action::Left => "left",
@@ -269,6 +274,7 @@ impl Level {
         }
     }
 
+    /// The mission string MiniGrid gives the level.
     pub fn mission(self) -> &'static str {
         match self {
             Level::Empty { .. } => "get to the green goal square",
@@ -351,6 +357,7 @@ impl MiniGrid {
         env
     }
 
+    /// The object at `(x, y)`; panics outside the grid, which no caller may ask for.
     pub fn get(&self, x: i64, y: i64) -> Option<Obj> {
         assert!(x >= 0 && x < self.width && y >= 0 && y < self.height);
         self.cells[(y * self.width + x) as usize]
@@ -414,6 +421,7 @@ impl MiniGrid {
         self.dir = self.rand_int(0, 4) as u8;
     }
 
+    /// The cell the agent faces.
     pub fn front(&self) -> (i64, i64) {
         let (dx, dy) = DIRS[self.dir as usize];
         (self.agent.0 + dx, self.agent.1 + dy)
@@ -665,6 +673,7 @@ impl MiniGrid {
             .collect()
     }
 
+    /// The way the agent faces, as a word.
     pub fn direction_name(&self) -> &'static str {
         ["right", "down", "left", "up"][self.dir as usize]
     }

@@ -2,8 +2,8 @@
 //! writes a program as its policy, the program runs in the sandbox, and the worst failures
 //! are fed back until it is good enough to reuse across instances.
 
-pub mod cache;
-pub mod grasp;
+pub(crate) mod cache;
+pub(crate) mod grasp;
 pub mod ipp;
 pub mod minigrid;
 pub mod nprand;

@@ -73,6 +73,7 @@ pub struct NpRandom {
 }
 
 impl NpRandom {
+    /// The generator numpy builds for `seed`, state for state.
     pub fn new(seed: u64) -> Self {
         let w = seed_sequence_state(seed, 8);
         let u64_at = |i: usize| (w[2 * i] as u64) | ((w[2 * i + 1] as u64) << 32);
@@ -93,6 +94,7 @@ impl NpRandom {
         self.state = self.state.wrapping_mul(PCG_MULT).wrapping_add(self.inc);
     }
 
+    /// The next 64-bit draw.
     pub fn next_u64(&mut self) -> u64 {
         self.step();
         let s = self.state;
@@ -100,6 +102,7 @@ impl NpRandom {
         xored.rotate_right((s >> 122) as u32)
     }
 
+    /// The next 32-bit draw: half of a 64-bit one, low half first, as numpy does.
     pub fn next_u32(&mut self) -> u32 {
         if let Some(v) = self.spare.take() {
             return v;

@@ -19,9 +19,9 @@ mod records;
 mod run;
 
 pub use options::LearnOptions;
-pub use progress::{Progress, ProgressSnapshot, Watcher};
+pub use progress::Progress;
 pub use records::{Consolidation, GroupRecord, Rollout, RunSummary, StepResult, Validation};
-pub use run::{Run, RunInfo};
+pub use run::Run;
 
 use std::collections::BTreeMap;
 use std::path::Path;
