@@ -459,3 +459,179 @@ async fn iterresearch_gets_the_prior_as_direct_requests_do_and_counts_its_use() 
     }
     s.stop().await;
 }
+
+/// The Responses object echoes what the client sent (OpenAI's SDKs read these fields back),
+/// unstreamed, streamed and stored; `safety_identifier` reaches the backend as the end-user id.
+#[tokio::test]
+async fn a_response_echoes_its_request_fields_in_every_form() {
+    use async_openai::types::responses::Response;
+    let backend = Scripted::echo();
+    let s = serve(backend.clone(), &[], &[]).await;
+    let body = json!({"model": "m", "input": "red green", "instructions": "Be brief.",
+                      "prompt_cache_key": "tenant-7", "safety_identifier": "user-42",
+                      "metadata": {"ticket": "T-1"}, "max_output_tokens": 16});
+    let r: Response = s
+        .client("k")
+        .responses()
+        .create_byot(body.clone())
+        .await
+        .unwrap();
+    assert_eq!(r.prompt_cache_key.as_deref(), Some("tenant-7"));
+    assert_eq!(r.safety_identifier.as_deref(), Some("user-42"));
+    assert_eq!(serde_json::to_value(&r.instructions).unwrap(), "Be brief.");
+    assert_eq!(r.metadata.as_ref().unwrap()["ticket"], "T-1");
+    assert_eq!(r.output_text().as_deref(), Some("red green"));
+    assert_eq!(backend.received()[0].user.as_deref(), Some("user-42"));
+    // Stored: GET returns the same echo.
+    let got: Response = s
+        .client("k")
+        .responses()
+        .retrieve_byot(&r.id)
+        .await
+        .unwrap();
+    assert_eq!(got.prompt_cache_key.as_deref(), Some("tenant-7"));
+    assert_eq!(got.safety_identifier.as_deref(), Some("user-42"));
+    // Streamed: the created and completed events carry it too.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let text = reqwest::Client::new()
+        .post(s.url("/v1/responses"))
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events: Vec<Value> = text
+        .split("\n\n")
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    for kind in ["response.created", "response.completed"] {
+        let e = events
+            .iter()
+            .find(|e| e["type"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} in {text}"));
+        assert_eq!(e["response"]["prompt_cache_key"], "tenant-7", "{e}");
+        assert_eq!(e["response"]["safety_identifier"], "user-42", "{e}");
+        assert_eq!(e["response"]["metadata"]["ticket"], "T-1", "{e}");
+    }
+    s.stop().await;
+}
+
+/// What a method cannot honour, and an option of another method, are refused before any model
+/// call, naming the field as the client's API spells it.
+#[tokio::test]
+async fn what_a_method_cannot_honour_is_refused_naming_the_field() {
+    let backend = Scripted::echo();
+    let s = serve(backend.clone(), &[], &[]).await;
+    let tools =
+        json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+    let grasp = json!({"env": "grasp"});
+    let cases = [
+        (
+            "iterresearch:m",
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        (
+            "iterresearch:m",
+            json!({"tools": tools, "tool_choice": "required"}),
+            "tool_choice",
+        ),
+        ("iterresearch:m", json!({"logprobs": true}), "logprobs"),
+        ("iterresearch:m", json!({"n": 2}), "n"),
+        (
+            "iterresearch:m",
+            json!({"experient": {"max_rounds": 0}}),
+            "experient.max_rounds",
+        ),
+        (
+            "iterresearch:m",
+            json!({"experient": {"max_rounds": 65}}),
+            "experient.max_rounds",
+        ),
+        (
+            "plan:m",
+            json!({"tools": tools, "experient": grasp}),
+            "tools",
+        ),
+        ("plan:m", json!({"n": 3, "experient": grasp}), "n"),
+        (
+            "plan:m",
+            json!({"experient": {"env": "grasp", "workspace": "full"}}),
+            "experient.workspace",
+        ),
+        ("m", json!({"experient": {"env": "grasp"}}), "experient.env"),
+        (
+            "m",
+            json!({"experient": {"max_rounds": 3}}),
+            "experient.max_rounds",
+        ),
+        (
+            "m",
+            json!({"experient": {"refresh": true}}),
+            "experient.refresh",
+        ),
+        // The plan method's own options.
+        ("plan:m", json!({}), "experient.env"),
+        (
+            "plan:m",
+            json!({"experient": {"env": "MiniGrid-Maze-v9"}}),
+            "experient.env",
+        ),
+        (
+            "plan:m",
+            json!({"experient": {"env": "grasp", "rounds": 99}}),
+            "experient.rounds",
+        ),
+        (
+            "plan:m",
+            json!({"experient": {"env": "grasp", "instances": 0}}),
+            "experient.instances",
+        ),
+        (
+            "plan:m",
+            json!({"experient": {"env": "grasp", "train": [-1]}}),
+            "experient.train",
+        ),
+        (
+            "plan:m",
+            json!({"experient": {"env": "MiniGrid-Empty-5x5-v0", "instances": [{"grid": ["A.E"]}]}}),
+            "experient.instances",
+        ),
+        (
+            "plan:m",
+            json!({"experient": {"env": "grasp", "instances": [{"grid": ["A.E", "..X"]}]}}),
+            "experient.instances[0].grid",
+        ),
+    ];
+    for (model, extra, param) in cases {
+        let mut body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (st, v, _) = raw(
+            "POST",
+            &s.url("/v1/chat/completions"),
+            None,
+            Some(&body.to_string()),
+        )
+        .await;
+        assert_eq!(st, 400, "{body}: {v}");
+        assert_eq!(envelope(&v)["param"], param, "{body}: {v}");
+    }
+    // The Responses API names the output format by its own field.
+    let (st, v, _) = raw(
+        "POST",
+        &s.url("/v1/responses"),
+        None,
+        Some(r#"{"model":"iterresearch:m","input":"hi","text":{"format":{"type":"json_object"}}}"#),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(envelope(&v)["param"], "text.format", "{v}");
+    assert!(backend.received().is_empty(), "no model call was made");
+    s.stop().await;
+}
