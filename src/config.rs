@@ -170,8 +170,9 @@ impl MethodsConfig {
             );
         }
         let r = &self.iterresearch;
-        if r.max_rounds == 0 || r.max_rounds > 64 {
-            anyhow::bail!("methods.iterresearch.max_rounds: must be from 1 to 64");
+        let limit = crate::methods::iterresearch::MAX_ROUNDS_LIMIT;
+        if r.max_rounds == 0 || r.max_rounds > limit {
+            anyhow::bail!("methods.iterresearch.max_rounds: must be from 1 to {limit}");
         }
         if r.retries > 10 {
             anyhow::bail!("methods.iterresearch.retries: must be at most 10");

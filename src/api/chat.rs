@@ -11,11 +11,12 @@ use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
 
 use super::error::JsonBody;
+use super::options;
 use super::wire::{self, ChatCompletionRequest, WireUsage, SYSTEM_FINGERPRINT};
 use super::AppState;
 use crate::backend::{self, Event as Model, FinishReason, Usage};
 use crate::error::Error;
-use crate::methods::{self, Applied, Event, Selection};
+use crate::methods::{self, Applied, Event};
 
 /// `POST /v1/chat/completions`: validate, route, run the method, answer whole or as SSE.
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", request_body = ChatCompletionRequest, responses((status = 200, description = "a chat.completion, or with stream an SSE stream of chat.completion.chunk", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 413, description = "body too large", body = crate::api::openapi::ErrorEnvelope), (status = 429, description = "at capacity", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "loading", body = crate::api::openapi::ErrorEnvelope), (status = 504, description = "past request_timeout_secs", body = crate::api::openapi::ErrorEnvelope)))]
@@ -29,7 +30,8 @@ pub async fn chat_completions(
         v.options.method.as_deref(),
         v.options.library.as_deref(),
     )?;
-    let opts = method_options(&state, &v.options)?;
+    options::refuse_unsupported(&route, &v.chat, options::chat_field)?;
+    let opts = options::method_options(&state, route.method, &v.options)?;
     let n = v.chat.sampling.n as usize;
     let model_label = route.model.clone();
     let ctx = method_context(&state);
@@ -96,36 +98,6 @@ pub async fn chat_completions(
         .into_response();
     insert_header(&mut resp, applied_header);
     Ok(resp)
-}
-
-/// The methods' choices from the `experient` request object (typed when it was read), with
-/// the counts checked against the bounds.
-pub(super) fn method_options(
-    state: &AppState,
-    options: &wire::ExperientOptions,
-) -> Result<methods::Options, Error> {
-    let max = state.bounds.max_experiences;
-    if let Some(Selection::TopK(k)) = options.experiences {
-        if k > max {
-            return Err(Error::invalid(
-                format!("experient.experiences must be \"all\" or a number from 1 to {max}"),
-                "experient.experiences",
-            ));
-        }
-    }
-    Ok(methods::Options {
-        selection: options.experiences,
-        max_rounds: options.max_rounds,
-        workspace: options.workspace.unwrap_or_default(),
-        plan: methods::plan::PlanOptions {
-            env: options.env.clone(),
-            instances: options.instances.clone(),
-            train: options.train.clone(),
-            rounds: options.rounds,
-            direct: options.direct,
-            refresh: options.refresh,
-        },
-    })
 }
 
 /// What the methods may use, from the server's state.

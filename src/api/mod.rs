@@ -10,6 +10,7 @@ pub(crate) mod libraries;
 pub(crate) mod listen;
 pub(crate) mod metrics;
 pub(crate) mod openapi;
+pub(crate) mod options;
 pub(crate) mod responses;
 pub(crate) mod review;
 pub(crate) mod ui;

@@ -538,7 +538,11 @@ pub(super) async fn create(
         p.options.method.as_deref(),
         p.options.library.as_deref(),
     )?;
-    let opts = super::chat::method_options(&state, &p.options)?;
+    super::options::refuse_unsupported(&route, &p.chat, |u| match u {
+        methods::Unsupported::OutputFormat => "text.format",
+        other => super::options::chat_field(other),
+    })?;
+    let opts = super::options::method_options(&state, route.method, &p.options)?;
     let ctx = super::chat::method_context(&state);
     let id = hex_id("resp");
     let rec = super::feedback::recording(&state, &route, &id, "responses", &p.chat.messages);

@@ -131,11 +131,11 @@ pub struct ExperientOptions {
     /// Planning: what to solve: a count, a list of seeds, or GRASP grids (`{"grid": [...]}`).
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
-    pub instances: Option<crate::methods::plan::Instances>,
+    pub instances: Option<super::options::Instances>,
     /// Planning: training instances for refinement: a count or a list of seeds.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
-    pub train: Option<crate::methods::plan::Seeds>,
+    pub train: Option<super::options::Seeds>,
     /// Planning: refinement rounds after the first program.
     #[serde(default)]
     pub rounds: Option<u32>,

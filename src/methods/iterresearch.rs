@@ -26,8 +26,8 @@ use crate::backend::{
 use crate::error::{Error, Result};
 use crate::router::{Method, Route};
 
-/// The most rounds a request may ask for.
-const MAX_ROUNDS_LIMIT: u32 = 64;
+/// The most rounds a request may ask for (`api` refuses more; the configuration is held to it).
+pub const MAX_ROUNDS_LIMIT: u32 = 64;
 /// Longest tool result put into the workspace, in characters.
 const MAX_OBSERVATION: usize = 4000;
 
@@ -284,24 +284,6 @@ fn workspace(messages: &[Message]) -> Result<Workspace> {
     })
 }
 
-/// The rounds this request may take, refusing what the method cannot give (n > 1).
-fn max_rounds(request: &ChatRequest, opts: &Options, default: u32) -> Result<u32> {
-    if request.sampling.n > 1 {
-        return Err(Error::invalid(
-            "the iterresearch method gives one answer; n must be 1",
-            "n",
-        ));
-    }
-    let max_rounds = opts.max_rounds.unwrap_or(default);
-    if !(1..=MAX_ROUNDS_LIMIT).contains(&max_rounds) {
-        return Err(Error::invalid(
-            format!("experient.max_rounds must be between 1 and {MAX_ROUNDS_LIMIT}"),
-            "experient.max_rounds",
-        ));
-    }
-    Ok(max_rounds)
-}
-
 /// The built-in tools and, unless `tool_choice` is "none", the client's, whose names may not
 /// shadow a built-in one.
 fn offered_tools(ctx: &Context, request: &ChatRequest) -> Result<Vec<Tool>> {
@@ -369,7 +351,7 @@ pub async fn run(
     opts: &Options,
 ) -> Result<Output> {
     let settings = ctx.settings.iterresearch.clone();
-    let max_rounds = max_rounds(&request, opts, settings.max_rounds)?;
+    let max_rounds = opts.max_rounds.unwrap_or(settings.max_rounds);
     let mut ws = workspace(&request.messages)?;
     let tools = offered_tools(ctx, &request)?;
     let (system, experiences) =

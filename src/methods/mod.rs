@@ -149,54 +149,76 @@ pub struct Output {
     pub applied: Applied,
 }
 
-/// Runs the route's method, after refusing what it cannot honour (naming the field).
+/// Something a request asks for that only some methods can give. Methods state what they
+/// cannot do in these terms; `api` names the field in its own API's spelling (`response_format`
+/// in chat, `text.format` in Responses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsupported {
+    /// A constrained output format (JSON mode, a schema, a grammar).
+    OutputFormat,
+    /// A tool call the client forces (`required` or one named function).
+    ForcedToolCall,
+    /// Tools of the client's own.
+    ClientTools,
+    /// Per-token log probabilities.
+    Logprobs,
+    /// More than one choice (`n`): these methods give one answer.
+    SeveralChoices,
+}
+
+impl Unsupported {
+    /// Why `method` cannot give it, in words that name no request field.
+    pub fn reason(self, method: Method) -> String {
+        let m = method.name();
+        match self {
+            Unsupported::OutputFormat => format!(
+                "an output format is applied to direct requests only; the {m} method writes its own replies"
+            ),
+            Unsupported::ForcedToolCall => format!(
+                "the {m} method decides itself when to call a tool; tool calls cannot be forced"
+            ),
+            Unsupported::ClientTools => {
+                format!("the {m} method writes and runs its own program; it takes no tools")
+            }
+            Unsupported::Logprobs => format!(
+                "log probabilities are reported for direct requests only; the {m} method's reply is built from several generations"
+            ),
+            Unsupported::SeveralChoices => {
+                format!("the {m} method gives one answer; ask for one choice")
+            }
+        }
+    }
+}
+
+/// The first thing in `request` that `method` cannot honour, if any.
+pub fn unsupported(method: Method, request: &ChatRequest) -> Option<Unsupported> {
+    let forced = matches!(
+        request.tool_choice,
+        ToolChoice::Required | ToolChoice::Function(_)
+    );
+    match method {
+        Method::Direct => None,
+        _ if request.sampling.format != backend::OutputFormat::Text => {
+            Some(Unsupported::OutputFormat)
+        }
+        Method::IterResearch if forced => Some(Unsupported::ForcedToolCall),
+        Method::Plan if !request.tools.is_empty() => Some(Unsupported::ClientTools),
+        _ if request.sampling.logprobs.is_some() => Some(Unsupported::Logprobs),
+        _ if request.sampling.n > 1 => Some(Unsupported::SeveralChoices),
+        _ => None,
+    }
+}
+
+/// Runs the route's method. What it cannot honour is refused first; `api` checks the same
+/// with [`unsupported`] beforehand to name the field, so this guards internal callers.
 pub async fn run(
     ctx: &Context,
     route: Route,
     request: ChatRequest,
     opts: &Options,
 ) -> Result<Output> {
-    if route.method != Method::Direct && request.sampling.format != backend::OutputFormat::Text {
-        return Err(Error::invalid(
-            format!(
-                "response_format is applied to direct requests only; the {} method writes its own replies",
-                route.method.name()
-            ),
-            "response_format",
-        ));
-    }
-    match route.method {
-        // The backend offers the tools to the model and returns its calls.
-        Method::Direct => {}
-        // Its own tool loop: client tools are called when the model picks them.
-        Method::IterResearch => {
-            if matches!(
-                request.tool_choice,
-                ToolChoice::Required | ToolChoice::Function(_)
-            ) {
-                return Err(Error::invalid(
-                    "the iterresearch method decides itself when to call a tool; tool_choice may be \"auto\" or \"none\"",
-                    "tool_choice",
-                ));
-            }
-        }
-        Method::Plan => {
-            if !request.tools.is_empty() {
-                return Err(Error::invalid(
-                    "the plan method writes and runs its own program; it takes no 'tools'",
-                    "tools",
-                ));
-            }
-        }
-    }
-    if request.sampling.logprobs.is_some() && route.method != Method::Direct {
-        return Err(Error::invalid(
-            format!(
-                "logprobs are reported for direct requests only; the {} method's reply is built from several generations",
-                route.method.name()
-            ),
-            "logprobs",
-        ));
+    if let Some(u) = unsupported(route.method, &request) {
+        return Err(Error::invalid(u.reason(route.method), None));
     }
     let output = match route.method {
         Method::Direct => direct::run(ctx, route, request, opts.selection).await,

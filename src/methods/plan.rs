@@ -7,144 +7,32 @@
 
 use std::sync::Arc;
 
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::{Applied, Context, Event, Output};
 use crate::backend::{ChatRequest, Event as Model, FinishReason, Role, Usage};
 use crate::error::{Error, Result};
 use crate::planning::cache::ProgramCache;
-use crate::planning::grasp::Grasp;
-use crate::planning::ipp::{self, PlanReport, Spec, TRAIN_SEED_BASE};
+use crate::planning::ipp::{self, PlanReport, Spec};
 use crate::planning::{Family, Instance};
 use crate::router::{Method, Route};
 
-/// The planning fields of the `experient` request object, typed where the request is read
-/// (`api::wire`); the counts are checked against the bounds here, where the bounds are known.
+/// What a plan request solves, typed and checked against the bounds where the request is read
+/// (`api`), so that the method gets instances rather than the client's shapes.
 #[derive(Debug, Clone, Default)]
 pub struct PlanOptions {
-    /// The task family: a MiniGrid id or a GRASP setting.
-    pub env: Option<String>,
+    /// The task family: a MiniGrid level or a GRASP setting (none: the request named none).
+    pub family: Option<Family>,
     /// What to solve (default: seeds 0..5).
-    pub instances: Option<Instances>,
-    /// Training instances (default: the configured count, from [`TRAIN_SEED_BASE`]).
-    pub train: Option<Seeds>,
+    pub eval: Option<Vec<Instance>>,
+    /// Training instances (default: the configured count, from [`ipp::TRAIN_SEED_BASE`]).
+    pub train: Option<Vec<Instance>>,
+    /// Refinement rounds after the first program (default: the configured count).
     pub rounds: Option<u32>,
     /// Also ask the model for each instance's actions directly, for comparison.
     pub direct: bool,
     /// Write a new program even if the family has a kept one.
     pub refresh: bool,
-}
-
-/// Instances named by seed: a count (seeds from a base) or the seeds themselves.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "Value")]
-pub enum Seeds {
-    Count(u64),
-    List(Vec<u64>),
-}
-
-impl TryFrom<Value> for Seeds {
-    type Error = String;
-    fn try_from(v: Value) -> std::result::Result<Seeds, String> {
-        const SHAPE: &str = "a count or a list of seeds (non-negative integers)";
-        match v {
-            Value::Number(n) => n
-                .as_u64()
-                .map(Seeds::Count)
-                .ok_or(format!("must be {SHAPE}")),
-            Value::Array(items) => items
-                .iter()
-                .map(Value::as_u64)
-                .collect::<Option<Vec<u64>>>()
-                .map(Seeds::List)
-                .ok_or(format!("must be {SHAPE}")),
-            _ => Err(format!("must be {SHAPE}")),
-        }
-    }
-}
-
-impl Seeds {
-    /// The seeds, `1..=max` of them; a count starts at `base`.
-    fn resolve(&self, base: u64, param: &'static str, max: usize) -> Result<Vec<u64>> {
-        let seeds: Vec<u64> = match self {
-            Seeds::Count(k) => (base..base.saturating_add((*k).min(max as u64 + 1))).collect(),
-            Seeds::List(list) => list.clone(),
-        };
-        if !(1..=max).contains(&seeds.len()) {
-            return Err(Error::invalid(
-                format!("{param} must name from 1 to {max} instances (bounds.max_plan_instances)"),
-                param,
-            ));
-        }
-        Ok(seeds)
-    }
-}
-
-/// What a plan request solves: instances by seed, or (GRASP) grids the client drew.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "Value")]
-pub enum Instances {
-    Seeds(Seeds),
-    /// Each grid as its rows of text (`{"grid": ["row", ...]}` on the wire).
-    Grids(Vec<Vec<String>>),
-}
-
-impl TryFrom<Value> for Instances {
-    type Error = String;
-    fn try_from(v: Value) -> std::result::Result<Instances, String> {
-        match &v {
-            Value::Array(items) if items.first().is_some_and(Value::is_object) => items
-                .iter()
-                .enumerate()
-                .map(|(i, item)| {
-                    item.get("grid")
-                        .and_then(|g| serde_json::from_value(g.clone()).ok())
-                        .ok_or(format!(
-                            "item {i} is not a GRASP instance, {{\"grid\": [\"row\", ...]}}"
-                        ))
-                })
-                .collect::<std::result::Result<_, _>>()
-                .map(Instances::Grids),
-            _ => Seeds::try_from(v).map(Instances::Seeds),
-        }
-    }
-}
-
-fn instances(family: &Family, given: Option<&Instances>, max: usize) -> Result<Vec<Instance>> {
-    const PARAM: &str = "experient.instances";
-    let grids = match given {
-        None => return Ok((0..5).map(|s| family.instance(s)).collect()),
-        Some(Instances::Seeds(seeds)) => {
-            return Ok(seeds
-                .resolve(0, PARAM, max)?
-                .into_iter()
-                .map(|s| family.instance(s))
-                .collect())
-        }
-        Some(Instances::Grids(grids)) => grids,
-    };
-    let Family::Grasp(settings) = family else {
-        return Err(Error::invalid(
-            "grids are given for GRASP families only; name MiniGrid instances by seed",
-            PARAM,
-        ));
-    };
-    if grids.len() > max {
-        return Err(Error::invalid(format!("at most {max} instances"), PARAM));
-    }
-    grids
-        .iter()
-        .enumerate()
-        .map(|(i, rows)| {
-            let grid = Grasp::from_rows(*settings, rows.clone())
-                .map_err(|e| Error::invalid_param(e, format!("{PARAM}[{i}].grid")))?;
-            Ok(Instance::Grasp {
-                id: format!("instance {i}"),
-                grid,
-            })
-        })
-        .collect()
 }
 
 /// Writes (or reuses) a program for the family and plays the requested instances with it.
@@ -154,38 +42,18 @@ pub async fn run(
     request: ChatRequest,
     opts: &PlanOptions,
 ) -> Result<Output> {
-    if request.sampling.n > 1 {
-        return Err(Error::invalid(
-            "the plan method gives one answer; n must be 1",
-            "n",
-        ));
-    }
     let settings = ctx.settings.plan.clone();
-    let env = opts.env.as_deref().ok_or_else(|| {
-        Error::invalid(
-            format!(
-                "the plan method needs experient.env, the task family: {}",
-                Family::known()
-            ),
-            "experient.env",
-        )
-    })?;
-    let family = Family::parse(env).ok_or_else(|| {
-        Error::invalid(
-            format!("unknown environment '{env}'; known: {}", Family::known()),
-            "experient.env",
-        )
-    })?;
-    let max = ctx.bounds.max_plan_instances;
-    let eval = instances(&family, opts.instances.as_ref(), max)?;
-    let train = match &opts.train {
-        Some(seeds) => seeds
-            .resolve(TRAIN_SEED_BASE, "experient.train", max)?
-            .into_iter()
-            .map(|s| family.instance(s))
-            .collect(),
-        None => ipp::training_instances(family, settings.train),
-    };
+    let family = opts
+        .family
+        .ok_or_else(|| Error::invalid("the plan method needs a task family", None))?;
+    let eval = opts
+        .eval
+        .clone()
+        .unwrap_or_else(|| (0..5).map(|s| family.instance(s)).collect());
+    let train = opts
+        .train
+        .clone()
+        .unwrap_or_else(|| ipp::training_instances(family, settings.train));
     // The user's words describe the task; a system prompt applies to every model call.
     let text = |role: Role| {
         request
@@ -210,10 +78,6 @@ pub async fn run(
             request.sampling.clone(),
         )
     };
-    spec.check(
-        &ctx.bounds,
-        ["experient.train", "experient.instances", "experient.rounds"],
-    )?;
     let refresh = opts.refresh;
     let ctx = ctx.clone();
     let backend = route.backend.clone();

@@ -1,0 +1,285 @@
+//! The `experient` request object and the methods' limits, turned into what methods take:
+//! typed options checked against the bounds, and refusals of what a method cannot honour,
+//! each naming the field in the client's API. Methods themselves never name a request field.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::wire::ExperientOptions;
+use super::AppState;
+use crate::backend::ChatRequest;
+use crate::config::Bounds;
+use crate::error::{Error, Result};
+use crate::methods::plan::PlanOptions;
+use crate::methods::{self, Selection, Unsupported};
+use crate::planning::grasp::Grasp;
+use crate::planning::ipp::TRAIN_SEED_BASE;
+use crate::planning::{Family, Instance};
+use crate::router::{Method, Route};
+
+/// The methods' choices from the `experient` object for a request that `method` serves, with
+/// every count checked against the bounds. An option of another method is refused, not
+/// ignored.
+pub(super) fn method_options(
+    state: &AppState,
+    method: Method,
+    options: &ExperientOptions,
+) -> Result<methods::Options> {
+    refuse_foreign(method, options)?;
+    let max = state.bounds.max_experiences;
+    if let Some(Selection::TopK(k)) = options.experiences {
+        if k > max {
+            return Err(Error::invalid(
+                format!("experient.experiences must be \"all\" or a number from 1 to {max}"),
+                "experient.experiences",
+            ));
+        }
+    }
+    let limit = methods::iterresearch::MAX_ROUNDS_LIMIT;
+    if options
+        .max_rounds
+        .is_some_and(|r| !(1..=limit).contains(&r))
+    {
+        return Err(Error::invalid(
+            format!("experient.max_rounds must be between 1 and {limit}"),
+            "experient.max_rounds",
+        ));
+    }
+    Ok(methods::Options {
+        selection: options.experiences,
+        max_rounds: options.max_rounds,
+        workspace: options.workspace.unwrap_or_default(),
+        plan: plan_options(method, options, &state.bounds)?,
+    })
+}
+
+/// Refuses an option that belongs to a method other than `method`.
+fn refuse_foreign(method: Method, o: &ExperientOptions) -> Result<()> {
+    let owned: [(&'static str, bool, Method); 8] = [
+        (
+            "experient.max_rounds",
+            o.max_rounds.is_some(),
+            Method::IterResearch,
+        ),
+        (
+            "experient.workspace",
+            o.workspace.is_some(),
+            Method::IterResearch,
+        ),
+        ("experient.env", o.env.is_some(), Method::Plan),
+        ("experient.instances", o.instances.is_some(), Method::Plan),
+        ("experient.train", o.train.is_some(), Method::Plan),
+        ("experient.rounds", o.rounds.is_some(), Method::Plan),
+        ("experient.direct", o.direct, Method::Plan),
+        ("experient.refresh", o.refresh, Method::Plan),
+    ];
+    match owned
+        .iter()
+        .find(|(_, set, owner)| *set && *owner != method)
+    {
+        None => Ok(()),
+        Some((field, _, owner)) => Err(Error::invalid(
+            format!(
+                "{field} applies to the {} method; this request uses the {} method",
+                owner.name(),
+                method.name()
+            ),
+            *field,
+        )),
+    }
+}
+
+/// The plan method's options: the family parsed, the instances made, the counts bounded.
+fn plan_options(method: Method, o: &ExperientOptions, bounds: &Bounds) -> Result<PlanOptions> {
+    let family = match o.env.as_deref() {
+        None if method == Method::Plan => {
+            return Err(Error::invalid(
+                format!(
+                    "the plan method needs experient.env, the task family: {}",
+                    Family::known()
+                ),
+                "experient.env",
+            ))
+        }
+        None => return Ok(PlanOptions::default()),
+        Some(env) => Family::parse(env).ok_or_else(|| {
+            Error::invalid(
+                format!("unknown environment '{env}'; known: {}", Family::known()),
+                "experient.env",
+            )
+        })?,
+    };
+    let max = bounds.max_plan_instances;
+    let eval = o
+        .instances
+        .as_ref()
+        .map(|given| instances(&family, given, max))
+        .transpose()?;
+    let train = o
+        .train
+        .as_ref()
+        .map(|seeds| {
+            let seeds = seeds.resolve(TRAIN_SEED_BASE, "experient.train", max)?;
+            Ok::<_, Error>(seeds.into_iter().map(|s| family.instance(s)).collect())
+        })
+        .transpose()?;
+    if let Some(r) = o.rounds.filter(|r| *r > bounds.max_plan_rounds) {
+        return Err(Error::invalid(
+            format!(
+                "experient.rounds is {r}; at most {} (bounds.max_plan_rounds)",
+                bounds.max_plan_rounds
+            ),
+            "experient.rounds",
+        ));
+    }
+    Ok(PlanOptions {
+        family: Some(family),
+        eval,
+        train,
+        rounds: o.rounds,
+        direct: o.direct,
+        refresh: o.refresh,
+    })
+}
+
+/// Refuses what the route's method cannot honour before it runs, naming the field as `field`
+/// spells it for this API, so that the client hears which field to drop.
+pub(super) fn refuse_unsupported(
+    route: &Route,
+    chat: &ChatRequest,
+    field: impl Fn(Unsupported) -> &'static str,
+) -> Result<()> {
+    match methods::unsupported(route.method, chat) {
+        None => Ok(()),
+        Some(u) => Err(Error::invalid(
+            format!(
+                "'{}' cannot be used here: {}",
+                field(u),
+                u.reason(route.method)
+            ),
+            field(u),
+        )),
+    }
+}
+
+/// Chat's name for each field a method may refuse.
+pub(super) fn chat_field(u: Unsupported) -> &'static str {
+    match u {
+        Unsupported::OutputFormat => "response_format",
+        Unsupported::ForcedToolCall => "tool_choice",
+        Unsupported::ClientTools => "tools",
+        Unsupported::Logprobs => "logprobs",
+        Unsupported::SeveralChoices => "n",
+    }
+}
+
+/// Instances named by seed: a count (seeds from a base) or the seeds themselves.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "Value")]
+pub enum Seeds {
+    Count(u64),
+    List(Vec<u64>),
+}
+
+impl TryFrom<Value> for Seeds {
+    type Error = String;
+    fn try_from(v: Value) -> std::result::Result<Seeds, String> {
+        const SHAPE: &str = "a count or a list of seeds (non-negative integers)";
+        match v {
+            Value::Number(n) => n
+                .as_u64()
+                .map(Seeds::Count)
+                .ok_or(format!("must be {SHAPE}")),
+            Value::Array(items) => items
+                .iter()
+                .map(Value::as_u64)
+                .collect::<Option<Vec<u64>>>()
+                .map(Seeds::List)
+                .ok_or(format!("must be {SHAPE}")),
+            _ => Err(format!("must be {SHAPE}")),
+        }
+    }
+}
+
+/// What a plan request solves: instances by seed, or (GRASP) grids the client drew.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "Value")]
+pub enum Instances {
+    Seeds(Seeds),
+    /// Each grid as its rows of text (`{"grid": ["row", ...]}` on the wire).
+    Grids(Vec<Vec<String>>),
+}
+
+impl TryFrom<Value> for Instances {
+    type Error = String;
+    fn try_from(v: Value) -> std::result::Result<Instances, String> {
+        match &v {
+            Value::Array(items) if items.first().is_some_and(Value::is_object) => items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    item.get("grid")
+                        .and_then(|g| serde_json::from_value(g.clone()).ok())
+                        .ok_or(format!(
+                            "item {i} is not a GRASP instance, {{\"grid\": [\"row\", ...]}}"
+                        ))
+                })
+                .collect::<std::result::Result<_, _>>()
+                .map(Instances::Grids),
+            _ => Seeds::try_from(v).map(Instances::Seeds),
+        }
+    }
+}
+
+impl Seeds {
+    /// The seeds, `1..=max` of them; a count starts at `base`.
+    fn resolve(&self, base: u64, param: &'static str, max: usize) -> Result<Vec<u64>> {
+        let seeds: Vec<u64> = match self {
+            Seeds::Count(k) => (base..base.saturating_add((*k).min(max as u64 + 1))).collect(),
+            Seeds::List(list) => list.clone(),
+        };
+        if !(1..=max).contains(&seeds.len()) {
+            return Err(Error::invalid(
+                format!("{param} must name from 1 to {max} instances (bounds.max_plan_instances)"),
+                param,
+            ));
+        }
+        Ok(seeds)
+    }
+}
+
+/// The instances `given` names, of `family`: seeds from 0, or GRASP grids.
+fn instances(family: &Family, given: &Instances, max: usize) -> Result<Vec<Instance>> {
+    const PARAM: &str = "experient.instances";
+    let grids = match given {
+        Instances::Seeds(seeds) => {
+            return Ok(seeds
+                .resolve(0, PARAM, max)?
+                .into_iter()
+                .map(|s| family.instance(s))
+                .collect())
+        }
+        Instances::Grids(grids) => grids,
+    };
+    let Family::Grasp(settings) = family else {
+        return Err(Error::invalid(
+            "grids are given for GRASP families only; name MiniGrid instances by seed",
+            PARAM,
+        ));
+    };
+    if grids.len() > max {
+        return Err(Error::invalid(format!("at most {max} instances"), PARAM));
+    }
+    grids
+        .iter()
+        .enumerate()
+        .map(|(i, rows)| {
+            let grid = Grasp::from_rows(*settings, rows.clone())
+                .map_err(|e| Error::invalid_param(e, format!("{PARAM}[{i}].grid")))?;
+            Ok(Instance::Grasp {
+                id: format!("instance {i}"),
+                grid,
+            })
+        })
+        .collect()
+}
