@@ -494,18 +494,9 @@ async fn a_response_echoes_its_request_fields_in_every_form() {
     // Streamed: the created and completed events carry it too.
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);
-    let text = reqwest::Client::new()
-        .post(s.url("/v1/responses"))
-        .json(&streamed)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let events: Vec<Value> = text
-        .split("\n\n")
-        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+    let text = crate::common::post_text(&s.url("/v1/responses"), &streamed).await;
+    let events: Vec<Value> = crate::common::sse_data(&text)
+        .iter()
         .map(|d| serde_json::from_str(d).unwrap())
         .collect();
     for kind in ["response.created", "response.completed"] {

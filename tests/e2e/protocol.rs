@@ -49,15 +49,7 @@ async fn post(server: &Server, path: &str, body: &Value) -> (u16, Value) {
 
 /// The SSE events of a streamed request, as (event name, data) pairs.
 async fn events(server: &Server, path: &str, body: &Value) -> Vec<(Option<String>, String)> {
-    let text = reqwest::Client::new()
-        .post(server.url(path))
-        .json(body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::post_text(&server.url(path), body).await;
     text.split("\n\n")
         .filter(|e| !e.trim().is_empty() && !e.starts_with(':'))
         .map(|e| {

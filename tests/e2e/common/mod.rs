@@ -194,6 +194,20 @@ pub async fn metric(server: &Server, name: &str, filter: &str) -> f64 {
         .sum()
 }
 
+/// POSTs `body` as JSON and returns the response body as text (a stream, read to its end).
+#[allow(dead_code)]
+pub async fn post_text(url: &str, body: &serde_json::Value) -> String {
+    ::reqwest::Client::new()
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// Parses an SSE body into its `data:` payloads.
 pub fn sse_data(body: &str) -> Vec<String> {
     body.split("\n\n")
@@ -214,15 +228,7 @@ pub fn sse_data(body: &str) -> Vec<String> {
 pub async fn stream_chunks(server: &Server, mut body: serde_json::Value) -> Vec<serde_json::Value> {
     body["stream"] = serde_json::json!(true);
     body["stream_options"] = serde_json::json!({"include_usage": true});
-    let text = ::reqwest::Client::new()
-        .post(server.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = post_text(&server.url("/v1/chat/completions"), &body).await;
     let events = sse_data(&text);
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{text}");
     events[..events.len() - 1]
