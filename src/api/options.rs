@@ -147,29 +147,31 @@ fn plan_options(method: Method, o: &ExperientOptions, bounds: &Bounds) -> Result
 pub(super) fn refuse_unsupported(
     route: &Route,
     chat: &ChatRequest,
-    field: impl Fn(Unsupported) -> &'static str,
+    field: impl Fn(Unsupported) -> String,
 ) -> Result<()> {
     match methods::unsupported(route.method, chat) {
         None => Ok(()),
-        Some(u) => Err(Error::invalid(
-            format!(
-                "'{}' cannot be used here: {}",
-                field(u),
-                u.reason(route.method)
-            ),
-            field(u),
-        )),
+        Some(u) => {
+            let field = field(u);
+            Err(Error::invalid_param(
+                format!("'{field}' cannot be used here: {}", u.reason(route.method)),
+                field,
+            ))
+        }
     }
 }
 
 /// Chat's name for each field a method may refuse.
-pub(super) fn chat_field(u: Unsupported) -> &'static str {
+pub(super) fn chat_field(u: Unsupported) -> String {
     match u {
-        Unsupported::OutputFormat => "response_format",
-        Unsupported::ForcedToolCall => "tool_choice",
-        Unsupported::ClientTools => "tools",
-        Unsupported::Logprobs => "logprobs",
-        Unsupported::SeveralChoices => "n",
+        Unsupported::OutputFormat => "response_format".into(),
+        Unsupported::ForcedToolCall => "tool_choice".into(),
+        Unsupported::ClientTools => "tools".into(),
+        Unsupported::Logprobs => "logprobs".into(),
+        Unsupported::SeveralChoices => "n".into(),
+        Unsupported::NoQuestion => "messages".into(),
+        Unsupported::UnansweredToolCall { message } => format!("messages[{message}].tool_calls"),
+        Unsupported::ReservedToolName { tool } => format!("tools[{tool}]"),
     }
 }
 

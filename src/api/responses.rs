@@ -538,8 +538,13 @@ pub(super) async fn create(
         p.options.method.as_deref(),
         p.options.library.as_deref(),
     )?;
+    // Responses has no message list: a conversation's items, merged, become the chat's
+    // messages, so a problem in them is named as the input's.
     super::options::refuse_unsupported(&route, &p.chat, |u| match u {
-        methods::Unsupported::OutputFormat => "text.format",
+        methods::Unsupported::OutputFormat => "text.format".into(),
+        methods::Unsupported::NoQuestion | methods::Unsupported::UnansweredToolCall { .. } => {
+            "input".into()
+        }
         other => super::options::chat_field(other),
     })?;
     let opts = super::options::method_options(&state, route.method, &p.options)?;

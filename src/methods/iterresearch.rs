@@ -19,7 +19,7 @@ use futures::StreamExt;
 use regex::Regex;
 use serde_json::{json, Value};
 
-use super::{Applied, Context, Event, Options, Output};
+use super::{Applied, Context, Event, Options, Output, Unsupported};
 use crate::backend::{
     ChatRequest, Event as Model, FinishReason, Message, Role, Sampling, ToolCall, ToolSpec, Usage,
 };
@@ -122,7 +122,13 @@ struct Tool {
     client: Option<ToolSpec>,
 }
 
-fn builtin_tools(ctx: &Context) -> Vec<Tool> {
+/// Every built-in tool's name, `fetch_url` included when it is off, so that whether a client
+/// tool's name is free does not depend on the server's settings.
+pub const RESERVED_TOOL_NAMES: [&str; 4] =
+    ["search_experience", "python", "calculate", "fetch_url"];
+
+/// The loop's own tools; `fetch_url` only where the server allows fetching.
+fn builtin_tools(fetch_urls: bool) -> Vec<Tool> {
     let mut tools = vec![
         Tool {
             name: "search_experience".into(),
@@ -143,7 +149,7 @@ fn builtin_tools(ctx: &Context) -> Vec<Tool> {
             client: None,
         },
     ];
-    if ctx.settings.iterresearch.fetch_urls {
+    if fetch_urls {
         tools.push(Tool {
             name: "fetch_url".into(),
             description: "Fetches a web page and returns its text.".into(),
@@ -234,12 +240,24 @@ struct Workspace {
     round: u32,
 }
 
-fn workspace(messages: &[Message]) -> Result<Workspace> {
+/// What keeps `request` from being researched, if anything: no question, a tool call without
+/// its result, or a client tool under a built-in tool's name.
+pub(super) fn unsupported(request: &ChatRequest) -> Option<Unsupported> {
+    if let Err(u) = workspace(&request.messages) {
+        return Some(u);
+    }
+    client_tools(request)
+        .position(|t| RESERVED_TOOL_NAMES.contains(&t.name.as_str()))
+        .map(|tool| Unsupported::ReservedToolName { tool })
+}
+
+/// Where the conversation stands, or what in it a research loop cannot go on from.
+fn workspace(messages: &[Message]) -> std::result::Result<Workspace, Unsupported> {
     let question = messages
         .iter()
         .find(|m| m.role == Role::User)
         .map(|m| m.content.clone())
-        .ok_or_else(|| Error::invalid("the conversation needs a user message", "messages"))?;
+        .ok_or(Unsupported::NoQuestion)?;
     let calls = messages.iter().filter(|m| !m.tool_calls.is_empty()).count() as u32;
     let Some(at) = messages.iter().rposition(|m| !m.tool_calls.is_empty()) else {
         return Ok(Workspace {
@@ -256,10 +274,7 @@ fn workspace(messages: &[Message]) -> Result<Workspace> {
         .filter(|m| m.role == Role::Tool)
         .collect();
     if results.is_empty() {
-        return Err(Error::invalid_param(
-            "the last tool call has no tool message with its result",
-            format!("messages[{at}].tool_calls"),
-        ));
+        return Err(Unsupported::UnansweredToolCall { message: at });
     }
     let report = parse_reply(&assistant.content)
         .report
@@ -284,26 +299,23 @@ fn workspace(messages: &[Message]) -> Result<Workspace> {
     })
 }
 
-/// The built-in tools and, unless `tool_choice` is "none", the client's, whose names may not
-/// shadow a built-in one.
-fn offered_tools(ctx: &Context, request: &ChatRequest) -> Result<Vec<Tool>> {
-    let mut tools = builtin_tools(ctx);
+/// The client's tools, unless `tool_choice` is "none".
+fn client_tools(request: &ChatRequest) -> impl Iterator<Item = &ToolSpec> {
     let offered = request.tool_choice != crate::backend::ToolChoice::None;
-    for t in request.tools.iter().filter(|_| offered) {
-        if tools.iter().any(|b| b.name == t.name) {
-            return Err(Error::invalid(
-                format!("the tool name '{}' is taken by a built-in tool", t.name),
-                "tools",
-            ));
-        }
-        tools.push(Tool {
-            name: t.name.clone(),
-            description: t.description.clone(),
-            argument: main_argument(t).unwrap_or_else(|| "the input".into()),
-            client: Some(t.clone()),
-        });
-    }
-    Ok(tools)
+    request.tools.iter().filter(move |_| offered)
+}
+
+/// The built-in tools and the client's ([`unsupported`] has refused a client tool under a
+/// built-in name).
+fn offered_tools(ctx: &Context, request: &ChatRequest) -> Vec<Tool> {
+    let mut tools = builtin_tools(ctx.settings.iterresearch.fetch_urls);
+    tools.extend(client_tools(request).map(|t| Tool {
+        name: t.name.clone(),
+        description: t.description.clone(),
+        argument: main_argument(t).unwrap_or_else(|| "the input".into()),
+        client: Some(t.clone()),
+    }));
+    tools
 }
 
 /// The system prompt that leads every round: the client's system messages, with the library's
@@ -352,8 +364,9 @@ pub async fn run(
 ) -> Result<Output> {
     let settings = ctx.settings.iterresearch.clone();
     let max_rounds = opts.max_rounds.unwrap_or(settings.max_rounds);
-    let mut ws = workspace(&request.messages)?;
-    let tools = offered_tools(ctx, &request)?;
+    let mut ws = workspace(&request.messages)
+        .map_err(|u| Error::invalid(u.reason(Method::IterResearch), None))?;
+    let tools = offered_tools(ctx, &request);
     let (system, experiences) =
         system_with_prior(ctx, &route, &request, &ws.question, opts).await?;
     let applied = Applied {
@@ -627,5 +640,49 @@ mod tests {
         );
         assert_eq!(ws.observation, "18 degrees, sunny");
         assert_eq!(ws.round, 2);
+    }
+
+    #[test]
+    fn what_a_loop_cannot_go_on_from_is_named() {
+        let user = Message::new(Role::User, "What is 2 + 2?");
+        let mut ask = ChatRequest {
+            messages: vec![Message::new(Role::System, "Be brief.")],
+            ..Default::default()
+        };
+        assert_eq!(unsupported(&ask), Some(Unsupported::NoQuestion));
+
+        let mut call = Message::new(Role::Assistant, "Report: adding.");
+        call.tool_calls = vec![ToolCall {
+            id: "call_1".into(),
+            name: "add".into(),
+            arguments: "{}".into(),
+        }];
+        ask.messages = vec![user.clone(), call];
+        assert_eq!(
+            unsupported(&ask),
+            Some(Unsupported::UnansweredToolCall { message: 1 })
+        );
+
+        ask.messages = vec![user];
+        let tool = |name: &str| ToolSpec {
+            name: name.into(),
+            description: String::new(),
+            parameters: json!({"type": "object"}),
+            strict: None,
+        };
+        ask.tools = vec![tool("add"), tool("fetch_url")];
+        assert_eq!(
+            unsupported(&ask),
+            Some(Unsupported::ReservedToolName { tool: 1 })
+        );
+        // Tools not offered cannot clash.
+        ask.tool_choice = crate::backend::ToolChoice::None;
+        assert_eq!(unsupported(&ask), None);
+    }
+
+    #[test]
+    fn every_builtin_name_is_reserved() {
+        let names: Vec<String> = builtin_tools(true).into_iter().map(|t| t.name).collect();
+        assert_eq!(names, RESERVED_TOOL_NAMES);
     }
 }

@@ -164,6 +164,13 @@ pub enum Unsupported {
     Logprobs,
     /// More than one choice (`n`): these methods give one answer.
     SeveralChoices,
+    /// A conversation with no user message: there is no question to research.
+    NoQuestion,
+    /// The assistant message at `message` calls tools, and no tool message after it carries
+    /// the result, so a research loop cannot go on from it.
+    UnansweredToolCall { message: usize },
+    /// The client tool at `tool` takes the name of one of the method's built-in tools.
+    ReservedToolName { tool: usize },
 }
 
 impl Unsupported {
@@ -186,6 +193,16 @@ impl Unsupported {
             Unsupported::SeveralChoices => {
                 format!("the {m} method gives one answer; ask for one choice")
             }
+            Unsupported::NoQuestion => {
+                format!("the {m} method needs a user message with the question")
+            }
+            Unsupported::UnansweredToolCall { .. } => format!(
+                "the {m} method goes on from the last tool call only with its result; send a tool message after it"
+            ),
+            Unsupported::ReservedToolName { .. } => format!(
+                "the {m} method's built-in tools take these names: {}; rename the client's tool",
+                iterresearch::RESERVED_TOOL_NAMES.join(", ")
+            ),
         }
     }
 }
@@ -205,6 +222,7 @@ pub fn unsupported(method: Method, request: &ChatRequest) -> Option<Unsupported>
         Method::Plan if !request.tools.is_empty() => Some(Unsupported::ClientTools),
         _ if request.sampling.logprobs.is_some() => Some(Unsupported::Logprobs),
         _ if request.sampling.n > 1 => Some(Unsupported::SeveralChoices),
+        Method::IterResearch => iterresearch::unsupported(request),
         _ => None,
     }
 }

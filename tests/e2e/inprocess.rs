@@ -533,6 +533,26 @@ async fn what_a_method_cannot_honour_is_refused_naming_the_field() {
         ),
         ("iterresearch:m", json!({"logprobs": true}), "logprobs"),
         ("iterresearch:m", json!({"n": 2}), "n"),
+        // What a research loop cannot go on from.
+        (
+            "iterresearch:m",
+            json!({"messages": [{"role": "system", "content": "Be brief."}]}),
+            "messages",
+        ),
+        (
+            "iterresearch:m",
+            json!({"messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+            ]}),
+            "messages[1].tool_calls",
+        ),
+        (
+            "iterresearch:m",
+            json!({"tools": [tools[0], {"type": "function", "function": {"name": "python"}}]}),
+            "tools[1]",
+        ),
         (
             "iterresearch:m",
             json!({"experient": {"max_rounds": 0}}),
@@ -623,6 +643,20 @@ async fn what_a_method_cannot_honour_is_refused_naming_the_field() {
     .await;
     assert_eq!(st, 400, "{v}");
     assert_eq!(envelope(&v)["param"], "text.format", "{v}");
+    // and a conversation's problems as its input's.
+    let unanswered = json!({"model": "iterresearch:m", "input": [
+        {"role": "user", "content": "hi"},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+    ]});
+    let (st, v, _) = raw(
+        "POST",
+        &s.url("/v1/responses"),
+        None,
+        Some(&unanswered.to_string()),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(envelope(&v)["param"], "input", "{v}");
     assert!(backend.received().is_empty(), "no model call was made");
     s.stop().await;
 }
