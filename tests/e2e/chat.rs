@@ -41,8 +41,7 @@ async fn post(path: &str, body: Value) -> reqwest::Response {
 
 /// A raw chat completion: its status and body.
 async fn chat(body: Value) -> (u16, Value) {
-    let r = post("/v1/chat/completions", body).await;
-    (r.status().as_u16(), r.json().await.unwrap())
+    crate::common::call("POST", &shared().url("/v1/chat/completions"), Some(&body)).await
 }
 
 fn api_error(e: OpenAIError) -> (u16, async_openai::error::ApiError) {

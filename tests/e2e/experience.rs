@@ -10,27 +10,15 @@ use serde_json::{json, Value};
 
 struct Api<'a> {
     server: &'a Server,
-    http: reqwest::Client,
 }
 
 impl<'a> Api<'a> {
     fn new(server: &'a Server) -> Self {
-        Api {
-            server,
-            http: reqwest::Client::new(),
-        }
+        Api { server }
     }
 
     async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self
-            .http
-            .request(method.parse().unwrap(), self.server.url(path));
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let r = req.send().await.unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        crate::common::call(method, &self.server.url(path), body.as_ref()).await
     }
 
     async fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {

@@ -13,14 +13,7 @@ use crate::common::{start, start_in, start_limited, Server, MODEL};
 use serde_json::{json, Value};
 
 async fn call(server: &Server, method: &str, path: &str, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .request(method.parse().unwrap(), server.url(path))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    crate::common::call(method, &server.url(path), Some(&body)).await
 }
 
 fn param(v: &Value) -> &str {

@@ -62,14 +62,10 @@ fn server() -> Server {
 }
 
 async fn chat(server: &Server, body: Value) -> Value {
-    let r = reqwest::Client::new()
-        .post(server.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
+    let (status, v) =
+        crate::common::call("POST", &server.url("/v1/chat/completions"), Some(&body)).await;
+    assert_eq!(status, 200, "{v}");
+    v
 }
 
 fn ask(question: &str) -> Value {

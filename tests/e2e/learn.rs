@@ -10,7 +10,6 @@
 
 use crate::common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -291,20 +290,14 @@ fn a_cli_run_resumes_where_it_stopped() {
     let tmp = tempfile::tempdir().unwrap();
     let exp = tmp.path().join("experience");
     let learn = |extra: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_experient"))
-            .arg("learn")
-            .args(extra)
-            .args(["--max-tokens", "4", "--learner-max-tokens", "24"])
-            .arg("--experience-dir")
-            .arg(&exp)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+        let fixed = ["--max-tokens", "4", "--learner-max-tokens", "24"];
+        let args: Vec<&str> = ["learn"]
+            .iter()
+            .chain(extra)
+            .chain(&fixed)
+            .copied()
+            .collect();
+        crate::common::cli_json(&args, &exp, &[])
     };
     let first = learn(&[
         "--library",

@@ -61,13 +61,7 @@ fn scripted() -> Server {
 }
 
 async fn post(server: &Server, body: &Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(server.url("/v1/chat/completions"))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
+    crate::common::call("POST", &server.url("/v1/chat/completions"), Some(body)).await
 }
 
 fn plan_request(experient: Value) -> Value {

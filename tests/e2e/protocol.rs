@@ -33,18 +33,7 @@ fn servers() -> [(&'static Server, &'static str); 2] {
 }
 
 async fn post(server: &Server, path: &str, body: &Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(server.url(path))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    let text = r.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    crate::common::call("POST", &server.url(path), Some(body)).await
 }
 
 /// The SSE events of a streamed request, as (event name, data) pairs.

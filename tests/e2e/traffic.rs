@@ -29,25 +29,14 @@ fn bool_tasks(n: usize) -> Vec<(String, String)> {
         .collect()
 }
 
-async fn call(
-    http: &reqwest::Client,
-    method: &str,
-    url: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut r = http.request(method.parse().unwrap(), url);
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let r = r.send().await.unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+async fn call(method: &str, url: &str, body: Option<Value>) -> (u16, Value) {
+    crate::common::call(method, url, body.as_ref()).await
 }
 
-async fn wait_job(http: &reqwest::Client, url: &str) -> Value {
+async fn wait_job(url: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(900);
     loop {
-        let (_, job) = call(http, "GET", url, None).await;
+        let (_, job) = call("GET", url, None).await;
         if job["status"] != "running" {
             return job;
         }
@@ -61,11 +50,9 @@ async fn feedback_on_served_answers_grows_the_library() {
     let dir = tempfile::tempdir().unwrap();
     let prompts = learner_prompts(dir.path());
     let server = common::start_in(dir, None, &[("EXPERIENT_PROMPTS_DIR", &prompts)]);
-    let http = reqwest::Client::new();
     let url = |p: &str| server.url(p);
 
     let (s, _) = call(
-        &http,
         "POST",
         &url("/v1/libraries"),
         Some(json!({"name": "bool", "settings": {"record": true}})),
@@ -73,7 +60,6 @@ async fn feedback_on_served_answers_grows_the_library() {
     .await;
     assert_eq!(s, 201);
     let (s, _) = call(
-        &http,
         "POST",
         &url("/v1/libraries"),
         Some(json!({"name": "quiet"})),
@@ -88,7 +74,7 @@ async fn feedback_on_served_answers_grows_the_library() {
         let messages = json!([{"role": "user", "content": q}]);
         let id = match i % 3 {
             0 => {
-                let (s, v) = call(&http, "POST", &url("/v1/chat/completions"), Some(json!({"model": "smollm2-135m@bool", "messages": messages, "max_tokens": 6, "temperature": 0}))).await;
+                let (s, v) = call("POST", &url("/v1/chat/completions"), Some(json!({"model": "smollm2-135m@bool", "messages": messages, "max_tokens": 6, "temperature": 0}))).await;
                 assert_eq!(s, 200, "{v}");
                 v["id"].as_str().unwrap().to_owned()
             }
@@ -97,7 +83,7 @@ async fn feedback_on_served_answers_grows_the_library() {
                 chunks[0]["id"].as_str().unwrap().to_owned()
             }
             _ => {
-                let (s, v) = call(&http, "POST", &url("/v1/responses"), Some(json!({"model": "smollm2-135m@bool", "input": q, "max_output_tokens": 6, "temperature": 0}))).await;
+                let (s, v) = call("POST", &url("/v1/responses"), Some(json!({"model": "smollm2-135m@bool", "input": q, "max_output_tokens": 6, "temperature": 0}))).await;
                 assert_eq!(s, 200, "{v}");
                 v["id"].as_str().unwrap().to_owned()
             }
@@ -105,9 +91,8 @@ async fn feedback_on_served_answers_grows_the_library() {
         ids.push(id);
     }
     // A library that does not record keeps nothing to give feedback on.
-    let (_, v) = call(&http, "POST", &url("/v1/chat/completions"), Some(json!({"model": "smollm2-135m@quiet", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))).await;
+    let (_, v) = call("POST", &url("/v1/chat/completions"), Some(json!({"model": "smollm2-135m@quiet", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))).await;
     let (s, e) = call(
-        &http,
         "POST",
         &url("/v1/feedback"),
         Some(json!({"id": v["id"], "label": "good"})),
@@ -124,7 +109,7 @@ async fn feedback_on_served_answers_grows_the_library() {
         (json!({"id": ids[0], "label": "good", "stars": 5}), "stars"),
         (json!({"label": "good"}), "id"),
     ] {
-        let (s, e) = call(&http, "POST", &url("/v1/feedback"), Some(body.clone())).await;
+        let (s, e) = call("POST", &url("/v1/feedback"), Some(body.clone())).await;
         assert_eq!(
             (s, e["error"]["param"].as_str()),
             (400, Some(param)),
@@ -136,7 +121,6 @@ async fn feedback_on_served_answers_grows_the_library() {
     let mut feedback_ids = Vec::new();
     for (id, (_, answer)) in ids.iter().zip(&tasks) {
         let (s, fb) = call(
-            &http,
             "POST",
             &url("/v1/feedback"),
             Some(json!({"id": id, "label": "bad", "comment": "check it", "expected": answer})),
@@ -148,22 +132,16 @@ async fn feedback_on_served_answers_grows_the_library() {
         assert_eq!(fb["score"], 0.0);
         feedback_ids.push(fb["id"].as_str().unwrap().to_owned());
     }
-    let (_, list) = call(&http, "GET", &url("/v1/feedback?library=bool"), None).await;
+    let (_, list) = call("GET", &url("/v1/feedback?library=bool"), None).await;
     assert_eq!(list["data"].as_array().unwrap().len(), 12);
-    let (_, few) = call(
-        &http,
-        "GET",
-        &url("/v1/feedback?library=bool&limit=2"),
-        None,
-    )
-    .await;
+    let (_, few) = call("GET", &url("/v1/feedback?library=bool&limit=2"), None).await;
     assert_eq!(few["data"].as_array().unwrap().len(), 2);
     for (query, param) in [
         ("since=yesterday", "since"),
         ("limit=lots", "limit"),
         ("limit=0", "limit"),
     ] {
-        let (s, e) = call(&http, "GET", &url(&format!("/v1/feedback?{query}")), None).await;
+        let (s, e) = call("GET", &url(&format!("/v1/feedback?{query}")), None).await;
         assert_eq!(
             (s, e["error"]["param"].as_str()),
             (400, Some(param)),
@@ -173,7 +151,6 @@ async fn feedback_on_served_answers_grows_the_library() {
 
     // Learning from the traffic: the ordinary loop, with the expected answers as references.
     let (s, job) = call(
-        &http,
         "POST",
         &url("/v1/libraries/bool/learn"),
         Some(json!({
@@ -184,13 +161,9 @@ async fn feedback_on_served_answers_grows_the_library() {
     )
     .await;
     assert_eq!(s, 202, "{job}");
-    let job = wait_job(
-        &http,
-        &url(&format!("/v1/jobs/{}", job["id"].as_str().unwrap())),
-    )
-    .await;
+    let job = wait_job(&url(&format!("/v1/jobs/{}", job["id"].as_str().unwrap()))).await;
     assert_eq!(job["status"], "succeeded", "{job}");
-    let (_, lib) = call(&http, "GET", &url("/v1/libraries/bool/experiences"), None).await;
+    let (_, lib) = call("GET", &url("/v1/libraries/bool/experiences"), None).await;
     let exps = lib["data"].as_array().unwrap();
     assert!(!exps.is_empty(), "{job}");
     // Every learned experience cites served completions and the feedback on them.
@@ -214,11 +187,10 @@ async fn feedback_on_served_answers_grows_the_library() {
 
     // Continuous mode: feedback alone starts a job once `after` new pieces have arrived.
     let settings = json!({"record": true, "auto_learn": {"after": 2}});
-    let (s, v) = call(&http, "PATCH", &url("/v1/libraries/bool"), Some(settings)).await;
+    let (s, v) = call("PATCH", &url("/v1/libraries/bool"), Some(settings)).await;
     assert_eq!(s, 200, "{v}");
     for id in &ids[..2] {
         let (s, _) = call(
-            &http,
             "POST",
             &url("/v1/feedback"),
             Some(json!({"id": id, "score": 1})),
@@ -226,7 +198,7 @@ async fn feedback_on_served_answers_grows_the_library() {
         .await;
         assert_eq!(s, 201);
     }
-    let (_, jobs) = call(&http, "GET", &url("/v1/jobs"), None).await;
+    let (_, jobs) = call("GET", &url("/v1/jobs"), None).await;
     let auto = jobs["data"]
         .as_array()
         .unwrap()
@@ -237,7 +209,6 @@ async fn feedback_on_served_answers_grows_the_library() {
     assert_eq!(auto["library"], "bool", "{auto}");
     // It learns in the background; cancelling it leaves the library as it was.
     call(
-        &http,
         "DELETE",
         &url(&format!("/v1/jobs/{}", auto["id"].as_str().unwrap())),
         None,
@@ -248,21 +219,8 @@ async fn feedback_on_served_answers_grows_the_library() {
     // feedback gave the right answer, with and without the library, then learn from it.
     let dir = server.kill(libc::SIGTERM);
     let exp = dir.path().join("experience");
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_experient"))
-            .args(args)
-            .arg("--experience-dir")
-            .arg(&exp)
-            .env("EXPERIENT_PROMPTS_DIR", &prompts)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<Value>(&out.stdout).unwrap()
-    };
+    let cli =
+        |args: &[&str]| crate::common::cli_json(args, &exp, &[("EXPERIENT_PROMPTS_DIR", &prompts)]);
     let report = cli(&[
         "eval",
         "--library",
@@ -302,12 +260,11 @@ async fn feedback_on_served_answers_grows_the_library() {
     let url = |p: &str| server.url(p);
 
     // Purge: the records and feedback are gone, and so is feedback on them.
-    let (s, _) = call(&http, "DELETE", &url("/v1/libraries/bool/traffic"), None).await;
+    let (s, _) = call("DELETE", &url("/v1/libraries/bool/traffic"), None).await;
     assert_eq!(s, 200);
-    let (_, list) = call(&http, "GET", &url("/v1/feedback?library=bool"), None).await;
+    let (_, list) = call("GET", &url("/v1/feedback?library=bool"), None).await;
     assert!(list["data"].as_array().unwrap().is_empty(), "{list}");
     let (s, _) = call(
-        &http,
         "POST",
         &url("/v1/feedback"),
         Some(json!({"id": ids[0], "label": "good"})),

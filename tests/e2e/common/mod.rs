@@ -194,6 +194,45 @@ pub async fn metric(server: &Server, name: &str, filter: &str) -> f64 {
         .sum()
 }
 
+/// Runs `experient ARGS --experience-dir DIR` with `env`, asserts that it succeeded, and returns
+/// the JSON it printed.
+pub fn cli_json(args: &[&str], dir: &std::path::Path, env: &[(&str, &str)]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_experient"))
+        .args(args)
+        .arg("--experience-dir")
+        .arg(dir)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "experient {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Sends `method url` with `body` as JSON and returns the status and the body: its JSON, or
+/// its text as a JSON string when it is not JSON, or null when it is empty.
+pub async fn call(
+    method: &str,
+    url: &str,
+    body: Option<&serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut req = ::reqwest::Client::new().request(method.parse().unwrap(), url);
+    if let Some(b) = body {
+        req = req.json(b);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    let body = match text.as_str() {
+        "" => serde_json::Value::Null,
+        t => serde_json::from_str(t).unwrap_or(serde_json::Value::String(text)),
+    };
+    (status, body)
+}
+
 /// POSTs `body` as JSON and returns the response body as text (a stream, read to its end).
 #[allow(dead_code)]
 pub async fn post_text(url: &str, body: &serde_json::Value) -> String {
