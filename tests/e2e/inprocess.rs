@@ -660,3 +660,91 @@ async fn what_a_method_cannot_honour_is_refused_naming_the_field() {
     assert!(backend.received().is_empty(), "no model call was made");
     s.stop().await;
 }
+
+/// A learning job whose learner replies are cut off by `learner_max_tokens` commits only the
+/// finished lines: the scripted learner ends every operations reply with a half-written `ADD`
+/// and finishes with `length`, as the model does when it runs out of tokens. Rollouts
+/// alternate right and wrong, so every group is mixed and reaches the learner.
+#[tokio::test]
+async fn a_learning_job_commits_only_the_finished_lines_of_cut_off_replies() {
+    use experient::backend::FinishReason;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const LESSON: &str = "Inside out: Evaluate the innermost brackets first.";
+    let attempts = AtomicUsize::new(0);
+    let backend = Scripted::new(move |r| {
+        let user = r.messages.last().map(|m| m.content.as_str()).unwrap_or("");
+        let cut = |text: &str| {
+            let mut s = Script::words(text);
+            s.finish = FinishReason::Length;
+            s
+        };
+        if user.contains("Summarise the attempt") {
+            Script::words("1. It answered at once.\nOutcome: a guess.")
+        } else if user.contains("Compare the right attempts") {
+            Script::words(LESSON)
+        } else if user.contains("Decide what to do") || user.contains("Merge their proposals") {
+            cut(&format!("ADD: {LESSON}\nADD: Half written: Evaluate"))
+        } else {
+            let right = attempts.fetch_add(1, Ordering::Relaxed) % 2 == 0;
+            Script::words(if right { "True" } else { "False" })
+        }
+    });
+    let s = serve(backend.clone(), &[], &[]).await;
+    let (st, v) =
+        crate::common::call("POST", &s.url("/v1/libraries"), Some(&json!({"name": "b"}))).await;
+    assert_eq!(st, 201, "{v}");
+    let tasks: Vec<Value> = (0..4)
+        .map(|i| json!({"question": format!("not ( True ) and ( {i} > 9 ) is"), "answer": "True"}))
+        .collect();
+    let (st, job) = crate::common::call(
+        "POST",
+        &s.url("/v1/libraries/b/learn"),
+        Some(&json!({
+            "model": "m", "tasks": tasks, "epochs": 1, "batch_size": 2, "group_size": 4,
+            "max_tokens": 4, "learner_max_tokens": 12, "verifier": "exact", "concurrency": 1,
+        })),
+    )
+    .await;
+    assert_eq!(st, 202, "{job}");
+    let url = s.url(&format!("/v1/jobs/{}", job["id"].as_str().unwrap()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let job = loop {
+        let (_, j) = crate::common::call("GET", &url, None).await;
+        if j["status"] != "running" {
+            break j;
+        }
+        assert!(std::time::Instant::now() < deadline, "{j}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let steps = job["result"]["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2, "{job}");
+    assert!(steps.iter().all(|s| s["mixed_groups"] == 2), "{job}");
+    // Only the finished line reached the library, and the cut is recorded.
+    let (_, lib) = crate::common::call("GET", &s.url("/v1/libraries/b/experiences"), None).await;
+    let texts: Vec<&str> = lib["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, [LESSON], "{lib}");
+    let run_dir = std::path::PathBuf::from(job["run_dir"].as_str().unwrap());
+    let groups: Value = serde_json::from_str(
+        &std::fs::read_to_string(run_dir.join(format!(
+            "step-{:04}/groups.json",
+            steps[0]["step"].as_u64().unwrap()
+        )))
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        groups
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|g| g["update_cut"] == true),
+        "{groups}"
+    );
+    s.stop().await;
+}

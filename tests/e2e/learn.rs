@@ -43,41 +43,6 @@ async fn start(http: &reqwest::Client, url: &str, body: Value) -> String {
         .to_owned()
 }
 
-/// From a finished job's run directory: how many learner replies were cut off, and the part of
-/// every operations reply (per group and the consolidation) that was read, which is the whole
-/// reply unless it was cut, and then all but its unfinished last line.
-fn read_operation_replies(job: &Value) -> (usize, Vec<String>) {
-    let run_dir = std::path::PathBuf::from(job["run_dir"].as_str().unwrap());
-    let (mut cut, mut read) = (0, Vec::new());
-    for step in job["result"]["steps"].as_array().unwrap() {
-        let dir = run_dir.join(format!("step-{:04}", step["step"].as_u64().unwrap()));
-        let json = |name: &str| -> Value {
-            std::fs::read_to_string(dir.join(name))
-                .map_or(Value::Null, |text| serde_json::from_str(&text).unwrap())
-        };
-        let groups = json("groups.json");
-        let consolidation = json("consolidation.json");
-        let mut replies = vec![(&consolidation["reply"], &consolidation["reply_cut"])];
-        for g in groups.as_array().into_iter().flatten() {
-            cut += usize::from(g["advantage_cut"] == true);
-            replies.push((&g["update_reply"], &g["update_cut"]));
-        }
-        for (reply, was_cut) in replies {
-            let Some(reply) = reply.as_str() else {
-                continue;
-            };
-            let read_part = if *was_cut == true {
-                cut += 1;
-                reply.rsplit_once('\n').map_or("", |(whole, _)| whole)
-            } else {
-                reply
-            };
-            read.push(read_part.to_owned());
-        }
-    }
-    (cut, read)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_learning_job_commits_a_version_that_explains_itself() {
     let dir = tempfile::tempdir().unwrap();
@@ -240,42 +205,6 @@ async fn a_learning_job_commits_a_version_that_explains_itself() {
     assert_eq!(list["data"].as_array().unwrap().len(), 2);
     let after: Value = get(&http, &server.url("/v1/libraries/bool")).await;
     assert_eq!(after["experiences"].as_u64().unwrap() as usize, before);
-
-    // Replies cut off by learner_max_tokens: nine tokens end most replies mid-line, and an
-    // unfinished line is never read as a finished one (a cut "ADD: Inside out: Evaluate the
-    // innermost" would otherwise be committed). Nine tokens can still hold one short whole
-    // line ("ADD: Be brief.\n"), which may rightly be learned, so the check is that every
-    // committed text stands in the part of an operations reply that was read.
-    let id = start(
-        &http,
-        &server.url("/v1/libraries/cut/learn"),
-        json!({
-            "tasks": tasks(12), "epochs": 1, "batch_size": 4, "group_size": 4,
-            "temperature": 1.0, "max_tokens": 6, "learner_max_tokens": 9,
-            "verifier": FIRST_WORD, "concurrency": 4,
-        }),
-    )
-    .await;
-    let job = poll(&http, &server.url(&format!("/v1/jobs/{id}")), |j| {
-        j["status"] != "running"
-    })
-    .await;
-    assert_eq!(job["status"], "succeeded", "{job}");
-    let steps = job["result"]["steps"].as_array().unwrap();
-    assert!(
-        steps.iter().any(|s| s["mixed_groups"].as_u64() > Some(0)),
-        "no group reached the learner: {job}"
-    );
-    let (cut_replies, read) = read_operation_replies(&job);
-    assert!(cut_replies > 0, "no learner reply was cut off: {job}");
-    let cut: Value = get(&http, &server.url("/v1/libraries/cut/experiences")).await;
-    for e in cut["data"].as_array().unwrap() {
-        let text = e["text"].as_str().unwrap();
-        assert!(
-            read.iter().any(|r| r.contains(text)),
-            "{text:?} is not in the finished lines of any reply: {read:#?}"
-        );
-    }
 
     // The server still answers chat after all that.
     let health = http.get(server.url("/health")).send().await.unwrap();
