@@ -83,11 +83,12 @@ async fn a_learning_job_commits_a_version_that_explains_itself() {
         404
     );
 
-    // Three steps of four tasks, four attempts each: mixed groups are all but certain.
+    // Two steps of four tasks, four attempts each: a group's four attempts are alike about one
+    // time in four, so some group is mixed in all but about one job in 10^5.
     let r = http
         .post(server.url("/v1/libraries/bool/learn"))
         .json(&json!({
-            "tasks": tasks(12), "epochs": 1, "batch_size": 4, "group_size": 4,
+            "tasks": tasks(8), "epochs": 1, "batch_size": 4, "group_size": 4,
             "temperature": 1.0, "max_tokens": 6, "learner_max_tokens": 40,
             "verifier": FIRST_WORD, "concurrency": 4, "tags": ["bbh"],
         }))
@@ -114,15 +115,15 @@ async fn a_learning_job_commits_a_version_that_explains_itself() {
     })
     .await;
     assert_eq!(job["status"], "succeeded", "{job}");
-    assert_eq!(job["progress"]["rollouts_done"], 48);
+    assert_eq!(job["progress"]["rollouts_done"], 32);
     let steps = job["result"]["steps"].as_array().unwrap();
-    assert_eq!(steps.len(), 3);
+    assert_eq!(steps.len(), 2);
     assert_eq!(
         steps
             .iter()
             .map(|s| s["rollouts"].as_u64().unwrap())
             .sum::<u64>(),
-        48
+        32
     );
     let committed: Vec<&Value> = steps.iter().filter(|s| !s["version"].is_null()).collect();
     assert!(!committed.is_empty(), "no step changed the library: {job}");

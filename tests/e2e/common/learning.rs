@@ -7,9 +7,9 @@ use serde_json::{json, Value};
 pub const LESSON: &str = "Inside out: Evaluate the innermost brackets first.";
 
 /// An answer counts when it starts with the right word. Read exactly, the model's six-token
-/// answers are right about 1 time in 12, so now and then all 48 attempts of a job scored 0 and
-/// no group was mixed; by first word they are right about 3 times in 10 (all 48 wrong: about
-/// 1 in 10^7).
+/// answers are right about 1 time in 12, so now and then all the attempts of a job scored 0
+/// and no group was mixed; by first word they are right about 3 times in 10 (all 32 attempts
+/// of a two-step job wrong: about 1 in 10^5).
 pub const FIRST_WORD: &str = r"regex:(?i)^\W*{answer}\b";
 
 /// The first `n` BBH boolean_expressions tasks as `{"question", "answer"}`: binary answers,
