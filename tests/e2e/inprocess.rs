@@ -685,7 +685,7 @@ async fn a_learning_job_commits_only_the_finished_lines_of_cut_off_replies() {
         } else if user.contains("Decide what to do") || user.contains("Merge their proposals") {
             cut(&format!("ADD: {LESSON}\nADD: Half written: Evaluate"))
         } else {
-            let right = attempts.fetch_add(1, Ordering::Relaxed) % 2 == 0;
+            let right = attempts.fetch_add(1, Ordering::Relaxed).is_multiple_of(2);
             Script::words(if right { "True" } else { "False" })
         }
     });
