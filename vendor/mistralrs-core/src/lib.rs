@@ -320,6 +320,9 @@ struct RebootState {
     no_kv_cache: bool,
     no_prefix_cache: bool,
     prefix_cache_n: usize,
+    /// experient: chunked prefill (`Engine::with_prefill_chunk`). Kept here, not in
+    /// `EngineConfig`, which the `mistralrs` crate builds field by field.
+    prefill_chunk: usize,
     disable_eos_stop: bool,
     throughput_logging_enabled: bool,
     search_embedding_model: Option<SearchEmbeddingModel>,
@@ -393,6 +396,7 @@ pub struct MistralRsBuilder {
     no_kv_cache: Option<bool>,
     no_prefix_cache: Option<bool>,
     prefix_cache_n: Option<usize>,
+    prefill_chunk: usize,
     disable_eos_stop: Option<bool>,
     throughput_logging_enabled: bool,
     search_embedding_model: Option<SearchEmbeddingModel>,
@@ -421,6 +425,7 @@ impl MistralRsBuilder {
             no_kv_cache: None,
             no_prefix_cache: None,
             prefix_cache_n: None,
+            prefill_chunk: 0,
             disable_eos_stop: None,
             throughput_logging_enabled: throughput_logging,
             search_embedding_model,
@@ -462,6 +467,12 @@ impl MistralRsBuilder {
     }
     pub fn with_prefix_cache_n(mut self, prefix_cache_n: usize) -> Self {
         self.prefix_cache_n = Some(prefix_cache_n);
+        self
+    }
+    /// experient: prefill a prompt at most `chunk` tokens per engine step, so that decoding
+    /// sequences are not held up for a whole long prompt (0, the default: in one step).
+    pub fn with_prefill_chunk_size(mut self, chunk: usize) -> Self {
+        self.prefill_chunk = chunk;
         self
     }
     pub fn with_disable_eos_stop(mut self, disable_eos_stop: bool) -> Self {
@@ -536,6 +547,7 @@ impl MistralRs {
         reboot_state: RebootState,
     ) -> Result<EngineInstance, String> {
         let (tx, rx) = channel(10_000);
+        let prefill_chunk = reboot_state.prefill_chunk;
 
         let pipeline_guard = pipeline.try_lock().unwrap();
         let category = pipeline_guard.category();
@@ -591,7 +603,8 @@ impl MistralRs {
                         config.tool_callbacks_with_tools.clone(),
                         logger_for_engine,
                     )
-                    .expect("Engine creation failed.");
+                    .expect("Engine creation failed.")
+                    .with_prefill_chunk(prefill_chunk);
                     Arc::new(engine).run().await;
                 })
             });
@@ -616,7 +629,8 @@ impl MistralRs {
                         config.tool_callbacks_with_tools.clone(),
                         logger_for_engine,
                     )
-                    .expect("Engine creation failed.");
+                    .expect("Engine creation failed.")
+                    .with_prefill_chunk(prefill_chunk);
                     Arc::new(engine).run().await;
                 })
             }
@@ -642,6 +656,7 @@ impl MistralRs {
             no_kv_cache,
             no_prefix_cache,
             prefix_cache_n,
+            prefill_chunk,
             disable_eos_stop,
             throughput_logging_enabled,
             search_embedding_model,
@@ -704,6 +719,7 @@ impl MistralRs {
             no_kv_cache,
             no_prefix_cache,
             prefix_cache_n,
+            prefill_chunk,
             disable_eos_stop,
             throughput_logging_enabled,
             search_embedding_model,
@@ -1209,6 +1225,7 @@ impl MistralRs {
             no_kv_cache: config.engine_config.no_kv_cache,
             no_prefix_cache: config.engine_config.no_prefix_cache,
             prefix_cache_n: config.engine_config.prefix_cache_n,
+            prefill_chunk: 0,
             disable_eos_stop: config.engine_config.disable_eos_stop,
             throughput_logging_enabled: config.engine_config.throughput_logging_enabled,
             search_embedding_model: config.engine_config.search_embedding_model,
@@ -1620,6 +1637,7 @@ impl MistralRs {
             no_kv_cache: unloaded_state.engine_config.no_kv_cache,
             no_prefix_cache: unloaded_state.engine_config.no_prefix_cache,
             prefix_cache_n: unloaded_state.engine_config.prefix_cache_n,
+            prefill_chunk: 0,
             disable_eos_stop: unloaded_state.engine_config.disable_eos_stop,
             throughput_logging_enabled: unloaded_state.engine_config.throughput_logging_enabled,
             search_embedding_model: unloaded_state.engine_config.search_embedding_model,

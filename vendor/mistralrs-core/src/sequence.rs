@@ -516,6 +516,9 @@ pub struct Sequence {
     /// Number of tokens at the start of the prompt that are cached (KV already computed).
     /// These tokens should be skipped during prefill.
     prefix_cache_len: usize,
+    /// experient: the prompt step about to run (or that just ran) holds only part of the
+    /// tokens still to prefill, so it must not sample (chunked prefill).
+    prefill_partial: bool,
 
     // Cache
     normal_cache: Vec<Option<KvCache>>,
@@ -632,6 +635,7 @@ impl Sequence {
             recognizer,
             prefill_prompt_toks: None,
             prefix_cache_len: 0,
+            prefill_partial: false,
             suffix,
             prefix,
             cumulative_logprob: 0.,
@@ -864,6 +868,47 @@ impl Sequence {
 
     pub fn sampler(&mut self) -> Arc<Sampler> {
         self.sampler.clone()
+    }
+
+    /// experient: chunked prefill. Before a prompt step: if more than `chunk` of the prompt's
+    /// tokens are not yet in the KV cache, the step runs only the next `chunk` of them (they
+    /// become `get_toks()`, and `token_offset()` says how many are cached before them), and
+    /// this returns true: the step's logits are not the prompt's last, so nothing is sampled.
+    /// Text prompts only; 0 never chunks.
+    pub fn take_prefill_chunk(&mut self, chunk: usize) -> bool {
+        let done = self.token_offset;
+        let rest = self.tokens.len().saturating_sub(done);
+        self.prefill_partial = chunk > 0
+            && rest > chunk
+            && !self.is_tmp
+            && !self.return_raw_logits
+            && !self.is_xlora()
+            && !self.has_images()
+            && !self.has_audios()
+            && !self.has_videos()
+            && matches!(self.sequence_stepping_type, SeqStepType::PromptAndDecode);
+        if self.prefill_partial {
+            self.prefill_prompt_toks = Some(self.tokens[done..done + chunk].to_vec());
+        }
+        self.prefill_partial
+    }
+
+    /// experient: after a partial prompt step (`take_prefill_chunk` returned true), the
+    /// chunk's keys and values are in this sequence's cache; it stays a prompt, with the rest
+    /// of its tokens to prefill after `token_offset()` of them.
+    pub fn finish_prefill_chunk(&mut self) {
+        let ran = self.prefill_prompt_toks.as_ref().map_or(0, Vec::len);
+        self.token_offset += ran;
+        self.prefill_prompt_toks = Some(self.tokens[self.token_offset..].to_vec());
+        self.prefill_partial = false;
+        // A prefix-cache hit starts as `RunningPrefillPrompt`, which `is_running` does not
+        // count: the scheduler would drop the sequence from its running list.
+        self.set_state(SequenceState::RunningPrompt);
+    }
+
+    /// experient: whether the prompt step being run holds only part of this prompt.
+    pub fn is_partial_prefill(&self) -> bool {
+        self.prefill_partial
     }
 
     /// Add a some prefill tokens. Only meant for internal speculative decoding usage.

@@ -47,7 +47,7 @@ use crate::{
     pipeline::{ModelCategory, Pipeline},
     request::Request,
     response::{ChatCompletionResponse, Choice, ResponseMessage},
-    sequence::{SequenceRecognizer, SequenceState},
+    sequence::{Sequence, SequenceRecognizer, SequenceState},
     Constraint,
 };
 
@@ -171,6 +171,8 @@ pub struct Engine {
     logger: Arc<IntervalLogger>,
     handles: Arc<Mutex<Vec<JoinHandle<()>>>>,
     pending_notify: Arc<Notify>,
+    /// experient: the most prompt tokens one prompt step prefills (0: a whole prompt at once).
+    prefill_chunk: usize,
 }
 
 impl Drop for Engine {
@@ -244,7 +246,29 @@ impl Engine {
             logger,
             handles: Arc::new(Mutex::new(Vec::new())),
             pending_notify: Arc::new(Notify::new()),
+            prefill_chunk: 0,
         })
+    }
+
+    /// experient: chunked prefill. A prompt longer than `chunk` tokens is prefilled `chunk`
+    /// tokens per engine step, so the sequences that are decoding get their steps between the
+    /// pieces instead of waiting for the whole prompt. 0 prefills a prompt in one step.
+    pub fn with_prefill_chunk(mut self, chunk: usize) -> Self {
+        self.prefill_chunk = chunk;
+        self
+    }
+
+    /// experient: marks the next chunk of each prompt of this step, and says whether the step
+    /// runs only part of them. Never with the KV cache off (nothing would keep a part).
+    fn take_prefill_chunks(&self, prompts: &mut [&mut Sequence]) -> bool {
+        if self.prefill_chunk == 0 || self.no_kv_cache {
+            return false;
+        }
+        let mut partial = false;
+        for seq in prompts.iter_mut() {
+            partial |= seq.take_prefill_chunk(self.prefill_chunk);
+        }
+        partial
     }
 
     /// Returns the maximum supported sequence length for the underlying model, if applicable.
@@ -424,6 +448,7 @@ impl Engine {
                     }
 
                     if !scheduled.prompt.is_empty() {
+                        let partial = self.take_prefill_chunks(&mut scheduled.prompt);
                         let prompt_exec_time = {
                             let mut pipeline = get_mut_arcmutex!(self.pipeline);
 
@@ -487,6 +512,11 @@ impl Engine {
                         self.logger.add_tokens_processed(total_processed_tokens);
 
                         for seq in scheduled.prompt.iter_mut() {
+                            if partial {
+                                // experient: the rest of this prompt runs in later steps.
+                                seq.finish_prefill_chunk();
+                                continue;
+                            }
                             match seq.sequence_stepping_type() {
                                 SeqStepType::OneShot => {
                                     seq.set_state(SequenceState::Done(StopReason::GeneratedImage))

@@ -565,6 +565,18 @@ pub trait Pipeline:
                     _ => unreachable!("Unreachable POST cache op."),
                 }
 
+                // experient: chunked prefill. A step that ran only a part of its prompts has
+                // stored that part's keys and values; its logits are not the prompts' last,
+                // so there is nothing to sample until the last part has run. The engine
+                // chunks a whole batch or none of it (its prompts share length and offset).
+                let partial = input_seqs.iter().filter(|s| s.is_partial_prefill()).count();
+                if is_prompt && partial > 0 {
+                    if partial != input_seqs.len() {
+                        candle_core::bail!("a prompt batch mixes partial and whole prefills");
+                    }
+                    return Ok(exec_duration);
+                }
+
                 if raw_out_logits[0][0].is_some() {
                     let start = Instant::now();
                     response::send_raw_responses(

@@ -263,9 +263,14 @@ impl<Backer: FcfsBacker> DefaultScheduler<Backer> {
                 }
                 logger.set_num_running(self.running.len());
                 logger.set_num_waiting(self.waiting.len());
+                // experient patch: with chunked prefill a running sequence can still be a
+                // prompt (the rest of it to prefill), so the running ones are not all
+                // completions.
+                let (prompt, completion): (Vec<_>, Vec<_>) =
+                    self.running.iter_mut().partition(|seq| seq.is_prompt());
                 return DefaultSchedulerOutput {
-                    prompt: vec![].into(),
-                    completion: self.running.iter_mut().collect::<Vec<_>>().into(),
+                    prompt: prompt.into(),
+                    completion: completion.into(),
                 };
             }
             _ => {}
