@@ -451,6 +451,13 @@ pub struct LocalModelConfig {
     /// 0.87 s once its prior is cached.
     #[serde(default = "default_prefix_cache")]
     pub prefix_cache: usize,
+    /// The most prompt tokens the engine prefills in one step. A longer prompt (a library's
+    /// prior, a long document) is prefilled that many tokens at a time, and the requests that
+    /// are decoding take their steps between the pieces instead of stopping for the whole
+    /// prompt. Greedy output is the same as with the prompt in one piece
+    /// (tests/e2e/local_model.rs); 0 prefills every prompt in one step.
+    #[serde(default = "default_prefill_chunk")]
+    pub prefill_chunk: usize,
 }
 
 /// One batch slot for every request admitted at once (`default_max_concurrent`), so that no
@@ -461,6 +468,10 @@ pub fn default_max_seqs() -> usize {
 /// Enough kept states for a few libraries' priors and a chat or two.
 pub fn default_prefix_cache() -> usize {
     4
+}
+/// Prompts of ordinary chat length run in one piece; see `bench/prefill_stall.py`.
+pub fn default_prefill_chunk() -> usize {
+    256
 }
 /// Concurrent requests per upstream model, before the queue.
 pub fn default_max_concurrent() -> usize {

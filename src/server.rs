@@ -91,6 +91,7 @@ fn local_models(config: &Config) -> Vec<LocalModelConfig> {
             requantize_q4_1: false,
             fallback: vec![],
             prefix_cache: crate::config::default_prefix_cache(),
+            prefill_chunk: crate::config::default_prefill_chunk(),
         }];
     }
     config
@@ -139,6 +140,7 @@ pub async fn backends(
             background_slots: crate::config::background_slots(m.background_slots, m.max_concurrent),
             force_cpu: m.force_cpu,
             prefix_cache: m.prefix_cache,
+            prefill_chunk: m.prefill_chunk,
         });
         raw.insert(
             m.id.clone(),

@@ -47,6 +47,8 @@ pub struct LocalSettings {
     pub force_cpu: bool,
     /// Finished sequences whose KV state is kept for requests that share their prefix.
     pub prefix_cache: usize,
+    /// The most prompt tokens prefilled in one engine step (0: a whole prompt at once).
+    pub prefill_chunk: usize,
 }
 
 /// A GGUF model run in this process by mistral.rs, on CPU (or CUDA with the feature).
@@ -107,6 +109,9 @@ impl LocalBackend {
     }
 }
 
+/// Loads the GGUF with `mistralrs`'s builder, then starts its engine with mistral.rs's own
+/// engine builder (as `GgufModelBuilder::build` does), because only that one takes the
+/// prefill chunk.
 async fn load_model(s: &LocalSettings) -> anyhow::Result<Model> {
     let (dir, file) = split_path(&s.gguf)?;
     let mut builder = GgufModelBuilder::new(dir.to_string_lossy(), vec![file])
@@ -116,7 +121,22 @@ async fn load_model(s: &LocalSettings) -> anyhow::Result<Model> {
     if s.force_cpu {
         builder = builder.with_force_cpu();
     }
-    builder.build().await
+    let (pipeline, scheduler, added) =
+        mistralrs::model_builder_trait::build_gguf_pipeline(builder).await?;
+    let e = added.engine_config;
+    let engine = mistralrs_core::MistralRsBuilder::new(
+        pipeline,
+        scheduler,
+        e.throughput_logging_enabled,
+        e.search_embedding_model,
+    )
+    .with_no_kv_cache(e.no_kv_cache)
+    .with_no_prefix_cache(e.no_prefix_cache)
+    .with_prefix_cache_n(e.prefix_cache_n)
+    .with_prefill_chunk_size(s.prefill_chunk)
+    .build()
+    .await;
+    Ok(Model::new(engine))
 }
 
 fn split_path(p: &Path) -> anyhow::Result<(PathBuf, String)> {

@@ -169,3 +169,80 @@ async fn batched_greedy_output_is_the_same_as_alone() {
         }
     }
 }
+
+/// Chunked prefill (`prefill_chunk`) runs a long prompt a piece at a time, with the other
+/// requests' decoding steps between the pieces. It must not change what any request says: a
+/// prompt several chunks long, alone and arriving while three short requests decode, gives the
+/// same tokens and log probabilities, bit for bit, with chunks of 16 tokens as in one piece,
+/// and so do the requests it interrupted.
+#[tokio::test]
+async fn chunked_prefill_changes_no_greedy_output() {
+    let notes: Vec<String> = (0..12)
+        .map(|i| {
+            format!(
+                "Note {i}: the ferry from pier {} leaves at {} o'clock.",
+                i % 5,
+                6 + i
+            )
+        })
+        .collect();
+    let long = format!("{}\nWhich pier has the most ferries?", notes.join("\n"));
+    let mut runs = Vec::new();
+    for chunk in [0, 16] {
+        let config = format!(
+            "[[models]]\nkind = \"local\"\nid = \"{}\"\nmax_seqs = 8\nprefix_cache = 0\nprefill_chunk = {chunk}\n",
+            common::MODEL
+        );
+        let s = common::start(Some(&config), &[]);
+        let client = s.client();
+        let ask = |prompt: String, max_tokens: u32| {
+            let client = client.clone();
+            let req = CreateChatCompletionRequestArgs::default()
+                .model(common::MODEL)
+                .messages(vec![ChatCompletionRequestUserMessage::from(prompt).into()])
+                .max_completion_tokens(max_tokens)
+                .temperature(0.0)
+                .logprobs(true)
+                .build()
+                .unwrap();
+            async move {
+                let r = client.chat().create(req).await.unwrap();
+                let prompt_tokens = r.usage.unwrap().prompt_tokens;
+                let tokens: Vec<(String, f32)> = r.choices[0]
+                    .logprobs
+                    .as_ref()
+                    .and_then(|l| l.content.clone())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|t| (t.token, t.logprob))
+                    .collect();
+                (prompt_tokens, tokens)
+            }
+        };
+        let mut out = vec![ask(long.clone(), 24).await];
+        let mut decoding = Vec::new();
+        for subject in ["cat", "ship", "king"] {
+            decoding.push(tokio::spawn(ask(
+                format!("Tell me a story about a {subject}."),
+                96,
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        out.push(ask(long.clone(), 24).await);
+        for t in decoding {
+            out.push(t.await.unwrap());
+        }
+        runs.push(out);
+    }
+    let long_tokens = runs[0][0].0;
+    assert!(
+        long_tokens > 5 * 16,
+        "the prompt must span several chunks: {long_tokens} tokens"
+    );
+    assert!(runs[0].iter().all(|(_, t)| !t.is_empty()), "{:?}", runs[0]);
+    assert_eq!(
+        runs[0][0], runs[0][1],
+        "the long prompt's answer depends on what else decodes"
+    );
+    assert_eq!(runs[0], runs[1], "output with chunked prefill differs");
+}
