@@ -6,15 +6,15 @@ A few streams decode short greedy answers; once each has its first token, one re
 with a long prompt (a library's prior is the usual one: `--prompt-tokens` of numbered notes).
 An engine that prefills that prompt in one step stops every decoding stream until it is done.
 With `prefill_chunk = N`, experient prefills N tokens at a time and the decoding streams take
-their turns between the pieces. For each server this measures, over the time the long prompt
-waits for its first token: the longest gap between two tokens of a decoding stream (median over
-the streams), the tokens the decoding streams received, and the long prompt's time to first
-token. Requests are identical on every server (greedy, the same messages, no EOS suppression,
+their turns between the pieces. For each server this measures the long prompt's time to first
+token alone, and beside the decoding streams; and over the time it waits for its first token
+there, the longest gap between two tokens of a decoding stream (median over the streams) and
+the decoding streams' tokens per second. Requests are identical on every server (greedy, the same messages, no EOS suppression,
 no prompt cache: experient `prefix_cache = 0`, llama-server `--no-cache-prompt`).
 
     cargo build --release
     bench/llama_server.sh                  # optional: builds llama-server (skipped if absent)
-    python3 bench/prefill_stall.py [--prompt-tokens 2000] [--streams 4] [--chunks 0,256]
+    python3 bench/prefill_stall.py [--prompt-tokens 2000] [--streams 4] [--chunks 0,64,128,256]
 
 Prints a table and one JSON object.
 """
@@ -63,7 +63,11 @@ def stream(base, model, prompt, max_tokens, out, started=None):
 
 
 def trial(base, model, streams, decode_tokens, prompt):
-    """Starts the decoding streams, then the long prompt once each stream has its first token."""
+    """The long prompt alone; then the decoding streams, and the long prompt again once each
+    stream has its first token."""
+    alone = []
+    stream(base, model, prompt, 16, alone)
+    alone_ttft = alone[0][1][0] - alone[0][0]
     decoders, threads, started = [], [], [threading.Event() for _ in range(streams)]
     for i in range(streams):
         t = threading.Thread(target=stream, args=(base, model, PROMPTS[i % len(PROMPTS)],
@@ -88,7 +92,7 @@ def trial(base, model, streams, decode_tokens, prompt):
         before = [t for t in ts if t < sent]
         marks = ([before[-1]] if before else []) + inside + [t for t in ts if t > first][:1]
         gaps.append(max((b - a for a, b in zip(marks, marks[1:])), default=0.0))
-    return {"long_ttft_s": first - sent, "long_prompt_tokens": usage["prompt_tokens"],
+    return {"alone_ttft_s": alone_ttft, "long_ttft_s": first - sent, "long_prompt_tokens": usage["prompt_tokens"],
             "max_gap_s": statistics.median(gaps), "decode_tokens_during": during,
             "decode_tok_s_during": during / max(first - sent, 1e-9)}
 
@@ -117,7 +121,7 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=2000)
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--decode-tokens", type=int, default=256)
-    ap.add_argument("--chunks", default="0,256", help="experient prefill_chunk values to run")
+    ap.add_argument("--chunks", default="0,64,128,256", help="experient prefill_chunk values to run")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--llama-server", default="target/peers/build/bin/llama-server")
@@ -140,12 +144,13 @@ def main():
             server.close()
     print(f"{args.streams} decoding streams (max_tokens {args.decode_tokens}), then one "
           f"~{args.prompt_tokens}-token prompt; {args.repeats} runs per server")
-    print(f"{'server':<28} {'long prompt tokens':>18} {'long TTFT s':>12} {'longest gap s':>14} "
-          f"{'decode tok/s meanwhile':>23}")
+    print(f"{'server':<28} {'prompt tokens':>13} {'TTFT alone s':>13} {'TTFT beside s':>14} "
+          f"{'longest gap s':>14} {'decode tok/s meanwhile':>23}")
     for name, runs in rows.items():
         for r in runs:
-            print(f"{name:<28} {r['long_prompt_tokens']:>18} {r['long_ttft_s']:>12.2f} "
-                  f"{r['max_gap_s']:>14.2f} {r['decode_tok_s_during']:>23.1f}")
+            print(f"{name:<28} {r['long_prompt_tokens']:>13} {r['alone_ttft_s']:>13.2f} "
+                  f"{r['long_ttft_s']:>14.2f} {r['max_gap_s']:>14.2f} "
+                  f"{r['decode_tok_s_during']:>23.1f}")
     print(json.dumps(rows))
 
 
