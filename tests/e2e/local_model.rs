@@ -6,6 +6,7 @@
 use crate::common;
 
 use async_openai::types::chat::{
+    ChatCompletionRequestAssistantMessageArgs, ChatCompletionRequestMessage,
     ChatCompletionRequestUserMessage, CreateChatCompletionRequestArgs,
 };
 
@@ -42,7 +43,9 @@ async fn q4_1_is_served_as_is_unless_the_q8_0_rewrite_is_asked_for() {
 /// The prefix cache (`prefix_cache`) lets a request that starts with a finished request's
 /// tokens prefill only the rest. It must not change what the model says: the same requests
 /// under one library prior, greedy, give the same text with the cache off and on, including
-/// repeats that hit the cache and a question asked twice.
+/// repeats that hit the cache, a question asked twice, and a second turn of the first
+/// conversation, whose tokens match the first request's past the prior (keys and values that a
+/// later request sharing only the prior must not have overwritten).
 #[tokio::test]
 async fn the_prefix_cache_changes_no_greedy_output() {
     let questions = [
@@ -74,16 +77,37 @@ async fn the_prefix_cache_changes_no_greedy_output() {
                 .unwrap();
         }
         let mut out = Vec::new();
-        for q in questions {
+        let ask = |messages: Vec<ChatCompletionRequestMessage>| {
             let req = CreateChatCompletionRequestArgs::default()
                 .model(format!("{}@math", common::MODEL))
-                .messages(vec![ChatCompletionRequestUserMessage::from(q).into()])
+                .messages(messages)
                 .max_completion_tokens(24u32)
                 .temperature(0.0)
                 .build()
                 .unwrap();
-            let resp = s.client().chat().create(req).await.unwrap();
-            out.push(resp.choices[0].message.content.clone().unwrap_or_default());
+            let client = s.client();
+            async move {
+                let resp = client.chat().create(req).await.unwrap();
+                resp.choices[0].message.content.clone().unwrap_or_default()
+            }
+        };
+        // The second turn of the first conversation comes right after a request that shared
+        // only the prior, while the first request's entry is still the one it matches.
+        for q in &questions[..2] {
+            out.push(ask(vec![ChatCompletionRequestUserMessage::from(*q).into()]).await);
+        }
+        let second_turn = vec![
+            ChatCompletionRequestUserMessage::from(questions[0]).into(),
+            ChatCompletionRequestAssistantMessageArgs::default()
+                .content(out[0].clone())
+                .build()
+                .unwrap()
+                .into(),
+            ChatCompletionRequestUserMessage::from("And if it were 50% off?").into(),
+        ];
+        out.push(ask(second_turn).await);
+        for q in &questions[2..] {
+            out.push(ask(vec![ChatCompletionRequestUserMessage::from(*q).into()]).await);
         }
         texts.push(out);
     }
