@@ -270,3 +270,71 @@ async fn chunked_prefill_changes_no_greedy_output() {
     );
     assert_eq!(runs[0], runs[1], "output with chunked prefill differs");
 }
+
+/// CPU seconds a process has used, user and system, from /proc (in clock ticks of 1/100 s,
+/// which is what Linux reports to user space).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / 100.0
+}
+
+/// A client that leaves while its long prompt is being prefilled stops that prefill at the
+/// next chunk. mistral.rs cancels a sequence when sending it a token fails, which would be
+/// only after the whole prefill (about 20 s of both cores for this prompt here). Seen as the
+/// server's CPU time once the client has gone: an idle server uses next to none.
+#[tokio::test]
+async fn a_client_that_leaves_stops_its_prefill() {
+    let config = format!(
+        "[[models]]\nkind = \"local\"\nid = \"{}\"\nprefix_cache = 0\nprefill_chunk = 64\n",
+        common::MODEL
+    );
+    let s = common::start(Some(&config), &[]);
+    let notes: String = (0..120)
+        .map(|i| {
+            format!(
+                "Note {i}: the ferry from pier {} leaves at {}.\n",
+                i % 7,
+                6 + i % 12
+            )
+        })
+        .collect();
+    let body = serde_json::json!({
+        "model": common::MODEL,
+        "messages": [{"role": "user", "content": notes}],
+        "max_tokens": 8,
+        "stream": true,
+    });
+    let request = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .json(&body)
+        .send();
+    // The client gives up after a second, well inside the prefill, and its connection closes.
+    let gave_up = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        request.await.unwrap().bytes().await
+    })
+    .await;
+    assert!(gave_up.is_err(), "the prefill ended within a second");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let before = cpu_seconds(s.pid);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let used = cpu_seconds(s.pid) - before;
+    assert!(
+        used < 1.0,
+        "the server went on working for a client that left: {used} CPU s in 3 s"
+    );
+
+    let req = CreateChatCompletionRequestArgs::default()
+        .model(common::MODEL)
+        .messages(vec![ChatCompletionRequestUserMessage::from("Hi").into()])
+        .max_completion_tokens(4u32)
+        .build()
+        .unwrap();
+    let resp = s.client().chat().create(req).await.unwrap();
+    assert!(resp.usage.unwrap().completion_tokens > 0);
+}

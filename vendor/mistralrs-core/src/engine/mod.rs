@@ -513,8 +513,14 @@ impl Engine {
 
                         for seq in scheduled.prompt.iter_mut() {
                             if partial {
-                                // experient: the rest of this prompt runs in later steps.
+                                // experient: the rest of this prompt runs in later steps,
+                                // unless its client has gone: a sequence is otherwise
+                                // cancelled only when sending a token fails, which would be
+                                // after the whole prefill.
                                 seq.finish_prefill_chunk();
+                                if seq.responder().is_closed() {
+                                    seq.set_state(SequenceState::Done(StopReason::Canceled));
+                                }
                                 continue;
                             }
                             match seq.sequence_stepping_type() {
