@@ -94,9 +94,10 @@ class Experient(Server):
     name = "experient"
     model = "m"
 
-    def __init__(self, path, max_seqs):
+    def __init__(self, path, max_seqs, extra=""):
+        """`extra`: more lines for the model's config table (bench/prefill_stall.py's chunk)."""
         cfg = (f'[[models]]\nkind = "local"\nid = "m"\ngguf = "{path}"\nmax_seqs = {max_seqs}\n'
-               f'max_concurrent = {max(8, max_seqs)}\nprefix_cache = 0\n')
+               f'max_concurrent = {max(8, max_seqs)}\nprefix_cache = 0\n{extra}')
         cfg_path = f"/tmp/experient-bench-{os.getpid()}.toml"
         with open(cfg_path, "w") as f:
             f.write(cfg)

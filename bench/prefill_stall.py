@@ -22,14 +22,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from local_speed import PROMPTS, LlamaServer, model_path, wait_healthy  # noqa: E402
+from local_speed import PROMPTS, Experient, LlamaServer, model_path  # noqa: E402
 
 
 def long_prompt(tokens):
@@ -97,25 +96,6 @@ def trial(base, model, streams, decode_tokens, prompt):
             "decode_tok_s_during": during / max(first - sent, 1e-9)}
 
 
-class Experient:
-    def __init__(self, path, chunk, max_seqs):
-        cfg = (f'[[models]]\nkind = "local"\nid = "m"\ngguf = "{path}"\nmax_seqs = {max_seqs}\n'
-               f'prefix_cache = 0\nprefill_chunk = {chunk}\n')
-        cfg_path = f"/tmp/experient-stall-{os.getpid()}.toml"
-        with open(cfg_path, "w") as f:
-            f.write(cfg)
-        self.proc = subprocess.Popen(
-            ["target/release/experient", "serve", "--addr", "127.0.0.1:0", "--config", cfg_path,
-             "--experience-dir", f"/tmp/experient-stall-exp-{os.getpid()}"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.base = self.proc.stdout.readline().strip().rsplit(" ", 1)[-1]
-        wait_healthy(self.base, self.proc)
-
-    def close(self):
-        self.proc.terminate()
-        self.proc.wait()
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompt-tokens", type=int, default=2000)
@@ -127,7 +107,7 @@ def main():
     ap.add_argument("--llama-server", default="target/peers/build/bin/llama-server")
     args = ap.parse_args()
     path, prompt = model_path(), long_prompt(args.prompt_tokens)
-    servers = [(f"experient prefill_chunk={c}", lambda c=int(c): Experient(path, c, 8))
+    servers = [(f"experient prefill_chunk={c}", lambda c=int(c): Experient(path, 8, f"prefill_chunk = {c}\n"))
                for c in args.chunks.split(",")]
     if os.path.exists(args.llama_server):
         servers.append(("llama-server", lambda: LlamaServer(

@@ -115,6 +115,34 @@ async fn the_prefix_cache_changes_no_greedy_output() {
     assert_eq!(texts[0], texts[1], "output with the prefix cache differs");
 }
 
+/// One greedy request with log probabilities: its prompt's token count and each generated
+/// token with its log probability, for comparing runs bit for bit.
+async fn greedy(
+    client: async_openai::Client<async_openai::config::OpenAIConfig>,
+    prompt: String,
+    max_tokens: u32,
+) -> (u32, Vec<(String, f32)>) {
+    let req = CreateChatCompletionRequestArgs::default()
+        .model(common::MODEL)
+        .messages(vec![ChatCompletionRequestUserMessage::from(prompt).into()])
+        .max_completion_tokens(max_tokens)
+        .temperature(0.0)
+        .logprobs(true)
+        .build()
+        .unwrap();
+    let r = client.chat().create(req).await.unwrap();
+    let prompt_tokens = r.usage.unwrap().prompt_tokens;
+    let tokens = r.choices[0]
+        .logprobs
+        .as_ref()
+        .and_then(|l| l.content.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| (t.token, t.logprob))
+        .collect();
+    (prompt_tokens, tokens)
+}
+
 /// A greedy answer is the same whatever else the engine is decoding beside it: requests of one
 /// prompt length share decoding batches, and a batch's members finish at different times. The
 /// tokens and their log probabilities, bit for bit, are those of each request run alone. Before
@@ -130,31 +158,11 @@ async fn batched_greedy_output_is_the_same_as_alone() {
     let s = common::start(Some(&config), &[]);
     let client = s.client();
     let ask = |subject: &str, max_tokens: u32| {
-        let client = client.clone();
-        let req = CreateChatCompletionRequestArgs::default()
-            .model(common::MODEL)
-            .messages(vec![ChatCompletionRequestUserMessage::from(format!(
-                "Tell me a story about a {subject}."
-            ))
-            .into()])
-            .max_completion_tokens(max_tokens)
-            .temperature(0.0)
-            .logprobs(true)
-            .build()
-            .unwrap();
-        async move {
-            let r = client.chat().create(req).await.unwrap();
-            let prompt_tokens = r.usage.unwrap().prompt_tokens;
-            let tokens: Vec<(String, f32)> = r.choices[0]
-                .logprobs
-                .as_ref()
-                .and_then(|l| l.content.clone())
-                .unwrap_or_default()
-                .into_iter()
-                .map(|t| (t.token, t.logprob))
-                .collect();
-            (prompt_tokens, tokens)
-        }
+        greedy(
+            client.clone(),
+            format!("Tell me a story about a {subject}."),
+            max_tokens,
+        )
     };
     let subjects = ["cat", "dog", "king", "ship"];
     let mut alone = Vec::new();
@@ -219,30 +227,7 @@ async fn chunked_prefill_changes_no_greedy_output() {
         );
         let s = common::start(Some(&config), &[]);
         let client = s.client();
-        let ask = |prompt: String, max_tokens: u32| {
-            let client = client.clone();
-            let req = CreateChatCompletionRequestArgs::default()
-                .model(common::MODEL)
-                .messages(vec![ChatCompletionRequestUserMessage::from(prompt).into()])
-                .max_completion_tokens(max_tokens)
-                .temperature(0.0)
-                .logprobs(true)
-                .build()
-                .unwrap();
-            async move {
-                let r = client.chat().create(req).await.unwrap();
-                let prompt_tokens = r.usage.unwrap().prompt_tokens;
-                let tokens: Vec<(String, f32)> = r.choices[0]
-                    .logprobs
-                    .as_ref()
-                    .and_then(|l| l.content.clone())
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|t| (t.token, t.logprob))
-                    .collect();
-                (prompt_tokens, tokens)
-            }
-        };
+        let ask = |prompt: String, max_tokens: u32| greedy(client.clone(), prompt, max_tokens);
         let mut out = vec![ask(long.clone(), 24).await];
         let mut decoding = Vec::new();
         for subject in ["cat", "ship", "king"] {
