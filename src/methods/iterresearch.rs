@@ -363,8 +363,7 @@ pub async fn run(
     opts: &Options,
 ) -> Result<Output> {
     let settings = ctx.settings.iterresearch.clone();
-    let max_rounds = opts.max_rounds.unwrap_or(settings.max_rounds);
-    let mut ws = workspace(&request.messages)
+    let ws = workspace(&request.messages)
         .map_err(|u| Error::invalid(u.reason(Method::IterResearch), None))?;
     let tools = offered_tools(ctx, &request);
     let (system, experiences) =
@@ -387,175 +386,286 @@ pub async fn run(
         stop: vec![],
         ..request.sampling.clone()
     };
-    let ctx = ctx.clone();
-    let full = opts.workspace == super::Workspace::Full;
-    let label = route.model.clone();
+    let mut task = Task {
+        ctx: ctx.clone(),
+        route,
+        system,
+        sampling,
+        tools,
+        max_rounds: opts.max_rounds.unwrap_or(settings.max_rounds),
+        retries: settings.retries,
+        full: opts.workspace == super::Workspace::Full,
+        first_round: ws.round,
+        ws,
+        history: Vec::new(),
+        usage: Usage::default(),
+        rounds: Vec::new(),
+        tool_calls: 0,
+    };
     let events = async_stream::stream! {
-        let tool_list: Vec<Value> = tools
-            .iter()
-            .map(|t| json!({"name": t.name, "description": t.description, "argument": t.argument}))
-            .collect();
-        let mut usage = Usage::default();
-        let mut rounds: Vec<Value> = Vec::new();
-        let mut history: Vec<Message> = Vec::new();
-        let mut tool_calls = 0u32;
-        let stopped;
-        let answer: String;
-        let first_round = ws.round;
         loop {
-            let round = ws.round;
-            let last_round = round >= max_rounds;
-            let prompt = match ctx.prompts.render(
-                "iterresearch_round.j2",
-                minijinja::context! {
-                    question => ws.question, report => ws.report, action => ws.action,
-                    observation => ws.observation, tools => tool_list, round => round,
-                    max_rounds => max_rounds, last_round => last_round,
-                },
-            ) {
-                Ok(p) => p,
+            let step = match task.round().await {
+                Ok(step) => step,
                 Err(e) => { yield Err(e); return; }
             };
-            let mut messages = Vec::new();
-            if !system.is_empty() {
-                messages.push(Message::new(Role::System, system.clone()));
-            }
-            if full && round > first_round {
-                messages.extend(history.iter().cloned());
-            } else {
-                messages.push(Message::new(Role::User, prompt.clone()));
-                if full {
-                    history.push(Message::new(Role::User, prompt));
+            yield Ok(Event::Progress(json!({"round": task.rounds.last()})));
+            match step {
+                Step::Next => continue,
+                Step::Answer { text, stopped } => {
+                    yield Ok(Event::Model(Model::Delta { index: 0, text }));
+                    yield Ok(Event::Model(Model::Finish { index: 0, reason: FinishReason::Stop }));
+                    yield Ok(Event::Trace(task.trace(stopped)));
                 }
-            }
-            let mut reply = Reply::default();
-            let mut text = String::new();
-            let mut round_usage = Usage::default();
-            let mut retries = 0;
-            for attempt in 0..=settings.retries {
-                let mut s = sampling.clone();
-                if attempt > 0 && s.temperature.unwrap_or(1.0) == 0.0 {
-                    s.temperature = Some(0.7);
-                }
-                let out = match route
-                    .backend
-                    .complete(ChatRequest { messages: messages.clone(), sampling: s, ..Default::default() })
-                    .await
-                {
-                    Ok(o) => o,
-                    Err(e) => { yield Err(e); return; }
-                };
-                round_usage.prompt_tokens += out.usage.prompt_tokens;
-                round_usage.completion_tokens += out.usage.completion_tokens;
-                text = out.choices.into_iter().next().map(|c| c.text).unwrap_or_default();
-                reply = parse_reply(&text);
-                if reply.action.is_some() || reply.answer.is_some() {
-                    break;
-                }
-                retries += 1;
-            }
-            usage.prompt_tokens += round_usage.prompt_tokens;
-            usage.completion_tokens += round_usage.completion_tokens;
-            metrics::counter!("experient_iterresearch_rounds_total", "model" => label.clone()).increment(1);
-            if let Some(r) = &reply.report {
-                ws.report = r.clone();
-            }
-            if full {
-                history.push(Message::new(Role::Assistant, text.clone()));
-            }
-            let mut record = json!({
-                "round": round,
-                "prompt_tokens": round_usage.prompt_tokens,
-                "completion_tokens": round_usage.completion_tokens,
-                "report_chars": ws.report.chars().count(),
-                "retries": retries,
-            });
-            // The last round answers, whatever the model wrote.
-            let forced = last_round && reply.answer.is_none();
-            if let (Some(a), false) = (&reply.answer, forced) {
-                record["answer"] = json!(true);
-                rounds.push(record.clone());
-                yield Ok(Event::Progress(json!({"round": record})));
-                answer = a.clone();
-                stopped = "answer";
-                break;
-            }
-            if forced {
-                record["forced"] = json!(true);
-                rounds.push(record.clone());
-                yield Ok(Event::Progress(json!({"round": record})));
-                answer = if ws.report.is_empty() { text.trim().to_owned() } else { ws.report.clone() };
-                stopped = "round_limit";
-                break;
-            }
-            let Some((name, arg)) = reply.action else {
-                record["malformed"] = json!(true);
-                rounds.push(record.clone());
-                yield Ok(Event::Progress(json!({"round": record})));
-                ws.action = Some("(a reply that could not be read)".into());
-                ws.observation = "Write 'Action: <tool name>: <argument>' or 'Final answer: <answer>'.".into();
-                if full {
-                    history.push(Message::new(Role::User, ws.observation.clone()));
-                }
-                ws.round += 1;
-                continue;
-            };
-            tool_calls += 1;
-            record["tool"] = json!(name);
-            record["argument"] = json!(arg);
-            match tools.iter().find(|t| t.name == name) {
-                Some(Tool { client: Some(spec), .. }) => {
-                    record["client_tool"] = json!(true);
-                    rounds.push(record.clone());
-                    yield Ok(Event::Progress(json!({"round": record})));
-                    let call = ToolCall {
-                        id: format!("call_{}", uuid::Uuid::new_v4().simple()),
-                        name: name.clone(),
-                        arguments: client_arguments(spec, &arg),
-                    };
+                Step::ClientCall(call) => {
                     // The report travels in the assistant message, so the next request can
                     // rebuild the workspace without server state.
-                    yield Ok(Event::Model(Model::Delta { index: 0, text: format!("Report: {}", ws.report) }));
+                    let text = format!("Report: {}", task.ws.report);
+                    yield Ok(Event::Model(Model::Delta { index: 0, text }));
                     yield Ok(Event::Model(Model::ToolCall { index: 0, call }));
                     yield Ok(Event::Model(Model::Finish { index: 0, reason: FinishReason::ToolCalls }));
-                    yield Ok(Event::Trace(json!({
-                        "workspace": if full { "full" } else { "markovian" },
-                        "rounds": rounds, "tool_calls": tool_calls, "stopped": "client_tool",
-                    })));
-                    yield Ok(Event::Model(Model::Usage(usage)));
-                    return;
-                }
-                Some(_) => {
-                    let observation = run_builtin(&ctx, &route, &name, &arg).await;
-                    record["observation_chars"] = json!(observation.chars().count());
-                    record["observation"] = json!(observation.chars().take(200).collect::<String>());
-                    ws.observation = observation;
-                }
-                None => {
-                    ws.observation = format!(
-                        "There is no tool named '{name}'. The tools are: {}.",
-                        tools.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
-                    );
+                    yield Ok(Event::Trace(task.trace("client_tool")));
                 }
             }
-            rounds.push(record.clone());
-            yield Ok(Event::Progress(json!({"round": record})));
-            ws.action = Some(format!("{name}: {arg}"));
-            if full {
-                history.push(Message::new(Role::User, format!("Result of {name}: {}", ws.observation)));
-            }
-            ws.round += 1;
+            yield Ok(Event::Model(Model::Usage(task.usage)));
+            return;
         }
-        yield Ok(Event::Model(Model::Delta { index: 0, text: answer }));
-        yield Ok(Event::Model(Model::Finish { index: 0, reason: FinishReason::Stop }));
-        yield Ok(Event::Trace(json!({
-            "workspace": if full { "full" } else { "markovian" },
-            "rounds": rounds, "tool_calls": tool_calls, "stopped": stopped,
-        })));
-        yield Ok(Event::Model(Model::Usage(usage)));
     }
     .boxed();
     Ok(Output { events, applied })
+}
+
+/// One research task as it runs: the workspace each round is rebuilt from, what the trace
+/// records, and (with `Workspace::Full`, the ReAct baseline) the whole conversation.
+struct Task {
+    ctx: Context,
+    route: Route,
+    /// The client's system messages with the library's prior, leading every round.
+    system: String,
+    sampling: Sampling,
+    tools: Vec<Tool>,
+    max_rounds: u32,
+    /// Extra attempts at a reply that names neither an action nor an answer.
+    retries: u32,
+    full: bool,
+    first_round: u32,
+    ws: Workspace,
+    history: Vec<Message>,
+    usage: Usage,
+    /// One trace record per round.
+    rounds: Vec<Value>,
+    tool_calls: u32,
+}
+
+/// What a round decided; its record is the last of `Task::rounds`.
+enum Step {
+    /// A built-in tool ran, or the reply could not be read: another round.
+    Next,
+    /// The answer, or what stands for it when the last round wrote none.
+    Answer { text: String, stopped: &'static str },
+    /// A client tool is to be called: the loop hands over to the client.
+    ClientCall(ToolCall),
+}
+
+/// A round's reply as read, with what it cost.
+struct Attempt {
+    text: String,
+    reply: Reply,
+    usage: Usage,
+    retries: u32,
+}
+
+impl Task {
+    /// Asks the model once (with retries) and acts on its reply.
+    async fn round(&mut self) -> Result<Step> {
+        let round = self.ws.round;
+        let messages = self.messages()?;
+        let attempt = self.ask(messages).await?;
+        self.usage.prompt_tokens += attempt.usage.prompt_tokens;
+        self.usage.completion_tokens += attempt.usage.completion_tokens;
+        metrics::counter!("experient_iterresearch_rounds_total", "model" => self.route.model.clone())
+            .increment(1);
+        if let Some(r) = &attempt.reply.report {
+            self.ws.report = r.clone();
+        }
+        if self.full {
+            self.history
+                .push(Message::new(Role::Assistant, attempt.text.clone()));
+        }
+        let mut record = json!({
+            "round": round,
+            "prompt_tokens": attempt.usage.prompt_tokens,
+            "completion_tokens": attempt.usage.completion_tokens,
+            "report_chars": self.ws.report.chars().count(),
+            "retries": attempt.retries,
+        });
+        let step = self.decide(&mut record, attempt).await;
+        self.rounds.push(record);
+        Ok(step)
+    }
+
+    /// This round's conversation: the system prompt, then the rebuilt workspace (or, for the
+    /// ReAct baseline after its first round, the whole history).
+    fn messages(&mut self) -> Result<Vec<Message>> {
+        let round = self.ws.round;
+        let tool_list: Vec<Value> = self
+            .tools
+            .iter()
+            .map(|t| json!({"name": t.name, "description": t.description, "argument": t.argument}))
+            .collect();
+        let prompt = self.ctx.prompts.render(
+            "iterresearch_round.j2",
+            minijinja::context! {
+                question => self.ws.question, report => self.ws.report, action => self.ws.action,
+                observation => self.ws.observation, tools => tool_list, round => round,
+                max_rounds => self.max_rounds, last_round => round >= self.max_rounds,
+            },
+        )?;
+        let mut messages = Vec::new();
+        if !self.system.is_empty() {
+            messages.push(Message::new(Role::System, self.system.clone()));
+        }
+        if self.full && round > self.first_round {
+            messages.extend(self.history.iter().cloned());
+        } else {
+            messages.push(Message::new(Role::User, prompt.clone()));
+            if self.full {
+                self.history.push(Message::new(Role::User, prompt));
+            }
+        }
+        Ok(messages)
+    }
+
+    /// The model's reply, asked again (no longer greedy) while it names neither an action nor
+    /// an answer, at most `retries` more times.
+    async fn ask(&self, messages: Vec<Message>) -> Result<Attempt> {
+        let mut attempt = Attempt {
+            text: String::new(),
+            reply: Reply::default(),
+            usage: Usage::default(),
+            retries: 0,
+        };
+        for n in 0..=self.retries {
+            let mut sampling = self.sampling.clone();
+            if n > 0 && sampling.temperature.unwrap_or(1.0) == 0.0 {
+                sampling.temperature = Some(0.7);
+            }
+            let request = ChatRequest {
+                messages: messages.clone(),
+                sampling,
+                ..Default::default()
+            };
+            let out = self.route.backend.complete(request).await?;
+            attempt.usage.prompt_tokens += out.usage.prompt_tokens;
+            attempt.usage.completion_tokens += out.usage.completion_tokens;
+            attempt.text = out
+                .choices
+                .into_iter()
+                .next()
+                .map(|c| c.text)
+                .unwrap_or_default();
+            attempt.reply = parse_reply(&attempt.text);
+            if attempt.reply.action.is_some() || attempt.reply.answer.is_some() {
+                break;
+            }
+            attempt.retries += 1;
+        }
+        Ok(attempt)
+    }
+
+    /// Acts on a reply: the answer (forced on the last round), a tool call, or a note that the
+    /// reply could not be read; `record` gets what happened.
+    async fn decide(&mut self, record: &mut Value, attempt: Attempt) -> Step {
+        let last_round = self.ws.round >= self.max_rounds;
+        match (attempt.reply.answer, attempt.reply.action) {
+            (Some(answer), _) => {
+                record["answer"] = json!(true);
+                Step::Answer {
+                    text: answer,
+                    stopped: "answer",
+                }
+            }
+            // The last round answers, whatever the model wrote.
+            _ if last_round => {
+                record["forced"] = json!(true);
+                let text = if self.ws.report.is_empty() {
+                    attempt.text.trim().to_owned()
+                } else {
+                    self.ws.report.clone()
+                };
+                Step::Answer {
+                    text,
+                    stopped: "round_limit",
+                }
+            }
+            (None, None) => {
+                record["malformed"] = json!(true);
+                self.ws.action = Some("(a reply that could not be read)".into());
+                self.ws.observation =
+                    "Write 'Action: <tool name>: <argument>' or 'Final answer: <answer>'.".into();
+                if self.full {
+                    self.history
+                        .push(Message::new(Role::User, self.ws.observation.clone()));
+                }
+                self.ws.round += 1;
+                Step::Next
+            }
+            (None, Some((name, arg))) => self.act(record, name, arg).await,
+        }
+    }
+
+    /// Calls the tool a reply chose: a client tool goes back to the client; a built-in one
+    /// runs here and its result (or a note that no such tool exists) is the next observation.
+    async fn act(&mut self, record: &mut Value, name: String, arg: String) -> Step {
+        self.tool_calls += 1;
+        record["tool"] = json!(name);
+        record["argument"] = json!(arg);
+        match self.tools.iter().find(|t| t.name == name) {
+            Some(Tool {
+                client: Some(spec), ..
+            }) => {
+                record["client_tool"] = json!(true);
+                let arguments = client_arguments(spec, &arg);
+                return Step::ClientCall(ToolCall {
+                    id: format!("call_{}", uuid::Uuid::new_v4().simple()),
+                    name,
+                    arguments,
+                });
+            }
+            Some(_) => {
+                let observation = run_builtin(&self.ctx, &self.route, &name, &arg).await;
+                record["observation_chars"] = json!(observation.chars().count());
+                record["observation"] = json!(observation.chars().take(200).collect::<String>());
+                self.ws.observation = observation;
+            }
+            None => {
+                self.ws.observation = format!(
+                    "There is no tool named '{name}'. The tools are: {}.",
+                    self.tools
+                        .iter()
+                        .map(|t| t.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
+        self.ws.action = Some(format!("{name}: {arg}"));
+        if self.full {
+            self.history.push(Message::new(
+                Role::User,
+                format!("Result of {name}: {}", self.ws.observation),
+            ));
+        }
+        self.ws.round += 1;
+        Step::Next
+    }
+
+    /// The trace the response carries: every round's record and why the loop stopped.
+    fn trace(&self, stopped: &str) -> Value {
+        json!({
+            "workspace": if self.full { "full" } else { "markovian" },
+            "rounds": self.rounds, "tool_calls": self.tool_calls, "stopped": stopped,
+        })
+    }
 }
 
 #[cfg(test)]
