@@ -74,12 +74,19 @@ fn get_dtypes() -> Vec<DType> {
     // >= is supported
     const MIN_F16_CC: usize = 530;
 
-    let raw_out = Command::new("nvidia-smi")
+    // experient patch: without nvidia-smi (a CUDA build on a machine with no NVIDIA driver,
+    // run with `force_cpu`), choose as a build without CUDA does instead of panicking.
+    let raw_out = match Command::new("nvidia-smi")
         .arg("--query-gpu=compute_cap")
         .arg("--format=csv")
         .output()
-        .expect("Failed to run `nvidia-smi` but CUDA is selected.")
-        .stdout;
+    {
+        Ok(out) if out.status.success() => out.stdout,
+        _ => {
+            tracing::warn!("`nvidia-smi` did not run; choosing the dtype as for a CPU");
+            return get_dtypes_non_cuda();
+        }
+    };
     let out = String::from_utf8(raw_out).expect("`nvidia-smi` did not return valid utf8");
     // This reduce-min will always return at least one value so unwrap is OK.
     let min_cc = out
@@ -123,7 +130,12 @@ fn determine_auto_dtype_all(devices: &[&Device]) -> candle_core::Result<DType> {
     return Ok(DType::BF16);
     #[cfg(not(feature = "accelerate"))]
     {
-        let dev_dtypes = get_dtypes();
+        // experient patch: ask the GPU's compute capability only when a GPU runs the model.
+        let dev_dtypes = if devices.iter().any(|d| d.is_cuda()) {
+            get_dtypes()
+        } else {
+            get_dtypes_non_cuda()
+        };
         for dtype in get_dtypes_non_cuda()
             .iter()
             .filter(|x| dev_dtypes.contains(x))
