@@ -42,8 +42,12 @@ PROMPTS = [
 ]
 
 
+# The experient binary every bench script starts; bench/cuda_check.sh points it at a CUDA build.
+EXPERIENT = os.environ.get("EXPERIENT_BIN", "target/release/experient")
+
+
 def model_path():
-    out = subprocess.run(["target/release/experient", "fetch-model"], capture_output=True, text=True, check=True)
+    out = subprocess.run([EXPERIENT, "fetch-model"], capture_output=True, text=True, check=True)
     return out.stdout.strip().splitlines()[-1]
 
 
@@ -102,7 +106,7 @@ class Experient(Server):
         with open(cfg_path, "w") as f:
             f.write(cfg)
         self.proc = subprocess.Popen(
-            ["target/release/experient", "serve", "--addr", "127.0.0.1:0", "--config", cfg_path,
+            [EXPERIENT, "serve", "--addr", "127.0.0.1:0", "--config", cfg_path,
              "--experience-dir", f"/tmp/experient-bench-exp-{os.getpid()}"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.base = self.proc.stdout.readline().strip().rsplit(" ", 1)[-1]
@@ -113,11 +117,13 @@ class LlamaServer(Server):
     name = "llama-server"
     model = "m"
 
-    def __init__(self, exe, path, threads, parallel, port=18089):
+    def __init__(self, exe, path, threads, parallel, port=18089, gpu_layers=0):
+        """`gpu_layers`: layers offloaded to a GPU (`-ngl`), for a CUDA build of both engines."""
         self.proc = subprocess.Popen(
             [exe, "-m", path, "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
              "-tb", str(threads), "--parallel", str(parallel), "--cont-batching",
-             "-c", str(2048 * parallel), "--no-cache-prompt", "--no-webui"],
+             "-c", str(2048 * parallel), "--no-cache-prompt", "--no-webui",
+             "-ngl", str(gpu_layers)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.base = f"http://127.0.0.1:{port}"
         wait_healthy(self.base, self.proc)
@@ -164,6 +170,10 @@ def main():
                     help="experient's engine batch size (default: the configuration's default)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--llama-server", default="target/peers/build/bin/llama-server")
+    ap.add_argument("--gpu", action="store_true",
+                    help="both engines on the GPU: a CUDA build of each (EXPERIENT_BIN, "
+                         "--llama-server), llama-server with every layer offloaded")
+    ap.add_argument("--skip-llama", action="store_true", help="measure experient alone")
     args = ap.parse_args()
     path = model_path()
     rows = {}
@@ -172,21 +182,24 @@ def main():
         rows["experient"] = measure(exp, args.streams, args.tokens, args.repeats)
     finally:
         exp.close()
-    peer = LlamaServer(args.llama_server, path, args.threads, args.streams)
-    try:
-        rows["llama-server"] = measure(peer, args.streams, args.tokens, args.repeats)
-    finally:
-        peer.close()
+    if not args.skip_llama:
+        peer = LlamaServer(args.llama_server, path, args.threads, args.streams,
+                           gpu_layers=999 if args.gpu else 0)
+        try:
+            rows["llama-server"] = measure(peer, args.streams, args.tokens, args.repeats)
+        finally:
+            peer.close()
     print(f"model {os.path.basename(path)}, max_tokens {args.tokens}, greedy, no EOS suppression, "
           f"{args.threads} threads, best of {args.repeats}; experient max_seqs="
-          f"{args.max_seqs if args.max_seqs is not None else args.streams}, llama-server --parallel {args.streams}")
+          f"{args.max_seqs if args.max_seqs is not None else args.streams}, llama-server --parallel {args.streams}"
+          f"{', both on the GPU' if args.gpu else ''}")
     print(f"{'engine':<13} {'streams':>7} {'decode tok/s':>13} {'TTFT s':>8} {'prompt tok/s':>13} "
           f"{'aggregate tok/s':>16} {'tokens out':>11}")
     for name, by in rows.items():
         for s, r in by.items():
             print(f"{name:<13} {s:>7} {r['decode_tok_s']:>13.1f} {r['ttft_s']:>8.3f} {r['prompt_tok_s']:>13.1f} "
                   f"{r['aggregate_tok_s']:>16.1f} {r['completion_tokens']:>11}")
-    for s in (1, args.streams):
+    for s in (1, args.streams) if "llama-server" in rows else ():
         e, l = rows["experient"][s], rows["llama-server"][s]
         print(f"experient/llama-server at {s} stream(s): decode {e['decode_tok_s'] / l['decode_tok_s']:.2f}x, "
               f"aggregate {e['aggregate_tok_s'] / l['aggregate_tok_s']:.2f}x, "
