@@ -37,7 +37,8 @@ def main():
                 break
         out.append(run)
         env.close()
-    json.dump(out, sys.stdout)
+    # One write: json.dump writes every small piece of the encoding with its own call.
+    sys.stdout.write(json.dumps(out))
 
 
 if __name__ == "__main__":
