@@ -206,6 +206,213 @@ struct Head {
     model: String,
 }
 
+/// Writes the chunks of one stream. Nearly every chunk differs from the others only inside
+/// `choices`; those are written from a fixed head and tail around the choice, built once,
+/// instead of through a `Value` each time (the same JSON, at a fraction of the allocations).
+/// The head and tail carry the event's `data: ` and blank line too.
+struct Framer {
+    id: String,
+    model: String,
+    created: u64,
+    include_usage: bool,
+    head: String,
+    tail: String,
+}
+
+impl Framer {
+    fn new(head: Head, include_usage: bool) -> Self {
+        let mut f = Framer {
+            id: head.id,
+            model: head.model,
+            created: wire::now_secs(),
+            include_usage,
+            head: String::new(),
+            tail: String::new(),
+        };
+        let c = f.value(json!([])).to_string();
+        let at = c
+            .rfind("\"choices\":[")
+            .map_or(0, |i| i + "\"choices\":[".len());
+        f.head = format!("data: {}", &c[..at]);
+        f.tail = format!("{}\n\n", &c[at..]);
+        f
+    }
+
+    /// A whole chunk as a value, `usage` null when the client asked for usage.
+    fn value(&self, choices: Value) -> Value {
+        let mut c = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "choices": choices,
+        });
+        if self.include_usage {
+            c["usage"] = Value::Null;
+        }
+        c
+    }
+
+    /// The SSE event of a chunk with one choice, the choice given as its JSON text.
+    fn one(&self, choice: std::fmt::Arguments) -> Bytes {
+        Bytes::from(format!("{}{choice}{}", self.head, self.tail))
+    }
+
+    fn role(&self, index: usize) -> Bytes {
+        self.one(format_args!(
+            "{{\"index\":{index},\"delta\":{{\"role\":\"assistant\",\"content\":\"\"}},\"logprobs\":null,\"finish_reason\":null}}"
+        ))
+    }
+
+    fn delta(&self, index: u32, text: &str, logprobs: Option<Vec<backend::TokenLogprob>>) -> Bytes {
+        let text = serde_json::to_string(text).unwrap_or_default();
+        let lp = logprobs.map_or_else(|| "null".to_owned(), |t| logprobs_json(&t).to_string());
+        self.one(format_args!(
+            "{{\"index\":{index},\"delta\":{{\"content\":{text}}},\"logprobs\":{lp},\"finish_reason\":null}}"
+        ))
+    }
+
+    fn finish(&self, index: usize, reason: FinishReason) -> Bytes {
+        self.one(format_args!(
+            "{{\"index\":{index},\"delta\":{{}},\"logprobs\":null,\"finish_reason\":\"{}\"}}",
+            reason.as_str()
+        ))
+    }
+
+    /// A call as OpenAI streams it: its id, type and name first, with empty arguments, then the
+    /// arguments; `k` counts the choice's calls.
+    fn tool_call(&self, index: u32, k: usize, call: &backend::ToolCall) -> [Bytes; 2] {
+        let head = json!({"index": k, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}});
+        let args = json!({"index": k, "function": {"arguments": call.arguments}});
+        [head, args].map(|piece| {
+            let choice = json!({"index": index, "delta": {"tool_calls": [piece]}, "logprobs": null, "finish_reason": null});
+            self.one(format_args!("{choice}"))
+        })
+    }
+
+    /// Progress rides on a chunk with an empty delta, so clients that only read
+    /// `choices[0].delta.content` see nothing and never miss a choice.
+    fn progress(&self, p: Value) -> Bytes {
+        let mut c =
+            self.value(json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": null}]));
+        c["experient"] = p;
+        frame(&c.to_string())
+    }
+
+    /// The usage chunk: no choices, then the usage and what experient applied.
+    fn usage(&self, usage: Usage, applied: &Applied) -> Bytes {
+        let usage = serde_json::to_string(&WireUsage::from(usage)).unwrap_or_default();
+        let applied = serde_json::to_string(applied).unwrap_or_default();
+        Bytes::from(format!(
+            "{}],\"usage\":{usage},\"experient\":{applied}}}\n\n",
+            self.head
+        ))
+    }
+}
+
+/// What a stream has told each choice so far.
+struct Choices {
+    finished: Vec<bool>,
+    /// Calls streamed so far, per choice: the next call's `index`.
+    calls: Vec<usize>,
+    /// Log probabilities waiting for the choice's next delta.
+    logprobs: Vec<Option<Vec<backend::TokenLogprob>>>,
+    usage: Usage,
+}
+
+impl Choices {
+    fn new(n: usize) -> Self {
+        Choices {
+            finished: vec![false; n],
+            calls: vec![0; n],
+            logprobs: vec![None; n],
+            usage: Usage::default(),
+        }
+    }
+
+    /// The frames one event becomes, pushed onto `out`; a finish is sent once per choice.
+    fn on(&mut self, ev: Event, f: &Framer, applied: &mut Applied, out: &mut Vec<Bytes>) {
+        let i = |index: u32| index as usize;
+        match ev {
+            Event::Model(Model::Delta { index, text }) => {
+                let lp = self.logprobs.get_mut(i(index)).and_then(Option::take);
+                out.push(f.delta(index, &text, lp));
+            }
+            Event::Model(Model::Logprobs { index, tokens }) => {
+                if let Some(l) = self.logprobs.get_mut(i(index)) {
+                    l.get_or_insert_with(Vec::new).extend(tokens);
+                }
+            }
+            Event::Model(Model::Finish { index, reason }) => {
+                if let Some(l) = self.logprobs.get_mut(i(index)) {
+                    *l = None;
+                }
+                if let Some(done) = self.finished.get_mut(i(index)) {
+                    if !std::mem::replace(done, true) {
+                        out.push(f.finish(i(index), reason));
+                    }
+                }
+            }
+            Event::Model(Model::ToolCall { index, call }) => {
+                if let Some(k) = self.calls.get_mut(i(index)) {
+                    out.extend(f.tool_call(index, *k, &call));
+                    *k += 1;
+                }
+            }
+            Event::Progress(p) => out.push(f.progress(p)),
+            Event::Trace(t) => applied.trace = Some(t),
+            Event::Model(Model::Usage(u)) => self.usage = u,
+        }
+    }
+
+    /// A finish for every choice the method left open.
+    fn close(&self, f: &Framer, out: &mut Vec<Bytes>) {
+        let open = self.finished.iter().enumerate().filter(|(_, done)| !**done);
+        out.extend(open.map(|(i, _)| f.finish(i, FinishReason::Stop)));
+    }
+}
+
+/// Waits for a method's next event and says when the stream has been quiet since the last tick.
+/// One interval for the whole stream rather than a timer reset at every event; ticks missed
+/// while events kept coming are not made up in a burst.
+struct KeepAlive {
+    interval: tokio::time::Interval,
+    quiet: bool,
+}
+
+/// What a stream does next.
+enum Next {
+    Event(crate::Result<Event>),
+    End,
+    Comment,
+    Wait,
+}
+
+impl KeepAlive {
+    fn new(every: Duration) -> Self {
+        let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        KeepAlive {
+            interval,
+            quiet: true,
+        }
+    }
+
+    async fn next(&mut self, events: &mut methods::Events) -> Next {
+        tokio::select! {
+            biased;
+            ev = events.next() => {
+                self.quiet = false;
+                ev.map_or(Next::End, Next::Event)
+            }
+            _ = self.interval.tick() => {
+                if std::mem::replace(&mut self.quiet, true) { Next::Comment } else { Next::Wait }
+            }
+        }
+    }
+}
+
 /// Turns a method's events into the SSE events of an OpenAI chunk stream: one id and one
 /// `created` throughout, the role in each choice's first delta, exactly one finish_reason per
 /// choice, the usage chunk (`choices: []`) when asked for, an error event in the OpenAI envelope
@@ -219,142 +426,36 @@ fn chunks(
     model_label: String,
     keep_alive_every: Duration,
 ) -> impl Stream<Item = Bytes> + Send {
-    let Head { id, model } = head;
-    let created = wire::now_secs();
     async_stream::stream! {
-        let chunk = |choices: Value, usage: Option<Value>| {
-            let mut c = json!({
-                "id": id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "system_fingerprint": SYSTEM_FINGERPRINT,
-                "choices": choices,
-            });
-            if include_usage {
-                c["usage"] = usage.unwrap_or(Value::Null);
-            }
-            c.to_string()
-        };
-        // Nearly every chunk of a stream differs from the others only inside `choices`; those
-        // are written from a fixed head and tail around the choice, built once, instead of
-        // through a `Value` each time (the same JSON, at a fraction of the allocations). The
-        // head and tail carry the event's `data: ` and blank line too.
-        let (head, tail) = {
-            let c = chunk(json!([]), None);
-            let at = c.rfind("\"choices\":[").map_or(0, |i| i + "\"choices\":[".len());
-            (format!("data: {}", &c[..at]), format!("{}\n\n", &c[at..]))
-        };
-        let one = |choice: std::fmt::Arguments| Bytes::from(format!("{head}{choice}{tail}"));
-        let finish = |index: usize, reason: FinishReason| {
-            one(format_args!(
-                "{{\"index\":{index},\"delta\":{{}},\"logprobs\":null,\"finish_reason\":\"{}\"}}",
-                reason.as_str()
-            ))
-        };
+        let f = Framer::new(head, include_usage);
         for i in 0..n {
-            let role = one(format_args!(
-                "{{\"index\":{i},\"delta\":{{\"role\":\"assistant\",\"content\":\"\"}},\"logprobs\":null,\"finish_reason\":null}}"
-            ));
-            yield role;
+            yield f.role(i);
         }
-        let mut finished = vec![false; n];
-        // Per choice: the calls streamed so far, and log probabilities for its next delta.
-        let mut calls = vec![0usize; n];
-        let mut logprobs: Vec<Option<Vec<backend::TokenLogprob>>> = vec![None; n];
-        let mut usage = Usage::default();
-        let mut failed = None;
-        // One interval for the whole stream rather than a timer reset at every event; a tick
-        // that finds the stream quiet since the last one sends the comment.
-        let mut keep_alive = tokio::time::interval_at(
-            tokio::time::Instant::now() + keep_alive_every,
-            keep_alive_every,
-        );
-        // Ticks missed while events kept coming are not made up in a burst.
-        keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut quiet = true;
-        loop {
-            let next = tokio::select! {
-                biased;
-                ev = events.next() => Some(ev),
-                _ = keep_alive.tick() => None,
-            };
-            let ev = match next {
-                Some(Some(ev)) => ev,
-                Some(None) => break,
-                None => {
-                    if std::mem::replace(&mut quiet, true) {
-                        yield Bytes::from_static(KEEP_ALIVE);
-                    }
-                    continue;
-                }
-            };
-            quiet = false;
-            match ev {
-                Ok(Event::Model(Model::Delta { index, text })) => {
-                    let text = serde_json::to_string(&text).unwrap_or_default();
-                    let lp = match logprobs.get_mut(index as usize).and_then(Option::take) {
-                        Some(t) => logprobs_json(&t).to_string(),
-                        None => "null".to_owned(),
-                    };
-                    let delta = one(format_args!(
-                        "{{\"index\":{index},\"delta\":{{\"content\":{text}}},\"logprobs\":{lp},\"finish_reason\":null}}"
-                    ));
-                    yield delta;
-                }
-                Ok(Event::Model(Model::Logprobs { index, tokens })) => {
-                    if let Some(l) = logprobs.get_mut(index as usize) {
-                        l.get_or_insert_with(Vec::new).extend(tokens);
-                    }
-                }
-                Ok(Event::Model(Model::Finish { index, reason })) => {
-                    if let Some(l) = logprobs.get_mut(index as usize) {
-                        *l = None;
-                    }
-                    if let Some(f) = finished.get_mut(index as usize) {
-                        if !*f {
-                            *f = true;
-                            yield finish(index as usize, reason);
-                        }
-                    }
-                }
-                Ok(Event::Model(Model::ToolCall { index, call })) => {
-                    // As OpenAI streams a call: its id, type and name first, with empty
-                    // arguments, then the arguments; `index` counts the choice's calls.
-                    let Some(k) = calls.get_mut(index as usize) else { continue };
-                    let head = json!({"index": *k, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}});
-                    let args = json!({"index": *k, "function": {"arguments": call.arguments}});
-                    *k += 1;
-                    for piece in [head, args] {
-                        yield frame(&chunk(json!([{"index": index, "delta": {"tool_calls": [piece]}, "logprobs": null, "finish_reason": null}]), None));
-                    }
-                }
-                Ok(Event::Progress(p)) => {
-                    // Progress rides on a chunk with an empty delta, so clients that only read
-                    // `choices[0].delta.content` see nothing and never miss a choice.
-                    let mut c: Value = serde_json::from_str(&chunk(json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": null}]), None)).unwrap_or_default();
-                    c["experient"] = p;
-                    yield frame(&c.to_string());
-                }
-                Ok(Event::Trace(t)) => applied.trace = Some(t),
-                Ok(Event::Model(Model::Usage(u))) => usage = u,
-                Err(e) => { failed = Some(e); break; }
+        let mut choices = Choices::new(n);
+        let mut keep_alive = KeepAlive::new(keep_alive_every);
+        let mut out = Vec::new();
+        let failed = loop {
+            match keep_alive.next(&mut events).await {
+                Next::Event(Ok(ev)) => choices.on(ev, &f, &mut applied, &mut out),
+                Next::Event(Err(e)) => break Some(e),
+                Next::End => break None,
+                Next::Comment => yield Bytes::from_static(KEEP_ALIVE),
+                Next::Wait => {}
             }
-        }
+            for b in out.drain(..) {
+                yield b;
+            }
+        };
         if let Some(e) = failed {
             yield frame(&e.envelope().to_string());
         } else {
-            count_tokens(&model_label, usage);
-            for (i, f) in finished.iter().enumerate() {
-                if !f {
-                    yield finish(i, FinishReason::Stop);
-                }
+            count_tokens(&model_label, choices.usage);
+            choices.close(&f, &mut out);
+            for b in out.drain(..) {
+                yield b;
             }
             if include_usage {
-                // The usage chunk: no choices, then the usage and what experient applied.
-                let usage = serde_json::to_string(&WireUsage::from(usage)).unwrap_or_default();
-                let applied = serde_json::to_string(&applied).unwrap_or_default();
-                yield Bytes::from(format!("{head}],\"usage\":{usage},\"experient\":{applied}}}\n\n"));
+                yield f.usage(choices.usage, &applied);
             }
         }
         yield Bytes::from_static(b"data: [DONE]\n\n");
