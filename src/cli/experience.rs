@@ -217,21 +217,7 @@ fn run_on(store: &Store, command: ExperienceCommand) -> crate::Result<serde_json
             library,
             file,
             create,
-        } => {
-            let text = std::fs::read_to_string(&file)?;
-            let body = crate::api::error::parse_json::<serde_json::Value>(text.as_bytes())?;
-            let changes = experience::parse_import(&body)?;
-            if create && store.library(&library).is_err() {
-                store.create(&library)?;
-            }
-            let n = changes.len();
-            let v = store.commit(
-                &library,
-                &format!("imported {n} experiences from {}", file.display()),
-                changes,
-            )?;
-            json!({"version": v.version, "imported": v.ops.iter().map(|o| o.id()).collect::<Vec<_>>()})
-        }
+        } => import(store, &library, &file, create)?,
         Versions { library } => to_json(&store.library(&library)?.versions()),
         Diff { library, from, to } => {
             let l = store.library(&library)?;
@@ -255,26 +241,7 @@ fn run_on(store: &Store, command: ExperienceCommand) -> crate::Result<serde_json
             ids,
             reviewer,
             text,
-        } => {
-            let mut edits = std::collections::BTreeMap::new();
-            if let Some(text) = text {
-                if ids.len() != 1 {
-                    return Err(crate::Error::invalid(
-                        "--text edits one proposal; approve the others separately",
-                        "text",
-                    ));
-                }
-                edits.insert(
-                    ids[0].clone(),
-                    experience::proposals::Edit {
-                        text: Some(text),
-                        tags: None,
-                    },
-                );
-            }
-            let v = store.approve(&library, &ids, &edits, reviewer)?;
-            to_json(&experience::VersionSummary::from(&v))
-        }
+        } => to_json(&approve(store, &library, &ids, reviewer, text)?),
         Reject {
             library,
             ids,
@@ -282,6 +249,51 @@ fn run_on(store: &Store, command: ExperienceCommand) -> crate::Result<serde_json
             reason,
         } => to_json(&store.reject(&library, &ids, reviewer, reason)?),
     })
+}
+
+/// `import`: a file in any format `experience export` writes, committed as one version.
+fn import(
+    store: &Store,
+    library: &str,
+    file: &std::path::Path,
+    create: bool,
+) -> crate::Result<serde_json::Value> {
+    let text = std::fs::read_to_string(file)?;
+    let body = crate::api::error::parse_json::<serde_json::Value>(text.as_bytes())?;
+    let changes = experience::parse_import(&body)?;
+    if create && store.library(library).is_err() {
+        store.create(library)?;
+    }
+    let n = changes.len();
+    let why = format!("imported {n} experiences from {}", file.display());
+    let v = store.commit(library, &why, changes)?;
+    Ok(json!({"version": v.version, "imported": v.ops.iter().map(|o| o.id()).collect::<Vec<_>>()}))
+}
+
+/// `approve`: the proposals committed together, `--text` replacing the one proposal's text.
+fn approve(
+    store: &Store,
+    library: &str,
+    ids: &[String],
+    reviewer: Option<String>,
+    text: Option<String>,
+) -> crate::Result<experience::VersionSummary> {
+    let mut edits = std::collections::BTreeMap::new();
+    if let Some(text) = text {
+        let [id] = ids else {
+            return Err(crate::Error::invalid(
+                "--text edits one proposal; approve the others separately",
+                "text",
+            ));
+        };
+        let edit = experience::proposals::Edit {
+            text: Some(text),
+            tags: None,
+        };
+        edits.insert(id.clone(), edit);
+    }
+    let v = store.approve(library, ids, &edits, reviewer)?;
+    Ok(experience::VersionSummary::from(&v))
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> serde_json::Value {
