@@ -428,151 +428,167 @@ impl MiniGrid {
     }
 
     fn generate(&mut self) {
-        let (w, h) = (self.width, self.height);
         match self.level {
-            Level::Empty { random_start, .. } => {
-                self.wall_rect(0, 0, w, h);
-                self.set(w - 2, h - 2, Some(Obj::Goal));
-                if random_start {
-                    self.place_agent((0, 0), None);
-                } else {
-                    self.agent = (1, 1);
-                    self.dir = 0;
-                }
-            }
-            Level::DoorKey { .. } => {
-                self.wall_rect(0, 0, w, h);
-                self.set(w - 2, h - 2, Some(Obj::Goal));
-                let split = self.rand_int(2, w - 2);
-                self.vert_wall(split, 0, None);
-                self.place_agent((0, 0), Some((split, h)));
-                let door_y = self.rand_int(1, h - 2);
-                self.set(
-                    split,
-                    door_y,
-                    Some(Obj::Door {
-                        color: Color::Yellow,
-                        open: false,
-                        locked: true,
-                    }),
-                );
-                self.place_obj(
-                    Some(Obj::Key(Color::Yellow)),
-                    (0, 0),
-                    Some((split, h)),
-                    false,
-                );
-            }
-            Level::Unlock => {
-                // RoomGrid(num_rows=1, num_cols=2, room_size=6)._gen_grid.
-                self.wall_rect(0, 0, 6, 6);
-                self.wall_rect(5, 0, 6, 6);
-                let door_y = self.rand_int(1, 5);
-                self.agent = (8, 3);
-                self.dir = 0;
-                // add_door(0, 0, 0, locked=True) with a random color.
-                let color = Color::SORTED[self.rand_int(0, 6) as usize];
-                self.set(
-                    5,
-                    door_y,
-                    Some(Obj::Door {
-                        color,
-                        open: false,
-                        locked: true,
-                    }),
-                );
-                self.door = Some((5, door_y));
-                // add_object(0, 0, "key", color): rejects cells next to the agent's old spot.
-                self.place_obj(Some(Obj::Key(color)), (0, 0), Some((6, 6)), true);
-                // RoomGrid.place_agent(0, 0): retry until the agent faces nothing or a wall.
-                loop {
-                    self.place_agent((0, 0), Some((6, 6)));
-                    let (fx, fy) = self.front();
-                    if matches!(self.get(fx, fy), None | Some(Obj::Wall)) {
-                        break;
-                    }
-                }
-            }
-            Level::FourRooms => {
-                self.horz_wall(0, 0, None);
-                self.horz_wall(0, h - 1, None);
-                self.vert_wall(0, 0, None);
-                self.vert_wall(w - 1, 0, None);
-                let (room_w, room_h) = (w / 2, h / 2);
-                for j in 0..2 {
-                    for i in 0..2 {
-                        let (xl, yt) = (i * room_w, j * room_h);
-                        let (xr, yb) = (xl + room_w, yt + room_h);
-                        if i + 1 < 2 {
-                            self.vert_wall(xr, yt, Some(room_h));
-                            let y = self.rand_int(yt + 1, yb);
-                            self.set(xr, y, None);
-                        }
-                        if j + 1 < 2 {
-                            self.horz_wall(xl, yb, Some(room_w));
-                            let x = self.rand_int(xl + 1, xr);
-                            self.set(x, yb, None);
-                        }
-                    }
-                }
-                self.place_agent((0, 0), None);
-                self.place_obj(Some(Obj::Goal), (0, 0), None, false);
-            }
-            Level::LavaCrossing { crossings, .. } => {
-                self.wall_rect(0, 0, w, h);
-                self.agent = (1, 1);
-                self.dir = 0;
-                self.set(w - 2, h - 2, Some(Obj::Goal));
-                // (vertical?, position) as in the Python list of rivers.
-                let mut rivers: Vec<(bool, i64)> =
-                    (2..h - 2).step_by(2).map(|i| (true, i)).collect();
-                rivers.extend((2..w - 2).step_by(2).map(|j| (false, j)));
-                self.rng.shuffle(&mut rivers);
-                rivers.truncate(crossings);
-                let mut rivers_v: Vec<i64> = rivers.iter().filter(|r| r.0).map(|r| r.1).collect();
-                let mut rivers_h: Vec<i64> = rivers.iter().filter(|r| !r.0).map(|r| r.1).collect();
-                rivers_v.sort();
-                rivers_h.sort();
-                for i in 1..w - 1 {
-                    for &j in &rivers_h {
-                        self.set(i, j, Some(Obj::Lava));
-                    }
-                }
-                for &i in &rivers_v {
-                    for j in 1..h - 1 {
-                        self.set(i, j, Some(Obj::Lava));
-                    }
-                }
-                // The path to the goal: one opening per river, in a random order.
-                let mut path: Vec<bool> = std::iter::repeat_n(false, rivers_v.len())
-                    .chain(std::iter::repeat_n(true, rivers_h.len()))
-                    .collect();
-                self.rng.shuffle(&mut path);
-                let limits_v: Vec<i64> = [0].into_iter().chain(rivers_v).chain([h - 1]).collect();
-                let limits_h: Vec<i64> = [0].into_iter().chain(rivers_h).chain([w - 1]).collect();
-                let (mut room_i, mut room_j) = (0, 0);
-                for vertical in path {
-                    let (i, j) = if !vertical {
-                        let i = limits_v[room_i + 1];
-                        let j = self
-                            .rng
-                            .choice_range(limits_h[room_j] + 1, limits_h[room_j + 1]);
-                        room_i += 1;
-                        (i, j)
-                    } else {
-                        let i = self
-                            .rng
-                            .choice_range(limits_v[room_i] + 1, limits_v[room_i + 1]);
-                        let j = limits_h[room_j + 1];
-                        room_j += 1;
-                        (i, j)
-                    };
-                    self.set(i, j, None);
-                }
+            Level::Empty { random_start, .. } => self.empty(random_start),
+            Level::DoorKey { .. } => self.door_key(),
+            Level::Unlock => self.unlock(),
+            Level::FourRooms => self.four_rooms(),
+            Level::LavaCrossing { crossings, .. } => self.lava_crossing(crossings),
+        }
+    }
+
+    /// MiniGrid-Empty: the goal in the far corner, the agent in the near one or anywhere.
+    fn empty(&mut self, random_start: bool) {
+        let (w, h) = (self.width, self.height);
+        self.wall_rect(0, 0, w, h);
+        self.set(w - 2, h - 2, Some(Obj::Goal));
+        if random_start {
+            self.place_agent((0, 0), None);
+        } else {
+            self.agent = (1, 1);
+            self.dir = 0;
+        }
+    }
+
+    /// MiniGrid-DoorKey: a wall with a locked door splits the room; the key lies on the agent's side.
+    fn door_key(&mut self) {
+        let (w, h) = (self.width, self.height);
+        self.wall_rect(0, 0, w, h);
+        self.set(w - 2, h - 2, Some(Obj::Goal));
+        let split = self.rand_int(2, w - 2);
+        self.vert_wall(split, 0, None);
+        self.place_agent((0, 0), Some((split, h)));
+        let door_y = self.rand_int(1, h - 2);
+        self.set(
+            split,
+            door_y,
+            Some(Obj::Door {
+                color: Color::Yellow,
+                open: false,
+                locked: true,
+            }),
+        );
+        self.place_obj(
+            Some(Obj::Key(Color::Yellow)),
+            (0, 0),
+            Some((split, h)),
+            false,
+        );
+    }
+
+    /// MiniGrid-Unlock: two rooms and a locked door between them, its key in the agent's room.
+    fn unlock(&mut self) {
+        // RoomGrid(num_rows=1, num_cols=2, room_size=6)._gen_grid.
+        self.wall_rect(0, 0, 6, 6);
+        self.wall_rect(5, 0, 6, 6);
+        let door_y = self.rand_int(1, 5);
+        self.agent = (8, 3);
+        self.dir = 0;
+        // add_door(0, 0, 0, locked=True) with a random color.
+        let color = Color::SORTED[self.rand_int(0, 6) as usize];
+        self.set(
+            5,
+            door_y,
+            Some(Obj::Door {
+                color,
+                open: false,
+                locked: true,
+            }),
+        );
+        self.door = Some((5, door_y));
+        // add_object(0, 0, "key", color): rejects cells next to the agent's old spot.
+        self.place_obj(Some(Obj::Key(color)), (0, 0), Some((6, 6)), true);
+        // RoomGrid.place_agent(0, 0): retry until the agent faces nothing or a wall.
+        loop {
+            self.place_agent((0, 0), Some((6, 6)));
+            let (fx, fy) = self.front();
+            if matches!(self.get(fx, fy), None | Some(Obj::Wall)) {
+                break;
             }
         }
     }
 
+    /// MiniGrid-FourRooms: four rooms joined by a gap in each inner wall, agent and goal anywhere.
+    fn four_rooms(&mut self) {
+        let (w, h) = (self.width, self.height);
+        self.horz_wall(0, 0, None);
+        self.horz_wall(0, h - 1, None);
+        self.vert_wall(0, 0, None);
+        self.vert_wall(w - 1, 0, None);
+        let (room_w, room_h) = (w / 2, h / 2);
+        for j in 0..2 {
+            for i in 0..2 {
+                let (xl, yt) = (i * room_w, j * room_h);
+                let (xr, yb) = (xl + room_w, yt + room_h);
+                if i + 1 < 2 {
+                    self.vert_wall(xr, yt, Some(room_h));
+                    let y = self.rand_int(yt + 1, yb);
+                    self.set(xr, y, None);
+                }
+                if j + 1 < 2 {
+                    self.horz_wall(xl, yb, Some(room_w));
+                    let x = self.rand_int(xl + 1, xr);
+                    self.set(x, yb, None);
+                }
+            }
+        }
+        self.place_agent((0, 0), None);
+        self.place_obj(Some(Obj::Goal), (0, 0), None, false);
+    }
+
+    /// MiniGrid-LavaCrossing: rivers of lava with one opening each on a path to the goal.
+    fn lava_crossing(&mut self, crossings: usize) {
+        let (w, h) = (self.width, self.height);
+        self.wall_rect(0, 0, w, h);
+        self.agent = (1, 1);
+        self.dir = 0;
+        self.set(w - 2, h - 2, Some(Obj::Goal));
+        // (vertical?, position) as in the Python list of rivers.
+        let mut rivers: Vec<(bool, i64)> = (2..h - 2).step_by(2).map(|i| (true, i)).collect();
+        rivers.extend((2..w - 2).step_by(2).map(|j| (false, j)));
+        self.rng.shuffle(&mut rivers);
+        rivers.truncate(crossings);
+        let mut rivers_v: Vec<i64> = rivers.iter().filter(|r| r.0).map(|r| r.1).collect();
+        let mut rivers_h: Vec<i64> = rivers.iter().filter(|r| !r.0).map(|r| r.1).collect();
+        rivers_v.sort();
+        rivers_h.sort();
+        for i in 1..w - 1 {
+            for &j in &rivers_h {
+                self.set(i, j, Some(Obj::Lava));
+            }
+        }
+        for &i in &rivers_v {
+            for j in 1..h - 1 {
+                self.set(i, j, Some(Obj::Lava));
+            }
+        }
+        // The path to the goal: one opening per river, in a random order.
+        let mut path: Vec<bool> = std::iter::repeat_n(false, rivers_v.len())
+            .chain(std::iter::repeat_n(true, rivers_h.len()))
+            .collect();
+        self.rng.shuffle(&mut path);
+        let limits_v: Vec<i64> = [0].into_iter().chain(rivers_v).chain([h - 1]).collect();
+        let limits_h: Vec<i64> = [0].into_iter().chain(rivers_h).chain([w - 1]).collect();
+        let (mut room_i, mut room_j) = (0, 0);
+        for vertical in path {
+            let (i, j) = if !vertical {
+                let i = limits_v[room_i + 1];
+                let j = self
+                    .rng
+                    .choice_range(limits_h[room_j] + 1, limits_h[room_j + 1]);
+                room_i += 1;
+                (i, j)
+            } else {
+                let i = self
+                    .rng
+                    .choice_range(limits_v[room_i] + 1, limits_v[room_i + 1]);
+                let j = limits_h[room_j + 1];
+                room_j += 1;
+                (i, j)
+            };
+            self.set(i, j, None);
+        }
+    }
     /// `env.step(action)`.
     pub fn step(&mut self, action: Action) -> Step {
         self.step_count += 1;
