@@ -14,7 +14,6 @@ use super::AppState;
 use crate::error::{Error, Result};
 use crate::learn::dataset::{Dataset, Split, Task};
 use crate::learn::grpo::{LearnOptions, Run};
-use crate::methods::Context;
 
 /// Learning jobs: start one on a library, read, cancel, chart.
 pub fn routes() -> axum::Router<AppState> {
@@ -84,15 +83,52 @@ pub(super) async fn start(
     let Value::Object(mut fields) = body else {
         return Err(Error::invalid("the body must be a JSON object", None));
     };
+    let src = source(&mut fields)?;
+    let options = options(&s, &name, fields, src.from_traffic()?)?;
+    let run = match &src.resume {
+        Some(id) => resume(&s, &name, id).await?,
+        None => new_run(&s, &name, src, options).await?,
+    };
+    let job = s
+        .jobs
+        .start(super::chat::method_context(&s), s.router.clone(), run)?;
+    Ok((StatusCode::ACCEPTED, Json(job.view())).into_response())
+}
+
+/// Takes the fields that say what to learn from out of the body.
+fn source(fields: &mut serde_json::Map<String, Value>) -> Result<Source> {
     let mut source_fields = serde_json::Map::new();
     for k in SOURCE_FIELDS {
         if let Some(v) = fields.remove(k) {
             source_fields.insert(k.to_owned(), v);
         }
     }
-    let src: Source = parse_json(&serde_json::to_vec(&source_fields).map_err(Error::internal)?)?;
+    parse_json(&serde_json::to_vec(&source_fields).map_err(Error::internal)?)
+}
+
+impl Source {
+    fn from_traffic(&self) -> Result<bool> {
+        match self.source.as_deref() {
+            None | Some("tasks") => Ok(false),
+            Some("traffic") => Ok(true),
+            Some(other) => Err(Error::invalid(
+                format!("source must be \"traffic\" (or left out, with tasks or a dataset), got \"{other}\""),
+                "source",
+            )),
+        }
+    }
+}
+
+/// The rest of the body as learning options for the library in the path, checked against the
+/// bounds; models the server does not know are refused now rather than failing the job later.
+fn options(
+    s: &AppState,
+    name: &str,
+    mut fields: serde_json::Map<String, Value>,
+    from_traffic: bool,
+) -> Result<LearnOptions> {
     if let Some(l) = fields.get("library") {
-        if l.as_str() != Some(name.as_str()) {
+        if l.as_str() != Some(name) {
             return Err(Error::invalid(
                 "'library' in the body differs from the library in the path",
                 "library",
@@ -100,23 +136,12 @@ pub(super) async fn start(
         }
     }
     fields.insert("library".into(), json!(name));
-    let from_traffic = match src.source.as_deref() {
-        None | Some("tasks") => false,
-        Some("traffic") => true,
-        Some(other) => {
-            return Err(Error::invalid(
-                format!("source must be \"traffic\" (or left out, with tasks or a dataset), got \"{other}\""),
-                "source",
-            ))
-        }
-    };
     if from_traffic && !fields.contains_key("verifier") {
         // Traffic has no rule to check answers by; a judge compares them with the reference.
         fields.insert("verifier".into(), json!("judge"));
     }
     let options: LearnOptions = parse_json(&serde_json::to_vec(&fields).map_err(Error::internal)?)?;
     options.check(&s.bounds)?;
-    // Unknown models are refused now rather than failing the job later.
     for (param, name) in [
         ("model", Some(&options.model)),
         ("learner_model", options.learner_model.as_ref()),
@@ -132,76 +157,73 @@ pub(super) async fn start(
             })?;
         }
     }
+    Ok(options)
+}
 
-    let runs_dir = s.jobs.runs_dir().to_owned();
-    let run = if let Some(id) = &src.resume {
-        if id.contains(['/', '\\']) || id.starts_with('.') {
-            return Err(Error::invalid("invalid run id", "resume"));
-        }
-        let dir = runs_dir.join(id);
-        if !dir.join("run.json").is_file() {
-            return Err(Error::not_found(
-                format!("no run '{id}' to resume"),
-                "resume",
-            ));
-        }
-        let run = tokio::task::spawn_blocking(move || Run::open(&dir))
-            .await
-            .map_err(Error::internal)??;
-        if run.info.options.library != name {
-            return Err(Error::invalid(
-                format!(
-                    "run '{id}' belongs to library '{}'",
-                    run.info.options.library
-                ),
-                "resume",
-            ));
-        }
-        run
-    } else {
-        let data = match (src.tasks, &src.dataset) {
-            _ if from_traffic => traffic_data(&s, &name).await?,
-            (Some(t), None) => Dataset::from_tasks("inline", tasks(t)),
-            (None, Some(path)) => {
-                let path = std::path::PathBuf::from(path);
-                let max = s.bounds.max_dataset_bytes;
-                tokio::task::spawn_blocking(move || Dataset::load(&path, max))
-                    .await
-                    .map_err(Error::internal)?
-                    .map_err(|e| Error::invalid(format!("{e:#}"), "dataset"))?
-            }
-            _ => {
-                return Err(Error::invalid(
-                    "give either 'tasks' (a list of {question, answer}) or 'dataset' (a task file on the server)",
-                    "tasks",
-                ))
-            }
-        };
-        let (train, held_out) = data.split(&Split {
-            seed: src.split_seed,
-            offset: src.offset,
-            limit: src.limit,
-            held_out: src.validation_size,
-        });
-        let validation = match src.validation {
-            Some(v) => tasks(v),
-            None => held_out,
-        };
-        let bounds = s.bounds.clone();
-        tokio::task::spawn_blocking(move || {
-            Run::create(&runs_dir, options, &data, train, validation, &bounds)
-        })
+/// `resume`: an earlier run of this library, opened from its directory.
+async fn resume(s: &AppState, name: &str, id: &str) -> Result<Run> {
+    if id.contains(['/', '\\']) || id.starts_with('.') {
+        return Err(Error::invalid("invalid run id", "resume"));
+    }
+    let dir = s.jobs.runs_dir().join(id);
+    if !dir.join("run.json").is_file() {
+        return Err(Error::not_found(
+            format!("no run '{id}' to resume"),
+            "resume",
+        ));
+    }
+    let run = tokio::task::spawn_blocking(move || Run::open(&dir))
         .await
-        .map_err(Error::internal)??
+        .map_err(Error::internal)??;
+    if run.info.options.library != name {
+        return Err(Error::invalid(
+            format!(
+                "run '{id}' belongs to library '{}'",
+                run.info.options.library
+            ),
+            "resume",
+        ));
+    }
+    Ok(run)
+}
+
+/// A new run directory: the data set (inline tasks, a file on the server or the library's
+/// traffic) split into learning and validation tasks.
+async fn new_run(s: &AppState, name: &str, src: Source, options: LearnOptions) -> Result<Run> {
+    let data = match (src.tasks, &src.dataset) {
+        _ if src.source.as_deref() == Some("traffic") => traffic_data(s, name).await?,
+        (Some(t), None) => Dataset::from_tasks("inline", tasks(t)),
+        (None, Some(path)) => {
+            let path = std::path::PathBuf::from(path);
+            let max = s.bounds.max_dataset_bytes;
+            tokio::task::spawn_blocking(move || Dataset::load(&path, max))
+                .await
+                .map_err(Error::internal)?
+                .map_err(|e| Error::invalid(format!("{e:#}"), "dataset"))?
+        }
+        _ => {
+            return Err(Error::invalid(
+                "give either 'tasks' (a list of {question, answer}) or 'dataset' (a task file on the server)",
+                "tasks",
+            ))
+        }
     };
-    let ctx = Context {
-        store: s.store.clone(),
-        prompts: s.prompts.clone(),
-        settings: s.methods.clone(),
-        bounds: s.bounds.clone(),
+    let (train, held_out) = data.split(&Split {
+        seed: src.split_seed,
+        offset: src.offset,
+        limit: src.limit,
+        held_out: src.validation_size,
+    });
+    let validation = match src.validation {
+        Some(v) => tasks(v),
+        None => held_out,
     };
-    let job = s.jobs.start(ctx, s.router.clone(), run)?;
-    Ok((StatusCode::ACCEPTED, Json(job.view())).into_response())
+    let (runs_dir, bounds) = (s.jobs.runs_dir().to_owned(), s.bounds.clone());
+    tokio::task::spawn_blocking(move || {
+        Run::create(&runs_dir, options, &data, train, validation, &bounds)
+    })
+    .await
+    .map_err(Error::internal)?
 }
 
 /// The library's scored traffic as a data set; a 400 when there is none to learn from.
