@@ -700,6 +700,115 @@ impl UpstreamBackend {
     }
 }
 
+/// What an upstream stream has told each choice so far, and how its chunks become events:
+/// tool calls are assembled from their pieces and sent whole before their choice's finish,
+/// every choice gets exactly one finish, and the usage comes last.
+struct Translate {
+    finished: Vec<bool>,
+    calls: Vec<CallAssembly>,
+    usage: Option<Usage>,
+    deltas: u64,
+}
+
+impl Translate {
+    fn new(n: u32) -> Self {
+        Translate {
+            finished: vec![false; n as usize],
+            calls: (0..n).map(|_| CallAssembly::default()).collect(),
+            usage: None,
+            deltas: 0,
+        }
+    }
+
+    /// The events of one chunk, pushed onto `out`; an error the upstream sent inside the
+    /// stream ends it.
+    fn chunk(&mut self, chunk: Chunk, out: &mut Vec<Event>) -> Result<()> {
+        if let Some(e) = chunk.error {
+            return Err(Error::Upstream {
+                status: 502,
+                message: e["message"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| e.to_string()),
+                kind: e["type"].as_str().map(str::to_owned),
+                param: None,
+                code: None,
+            });
+        }
+        for c in chunk.choices {
+            self.choice(c, out);
+        }
+        if let Some(u) = chunk.usage {
+            self.usage = Some(Usage {
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+            });
+        }
+        Ok(())
+    }
+
+    /// One choice's piece of a chunk; choices past `n` or already finished are dropped.
+    fn choice(&mut self, c: ChunkChoice, out: &mut Vec<Event>) {
+        let i = c.index as usize;
+        if self.finished.get(i) != Some(&false) {
+            return;
+        }
+        let (content, pieces) = match c.delta {
+            Some(d) => (d.content, d.tool_calls.unwrap_or_default()),
+            None => (None, vec![]),
+        };
+        for piece in pieces {
+            self.calls[i].push(piece);
+        }
+        if let Some(text) = content.or(c.text).filter(|t| !t.is_empty()) {
+            self.deltas += 1;
+            if let Some(l) = c.logprobs.as_ref().filter(|l| !l.is_null()) {
+                let tokens = read_logprobs(l);
+                out.push(Event::Logprobs {
+                    index: c.index,
+                    tokens,
+                });
+            }
+            out.push(Event::Delta {
+                index: c.index,
+                text,
+            });
+        }
+        if let Some(r) = c.finish_reason {
+            self.finish(i, FinishReason::from_backend(&r), out);
+        }
+    }
+
+    /// A choice's assembled calls, then its finish: `tool_calls` whenever it made any.
+    fn finish(&mut self, i: usize, reason: FinishReason, out: &mut Vec<Event>) {
+        self.finished[i] = true;
+        let index = i as u32;
+        let made = self.calls[i].take();
+        let reason = if made.is_empty() {
+            reason
+        } else {
+            FinishReason::ToolCalls
+        };
+        out.extend(made.into_iter().map(|call| Event::ToolCall { index, call }));
+        out.push(Event::Finish { index, reason });
+    }
+
+    /// The end of the stream: a finish for every choice left open, and the usage. Some servers
+    /// never report usage; an estimate (about four characters a prompt token, one token a
+    /// streamed delta) beats a missing chunk a client waits for.
+    fn close(mut self, prompt_chars: usize, out: &mut Vec<Event>) {
+        for i in 0..self.finished.len() {
+            if !self.finished[i] {
+                self.finish(i, FinishReason::Stop, out);
+            }
+        }
+        out.push(Event::Usage(self.usage.unwrap_or(Usage {
+            prompt_tokens: (prompt_chars as u64).div_ceil(4),
+            completion_tokens: self.deltas,
+        })));
+    }
+}
+
 #[async_trait::async_trait]
 impl Backend for UpstreamBackend {
     fn ready(&self) -> bool {
@@ -728,19 +837,10 @@ impl Backend for UpstreamBackend {
             + request.raw_prompt.as_ref().map_or(0, String::len);
         let id = self.id.clone();
         let total = self.total;
-        let convert_later = move |e: OpenAIError| Error::Upstream {
-            status: 502,
-            message: format!("the upstream for '{id}' failed mid-stream: {e}"),
-            kind: Some("upstream_error".into()),
-            param: None,
-            code: None,
-        };
         Ok(async_stream::stream! {
             let _permit = permit;
-            let mut finished = vec![false; n as usize];
-            let mut calls: Vec<CallAssembly> = (0..n).map(|_| CallAssembly::default()).collect();
-            let mut usage: Option<Usage> = None;
-            let mut deltas = 0u64;
+            let mut state = Translate::new(n);
+            let mut out = Vec::new();
             let mut next = Some(Ok(first));
             // One timer for the whole stream, registered once: a timeout around each read
             // would register and cancel a timer for every chunk.
@@ -748,90 +848,45 @@ impl Backend for UpstreamBackend {
             loop {
                 let item = match next.take() {
                     Some(i) => Some(i),
-                    None => {
-                        let read = tokio::select! {
-                            biased;
-                            i = upstream.next() => Some(i),
-                            _ = &mut expiry => None,
-                        };
-                        match read {
-                            Some(i) => i,
-                            None => {
-                                yield Err(Error::Timeout(format!(
-                                    "the generation ran past the {:.0} s limit for this model",
-                                    total.as_secs_f64()
-                                )));
-                                return;
-                            }
+                    None => tokio::select! {
+                        biased;
+                        i = upstream.next() => i,
+                        _ = &mut expiry => {
+                            yield Err(Error::Timeout(format!(
+                                "the generation ran past the {:.0} s limit for this model",
+                                total.as_secs_f64()
+                            )));
+                            return;
                         }
-                    }
+                    },
                 };
                 let chunk = match item {
                     None => break,
                     Some(Ok(c)) => c,
                     Some(Err(e)) => {
-                        yield Err(convert_later(e));
+                        yield Err(Error::Upstream {
+                            status: 502,
+                            message: format!("the upstream for '{id}' failed mid-stream: {e}"),
+                            kind: Some("upstream_error".into()),
+                            param: None,
+                            code: None,
+                        });
                         return;
                     }
                 };
-                if let Some(e) = chunk.error {
-                    yield Err(Error::Upstream {
-                        status: 502,
-                        message: e["message"].as_str().map(str::to_owned).unwrap_or_else(|| e.to_string()),
-                        kind: e["type"].as_str().map(str::to_owned),
-                        param: None,
-                        code: None,
-                    });
+                let read = state.chunk(chunk, &mut out);
+                for ev in out.drain(..) {
+                    yield Ok(ev);
+                }
+                if let Err(e) = read {
+                    yield Err(e);
                     return;
                 }
-                for c in chunk.choices {
-                    if c.index >= n || finished[c.index as usize] {
-                        continue;
-                    }
-                    let (content, pieces) = match c.delta {
-                        Some(d) => (d.content, d.tool_calls.unwrap_or_default()),
-                        None => (None, vec![]),
-                    };
-                    for piece in pieces {
-                        calls[c.index as usize].push(piece);
-                    }
-                    if let Some(text) = content.or(c.text).filter(|t| !t.is_empty()) {
-                        deltas += 1;
-                        if let Some(l) = c.logprobs.as_ref().filter(|l| !l.is_null()) {
-                            yield Ok(Event::Logprobs { index: c.index, tokens: read_logprobs(l) });
-                        }
-                        yield Ok(Event::Delta { index: c.index, text });
-                    }
-                    if let Some(r) = c.finish_reason {
-                        finished[c.index as usize] = true;
-                        let made = calls[c.index as usize].take();
-                        let reason = if made.is_empty() { FinishReason::from_backend(&r) } else { FinishReason::ToolCalls };
-                        for call in made {
-                            yield Ok(Event::ToolCall { index: c.index, call });
-                        }
-                        yield Ok(Event::Finish { index: c.index, reason });
-                    }
-                }
-                if let Some(u) = chunk.usage {
-                    usage = Some(Usage { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens });
-                }
             }
-            for (i, done) in finished.iter().enumerate() {
-                if !done {
-                    let made = calls[i].take();
-                    let reason = if made.is_empty() { FinishReason::Stop } else { FinishReason::ToolCalls };
-                    for call in made {
-                        yield Ok(Event::ToolCall { index: i as u32, call });
-                    }
-                    yield Ok(Event::Finish { index: i as u32, reason });
-                }
+            state.close(prompt_chars, &mut out);
+            for ev in out.drain(..) {
+                yield Ok(ev);
             }
-            // Some servers never report usage; an estimate (about four characters a prompt
-            // token, one token a streamed delta) beats a missing chunk a client waits for.
-            yield Ok(Event::Usage(usage.unwrap_or(Usage {
-                prompt_tokens: (prompt_chars as u64).div_ceil(4),
-                completion_tokens: deltas,
-            })));
         }
         .boxed())
     }
