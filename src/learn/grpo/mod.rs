@@ -156,6 +156,18 @@ fn rename_param(e: Error, param: &str) -> Error {
     }
 }
 
+/// The groups worth comparing: tasks with at least two finished attempts whose rewards differ.
+fn mixed_groups<'a>(ok: impl Iterator<Item = &'a Rollout>) -> Vec<(usize, Vec<&'a Rollout>)> {
+    let mut groups: BTreeMap<usize, Vec<&Rollout>> = BTreeMap::new();
+    for r in ok {
+        groups.entry(r.task).or_default().push(r);
+    }
+    groups
+        .into_iter()
+        .filter(|(_, g)| g.len() >= 2 && g.iter().any(|r| r.reward != g[0].reward))
+        .collect()
+}
+
 impl Learner<'_> {
     fn options(&self) -> &LearnOptions {
         &self.run.info.options
@@ -167,117 +179,45 @@ impl Learner<'_> {
         std::fs::create_dir_all(&dir).map_err(|e| io(&dir.display().to_string(), e))?;
         let lib = self.ctx.store.library(&o.library)?;
         let (epoch, batch) = self.run.batch(step);
-
-        // A crash between the commit and result.json: the step is done, only its record is
-        // missing. Rebuild it from the library's log instead of learning the step twice.
+        let mut result = StepResult::empty(step, epoch, batch, lib.len());
         let message = self.run.message(step);
-        let proposed: Vec<String> = lib
-            .proposals()
-            .into_iter()
-            .filter(|p| p.origin.message == message)
-            .map(|p| p.id)
-            .collect();
-        let committed = lib.versions().into_iter().find(|v| v.message == message);
-        if committed.is_some() || !proposed.is_empty() {
-            return Ok(StepResult {
-                step,
-                epoch,
-                tasks: batch,
-                rollouts: 0,
-                failed_rollouts: 0,
-                mean_reward: 0.0,
-                mixed_groups: 0,
-                skipped_groups: 0,
-                version: committed.map(|v| v.version),
-                added: vec![],
-                updated: vec![],
-                deleted: vec![],
-                proposed,
-                library_size: lib.len(),
-                validation: None,
-            });
+        if self.already_done(&lib, &message, &mut result) {
+            return Ok(result);
         }
 
         let snapshot = lib.all();
         self.progress.phase(step, "attempts");
-        let rollouts = self.rollouts(&batch).await?;
+        let rollouts = self.rollouts(&result.tasks).await?;
         write_lines(&dir.join("rollouts.jsonl"), &rollouts)?;
-
-        let mut groups: BTreeMap<usize, Vec<&Rollout>> = BTreeMap::new();
-        for r in rollouts.iter().filter(|r| r.error.is_none()) {
-            groups.entry(r.task).or_default().push(r);
-        }
-        let mixed: Vec<(usize, Vec<&Rollout>)> = groups
-            .into_iter()
-            .filter(|(_, g)| g.len() >= 2 && g.iter().any(|r| r.reward != g[0].reward))
-            .collect();
-        let skipped_groups = batch.len() - mixed.len();
+        let ok = || rollouts.iter().filter(|r| r.error.is_none());
+        result.rollouts = rollouts.len();
+        result.failed_rollouts = rollouts.len() - ok().count();
+        result.mean_reward = mean(ok().map(|r| r.reward));
 
         self.progress.phase(step, "comparing attempts");
-        let mut work = Vec::new();
-        for (task, group) in mixed {
-            work.push(self.group(task, group, &snapshot));
-        }
+        let mixed = mixed_groups(ok());
+        result.skipped_groups = result.tasks.len() - mixed.len();
+        let work: Vec<_> = mixed
+            .into_iter()
+            .map(|(task, group)| self.group(task, group, &snapshot))
+            .collect();
         let records: Vec<GroupRecord> = bounded(work, o.concurrency.div_ceil(2)).await?;
         write_json(&dir.join("groups.json"), &records)?;
+        result.mixed_groups = records.len();
 
         let proposals: Vec<Proposal> = records
             .iter()
             .flat_map(|g| g.proposals.iter().cloned())
             .collect();
-        let mut result = StepResult {
-            step,
-            epoch,
-            tasks: batch,
-            rollouts: rollouts.len(),
-            failed_rollouts: rollouts.iter().filter(|r| r.error.is_some()).count(),
-            mean_reward: mean(
-                rollouts
-                    .iter()
-                    .filter(|r| r.error.is_none())
-                    .map(|r| r.reward),
-            ),
-            mixed_groups: records.len(),
-            skipped_groups,
-            version: None,
-            added: vec![],
-            updated: vec![],
-            deleted: vec![],
-            proposed: vec![],
-            library_size: snapshot.len(),
-            validation: None,
-        };
         if !proposals.is_empty() {
             self.progress.phase(step, "consolidating");
             let c = self.consolidate(proposals, &snapshot).await?;
             write_json(&dir.join("consolidation.json"), &c)?;
-            // Traffic tasks cite what they came from: every group that proposed something.
-            let sources: Vec<String> = records
-                .iter()
-                .filter(|g| !g.proposals.is_empty())
-                .filter_map(|g| self.run.tasks[g.task].origin.clone())
-                .flat_map(|o| o.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
-                .collect();
-            let changes = ops::to_changes(&c.result, &self.run.info.id, step, &o.tags, &sources);
+            let changes = self.changes(step, &records, &c);
             if !changes.is_empty() && lib.settings().review {
                 result.proposed = self.propose(step, &message, changes).await?;
             } else if !changes.is_empty() {
-                let store = self.ctx.store.clone();
-                let (library, message) = (o.library.clone(), message.clone());
-                let v =
-                    tokio::task::spawn_blocking(move || store.commit(&library, &message, changes))
-                        .await
-                        .map_err(Error::internal)??;
-                result.version = Some(v.version);
-                for op in &v.ops {
-                    let list = match op {
-                        crate::experience::Op::Add { .. } => &mut result.added,
-                        crate::experience::Op::Update { .. } => &mut result.updated,
-                        crate::experience::Op::Delete { .. } => &mut result.deleted,
-                        crate::experience::Op::Restore { .. } => continue,
-                    };
-                    list.push(op.id().to_owned());
-                }
+                self.commit(&message, changes, &mut result).await?;
                 result.library_size = lib.len();
             }
         }
@@ -286,6 +226,66 @@ impl Learner<'_> {
             result.validation = Some(self.validate().await?);
         }
         Ok(result)
+    }
+
+    /// A crash between the commit and result.json: the step is done, only its record is
+    /// missing. It is rebuilt from the library's log instead of learning the step twice.
+    fn already_done(
+        &self,
+        lib: &crate::experience::Library,
+        message: &str,
+        result: &mut StepResult,
+    ) -> bool {
+        result.proposed = lib
+            .proposals()
+            .into_iter()
+            .filter(|p| p.origin.message == message)
+            .map(|p| p.id)
+            .collect();
+        result.version = lib
+            .versions()
+            .into_iter()
+            .find(|v| v.message == message)
+            .map(|v| v.version);
+        result.version.is_some() || !result.proposed.is_empty()
+    }
+
+    /// The consolidated operations as changes to the library; traffic tasks cite what they
+    /// came from: every group that proposed something.
+    fn changes(&self, step: u64, records: &[GroupRecord], c: &Consolidation) -> Vec<Change> {
+        let sources: Vec<String> = records
+            .iter()
+            .filter(|g| !g.proposals.is_empty())
+            .filter_map(|g| self.run.tasks[g.task].origin.clone())
+            .flat_map(|o| o.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .collect();
+        let o = self.options();
+        ops::to_changes(&c.result, &self.run.info.id, step, &o.tags, &sources)
+    }
+
+    /// Commits a step's changes as one version and records which ids each kind of op touched.
+    async fn commit(
+        &self,
+        message: &str,
+        changes: Vec<Change>,
+        result: &mut StepResult,
+    ) -> Result<()> {
+        let store = self.ctx.store.clone();
+        let (library, message) = (self.options().library.clone(), message.to_owned());
+        let v = tokio::task::spawn_blocking(move || store.commit(&library, &message, changes))
+            .await
+            .map_err(Error::internal)??;
+        result.version = Some(v.version);
+        for op in &v.ops {
+            let list = match op {
+                crate::experience::Op::Add { .. } => &mut result.added,
+                crate::experience::Op::Update { .. } => &mut result.updated,
+                crate::experience::Op::Delete { .. } => &mut result.deleted,
+                crate::experience::Op::Restore { .. } => continue,
+            };
+            list.push(op.id().to_owned());
+        }
+        Ok(())
     }
 
     /// Holds a step's changes for review (the library's `review` setting) instead of

@@ -96,6 +96,29 @@ pub struct StepResult {
     pub validation: Option<Validation>,
 }
 
+impl StepResult {
+    /// A step that has done nothing yet, over these tasks, with the library at this size.
+    pub fn empty(step: u64, epoch: u32, tasks: Vec<usize>, library_size: usize) -> Self {
+        StepResult {
+            step,
+            epoch,
+            tasks,
+            rollouts: 0,
+            failed_rollouts: 0,
+            mean_reward: 0.0,
+            mixed_groups: 0,
+            skipped_groups: 0,
+            version: None,
+            added: vec![],
+            updated: vec![],
+            deleted: vec![],
+            proposed: vec![],
+            library_size,
+            validation: None,
+        }
+    }
+}
+
 /// What a whole run did.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunSummary {
