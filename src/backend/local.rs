@@ -348,6 +348,93 @@ fn steps(resp: Response) -> std::result::Result<(Vec<Step>, Option<Usage>), Resp
     }
 }
 
+/// One sequence's text on its way out: the stop filter, the JSON document so far and the log
+/// probabilities of tokens whose text the filter still holds.
+struct Sequence {
+    index: u32,
+    stop: StopFilter,
+    generated: u64,
+    /// With a JSON format the text so far, to see when the document is whole: mistral.rs goes
+    /// on decoding (tokens that add no text) after the grammar has accepted, until max_tokens,
+    /// and would report "length" for a finished document.
+    json: Option<String>,
+    logprobs: Vec<super::TokenLogprob>,
+}
+
+impl Sequence {
+    fn new(index: u32, sampling: &super::Sampling) -> Self {
+        Sequence {
+            index,
+            stop: StopFilter::new(sampling.stop.clone()),
+            generated: 0,
+            json: (sampling.format != OutputFormat::Text).then(String::new),
+            logprobs: Vec::new(),
+        }
+    }
+
+    /// A token's text, as events on `out`; true when a stop sequence or a whole JSON
+    /// document ends the sequence.
+    fn token(
+        &mut self,
+        text: &str,
+        logprob: Option<super::TokenLogprob>,
+        out: &mut Vec<Event>,
+    ) -> bool {
+        self.generated += 1;
+        self.logprobs.extend(logprob);
+        let (text, stopped) = self.stop.push(text);
+        let complete = match self.json.as_mut() {
+            Some(doc) if !text.is_empty() => {
+                doc.push_str(&text);
+                text.contains(['}', ']']) && serde_json::from_str::<serde_json::Value>(doc).is_ok()
+            }
+            _ => false,
+        };
+        self.send(text, out);
+        stopped || complete
+    }
+
+    /// What the stop filter still holds, as the last delta.
+    fn rest(&mut self, out: &mut Vec<Event>) {
+        let rest = self.stop.finish();
+        self.send(rest, out);
+    }
+
+    /// A delta, after the log probabilities of its tokens.
+    fn send(&mut self, text: String, out: &mut Vec<Event>) {
+        if text.is_empty() {
+            return;
+        }
+        let index = self.index;
+        if !self.logprobs.is_empty() {
+            let tokens = std::mem::take(&mut self.logprobs);
+            out.push(Event::Logprobs { index, tokens });
+        }
+        out.push(Event::Delta { index, text });
+    }
+}
+
+/// The error a response other than a chunk ends the stream with. A request's grammar is its
+/// response_format's schema or a forced call's, so a grammar error names that field.
+fn engine_error(resp: Response, grammar_param: &'static str) -> Error {
+    match resp {
+        Response::ValidationError(e) => {
+            let e = e.to_string();
+            if e.starts_with("Invalid grammar") {
+                let message = format!("{grammar_param}: the schema cannot be compiled: {e}");
+                Error::invalid(message, grammar_param)
+            } else {
+                Error::invalid(format!("the model rejected the request: {e}"), None)
+            }
+        }
+        Response::InternalError(e) => Error::Internal(format!("model failure: {e}")),
+        Response::ModelError(e, _) | Response::CompletionModelError(e, _) => {
+            Error::Internal(format!("model failure: {e}"))
+        }
+        _ => Error::Internal("unexpected response kind from the engine".into()),
+    }
+}
+
 fn sequence_events(
     mut rx: mpsc::Receiver<Response>,
     index: u32,
@@ -356,106 +443,63 @@ fn sequence_events(
     grammar_param: &'static str,
 ) -> EventStream {
     let s = async_stream::stream! {
-        let mut stop = StopFilter::new(request.sampling.stop.clone());
-        let mut generated = 0u64;
+        let mut seq = Sequence::new(index, &request.sampling);
+        let mut out = Vec::new();
         let mut finished = false;
-        // With a JSON format the text so far, to see when the document is whole: mistral.rs
-        // goes on decoding (tokens that add no text) after the grammar has accepted, until
-        // max_tokens, and would report "length" for a finished document.
-        let mut json = (request.sampling.format != OutputFormat::Text).then(String::new);
-        // Log probabilities of tokens whose text the stop filter still holds.
-        let mut logprobs = Vec::new();
         let mut usage_sent = false;
         while let Some(resp) = rx.recv().await {
-            match steps(resp) {
-                Ok((choices, chunk_usage)) => {
-                    for c in choices {
-                        if let Some(text) = c.text {
-                            generated += 1;
-                            logprobs.extend(c.logprob);
-                            let (out, stopped) = stop.push(&text);
-                            let complete = match json.as_mut() {
-                                Some(doc) if !out.is_empty() => {
-                                    doc.push_str(&out);
-                                    out.contains(['}', ']']) && serde_json::from_str::<serde_json::Value>(doc).is_ok()
-                                }
-                                _ => false,
-                            };
-                            if !out.is_empty() {
-                                if !logprobs.is_empty() {
-                                    yield Ok(Event::Logprobs { index, tokens: std::mem::take(&mut logprobs) });
-                                }
-                                yield Ok(Event::Delta { index, text: out });
-                            }
-                            if stopped || complete {
-                                drop(rx);
-                                yield Ok(Event::Finish { index, reason: FinishReason::Stop });
-                                let prompt_tokens = count_prompt(&model, &request).await;
-                                yield Ok(Event::Usage(Usage { prompt_tokens, completion_tokens: generated }));
-                                return;
-                            }
+            let (choices, chunk_usage) = match steps(resp) {
+                Ok(v) => v,
+                Err(other) => {
+                    yield Err(engine_error(other, grammar_param));
+                    return;
+                }
+            };
+            for c in choices {
+                if let Some(text) = c.text {
+                    if seq.token(&text, c.logprob, &mut out) {
+                        // Done early: the engine stops with the receiver gone.
+                        drop(rx);
+                        out.push(Event::Finish { index, reason: FinishReason::Stop });
+                        for ev in out.drain(..) {
+                            yield Ok(ev);
                         }
-                        if let Some(r) = c.finish {
-                            finished = true;
-                            let rest = stop.finish();
-                            if !rest.is_empty() {
-                                if !logprobs.is_empty() {
-                                    yield Ok(Event::Logprobs { index, tokens: std::mem::take(&mut logprobs) });
-                                }
-                                yield Ok(Event::Delta { index, text: rest });
-                            }
-                            yield Ok(Event::Finish { index, reason: FinishReason::from_backend(&r) });
-                        }
-                    }
-                    if let Some(u) = chunk_usage {
-                        usage_sent = true;
-                        yield Ok(Event::Usage(u));
-                    }
-                    if finished {
-                        if !usage_sent {
-                            // A text completion's chunks carry no usage: count it here.
-                            let prompt_tokens = count_prompt(&model, &request).await;
-                            yield Ok(Event::Usage(Usage { prompt_tokens, completion_tokens: generated }));
-                        }
-                        break;
+                        let prompt_tokens = count_prompt(&model, &request).await;
+                        yield Ok(Event::Usage(Usage { prompt_tokens, completion_tokens: seq.generated }));
+                        return;
                     }
                 }
-                Err(Response::ValidationError(e)) => {
-                    let e = e.to_string();
-                    // A request's grammar is its response_format's schema or a forced call's.
-                    yield Err(if e.starts_with("Invalid grammar") {
-                        Error::invalid(format!("{grammar_param}: the schema cannot be compiled: {e}"), grammar_param)
-                    } else {
-                        Error::invalid(format!("the model rejected the request: {e}"), None)
-                    });
-                    return;
+                if let Some(r) = c.finish {
+                    finished = true;
+                    seq.rest(&mut out);
+                    out.push(Event::Finish { index, reason: FinishReason::from_backend(&r) });
                 }
-                Err(Response::InternalError(e)) => {
-                    yield Err(Error::Internal(format!("model failure: {e}")));
-                    return;
+                for ev in out.drain(..) {
+                    yield Ok(ev);
                 }
-                Err(Response::ModelError(e, _) | Response::CompletionModelError(e, _)) => {
-                    yield Err(Error::Internal(format!("model failure: {e}")));
-                    return;
+            }
+            if let Some(u) = chunk_usage {
+                usage_sent = true;
+                yield Ok(Event::Usage(u));
+            }
+            if finished {
+                if !usage_sent {
+                    // A text completion's chunks carry no usage: count it here.
+                    let prompt_tokens = count_prompt(&model, &request).await;
+                    yield Ok(Event::Usage(Usage { prompt_tokens, completion_tokens: seq.generated }));
                 }
-                _ => {
-                    yield Err(Error::Internal("unexpected response kind from the engine".into()));
-                    return;
-                }
+                break;
             }
         }
         if !finished {
             // mistral.rs 0.8.1 sends no final chunk when the last sampled token decodes to no
             // text (half of a multi-byte character, say): the sequence simply ends. It did
             // finish, so finish it here, inferring the reason and counting the usage ourselves.
-            let rest = stop.finish();
-            if !rest.is_empty() {
-                if !logprobs.is_empty() {
-                    yield Ok(Event::Logprobs { index, tokens: std::mem::take(&mut logprobs) });
-                }
-                yield Ok(Event::Delta { index, text: rest });
+            seq.rest(&mut out);
+            for ev in out.drain(..) {
+                yield Ok(ev);
             }
-            let completion_tokens = generated + 1;
+            let completion_tokens = seq.generated + 1;
             let reason = match request.sampling.max_tokens {
                 Some(m) if completion_tokens >= u64::from(m) => FinishReason::Length,
                 _ => FinishReason::Stop,
