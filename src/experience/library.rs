@@ -503,58 +503,7 @@ impl Library {
         review: Option<Review>,
     ) -> Result<Version> {
         let writer = self.writer.lock();
-        let (version, ops) = {
-            let s = self.state.read();
-            let mut next_id = s.next_id;
-            let mut ops = Vec::with_capacity(changes.len());
-            let mut deleted = std::collections::HashSet::new();
-            for c in changes {
-                let exists = |id: &str| {
-                    id_number(id).is_some_and(|n| s.experiences.contains_key(&n))
-                        && !deleted.contains(id)
-                };
-                let missing = |id: &str| {
-                    Error::not_found(
-                        format!("library '{}' has no experience '{id}'", self.name),
-                        "id",
-                    )
-                };
-                ops.push(match c {
-                    Change::Add {
-                        text,
-                        tags,
-                        source,
-                        provenance,
-                    } => {
-                        let id = format!("E{next_id}");
-                        next_id += 1;
-                        Op::Add {
-                            id,
-                            text,
-                            tags,
-                            source,
-                            provenance,
-                        }
-                    }
-                    Change::Update { id, text, tags } => {
-                        if !exists(&id) {
-                            return Err(missing(&id));
-                        }
-                        Op::Update { id, text, tags }
-                    }
-                    Change::Delete { id } => {
-                        if !exists(&id) {
-                            return Err(missing(&id));
-                        }
-                        deleted.insert(id.clone());
-                        Op::Delete { id }
-                    }
-                    Change::Restore(e) => Op::Restore { experience: e },
-                });
-            }
-            let version = s.versions.last().map(|v| v.version + 1).unwrap_or(0);
-            (version, ops)
-        };
+        let (version, ops) = self.ops(changes)?;
         let record = Version {
             version,
             at: Utc::now(),
@@ -562,7 +511,67 @@ impl Library {
             ops,
             review,
         };
-        let mut line = serde_json::to_string(&record).map_err(Error::internal)?;
+        self.append(&record)?;
+        self.publish(&record);
+        drop(writer);
+        Ok(record)
+    }
+
+    /// The next version's number and its ops: ids given to additions, and every id that an
+    /// update or deletion names checked to exist (and not to be deleted earlier in the same
+    /// version). Called with the writer lock held, so nothing changes in between.
+    fn ops(&self, changes: Vec<Change>) -> Result<(u64, Vec<Op>)> {
+        let s = self.state.read();
+        let mut next_id = s.next_id;
+        let mut ops = Vec::with_capacity(changes.len());
+        let mut deleted = std::collections::HashSet::new();
+        let missing = |id: &str| {
+            Error::not_found(
+                format!("library '{}' has no experience '{id}'", self.name),
+                "id",
+            )
+        };
+        for c in changes {
+            let exists = |id: &str| {
+                id_number(id).is_some_and(|n| s.experiences.contains_key(&n))
+                    && !deleted.contains(id)
+            };
+            ops.push(match c {
+                Change::Add {
+                    text,
+                    tags,
+                    source,
+                    provenance,
+                } => {
+                    let id = format!("E{next_id}");
+                    next_id += 1;
+                    Op::Add {
+                        id,
+                        text,
+                        tags,
+                        source,
+                        provenance,
+                    }
+                }
+                Change::Update { id, .. } | Change::Delete { id } if !exists(&id) => {
+                    return Err(missing(&id));
+                }
+                Change::Update { id, text, tags } => Op::Update { id, text, tags },
+                Change::Delete { id } => {
+                    deleted.insert(id.clone());
+                    Op::Delete { id }
+                }
+                Change::Restore(e) => Op::Restore { experience: e },
+            });
+        }
+        let version = s.versions.last().map(|v| v.version + 1).unwrap_or(0);
+        Ok((version, ops))
+    }
+
+    /// Appends the version to the log and syncs it; on failure the file is cut back to where
+    /// it was, so it stays parseable and holds only acknowledged versions.
+    fn append(&self, record: &Version) -> Result<()> {
+        let mut line = serde_json::to_string(record).map_err(Error::internal)?;
         line.push('\n');
         let mut log = OpenOptions::new()
             .append(true)
@@ -573,17 +582,19 @@ impl Library {
             .write_all(line.as_bytes())
             .and_then(|()| log.sync_data())
         {
-            // Leave the file as it was, so it stays parseable and holds only acknowledged
-            // versions.
             let _ = log.set_len(before);
             return Err(Error::internal(format!(
                 "writing library '{}': {e}",
                 self.name
             )));
         }
-        // The index goes first and the in-memory state second: a search that sees the new
-        // version number then also sees the new index, so the search cache (keyed by version)
-        // can never hold results older than its key.
+        Ok(())
+    }
+
+    /// Makes a version on disk visible. The index goes first and the in-memory state second: a
+    /// search that sees the new version number then also sees the new index, so the search
+    /// cache (keyed by version) can never hold results older than its key.
+    fn publish(&self, record: &Version) {
         let touched: Vec<Experience> = {
             let s = self.state.read();
             let mut scratch: Experiences = record
@@ -592,22 +603,18 @@ impl Library {
                 .filter_map(|o| id_number(o.id()))
                 .filter_map(|n| s.experiences.get(&n).map(|e| (n, e.clone())))
                 .collect();
-            apply(&mut scratch, &record);
+            apply(&mut scratch, record);
             scratch.into_values().collect()
         };
         let removed: Vec<&str> = record.ops.iter().map(Op::id).collect();
         // The log is the truth; an index failure only means the index is rebuilt next time.
-        if let Err(e) = self.index.apply(&removed, &touched, version) {
+        if let Err(e) = self.index.apply(&removed, &touched, record.version) {
             tracing::error!(library = %self.name, error = %e, "index update failed; it will be rebuilt on restart");
         }
-        {
-            let mut s = self.state.write();
-            apply(&mut s.experiences, &record);
-            s.next_id = s.next_id.max(max_id(&record) + 1);
-            s.versions.push(record.clone());
-        }
-        drop(writer);
-        Ok(record)
+        let mut s = self.state.write();
+        apply(&mut s.experiences, record);
+        s.next_id = s.next_id.max(max_id(record) + 1);
+        s.versions.push(record.clone());
     }
 
     /// Counts that experiences were injected into a request. Counts are statistics, not
@@ -994,6 +1001,38 @@ pub(super) mod tests {
         assert_eq!(lib.get("E1").unwrap().text, "Edited: ü and 日本.");
         assert_eq!(lib.get("E2").unwrap().text, "Second.");
         assert_eq!(lib.version(), 4);
+    }
+
+    /// A version is checked whole before anything is written: an op that names a missing id,
+    /// or one deleted earlier in the same version, refuses all of it and leaves log and
+    /// state as they were.
+    #[test]
+    fn a_bad_op_refuses_the_whole_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = every_op(dir.path());
+        let log = std::fs::read(dir.path().join("lib").join(LOG_FILE)).unwrap();
+        let before = (lib.all(), lib.version());
+        let after_delete = vec![
+            add("Would be E3."),
+            Change::Delete { id: "E1".into() },
+            Change::Update {
+                id: "E1".into(),
+                text: Some("Too late.".into()),
+                tags: None,
+            },
+        ];
+        let missing = vec![add("Would be E3."), Change::Delete { id: "E9".into() }];
+        for changes in [after_delete, missing] {
+            assert!(matches!(
+                lib.commit("bad", changes),
+                Err(Error::NotFound { .. })
+            ));
+            assert_eq!((lib.all(), lib.version()), before);
+            let now = std::fs::read(dir.path().join("lib").join(LOG_FILE)).unwrap();
+            assert_eq!(now, log);
+        }
+        let v = lib.commit("good", vec![add("Third.")]).unwrap();
+        assert_eq!(v.ops[0].id(), "E3");
     }
 
     #[test]
