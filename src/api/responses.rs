@@ -668,6 +668,112 @@ impl Turn {
     }
 }
 
+/// The message item being written: its id, its output index and its text so far.
+struct OpenMessage {
+    id: String,
+    at: usize,
+    text: String,
+}
+
+/// Writes a streamed response's typed SSE events, each with the next `sequence_number`, and
+/// keeps the output items they describe.
+#[derive(Default)]
+struct EventWriter {
+    seq: u64,
+    output: Vec<Value>,
+    open: Option<OpenMessage>,
+    out: Vec<Bytes>,
+}
+
+impl EventWriter {
+    fn send(&mut self, kind: &str, mut data: Value) {
+        data["type"] = json!(kind);
+        data["sequence_number"] = json!(self.seq);
+        self.seq += 1;
+        self.out
+            .push(Bytes::from(format!("event: {kind}\ndata: {data}\n\n")));
+    }
+
+    /// A new message item with one empty text part.
+    fn open_message(&mut self) {
+        let (id, at) = (hex_id("msg"), self.output.len());
+        let item = json!({"id": id, "type": "message", "status": "in_progress", "role": "assistant", "content": []});
+        self.send(
+            "response.output_item.added",
+            json!({"output_index": at, "item": item}),
+        );
+        let part = json!({"type": "output_text", "text": "", "annotations": [], "logprobs": []});
+        self.send(
+            "response.content_part.added",
+            json!({"item_id": id, "output_index": at, "content_index": 0, "part": part}),
+        );
+        self.open = Some(OpenMessage {
+            id,
+            at,
+            text: String::new(),
+        });
+    }
+
+    fn delta(&mut self, text: String) {
+        if self.open.is_none() {
+            self.open_message();
+        }
+        let Some(m) = self.open.as_mut() else { return };
+        m.text.push_str(&text);
+        let d = json!({"item_id": m.id, "output_index": m.at, "content_index": 0, "delta": text, "logprobs": []});
+        self.send("response.output_text.delta", d);
+    }
+
+    /// Ends the message item being written, if any: its text, its part, the item.
+    fn close_message(&mut self) {
+        let Some(OpenMessage { id, at, text }) = self.open.take() else {
+            return;
+        };
+        let part = json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []});
+        let item = message_item(&id, &text, "completed");
+        self.output.push(item.clone());
+        self.send("response.output_text.done", json!({"item_id": id, "output_index": at, "content_index": 0, "text": text, "logprobs": []}));
+        self.send(
+            "response.content_part.done",
+            json!({"item_id": id, "output_index": at, "content_index": 0, "part": part}),
+        );
+        self.send(
+            "response.output_item.done",
+            json!({"output_index": at, "item": item}),
+        );
+    }
+
+    /// A whole call as one function_call item, after any message before it.
+    fn tool_call(&mut self, call: &ToolCall) {
+        self.close_message();
+        let (id, at) = (hex_id("fc"), self.output.len());
+        self.send(
+            "response.output_item.added",
+            json!({"output_index": at, "item": call_item(&id, call, "", "in_progress")}),
+        );
+        self.send(
+            "response.function_call_arguments.delta",
+            json!({"item_id": id, "output_index": at, "delta": call.arguments}),
+        );
+        self.send("response.function_call_arguments.done", json!({"item_id": id, "output_index": at, "name": call.name, "arguments": call.arguments}));
+        let item = call_item(&id, call, &call.arguments, "completed");
+        self.output.push(item.clone());
+        self.send(
+            "response.output_item.done",
+            json!({"output_index": at, "item": item}),
+        );
+    }
+
+    fn error(&mut self, e: &Error) {
+        let env = e.envelope();
+        let err = &env["error"];
+        self.send(
+            "error",
+            json!({"code": err["code"], "message": err["message"], "param": err["param"]}),
+        );
+    }
+}
+
 /// The typed SSE events of a streamed response, each with its `sequence_number`.
 fn stream_events(
     turn: Turn,
@@ -675,63 +781,17 @@ fn stream_events(
     mut applied: Applied,
 ) -> impl Stream<Item = Bytes> + Send {
     async_stream::stream! {
-        let mut seq = 0u64;
-        let mut send = |kind: &str, mut data: Value| {
-            data["type"] = json!(kind);
-            data["sequence_number"] = json!(seq);
-            seq += 1;
-            Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
-        };
+        let mut e = EventWriter::default();
         let start = turn.object("in_progress", &[], None, &applied);
-        yield send("response.created", json!({"response": start}));
-        yield send("response.in_progress", json!({"response": start}));
-        let mut output: Vec<Value> = Vec::new();
-        // The message item being written: its id, its output index and its text so far.
-        let mut open: Option<(String, usize, String)> = None;
+        e.send("response.created", json!({"response": start}));
+        e.send("response.in_progress", json!({"response": start}));
         let mut usage = None;
         let mut status = "completed";
-        let close = |open: &mut Option<(String, usize, String)>, output: &mut Vec<Value>| -> Vec<(&'static str, Value)> {
-            let Some((id, at, text)) = open.take() else { return vec![] };
-            let part = json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []});
-            let item = message_item(&id, &text, "completed");
-            output.push(item.clone());
-            vec![
-                ("response.output_text.done", json!({"item_id": id, "output_index": at, "content_index": 0, "text": text, "logprobs": []})),
-                ("response.content_part.done", json!({"item_id": id, "output_index": at, "content_index": 0, "part": part})),
-                ("response.output_item.done", json!({"output_index": at, "item": item})),
-            ]
-        };
+        let mut failed = false;
         while let Some(ev) = events.next().await {
             match ev {
-                Ok(Event::Model(Model::Delta { text, .. })) => {
-                    if open.is_none() {
-                        let id = hex_id("msg");
-                        let at = output.len();
-                        let item = json!({"id": id, "type": "message", "status": "in_progress", "role": "assistant", "content": []});
-                        yield send("response.output_item.added", json!({"output_index": at, "item": item}));
-                        let part = json!({"type": "output_text", "text": "", "annotations": [], "logprobs": []});
-                        yield send("response.content_part.added", json!({"item_id": id, "output_index": at, "content_index": 0, "part": part}));
-                        open = Some((id, at, String::new()));
-                    }
-                    if let Some((id, at, acc)) = open.as_mut() {
-                        acc.push_str(&text);
-                        let d = json!({"item_id": id, "output_index": at, "content_index": 0, "delta": text, "logprobs": []});
-                        yield send("response.output_text.delta", d);
-                    }
-                }
-                Ok(Event::Model(Model::ToolCall { call, .. })) => {
-                    for (kind, data) in close(&mut open, &mut output) {
-                        yield send(kind, data);
-                    }
-                    let id = hex_id("fc");
-                    let at = output.len();
-                    yield send("response.output_item.added", json!({"output_index": at, "item": call_item(&id, &call, "", "in_progress")}));
-                    yield send("response.function_call_arguments.delta", json!({"item_id": id, "output_index": at, "delta": call.arguments}));
-                    yield send("response.function_call_arguments.done", json!({"item_id": id, "output_index": at, "name": call.name, "arguments": call.arguments}));
-                    let item = call_item(&id, &call, &call.arguments, "completed");
-                    output.push(item.clone());
-                    yield send("response.output_item.done", json!({"output_index": at, "item": item}));
-                }
+                Ok(Event::Model(Model::Delta { text, .. })) => e.delta(text),
+                Ok(Event::Model(Model::ToolCall { call, .. })) => e.tool_call(&call),
                 Ok(Event::Model(Model::Finish { reason, .. })) => {
                     if reason == FinishReason::Length {
                         status = "incomplete";
@@ -740,36 +800,32 @@ fn stream_events(
                 Ok(Event::Trace(t)) => applied.trace = Some(t),
                 Ok(Event::Model(Model::Usage(u))) => usage = Some(u),
                 Ok(_) => {}
-                Err(e) => {
-                    let env = e.envelope();
-                    let err = &env["error"];
-                    yield send("error", json!({"code": err["code"], "message": err["message"], "param": err["param"]}));
-                    return;
+                Err(err) => {
+                    e.error(&err);
+                    failed = true;
                 }
             }
+            for b in e.out.drain(..) {
+                yield b;
+            }
+            if failed {
+                return;
+            }
         }
-        if open.is_none() && output.is_empty() {
+        if e.open.is_none() && e.output.is_empty() {
             // An empty answer is still one message, as the non-streamed response has.
-            let id = hex_id("msg");
-            let item = json!({"id": id, "type": "message", "status": "in_progress", "role": "assistant", "content": []});
-            yield send("response.output_item.added", json!({"output_index": 0, "item": item}));
-            let part = json!({"type": "output_text", "text": "", "annotations": [], "logprobs": []});
-            yield send("response.content_part.added", json!({"item_id": id, "output_index": 0, "content_index": 0, "part": part}));
-            open = Some((id, 0, String::new()));
+            e.open_message();
         }
-        for (kind, data) in close(&mut open, &mut output) {
-            yield send(kind, data);
-        }
-        match turn.finish(status, &output, usage, &applied) {
+        e.close_message();
+        match turn.finish(status, &e.output, usage, &applied) {
             Ok(done) => {
                 let kind = if status == "completed" { "response.completed" } else { "response.incomplete" };
-                yield send(kind, json!({"response": done}));
+                e.send(kind, json!({"response": done}));
             }
-            Err(e) => {
-                let env = e.envelope();
-                let err = &env["error"];
-                yield send("error", json!({"code": err["code"], "message": err["message"], "param": err["param"]}));
-            }
+            Err(err) => e.error(&err),
+        }
+        for b in e.out.drain(..) {
+            yield b;
         }
     }
 }
