@@ -516,21 +516,7 @@ impl Config {
     }
 
     fn check(&self) -> anyhow::Result<()> {
-        for (key, v) in [
-            ("max_stored", self.responses.max_stored as u64),
-            ("max_total_bytes", self.responses.max_total_bytes),
-            ("max_age_days", self.responses.max_age_days),
-        ] {
-            if v == 0 {
-                anyhow::bail!("responses.{key}: must be at least 1");
-            }
-        }
-        if self.traffic.max_bytes < 4096 || self.traffic.max_age_days == 0 {
-            anyhow::bail!("traffic: max_bytes must be at least 4096 and max_age_days at least 1");
-        }
-        if self.responses.max_age_days > 36_500 {
-            anyhow::bail!("responses.max_age_days: must be at most 36500");
-        }
+        self.check_stores()?;
         let mut seen = std::collections::HashSet::new();
         for (i, m) in self.models.iter().enumerate() {
             let id = m.id();
@@ -543,59 +529,8 @@ impl Config {
                 anyhow::bail!("models[{i}].id: '{id}' is defined twice");
             }
             match m {
-                ModelConfig::Local(l) => {
-                    if l.max_seqs == 0 {
-                        anyhow::bail!("models[{i}].max_seqs: must be at least 1");
-                    }
-                    if l.max_concurrent == 0 {
-                        anyhow::bail!("models[{i}].max_concurrent: must be at least 1");
-                    }
-                    check_background(i, l.background_slots, l.max_concurrent)?;
-                    if l.prefix_cache > 1024 {
-                        anyhow::bail!(
-                            "models[{i}].prefix_cache: {} is over the most this server keeps, 1024",
-                            l.prefix_cache
-                        );
-                    }
-                    if let Some(g) = &l.gguf {
-                        if !g.is_file() {
-                            anyhow::bail!("models[{i}].gguf: {} is not a file", g.display());
-                        }
-                    }
-                }
-                ModelConfig::Upstream(u) => {
-                    let url = reqwest::Url::parse(&u.base_url).map_err(|e| {
-                        anyhow::anyhow!("models[{i}].base_url: '{}' is not a URL: {e}", u.base_url)
-                    })?;
-                    if !matches!(url.scheme(), "http" | "https") {
-                        anyhow::bail!(
-                            "models[{i}].base_url: '{}' must be http or https",
-                            u.base_url
-                        );
-                    }
-                    for (key, v) in [
-                        ("connect_timeout_secs", u.connect_timeout_secs),
-                        ("first_byte_timeout_secs", u.first_byte_timeout_secs),
-                        ("total_timeout_secs", u.total_timeout_secs),
-                    ] {
-                        if !(v > 0.0 && v.is_finite()) {
-                            anyhow::bail!(
-                                "models[{i}].{key}: must be a positive number of seconds"
-                            );
-                        }
-                    }
-                    if u.max_concurrent == 0 {
-                        anyhow::bail!("models[{i}].max_concurrent: must be at least 1");
-                    }
-                    check_background(i, u.background_slots, u.max_concurrent)?;
-                    if let Some(var) = &u.api_key_env {
-                        if std::env::var_os(var).is_none() {
-                            anyhow::bail!(
-                                "models[{i}].api_key_env: the environment variable {var} is not set"
-                            );
-                        }
-                    }
-                }
+                ModelConfig::Local(l) => l.check(i)?,
+                ModelConfig::Upstream(u) => u.check(i)?,
             }
         }
         for (i, m) in self.models.iter().enumerate() {
@@ -614,6 +549,89 @@ impl Config {
         self.bounds.check()?;
         self.methods.check(&self.bounds)?;
         self.server.check()?;
+        Ok(())
+    }
+
+    /// The stored responses' and the traffic log's bounds.
+    fn check_stores(&self) -> anyhow::Result<()> {
+        for (key, v) in [
+            ("max_stored", self.responses.max_stored as u64),
+            ("max_total_bytes", self.responses.max_total_bytes),
+            ("max_age_days", self.responses.max_age_days),
+        ] {
+            if v == 0 {
+                anyhow::bail!("responses.{key}: must be at least 1");
+            }
+        }
+        if self.traffic.max_bytes < 4096 || self.traffic.max_age_days == 0 {
+            anyhow::bail!("traffic: max_bytes must be at least 4096 and max_age_days at least 1");
+        }
+        if self.responses.max_age_days > 36_500 {
+            anyhow::bail!("responses.max_age_days: must be at most 36500");
+        }
+        Ok(())
+    }
+}
+
+impl LocalModelConfig {
+    /// `models[i]`'s own settings, for a local model.
+    fn check(&self, i: usize) -> anyhow::Result<()> {
+        if self.max_seqs == 0 {
+            anyhow::bail!("models[{i}].max_seqs: must be at least 1");
+        }
+        if self.max_concurrent == 0 {
+            anyhow::bail!("models[{i}].max_concurrent: must be at least 1");
+        }
+        check_background(i, self.background_slots, self.max_concurrent)?;
+        if self.prefix_cache > 1024 {
+            anyhow::bail!(
+                "models[{i}].prefix_cache: {} is over the most this server keeps, 1024",
+                self.prefix_cache
+            );
+        }
+        if let Some(g) = &self.gguf {
+            if !g.is_file() {
+                anyhow::bail!("models[{i}].gguf: {} is not a file", g.display());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl UpstreamModelConfig {
+    /// `models[i]`'s own settings, for an upstream: a reachable kind of URL, timeouts that
+    /// can pass, and the key's variable set now rather than at the first request.
+    fn check(&self, i: usize) -> anyhow::Result<()> {
+        let url = reqwest::Url::parse(&self.base_url).map_err(|e| {
+            anyhow::anyhow!(
+                "models[{i}].base_url: '{}' is not a URL: {e}",
+                self.base_url
+            )
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            anyhow::bail!(
+                "models[{i}].base_url: '{}' must be http or https",
+                self.base_url
+            );
+        }
+        for (key, v) in [
+            ("connect_timeout_secs", self.connect_timeout_secs),
+            ("first_byte_timeout_secs", self.first_byte_timeout_secs),
+            ("total_timeout_secs", self.total_timeout_secs),
+        ] {
+            if !(v > 0.0 && v.is_finite()) {
+                anyhow::bail!("models[{i}].{key}: must be a positive number of seconds");
+            }
+        }
+        if self.max_concurrent == 0 {
+            anyhow::bail!("models[{i}].max_concurrent: must be at least 1");
+        }
+        check_background(i, self.background_slots, self.max_concurrent)?;
+        if let Some(var) = &self.api_key_env {
+            if std::env::var_os(var).is_none() {
+                anyhow::bail!("models[{i}].api_key_env: the environment variable {var} is not set");
+            }
+        }
         Ok(())
     }
 }
