@@ -4,6 +4,9 @@ use std::path::PathBuf;
 
 use super::models::{traffic, ModelArgs};
 use crate::backend::fetch;
+use crate::config::Config;
+use crate::learn::dataset::{Dataset, Split};
+use crate::learn::grpo::{self, LearnOptions, Progress, Run};
 
 /// `experient learn`'s flags.
 #[derive(clap::Args)]
@@ -85,25 +88,13 @@ pub struct LearnArgs {
 }
 
 pub(super) fn run(a: LearnArgs) -> anyhow::Result<()> {
-    use crate::learn::dataset::{Dataset, Split};
-    use crate::learn::grpo::{self, LearnOptions, Progress, Run};
-
     let config = a.models.config()?;
-    let runs_dir = a.models.runs_dir();
     let run = match (&a.resume, &a.library, &a.dataset) {
         (Some(dir), _, _) => Run::open(dir).map_err(|e| anyhow::anyhow!("{e}"))?,
         (None, Some(library), dataset) if dataset.is_some() || a.from_traffic => {
             let data = match dataset {
                 Some(path) => Dataset::load(path, config.bounds.max_dataset_bytes)?,
-                None => {
-                    let scored = traffic(&a.models, &config)?
-                        .scored(library)
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
-                    if scored.is_empty() {
-                        anyhow::bail!("library '{library}' has no recorded completions with feedback to learn from");
-                    }
-                    crate::learn::dataset::from_traffic(library, &scored)
-                }
+                None => traffic_data(&a, &config, library)?,
             };
             let (train, validation) = data.split(&Split {
                 seed: a.seed,
@@ -111,28 +102,8 @@ pub(super) fn run(a: LearnArgs) -> anyhow::Result<()> {
                 limit: a.limit,
                 held_out: a.validation,
             });
-            let options = LearnOptions {
-                library: library.clone(),
-                model: a.model.clone(),
-                learner_model: a.learner_model.clone(),
-                epochs: a.epochs,
-                batch_size: a.batch_size,
-                group_size: a.group_size,
-                temperature: a.temperature,
-                max_tokens: a.max_tokens,
-                learner_max_tokens: a.learner_max_tokens,
-                concurrency: a.concurrency,
-                verifier: a
-                    .verifier
-                    .clone()
-                    .or_else(|| a.from_traffic.then(|| "judge".to_owned())),
-                judge_model: a.judge_model.clone(),
-                instruction: a.instruction.clone(),
-                max_lessons: a.max_lessons,
-                retries: a.retries,
-                seed: a.order_seed,
-                tags: a.tags.clone(),
-            };
+            let options = options(&a, library);
+            let runs_dir = a.models.runs_dir();
             Run::create(&runs_dir, options, &data, train, validation, &config.bounds)
                 .map_err(|e| anyhow::anyhow!("{e}"))?
         }
@@ -176,4 +147,44 @@ pub(super) fn run(a: LearnArgs) -> anyhow::Result<()> {
     );
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(())
+}
+
+/// `--from-traffic`: the library's recorded completions that have feedback, as tasks.
+fn traffic_data(a: &LearnArgs, config: &Config, library: &str) -> anyhow::Result<Dataset> {
+    let scored = traffic(&a.models, config)?
+        .scored(library)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if scored.is_empty() {
+        anyhow::bail!(
+            "library '{library}' has no recorded completions with feedback to learn from"
+        );
+    }
+    Ok(crate::learn::dataset::from_traffic(library, &scored))
+}
+
+/// The run's options from the flags; traffic has no rule to check answers by, so its default
+/// verifier is the judge.
+fn options(a: &LearnArgs, library: &str) -> LearnOptions {
+    LearnOptions {
+        library: library.to_owned(),
+        model: a.model.clone(),
+        learner_model: a.learner_model.clone(),
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        group_size: a.group_size,
+        temperature: a.temperature,
+        max_tokens: a.max_tokens,
+        learner_max_tokens: a.learner_max_tokens,
+        concurrency: a.concurrency,
+        verifier: a
+            .verifier
+            .clone()
+            .or_else(|| a.from_traffic.then(|| "judge".to_owned())),
+        judge_model: a.judge_model.clone(),
+        instruction: a.instruction.clone(),
+        max_lessons: a.max_lessons,
+        retries: a.retries,
+        seed: a.order_seed,
+        tags: a.tags.clone(),
+    }
 }
