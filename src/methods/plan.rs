@@ -42,42 +42,7 @@ pub async fn run(
     request: ChatRequest,
     opts: &PlanOptions,
 ) -> Result<Output> {
-    let settings = ctx.settings.plan.clone();
-    let family = opts
-        .family
-        .ok_or_else(|| Error::invalid("the plan method needs a task family", None))?;
-    let eval = opts
-        .eval
-        .clone()
-        .unwrap_or_else(|| (0..5).map(|s| family.instance(s)).collect());
-    let train = opts
-        .train
-        .clone()
-        .unwrap_or_else(|| ipp::training_instances(family, settings.train));
-    // The user's words describe the task; a system prompt applies to every model call.
-    let text = |role: Role| {
-        request
-            .messages
-            .iter()
-            .filter(|m| m.role == role)
-            .map(|m| m.content.trim())
-            .filter(|c| !c.is_empty())
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    let spec = Spec {
-        system: text(Role::System),
-        task: text(Role::User),
-        direct: opts.direct,
-        ..Spec::new(
-            family,
-            &settings,
-            train,
-            eval,
-            opts.rounds,
-            request.sampling.clone(),
-        )
-    };
+    let spec = spec(&ctx.settings.plan, &request, opts)?;
     let refresh = opts.refresh;
     let ctx = ctx.clone();
     let backend = route.backend.clone();
@@ -103,13 +68,7 @@ pub async fn run(
             Ok(r) => r,
             Err(e) => { yield Err(e); return; }
         };
-        let family = report.family.clone();
-        metrics::counter!("experient_plan_runs_total", "family" => family.clone(), "reused" => report.reused.to_string())
-            .increment(1);
-        metrics::counter!("experient_plan_rounds_total", "family" => family.clone())
-            .increment(report.rounds.len() as u64);
-        metrics::counter!("experient_plan_instances_total", "family" => family)
-            .increment(report.refined_program.summary.instances as u64);
+        count(&report);
         let usage = total_usage(&report);
         yield Ok(Event::Model(Model::Delta { index: 0, text: answer_text(&report) }));
         yield Ok(Event::Model(Model::Finish { index: 0, reason: FinishReason::Stop }));
@@ -126,6 +85,62 @@ pub async fn run(
             trace: None,
         },
     })
+}
+
+/// The run a request asks for: the user's words describe the task, a system prompt applies
+/// to every model call, and the instances default to the family's first five and its
+/// configured training seeds.
+fn spec(
+    settings: &crate::config::PlanConfig,
+    request: &ChatRequest,
+    opts: &PlanOptions,
+) -> Result<Spec> {
+    let family = opts
+        .family
+        .ok_or_else(|| Error::invalid("the plan method needs a task family", None))?;
+    let eval = opts
+        .eval
+        .clone()
+        .unwrap_or_else(|| (0..5).map(|s| family.instance(s)).collect());
+    let train = opts
+        .train
+        .clone()
+        .unwrap_or_else(|| ipp::training_instances(family, settings.train));
+    let text = |role: Role| {
+        request
+            .messages
+            .iter()
+            .filter(|m| m.role == role)
+            .map(|m| m.content.trim())
+            .filter(|c| !c.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    Ok(Spec {
+        system: text(Role::System),
+        task: text(Role::User),
+        direct: opts.direct,
+        ..Spec::new(
+            family,
+            settings,
+            train,
+            eval,
+            opts.rounds,
+            request.sampling.clone(),
+        )
+    })
+}
+
+/// Runs, rounds and instances played, per family, for `/metrics`.
+fn count(report: &PlanReport) {
+    let family = report.family.clone();
+    let reused = report.reused.to_string();
+    metrics::counter!("experient_plan_runs_total", "family" => family.clone(), "reused" => reused)
+        .increment(1);
+    metrics::counter!("experient_plan_rounds_total", "family" => family.clone())
+        .increment(report.rounds.len() as u64);
+    metrics::counter!("experient_plan_instances_total", "family" => family)
+        .increment(report.refined_program.summary.instances as u64);
 }
 
 fn total_usage(r: &PlanReport) -> Usage {
