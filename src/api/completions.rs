@@ -216,33 +216,7 @@ pub async fn completions(
         })
         .collect();
     if !v.stream {
-        let done = tokio::time::timeout(state.request_timeout, methods::collect(events, total))
-            .await
-            .map_err(|_| Error::Timeout("generation did not finish in time".into()))??
-            .completion;
-        let choices: Vec<Value> = done
-            .choices
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                json!({
-                    "text": format!("{}{}", echoes[i], c.text),
-                    "index": i,
-                    "logprobs": c.logprobs.as_deref().map_or(Value::Null, legacy_logprobs),
-                    "finish_reason": c.finish_reason.as_str(),
-                })
-            })
-            .collect();
-        return Ok(axum::Json(json!({
-            "id": completion_id(),
-            "object": "text_completion",
-            "created": wire::now_secs(),
-            "model": v.model,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": choices,
-            "usage": WireUsage::from(done.usage),
-        }))
-        .into_response());
+        return whole(&state, events, v.model, echoes).await;
     }
     let frames = chunks(events, v.model, echoes, v.include_usage);
     Ok((
@@ -253,6 +227,44 @@ pub async fn completions(
         axum::body::Body::from_stream(frames.map(Ok::<_, Infallible>)),
     )
         .into_response())
+}
+
+/// The answer in one `text_completion`, every choice's text after its echoed prompt.
+async fn whole(
+    state: &AppState,
+    events: methods::Events,
+    model: String,
+    echoes: Vec<String>,
+) -> Result<Response> {
+    let collected = methods::collect(events, echoes.len());
+    let done = tokio::time::timeout(state.request_timeout, collected)
+        .await
+        .map_err(|_| Error::Timeout("generation did not finish in time".into()))??
+        .completion;
+    let choices: Vec<Value> = done
+        .choices
+        .iter()
+        .zip(&echoes)
+        .enumerate()
+        .map(|(i, (c, echo))| {
+            json!({
+                "text": format!("{echo}{}", c.text),
+                "index": i,
+                "logprobs": c.logprobs.as_deref().map_or(Value::Null, legacy_logprobs),
+                "finish_reason": c.finish_reason.as_str(),
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "id": completion_id(),
+        "object": "text_completion",
+        "created": wire::now_secs(),
+        "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "choices": choices,
+        "usage": WireUsage::from(done.usage),
+    }))
+    .into_response())
 }
 
 fn completion_id() -> String {
