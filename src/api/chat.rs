@@ -41,38 +41,7 @@ pub async fn chat_completions(
     let applied_header = applied_header(&output.applied);
 
     if !v.stream {
-        let answer =
-            tokio::time::timeout(state.request_timeout, methods::collect(output.events, n))
-                .await
-                .map_err(|_| {
-                    Error::Timeout(format!(
-                        "generation did not finish within {} s",
-                        state.request_timeout.as_secs()
-                    ))
-                })??;
-        let methods::Answer {
-            completion: done,
-            trace,
-        } = answer;
-        count_tokens(&model_label, done.usage);
-        let mut applied = output.applied;
-        applied.trace = trace;
-        if let (Some(rec), Some(c)) = (rec, done.choices.first()) {
-            let answer = super::feedback::answer_text(&c.text, &c.tool_calls);
-            let used = applied.experiences.clone();
-            let _ = tokio::task::spawn_blocking(move || rec.keep(answer, used)).await;
-        }
-        let body = json!({
-            "id": id,
-            "object": "chat.completion",
-            "created": wire::now_secs(),
-            "model": v.model,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": done.choices.iter().enumerate().map(|(i, c)| choice_json(i, c)).collect::<Vec<_>>(),
-            "usage": WireUsage::from(done.usage),
-            "experient": applied,
-        });
-        let mut resp = axum::Json(body).into_response();
+        let mut resp = whole(&state, output, v.model, id, rec, n).await?;
         insert_header(&mut resp, applied_header);
         return Ok(resp);
     }
@@ -98,6 +67,49 @@ pub async fn chat_completions(
         .into_response();
     insert_header(&mut resp, applied_header);
     Ok(resp)
+}
+
+/// The answer in one `chat.completion`, once the method has finished, recorded for feedback
+/// when the library records traffic.
+async fn whole(
+    state: &AppState,
+    output: methods::Output,
+    model: String,
+    id: String,
+    rec: Option<super::feedback::Recording>,
+    n: usize,
+) -> Result<Response, Error> {
+    let answer = tokio::time::timeout(state.request_timeout, methods::collect(output.events, n))
+        .await
+        .map_err(|_| {
+            Error::Timeout(format!(
+                "generation did not finish within {} s",
+                state.request_timeout.as_secs()
+            ))
+        })??;
+    let methods::Answer {
+        completion: done,
+        trace,
+    } = answer;
+    count_tokens(&output.applied.model, done.usage);
+    let mut applied = output.applied;
+    applied.trace = trace;
+    if let (Some(rec), Some(c)) = (rec, done.choices.first()) {
+        let answer = super::feedback::answer_text(&c.text, &c.tool_calls);
+        let used = applied.experiences.clone();
+        let _ = tokio::task::spawn_blocking(move || rec.keep(answer, used)).await;
+    }
+    let body = json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": wire::now_secs(),
+        "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "choices": done.choices.iter().enumerate().map(|(i, c)| choice_json(i, c)).collect::<Vec<_>>(),
+        "usage": WireUsage::from(done.usage),
+        "experient": applied,
+    });
+    Ok(axum::Json(body).into_response())
 }
 
 /// What the methods may use, from the server's state.
