@@ -84,7 +84,7 @@ pub(super) async fn start(
         return Err(Error::invalid("the body must be a JSON object", None));
     };
     let src = source(&mut fields)?;
-    let options = options(&s, &name, fields, src.from_traffic()?)?;
+    let options = options(&s, &name, fields, src.is_traffic()?)?;
     let run = match &src.resume {
         Some(id) => resume(&s, &name, id).await?,
         None => new_run(&s, &name, src, options).await?,
@@ -107,7 +107,7 @@ fn source(fields: &mut serde_json::Map<String, Value>) -> Result<Source> {
 }
 
 impl Source {
-    fn from_traffic(&self) -> Result<bool> {
+    fn is_traffic(&self) -> Result<bool> {
         match self.source.as_deref() {
             None | Some("tasks") => Ok(false),
             Some("traffic") => Ok(true),
