@@ -4,6 +4,10 @@ use std::path::PathBuf;
 
 use super::models::{traffic, ModelArgs};
 use crate::backend::fetch;
+use crate::config::Config;
+use crate::learn::dataset::{Dataset, Split};
+use crate::learn::eval;
+use crate::learn::verify::Scoring;
 
 /// `experient eval`'s flags.
 #[derive(clap::Args)]
@@ -55,43 +59,8 @@ pub struct EvalArgs {
 }
 
 pub(super) fn run(a: EvalArgs) -> anyhow::Result<()> {
-    use crate::learn::{
-        dataset::{Dataset, Split},
-        eval,
-    };
-
     let config = a.models.config()?;
-    let mut ds = match (&a.dataset, &a.library) {
-        (Some(path), _) => Dataset::load(path, config.bounds.max_dataset_bytes)?,
-        (None, Some(library)) if a.from_traffic => {
-            let scored: Vec<_> = traffic(&a.models, &config)?
-                .scored(library)
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .into_iter()
-                .filter(|(_, f)| f.expected.is_some())
-                .collect();
-            if scored.is_empty() {
-                anyhow::bail!("library '{library}' has no feedback that gives the right answer (expected) to score against");
-            }
-            crate::learn::dataset::from_traffic(library, &scored)
-        }
-        _ => anyhow::bail!("give --dataset, or --library with --from-traffic"),
-    };
-    if let Some(v) = &a.verifier {
-        use crate::learn::verify::Scoring;
-        ds.verifier = match Scoring::parse(v).map_err(|e| anyhow::anyhow!("--verifier: {e}"))? {
-            Scoring::Rule(rule) => rule,
-            Scoring::Judge => {
-                anyhow::bail!("--verifier: eval scores by rule: numeric, exact or regex:PATTERN")
-            }
-        };
-    }
-    let ds = ds.select(&Split {
-        seed: a.seed,
-        offset: a.offset,
-        limit: a.limit,
-        held_out: 0,
-    });
+    let ds = data_set(&a, &config)?;
     let model_cache = a.models.model_cache();
     let runtime = tokio::runtime::Runtime::new()?;
     let report = runtime.block_on(async {
@@ -136,4 +105,39 @@ pub(super) fn run(a: EvalArgs) -> anyhow::Result<()> {
     println!("{json}");
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(())
+}
+
+/// The tasks to score: a task file, or the library's traffic whose feedback gives the right
+/// answer; `--verifier` replaces the file's rule, and the flags pick the slice.
+fn data_set(a: &EvalArgs, config: &Config) -> anyhow::Result<Dataset> {
+    let mut ds = match (&a.dataset, &a.library) {
+        (Some(path), _) => Dataset::load(path, config.bounds.max_dataset_bytes)?,
+        (None, Some(library)) if a.from_traffic => {
+            let scored: Vec<_> = traffic(&a.models, config)?
+                .scored(library)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .into_iter()
+                .filter(|(_, f)| f.expected.is_some())
+                .collect();
+            if scored.is_empty() {
+                anyhow::bail!("library '{library}' has no feedback that gives the right answer (expected) to score against");
+            }
+            crate::learn::dataset::from_traffic(library, &scored)
+        }
+        _ => anyhow::bail!("give --dataset, or --library with --from-traffic"),
+    };
+    if let Some(v) = &a.verifier {
+        ds.verifier = match Scoring::parse(v).map_err(|e| anyhow::anyhow!("--verifier: {e}"))? {
+            Scoring::Rule(rule) => rule,
+            Scoring::Judge => {
+                anyhow::bail!("--verifier: eval scores by rule: numeric, exact or regex:PATTERN")
+            }
+        };
+    }
+    Ok(ds.select(&Split {
+        seed: a.seed,
+        offset: a.offset,
+        limit: a.limit,
+        held_out: 0,
+    }))
 }
