@@ -62,43 +62,7 @@ pub async fn learn(
     progress: &Progress,
 ) -> Result<RunSummary> {
     let o = &run.info.options;
-    // A resumed run's options come from its directory, which may have been edited by hand.
-    o.check(&ctx.bounds)?;
-    let rollout = router.resolve(&o.model, Some(crate::router::Method::Direct.name()), None)?;
-    let learner = router
-        .resolve(o.learner(), None, None)
-        .map_err(|e| rename_param(e, "learner_model"))?
-        .backend;
-    let scoring = Scoring::parse(o.verifier.as_deref().unwrap_or(&run.info.default_verifier))?;
-    let rule = match Scoring::parse(&run.info.default_verifier)? {
-        Scoring::Rule(v) => v,
-        Scoring::Judge => Verifier::Exact,
-    };
-    let judge = match scoring {
-        Scoring::Judge => Some(Judge {
-            backend: router
-                .resolve(o.judge_model.as_deref().unwrap_or(o.learner()), None, None)
-                .map_err(|e| rename_param(e, "judge_model"))?
-                .backend,
-            prompts: ctx.prompts.clone(),
-            retries: o.retries,
-            max_tokens: 128,
-        }),
-        Scoring::Rule(_) => None,
-    };
-    if ctx.store.library(&o.library).is_err() {
-        ctx.store.create(&o.library)?;
-    }
-    let l = Learner {
-        ctx,
-        run,
-        rollout,
-        learner,
-        scoring,
-        judge,
-        rule,
-        progress,
-    };
+    let l = Learner::new(ctx, router, run, progress)?;
     progress.steps.store(run.info.steps, Ordering::Relaxed);
     progress.rollouts_total.store(
         (run.info.tasks as u64) * u64::from(o.group_size) * u64::from(o.epochs),
@@ -127,6 +91,12 @@ pub async fn learn(
             version = ?result.version, "learning step done"
         );
     }
+    summarize(ctx, run)
+}
+
+/// The run's summary, written beside its steps with the progress chart.
+fn summarize(ctx: &Context, run: &Run) -> Result<RunSummary> {
+    let o = &run.info.options;
     let lib = ctx.store.library(&o.library)?;
     let summary = RunSummary {
         run: run.info.id.clone(),
@@ -166,6 +136,56 @@ fn mixed_groups<'a>(ok: impl Iterator<Item = &'a Rollout>) -> Vec<(usize, Vec<&'
         .into_iter()
         .filter(|(_, g)| g.len() >= 2 && g.iter().any(|r| r.reward != g[0].reward))
         .collect()
+}
+
+impl<'a> Learner<'a> {
+    /// The models and the scoring a run needs, resolved before its first step; the library
+    /// is created if it does not exist yet.
+    fn new(
+        ctx: &'a Context,
+        router: &Router,
+        run: &'a Run,
+        progress: &'a Progress,
+    ) -> Result<Self> {
+        let o = &run.info.options;
+        // A resumed run's options come from its directory, which may have been edited by hand.
+        o.check(&ctx.bounds)?;
+        let rollout = router.resolve(&o.model, Some(crate::router::Method::Direct.name()), None)?;
+        let learner = router
+            .resolve(o.learner(), None, None)
+            .map_err(|e| rename_param(e, "learner_model"))?
+            .backend;
+        let scoring = Scoring::parse(o.verifier.as_deref().unwrap_or(&run.info.default_verifier))?;
+        let rule = match Scoring::parse(&run.info.default_verifier)? {
+            Scoring::Rule(v) => v,
+            Scoring::Judge => Verifier::Exact,
+        };
+        let judge = match scoring {
+            Scoring::Judge => Some(Judge {
+                backend: router
+                    .resolve(o.judge_model.as_deref().unwrap_or(o.learner()), None, None)
+                    .map_err(|e| rename_param(e, "judge_model"))?
+                    .backend,
+                prompts: ctx.prompts.clone(),
+                retries: o.retries,
+                max_tokens: 128,
+            }),
+            Scoring::Rule(_) => None,
+        };
+        if ctx.store.library(&o.library).is_err() {
+            ctx.store.create(&o.library)?;
+        }
+        Ok(Learner {
+            ctx,
+            run,
+            rollout,
+            learner,
+            scoring,
+            judge,
+            rule,
+            progress,
+        })
+    }
 }
 
 impl Learner<'_> {
