@@ -514,25 +514,7 @@ impl Learner<'_> {
             rejected: vec![],
             skipped: None,
         };
-        let mut work = Vec::new();
-        for r in &group {
-            work.push(async move {
-                let prompt = self.ctx.prompts.render(
-                    "rollout_summary.j2",
-                    minijinja::context! {
-                        question => t.question, answer => t.answer, attempt => r.output,
-                        reward => r.reward, critique => r.critique,
-                    },
-                )?;
-                let summary = self.ask(prompt, false, non_empty).await?.parsed;
-                // An unusable summary still lets the comparison see the attempt itself.
-                Ok::<_, Error>(summary.unwrap_or_else(|_| {
-                    format!("(no summary; the attempt read:) {}", reply_or(&r.output))
-                }))
-            });
-        }
-        let summaries: Vec<String> = bounded(work, 2).await?;
-        record.summaries = summaries;
+        record.summaries = self.summaries(t, &group).await?;
 
         let attempts: Vec<_> = group
             .iter()
@@ -579,6 +561,28 @@ impl Learner<'_> {
             }
         }
         Ok(record)
+    }
+
+    /// Each attempt of a group in a few words, with its reward and critique in view; two at a
+    /// time. An unusable summary still lets the comparison see the attempt itself.
+    async fn summaries(&self, t: &super::dataset::Task, group: &[&Rollout]) -> Result<Vec<String>> {
+        let work: Vec<_> = group
+            .iter()
+            .map(|r| async move {
+                let prompt = self.ctx.prompts.render(
+                    "rollout_summary.j2",
+                    minijinja::context! {
+                        question => t.question, answer => t.answer, attempt => r.output,
+                        reward => r.reward, critique => r.critique,
+                    },
+                )?;
+                let summary = self.ask(prompt, false, non_empty).await?.parsed;
+                Ok::<_, Error>(summary.unwrap_or_else(|_| {
+                    format!("(no summary; the attempt read:) {}", reply_or(&r.output))
+                }))
+            })
+            .collect();
+        bounded(work, 2).await
     }
 
     async fn consolidate(
