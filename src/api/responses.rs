@@ -255,9 +255,45 @@ fn chat_format(text: Option<&Value>) -> Result<Option<Value>> {
 
 fn plan(state: &AppState, r: CreateResponse) -> Result<Plan> {
     check_unsupported(&r)?;
-    let tools_wire: Vec<Value> = r.tools.clone().unwrap_or_default();
-    let chat_tools = tools_wire
+    let mut chat = chat_of(state, &r)?;
+    let echo = echo(&r);
+    let history = match &r.previous_response_id {
+        None => vec![],
+        Some(id) => conversation_of(state, id)?,
+    };
+    let input = as_items(r.input)?;
+    let mut messages = Vec::new();
+    if let Some(i) = r.instructions.as_ref().filter(|i| !i.is_empty()) {
+        messages.push(Message::new(Role::System, i.clone()));
+    }
+    messages.extend(items_to_messages(&history, "previous_response_id")?);
+    messages.extend(items_to_messages(&input, "input")?);
+    if messages.iter().all(|m| m.role == Role::System) {
+        return Err(Error::invalid(
+            "input must hold at least one message",
+            "input",
+        ));
+    }
+    chat.messages = messages;
+    Ok(Plan {
+        model: r.model,
+        stream: r.stream.unwrap_or(false),
+        store: r.store.unwrap_or(true),
+        options: r.experient.unwrap_or_default(),
+        chat,
+        input,
+        history,
+        echo,
+    })
+}
+
+/// The request's sampling, tools and format as a chat request's, validated by the chat
+/// rules; errors name the Responses API's fields, not chat's.
+fn chat_of(state: &AppState, r: &CreateResponse) -> Result<ChatRequest> {
+    let chat_tools = r
+        .tools
         .iter()
+        .flatten()
         .enumerate()
         .map(|(i, t)| chat_tool(i, t))
         .collect::<Result<Vec<_>>>()?;
@@ -291,37 +327,22 @@ fn plan(state: &AppState, r: CreateResponse) -> Result<Plan> {
         .map_err(|e| respell(e, "max_tokens", "max_output_tokens"))
         .map_err(|e| respell(e, "response_format.json_schema", "text.format"))
         .map_err(|e| respell(e, "response_format", "text.format"))?;
+    Ok(v.chat)
+}
 
-    let history = match &r.previous_response_id {
-        None => vec![],
-        Some(id) => conversation_of(state, id)?,
-    };
-    let input = as_items(r.input)?;
-    let mut messages = Vec::new();
-    if let Some(i) = r.instructions.as_ref().filter(|i| !i.is_empty()) {
-        messages.push(Message::new(Role::System, i.clone()));
-    }
-    messages.extend(items_to_messages(&history, "previous_response_id")?);
-    messages.extend(items_to_messages(&input, "input")?);
-    if messages.iter().all(|m| m.role == Role::System) {
-        return Err(Error::invalid(
-            "input must hold at least one message",
-            "input",
-        ));
-    }
-    let mut chat = v.chat;
-    chat.messages = messages;
-    let echo = json!({
+/// The request's fields as every response object repeats them, with OpenAI's defaults.
+fn echo(r: &CreateResponse) -> Value {
+    json!({
         "instructions": r.instructions,
         "max_output_tokens": r.max_output_tokens,
-        "metadata": r.metadata.unwrap_or_default(),
+        "metadata": r.metadata.clone().unwrap_or_default(),
         "parallel_tool_calls": r.parallel_tool_calls.unwrap_or(true),
         "previous_response_id": r.previous_response_id,
         "temperature": r.temperature.unwrap_or(1.0),
         "top_p": r.top_p.unwrap_or(1.0),
-        "text": r.text.unwrap_or_else(|| json!({"format": {"type": "text"}})),
-        "tool_choice": r.tool_choice.unwrap_or_else(|| json!("auto")),
-        "tools": tools_wire,
+        "text": r.text.clone().unwrap_or_else(|| json!({"format": {"type": "text"}})),
+        "tool_choice": r.tool_choice.clone().unwrap_or_else(|| json!("auto")),
+        "tools": r.tools.clone().unwrap_or_default(),
         "truncation": "disabled",
         "store": r.store.unwrap_or(true),
         "background": false,
@@ -330,16 +351,6 @@ fn plan(state: &AppState, r: CreateResponse) -> Result<Plan> {
         // Echoed as OpenAI does. The prefix cache matches every request's leading tokens, so it
         // needs no key to group requests by.
         "prompt_cache_key": r.prompt_cache_key,
-    });
-    Ok(Plan {
-        model: r.model,
-        stream: r.stream.unwrap_or(false),
-        store: r.store.unwrap_or(true),
-        options: r.experient.unwrap_or_default(),
-        chat,
-        input,
-        history,
-        echo,
     })
 }
 
