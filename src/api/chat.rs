@@ -33,7 +33,6 @@ pub async fn chat_completions(
     options::refuse_unsupported(&route, &v.chat, options::chat_field)?;
     let opts = options::method_options(&state, route.method, &v.options)?;
     let n = v.chat.sampling.n as usize;
-    let model_label = route.model.clone();
     let ctx = method_context(&state);
     let id = wire::completion_id();
     let rec = super::feedback::recording(&state, &route, &id, "chat.completions", &v.chat.messages);
@@ -54,7 +53,6 @@ pub async fn chat_completions(
         n,
         v.include_usage,
         output.applied,
-        model_label,
         KEEP_ALIVE_EVERY,
     );
     let mut resp = (
@@ -435,7 +433,6 @@ fn chunks(
     n: usize,
     include_usage: bool,
     mut applied: Applied,
-    model_label: String,
     keep_alive_every: Duration,
 ) -> impl Stream<Item = Bytes> + Send {
     async_stream::stream! {
@@ -461,7 +458,7 @@ fn chunks(
         if let Some(e) = failed {
             yield frame(&e.envelope().to_string());
         } else {
-            count_tokens(&model_label, choices.usage);
+            count_tokens(&applied.model, choices.usage);
             choices.close(&f, &mut out);
             for b in out.drain(..) {
                 yield b;
@@ -511,25 +508,17 @@ mod tests {
 
     async fn run(events: Vec<crate::Result<Event>>, include_usage: bool) -> Vec<Value> {
         let s = methods::model_events(futures::stream::iter(events).boxed());
-        chunks(
-            s,
-            head("m"),
-            1,
-            include_usage,
-            applied(),
-            "m".into(),
-            KEEP_ALIVE_EVERY,
-        )
-        .map(|f| {
-            let d = payload(&f);
-            if d == "[DONE]" {
-                json!("[DONE]")
-            } else {
-                serde_json::from_str(&d).unwrap()
-            }
-        })
-        .collect()
-        .await
+        chunks(s, head("m"), 1, include_usage, applied(), KEEP_ALIVE_EVERY)
+            .map(|f| {
+                let d = payload(&f);
+                if d == "[DONE]" {
+                    json!("[DONE]")
+                } else {
+                    serde_json::from_str(&d).unwrap()
+                }
+            })
+            .collect()
+            .await
     }
 
     #[tokio::test]
@@ -604,7 +593,7 @@ mod tests {
             .boxed(),
         );
         let every = Duration::from_millis(50);
-        let out: Vec<Bytes> = chunks(events, head("m"), 1, false, applied(), "m".into(), every)
+        let out: Vec<Bytes> = chunks(events, head("m"), 1, false, applied(), every)
             .collect()
             .await;
         let comments = out.iter().filter(|f| f.as_ref() == KEEP_ALIVE).count();
@@ -642,18 +631,10 @@ mod tests {
             })),
         ];
         let s = methods::model_events(futures::stream::iter(events).boxed());
-        let out: Vec<String> = chunks(
-            s,
-            head("m\"x"),
-            2,
-            true,
-            applied(),
-            "m".into(),
-            KEEP_ALIVE_EVERY,
-        )
-        .map(|f| payload(&f))
-        .collect()
-        .await;
+        let out: Vec<String> = chunks(s, head("m\"x"), 2, true, applied(), KEEP_ALIVE_EVERY)
+            .map(|f| payload(&f))
+            .collect()
+            .await;
         assert_eq!(out.last().unwrap(), "[DONE]");
         for c in &out[..out.len() - 1] {
             let v: Value = serde_json::from_str(c).unwrap();

@@ -84,10 +84,11 @@ pub(super) async fn start(
         return Err(Error::invalid("the body must be a JSON object", None));
     };
     let src = source(&mut fields)?;
-    let options = options(&s, &name, fields, src.is_traffic()?)?;
+    let from_traffic = src.is_traffic()?;
+    let options = options(&s, &name, fields, from_traffic)?;
     let run = match &src.resume {
         Some(id) => resume(&s, &name, id).await?,
-        None => new_run(&s, &name, src, options).await?,
+        None => new_run(&s, &name, src, from_traffic, options).await?,
     };
     let job = s
         .jobs
@@ -189,9 +190,15 @@ async fn resume(s: &AppState, name: &str, id: &str) -> Result<Run> {
 
 /// A new run directory: the data set (inline tasks, a file on the server or the library's
 /// traffic) split into learning and validation tasks.
-async fn new_run(s: &AppState, name: &str, src: Source, options: LearnOptions) -> Result<Run> {
+async fn new_run(
+    s: &AppState,
+    name: &str,
+    src: Source,
+    from_traffic: bool,
+    options: LearnOptions,
+) -> Result<Run> {
     let data = match (src.tasks, &src.dataset) {
-        _ if src.source.as_deref() == Some("traffic") => traffic_data(s, name).await?,
+        _ if from_traffic => traffic_data(s, name).await?,
         (Some(t), None) => Dataset::from_tasks("inline", tasks(t)),
         (None, Some(path)) => {
             let path = std::path::PathBuf::from(path);
@@ -229,16 +236,9 @@ async fn new_run(s: &AppState, name: &str, src: Source, options: LearnOptions) -
 /// The library's scored traffic as a data set; a 400 when there is none to learn from.
 async fn traffic_data(s: &AppState, library: &str) -> Result<Dataset> {
     let (traffic, l) = (s.traffic.clone(), library.to_owned());
-    let scored = tokio::task::spawn_blocking(move || traffic.scored(&l))
+    tokio::task::spawn_blocking(move || crate::learn::dataset::learnable_traffic(&traffic, &l))
         .await
-        .map_err(Error::internal)??;
-    if scored.is_empty() {
-        return Err(Error::invalid(
-            format!("library '{library}' has no recorded completions with feedback to learn from"),
-            "source",
-        ));
-    }
-    Ok(crate::learn::dataset::from_traffic(library, &scored))
+        .map_err(Error::internal)?
 }
 
 /// Continuous learning: when `library` has `auto_learn` and at least `after` pieces of feedback

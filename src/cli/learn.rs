@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use super::models::{traffic, ModelArgs};
 use crate::backend::fetch;
-use crate::config::Config;
 use crate::learn::dataset::{Dataset, Split};
 use crate::learn::grpo::{self, LearnOptions, Progress, Run};
 
@@ -94,7 +93,10 @@ pub(super) fn run(a: LearnArgs) -> anyhow::Result<()> {
         (None, Some(library), dataset) if dataset.is_some() || a.from_traffic => {
             let data = match dataset {
                 Some(path) => Dataset::load(path, config.bounds.max_dataset_bytes)?,
-                None => traffic_data(&a, &config, library)?,
+                None => {
+                    crate::learn::dataset::learnable_traffic(&traffic(&a.models, &config)?, library)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?
+                }
             };
             let (train, validation) = data.split(&Split {
                 seed: a.seed,
@@ -147,19 +149,6 @@ pub(super) fn run(a: LearnArgs) -> anyhow::Result<()> {
     );
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(())
-}
-
-/// `--from-traffic`: the library's recorded completions that have feedback, as tasks.
-fn traffic_data(a: &LearnArgs, config: &Config, library: &str) -> anyhow::Result<Dataset> {
-    let scored = traffic(&a.models, config)?
-        .scored(library)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    if scored.is_empty() {
-        anyhow::bail!(
-            "library '{library}' has no recorded completions with feedback to learn from"
-        );
-    }
-    Ok(crate::learn::dataset::from_traffic(library, &scored))
 }
 
 /// The run's options from the flags; traffic has no rule to check answers by, so its default

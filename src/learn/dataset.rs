@@ -191,6 +191,22 @@ impl Dataset {
     }
 }
 
+/// The library's recorded completions that have feedback, as a data set to learn from; an
+/// error naming `source` when there is none, since a run over no tasks would learn nothing.
+pub fn learnable_traffic(
+    traffic: &crate::experience::traffic::Traffic,
+    library: &str,
+) -> crate::Result<Dataset> {
+    let scored = traffic.scored(library)?;
+    if scored.is_empty() {
+        return Err(crate::Error::invalid(
+            format!("library '{library}' has no recorded completions with feedback to learn from"),
+            "source",
+        ));
+    }
+    Ok(from_traffic(library, &scored))
+}
+
 /// Tasks from recorded traffic and the feedback on it: the question is the conversation the
 /// client sent, and the reference is what the person said is right: `expected` when given;
 /// otherwise the served answer itself when it was marked good, or, when it was marked bad, a

@@ -748,3 +748,29 @@ async fn a_learning_job_commits_only_the_finished_lines_of_cut_off_replies() {
     );
     s.stop().await;
 }
+
+/// Learning from traffic needs traffic: a library with no scored completions, or a source the
+/// server does not know, is a 400 naming `source`, and no job starts and the library is as it
+/// was.
+#[tokio::test]
+async fn a_learning_job_from_no_traffic_is_refused_naming_the_source() {
+    let s = serve(Scripted::new(|_| Script::words("4")), &[], &[]).await;
+    let (_, before) = crate::common::call("GET", &s.url("/v1/libraries/math"), None).await;
+    let learn = s.url("/v1/libraries/math/learn");
+    for (source, says) in [
+        ("traffic", "no recorded completions with feedback"),
+        ("logs", "source must be \"traffic\""),
+    ] {
+        let body = json!({"model": "m", "source": source}).to_string();
+        let (st, v, _) = raw("POST", &learn, None, Some(&body)).await;
+        assert_eq!(st, 400, "{v}");
+        let e = envelope(&v);
+        assert_eq!(e["param"], "source", "{v}");
+        assert!(e["message"].as_str().unwrap().contains(says), "{v}");
+    }
+    let (_, jobs) = crate::common::call("GET", &s.url("/v1/jobs"), None).await;
+    assert_eq!(jobs["data"], json!([]), "{jobs}");
+    let (_, after) = crate::common::call("GET", &s.url("/v1/libraries/math"), None).await;
+    assert_eq!(after, before);
+    s.stop().await;
+}
