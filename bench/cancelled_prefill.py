@@ -34,7 +34,7 @@ def leave_during_prefill(base, prompt, leave_after):
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": prompt}],
                        "max_tokens": 16, "stream": True}).encode()
     s = socket.create_connection((url.hostname, url.port))
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
               b"Content-Length: %d\r\n\r\n" % len(body) + body)
     time.sleep(leave_after)
     s.close()

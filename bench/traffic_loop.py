@@ -49,8 +49,12 @@ def main():
 
     work = tempfile.mkdtemp()
     exp = os.path.join(work, "experience")
-    proc = subprocess.Popen([BINARY, "serve", "--addr", "127.0.0.1:0", "--experience-dir", exp],
-                            stdout=subprocess.PIPE, text=True)
+    # One client gives all the feedback here, faster than the default per-key rate allows.
+    config = os.path.join(work, "config.toml")
+    with open(config, "w") as f:
+        f.write("[traffic]\nfeedback_per_minute = 100000\n")
+    proc = subprocess.Popen([BINARY, "serve", "--addr", "127.0.0.1:0", "--experience-dir", exp,
+                             "--config", config], stdout=subprocess.PIPE, text=True)
     base = next(l.split()[-1] for l in proc.stdout if l.startswith("experient: listening on "))
     while True:
         try:

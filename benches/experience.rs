@@ -91,12 +91,12 @@ impl Rng {
     }
 }
 
-fn library(n: usize, cache_entries: u64) -> (tempfile::TempDir, Store) {
+fn library(n: usize, cache_bytes: u64) -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(
         dir.path(),
         StoreOptions {
-            cache_entries,
+            cache_bytes,
             ..Default::default()
         },
     )
@@ -138,7 +138,7 @@ fn search(c: &mut Criterion) {
     for n in [1_000, 10_000, 100_000] {
         let mut rng = Rng(42);
         let queries: Vec<String> = (0..5000).map(|_| rng.words(3)).collect();
-        for (label, cache) in [("uncached", 0), ("cached", 10_000)] {
+        for (label, cache) in [("uncached", 0), ("cached", 64 << 20)] {
             let (_dir, store) = library(n, cache);
             // Warm the cache (when there is one) and the OS page cache.
             let _ = percentiles(&store, &queries);
@@ -162,7 +162,7 @@ fn writes(c: &mut Criterion) {
         .sample_size(20)
         .measurement_time(Duration::from_secs(5));
     for n in [1_000, 100_000] {
-        let (_dir, store) = library(n, 10_000);
+        let (_dir, store) = library(n, 64 << 20);
         let mut rng = Rng(7);
         group.bench_with_input(BenchmarkId::new("add", n), &n, |b, _| {
             b.iter(|| {

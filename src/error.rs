@@ -26,6 +26,12 @@ pub enum Error {
     /// The body is larger than the configured limit.
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The client did not send its whole request body in time.
+    #[error("{0}")]
+    RequestTimeout(String),
+    /// A body that is not declared as JSON where JSON is read.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// Every generation slot and every queue place is taken; the client should retry later.
     #[error("{message}")]
     Overloaded {

@@ -85,6 +85,7 @@ fn limits() -> RequestLimits {
     RequestLimits {
         max_n: 8,
         max_stop: 4,
+        max_tools: 128,
     }
 }
 
@@ -156,5 +157,84 @@ proptest! {
         let _ = crate::learn::ops::parse(&reply);
         let as_json = json!(lines.iter().map(|(op, id, text)| json!({"operation": op, "id": id, "content": text})).collect::<Vec<_>>());
         let _ = crate::learn::ops::parse(&as_json.to_string());
+    }
+}
+
+/// Text that random strings never reach: brackets and operators nested tens of thousands deep,
+/// with words between them. Each of these once overflowed a tokio worker's stack.
+fn nested_text() -> impl Strategy<Value = String> {
+    (
+        prop::sample::select(vec!["(", "((", "[", "{", "-", "!", "\"", "(a OR ", "+("]),
+        1usize..60_000,
+        prop::sample::select(vec!["", ")", "units", " convert AND lesson", "1"]),
+        0usize..60_000,
+    )
+        .prop_map(|(open, depth, middle, close)| {
+            format!("{}{middle}{}", open.repeat(depth), ")".repeat(close))
+        })
+}
+
+/// A chat request with a huge count of one thing: tools, messages, stop sequences, tags.
+fn huge_counts() -> impl Strategy<Value = Value> {
+    (prop::sample::select(vec!["tools", "messages", "stop", "logit_bias"]), 0usize..70_000).prop_map(
+        |(field, n)| {
+            let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+            body[field] = match field {
+                "tools" => Value::Array(
+                    (0..n)
+                        .map(|i| json!({"type": "function", "function": {"name": format!("f{}", i % 1000)}}))
+                        .collect(),
+                ),
+                "messages" => Value::Array(
+                    (0..n.max(1)).map(|_| json!({"role": "user", "content": "x"})).collect(),
+                ),
+                "stop" => Value::Array((0..n).map(|i| json!(format!("s{i}"))).collect()),
+                _ => Value::Object((0..n).map(|i| (i.to_string(), json!(1))).collect()),
+            };
+            body
+        },
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn deeply_nested_text_is_searched_without_recursion(q in nested_text()) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::experience::Store::open(dir.path(), Default::default()).unwrap();
+        store.create("l").unwrap();
+        store.add("l", "Units: convert every quantity first.", vec![]).unwrap();
+        // On a thread with a small stack, as a tokio worker's: recursion per bracket would
+        // overflow it long before these depths.
+        let hits = std::thread::Builder::new()
+            .stack_size(1 << 20)
+            .spawn(move || store.search("l", Some(&q), None, 3).map(|h| h.len()))
+            .unwrap()
+            .join()
+            .expect("search overflowed a small stack");
+        prop_assert!(hits.is_ok());
+    }
+
+    #[test]
+    fn huge_counts_are_refused_or_served_quickly(body in huge_counts()) {
+        let bytes = serde_json::to_vec(&body).unwrap();
+        let t = std::time::Instant::now();
+        if let Ok(req) = parse_json::<ChatCompletionRequest>(&bytes) {
+            let _ = req.validate(&limits());
+        }
+        prop_assert!(t.elapsed() < std::time::Duration::from_secs(2), "{:?}", t.elapsed());
+    }
+}
+
+#[test]
+fn deeply_nested_expressions_are_refused_before_they_are_parsed() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    for depth in [33, 1_000, 100_000] {
+        let deep = format!("{}1{}", "(".repeat(depth), ")".repeat(depth));
+        let out = rt.block_on(crate::methods::iterresearch::calculate_for_tests(&deep));
+        assert!(out.starts_with("error:"), "{depth}: {out}");
     }
 }

@@ -28,6 +28,9 @@ pub struct ResponsesConfig {
     pub max_total_bytes: u64,
     /// Responses older than this are removed, in days.
     pub max_age_days: u64,
+    /// Most bytes one stored response (its conversation included) may take; a turn that would
+    /// store more is refused before it runs.
+    pub max_record_bytes: u64,
 }
 
 impl Default for ResponsesConfig {
@@ -36,6 +39,7 @@ impl Default for ResponsesConfig {
             max_stored: 10_000,
             max_total_bytes: 1 << 30,
             max_age_days: 30,
+            max_record_bytes: 16 << 20,
         }
     }
 }
@@ -91,6 +95,11 @@ impl ResponseStore {
         Ok(store)
     }
 
+    /// The most bytes one record may take (`responses.max_record_bytes`).
+    pub fn max_record_bytes(&self) -> u64 {
+        self.config.max_record_bytes
+    }
+
     fn path(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}.json"))
     }
@@ -101,6 +110,17 @@ impl ResponseStore {
             return Err(Error::Internal(format!("not a response id: {id}")));
         }
         let bytes = serde_json::to_vec(record).map_err(|e| Error::Internal(e.to_string()))?;
+        if bytes.len() as u64 > self.config.max_record_bytes {
+            return Err(Error::invalid(
+                format!(
+                    "the response and its conversation are {} bytes, more than a stored \
+                     response may hold ({}); send store: false",
+                    bytes.len(),
+                    self.config.max_record_bytes
+                ),
+                "store",
+            ));
+        }
         crate::experience::write_atomic(&self.path(id), &bytes)?;
         self.index.lock().insert(
             (nanos(SystemTime::now()), id.to_owned()),

@@ -33,6 +33,11 @@ pub fn is_public(ip: IpAddr) -> bool {
                 let [a, b] = [s[6].to_be_bytes(), s[7].to_be_bytes()];
                 return is_public_v4(Ipv4Addr::new(a[0], a[1], b[0], b[1]));
             }
+            // IPv4-compatible addresses (::/96, deprecated) embed an IPv4 address too, and
+            // some stacks still route them to it: none is public.
+            if s[..6] == [0, 0, 0, 0, 0, 0] {
+                return false;
+            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
@@ -164,6 +169,9 @@ mod tests {
             "fd00::1",
             "fe80::1",
             "::ffff:127.0.0.1",
+            "::127.0.0.1",
+            "::169.254.169.254",
+            "::8.8.8.8",
             "::ffff:169.254.169.254",
             "64:ff9b::a9fe:a9fe",
         ] {

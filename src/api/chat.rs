@@ -22,6 +22,7 @@ use crate::methods::{self, Applied, Event};
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", request_body = ChatCompletionRequest, responses((status = 200, description = "a chat.completion, or with stream an SSE stream of chat.completion.chunk", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 413, description = "body too large", body = crate::api::openapi::ErrorEnvelope), (status = 429, description = "at capacity", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "loading", body = crate::api::openapi::ErrorEnvelope), (status = 504, description = "past request_timeout_secs", body = crate::api::openapi::ErrorEnvelope)))]
 pub async fn chat_completions(
     State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<super::auth::Caller>,
     JsonBody(req): JsonBody<ChatCompletionRequest>,
 ) -> Result<Response, Error> {
     let v = req.validate(&state.limits)?;
@@ -30,12 +31,26 @@ pub async fn chat_completions(
         v.options.method.as_deref(),
         v.options.library.as_deref(),
     )?;
+    let slot = options::admit(
+        &state,
+        &caller,
+        &route,
+        v.chat.sampling.max_tokens,
+        v.tokens_field,
+    )?;
     options::refuse_unsupported(&route, &v.chat, options::chat_field)?;
-    let opts = options::method_options(&state, route.method, &v.options)?;
+    let opts = options::method_options(&state, &caller, route.method, &v.options)?;
     let n = v.chat.sampling.n as usize;
     let ctx = method_context(&state);
     let id = wire::completion_id();
-    let rec = super::feedback::recording(&state, &route, &id, "chat.completions", &v.chat.messages);
+    let rec = super::feedback::recording(
+        &state,
+        &caller,
+        &route,
+        &id,
+        "chat.completions",
+        &v.chat.messages,
+    );
     let output = methods::run(&ctx, route, v.chat, &opts).await?;
     let applied_header = applied_header(&output.applied);
 
@@ -45,8 +60,8 @@ pub async fn chat_completions(
         return Ok(resp);
     }
 
-    let events =
-        super::feedback::record_stream(output.events, rec, output.applied.experiences.clone());
+    let events = super::stream_deadline(output.events, state.stream_timeout, slot);
+    let events = super::feedback::record_stream(events, rec, output.applied.experiences.clone());
     let frames = chunks(
         events,
         Head { id, model: v.model },

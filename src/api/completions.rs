@@ -165,10 +165,12 @@ impl CompletionRequest {
 #[utoipa::path(post, path = "/v1/completions", tag = "openai", request_body = CompletionRequest, responses((status = 200, description = "a text_completion, or with stream an SSE stream of them", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such model", body = crate::api::openapi::ErrorEnvelope), (status = 429, description = "at capacity", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "loading", body = crate::api::openapi::ErrorEnvelope)))]
 pub async fn completions(
     State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<super::auth::Caller>,
     JsonBody(req): JsonBody<CompletionRequest>,
 ) -> Result<Response> {
     let v = req.validate(&state.limits)?;
     let route = state.router.resolve(&v.model, None, None)?;
+    let slot = super::options::admit(&state, &caller, &route, v.sampling.max_tokens, "max_tokens")?;
     if route.method != Method::Direct || route.library.is_some() {
         return Err(Error::invalid(
             "legacy completions continue a prompt as it is; methods and libraries apply to /v1/chat/completions and /v1/responses",
@@ -218,6 +220,7 @@ pub async fn completions(
     if !v.stream {
         return whole(&state, events, v.model, echoes).await;
     }
+    let events = super::stream_deadline(events, state.stream_timeout, slot);
     let frames = chunks(events, v.model, echoes, v.include_usage);
     Ok((
         [

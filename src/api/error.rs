@@ -17,6 +17,8 @@ impl Error {
             Error::NotFound { .. } => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -46,6 +48,12 @@ impl Error {
             ),
             Error::Conflict(_) => ("invalid_request_error", Some("conflict"), None),
             Error::PayloadTooLarge(_) => ("invalid_request_error", Some("request_too_large"), None),
+            Error::RequestTimeout(_) => ("invalid_request_error", Some("request_timeout"), None),
+            Error::UnsupportedMediaType(_) => (
+                "invalid_request_error",
+                Some("unsupported_media_type"),
+                None,
+            ),
             Error::Overloaded { .. } => ("rate_limit_error", Some("rate_limit_exceeded"), None),
             Error::Unavailable(_) => ("service_unavailable", Some("service_unavailable"), None),
             Error::Timeout(_) => ("timeout", Some("timeout"), None),
@@ -60,8 +68,24 @@ impl Error {
             ),
             Error::Internal(_) => ("server_error", Some("internal_error"), None),
         };
-        json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}})
+        let message = match self {
+            // Said by the server about itself: the log keeps the paths, the client does not
+            // need the layout of the server's disk.
+            Error::Internal(_) | Error::Unavailable(_) | Error::Conflict(_) => {
+                without_paths(&self.to_string())
+            }
+            _ => self.to_string(),
+        };
+        json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
     }
+}
+
+/// `text` with every absolute file path (two or more components) replaced by `<path>`.
+fn without_paths(text: &str) -> String {
+    static PATH: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"(?:/[A-Za-z0-9._@+\-]+){2,}/?").expect("a valid pattern")
+    });
+    PATH.replace_all(text, "<path>").into_owned()
 }
 
 impl IntoResponse for Error {
@@ -88,10 +112,15 @@ impl IntoResponse for Error {
 /// malformed JSON, and 400 naming the field (`param`) for a schema violation.
 pub struct JsonBody<T>(pub T);
 
+/// Bodies larger than this are parsed on a blocking thread: a 4 MiB body of many small values
+/// (60,000 tools) took seconds of CPU, and on an async worker that stalls every connection the
+/// worker serves.
+const PARSE_INLINE_BYTES: usize = 64 << 10;
+
 impl<S, T> FromRequest<S> for JsonBody<T>
 where
     S: Send + Sync,
-    T: DeserializeOwned,
+    T: DeserializeOwned + Send + 'static,
 {
     type Rejection = Error;
 
@@ -108,7 +137,12 @@ where
                 }
                 other => Error::invalid(format!("could not read the request body: {other}"), None),
             })?;
-        parse_json(&bytes).map(JsonBody)
+        if bytes.len() <= PARSE_INLINE_BYTES {
+            return parse_json(&bytes).map(JsonBody);
+        }
+        tokio::task::spawn_blocking(move || parse_json(&bytes).map(JsonBody))
+            .await
+            .map_err(Error::internal)?
     }
 }
 
@@ -166,6 +200,28 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_errors_do_not_show_server_paths() {
+        let e = Error::Internal(
+            "cannot create experience directory /srv/data/experience/math: permission denied"
+                .into(),
+        );
+        let m = e.envelope()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            m,
+            "cannot create experience directory <path>: permission denied"
+        );
+        // A client's own field values are its to see.
+        let e = Error::invalid("no file /tmp/tasks/x.jsonl", "dataset");
+        assert!(e.envelope()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/tmp/tasks/x.jsonl"));
+    }
 
     #[derive(serde::Deserialize, Debug)]
     struct Body {

@@ -74,9 +74,11 @@ impl FeedbackBody {
 #[utoipa::path(post, path = "/v1/feedback", tag = "feedback", request_body = FeedbackBody, responses((status = 201, description = "kept", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no recorded completion with that id", body = crate::api::openapi::ErrorEnvelope)))]
 pub(super) async fn create(
     State(s): State<AppState>,
+    axum::Extension(caller): axum::Extension<super::auth::Caller>,
     JsonBody(body): JsonBody<FeedbackBody>,
 ) -> Result<Response> {
     let score = body.score()?;
+    s.feedback_rate.take(caller.owner.as_deref())?;
     if body.comment.as_ref().is_some_and(|c| c.len() > MAX_COMMENT) {
         return Err(Error::invalid(
             format!("comment may hold at most {MAX_COMMENT} bytes"),
@@ -93,9 +95,21 @@ pub(super) async fn create(
             "expected",
         ));
     }
+    let rater = crate::experience::traffic::Rater {
+        owner: caller.owner.clone(),
+        admin: caller.admin,
+    };
+    caller.may_use(Some(&s.traffic.library_of(&body.id, &rater)?))?;
     let traffic = s.traffic.clone();
     let fb = tokio::task::spawn_blocking(move || {
-        traffic.add_feedback(&body.id, score, body.label, body.comment, body.expected)
+        traffic.add_feedback(
+            &body.id,
+            &rater,
+            score,
+            body.label,
+            body.comment,
+            body.expected,
+        )
     })
     .await
     .map_err(Error::internal)??;
@@ -168,6 +182,49 @@ pub(super) async fn purge(
     Ok(Json(json!({"library": name, "purged": true})))
 }
 
+/// Feedback given per key in the current minute, so that one key cannot flood a library's
+/// feedback (and with it the learning that feedback starts). Bounded: keys not seen for a
+/// minute are forgotten, and at most [`RATE_KEYS`] are tracked.
+pub struct FeedbackRate {
+    per_minute: u32,
+    counts: moka::sync::Cache<String, std::sync::Arc<std::sync::atomic::AtomicU32>>,
+}
+
+/// The most keys whose feedback rate is tracked at once.
+const RATE_KEYS: u64 = 100_000;
+
+impl FeedbackRate {
+    /// A limit of `per_minute` feedback per key.
+    pub fn new(per_minute: u32) -> FeedbackRate {
+        FeedbackRate {
+            per_minute,
+            counts: moka::sync::Cache::builder()
+                .max_capacity(RATE_KEYS)
+                .time_to_live(std::time::Duration::from_secs(60))
+                .build(),
+        }
+    }
+
+    /// Counts one feedback of `owner` (the keyless server's clients count as one), or refuses
+    /// it with 429 when the key has given its minute's worth.
+    fn take(&self, owner: Option<&str>) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let count = self
+            .counts
+            .get_with(owner.unwrap_or("").to_owned(), Default::default);
+        if count.fetch_add(1, Ordering::Relaxed) >= self.per_minute {
+            return Err(Error::Overloaded {
+                message: format!(
+                    "this key has given {} feedback this minute, the most allowed; try again later",
+                    self.per_minute
+                ),
+                retry_after_secs: 60,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// What a served completion is recorded with, when its library records.
 pub(super) struct Recording {
     pub traffic: std::sync::Arc<crate::experience::traffic::Traffic>,
@@ -178,6 +235,7 @@ pub(super) struct Recording {
 /// `record` setting, or `[traffic] record_all`.
 pub(super) fn recording(
     state: &AppState,
+    caller: &super::auth::Caller,
     route: &crate::router::Route,
     id: &str,
     api: &str,
@@ -209,6 +267,7 @@ pub(super) fn recording(
                 .collect(),
             answer: String::new(),
             experiences: vec![],
+            owner: caller.owner.clone(),
         },
     })
 }

@@ -32,6 +32,50 @@ pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     /// Time a connection may go without reading or writing a byte.
     pub idle_timeout: Duration,
+    /// Most connections open at once from one client address.
+    pub max_per_client: usize,
+    /// Time after which a connection that has moved no byte is closed outright, even with a
+    /// request in flight: longer than any answer may take without a byte (a non-streamed
+    /// answer's deadline; streams send keep-alives), so only a connection that is stuck, or
+    /// held open on purpose, reaches it.
+    pub stuck_timeout: Duration,
+}
+
+/// Open connections per client address, bounded by `max_per_client`.
+#[derive(Default)]
+struct PerClient(parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One client's hold on a connection; released when the connection ends.
+struct ClientSlot {
+    clients: Arc<PerClient>,
+    ip: std::net::IpAddr,
+}
+
+impl PerClient {
+    fn claim(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<ClientSlot> {
+        let mut open = self.0.lock();
+        let n = open.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            clients: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.clients.0.lock();
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and returns once
@@ -50,15 +94,16 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true);
     let builder = Arc::new(builder);
+    let clients = Arc::new(PerClient::default());
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
             () = &mut shutdown => break,
         };
-        let tcp = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning on a full table.
                     tracing::warn!(error = %e, "accept failed");
@@ -68,15 +113,22 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        // One client may not take every connection: past its share, its new connections are
+        // closed at once (dropped), and other clients still get in.
+        let Some(slot) = clients.claim(peer.ip(), limits.max_per_client) else {
+            tracing::debug!(client = %peer.ip(), "connection refused: this client has its most open");
+            continue;
+        };
         // Streams are written a chunk at a time; without TCP_NODELAY, Nagle's algorithm holds
         // each small write back until the client's delayed ACK (about 40 ms a chunk on Linux).
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::warn!(error = %e, "could not set TCP_NODELAY");
         }
         let (builder, app, stop) = (builder.clone(), app.clone(), stop_rx.clone());
-        let idle = limits.idle_timeout;
+        let timeouts = (limits.idle_timeout, limits.stuck_timeout);
         tokio::spawn(async move {
-            connection(&builder, tcp, app, idle, stop).await;
+            connection(&builder, tcp, app, timeouts, stop).await;
+            drop(slot);
             drop(permit);
         });
     }
@@ -87,12 +139,12 @@ pub async fn serve(
 }
 
 /// Runs one connection to its end, shutting it down gracefully when it idles too long or the
-/// server stops.
+/// server stops, and closing it outright when it moves no byte for `stuck`.
 async fn connection(
     builder: &hyper::server::conn::http1::Builder,
     tcp: TcpStream,
     app: axum::Router,
-    idle: Duration,
+    (idle, stuck): (Duration, Duration),
     mut stop: watch::Receiver<bool>,
 ) {
     let activity = Arc::new(Activity::new());
@@ -115,8 +167,13 @@ async fn connection(
                 }
                 return;
             }
-            _ = tick.tick(), if !closing => {
-                if activity.idle_for() >= idle {
+            _ = tick.tick() => {
+                let quiet = activity.idle_for();
+                if quiet >= stuck {
+                    tracing::debug!(quiet_secs = quiet.as_secs(), "closing a stuck connection");
+                    return;
+                }
+                if quiet >= idle && !closing {
                     conn.as_mut().graceful_shutdown();
                     closing = true;
                 }

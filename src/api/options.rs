@@ -17,11 +17,43 @@ use crate::planning::ipp::TRAIN_SEED_BASE;
 use crate::planning::{Family, Instance};
 use crate::router::{Method, Route};
 
+/// What a caller may ask of a route, checked once the route is known: the key's library scope
+/// (injection, `search_experience` and feedback all go through the route's library), the
+/// token limit against `bounds.max_tokens`, else the model's context length, else
+/// [`UNKNOWN_CONTEXT_MAX_TOKENS`] (`tokens_field` is the endpoint's name for it), and one of
+/// the key's request slots, which the caller holds for the request's life.
+pub(super) fn admit(
+    state: &AppState,
+    caller: &super::auth::Caller,
+    route: &Route,
+    max_tokens: Option<u32>,
+    tokens_field: &'static str,
+) -> Result<super::auth::KeySlot> {
+    caller.may_use(route.library.as_deref())?;
+    let bound = state
+        .bounds
+        .max_tokens
+        .or_else(|| route.backend.context_length())
+        .unwrap_or(UNKNOWN_CONTEXT_MAX_TOKENS);
+    if let Some(m) = max_tokens.filter(|&m| m > bound) {
+        return Err(Error::invalid(
+            format!("{tokens_field} must be at most {bound} for this model, got {m}"),
+            tokens_field,
+        ));
+    }
+    state.key_slots.take(caller)
+}
+
+/// The token bound for a model whose context length is not known (an upstream), unless
+/// `bounds.max_tokens` says otherwise.
+pub const UNKNOWN_CONTEXT_MAX_TOKENS: u32 = 32_768;
+
 /// The methods' choices from the `experient` object for a request that `method` serves, with
 /// every count checked against the bounds. An option of another method is refused, not
 /// ignored.
 pub(super) fn method_options(
     state: &AppState,
+    caller: &super::auth::Caller,
     method: Method,
     options: &ExperientOptions,
 ) -> Result<methods::Options> {
@@ -49,7 +81,10 @@ pub(super) fn method_options(
         selection: options.experiences,
         max_rounds: options.max_rounds,
         workspace: options.workspace.unwrap_or_default(),
-        plan: plan_options(method, options, &state.bounds)?,
+        plan: PlanOptions {
+            cache_owner: (!caller.admin).then(|| caller.owner.clone()).flatten(),
+            ..plan_options(method, options, &state.bounds)?
+        },
     })
 }
 
@@ -139,6 +174,7 @@ fn plan_options(method: Method, o: &ExperientOptions, bounds: &Bounds) -> Result
         rounds: o.rounds,
         direct: o.direct,
         refresh: o.refresh,
+        cache_owner: None,
     })
 }
 

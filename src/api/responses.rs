@@ -18,6 +18,7 @@ use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::auth::Caller;
 use super::error::JsonBody;
 use super::wire::{self, ChatCompletionRequest, ExperientOptions};
 use super::AppState;
@@ -253,13 +254,13 @@ fn chat_format(text: Option<&Value>) -> Result<Option<Value>> {
     }))
 }
 
-fn plan(state: &AppState, r: CreateResponse) -> Result<Plan> {
+fn plan(state: &AppState, caller: &Caller, r: CreateResponse) -> Result<Plan> {
     check_unsupported(&r)?;
     let mut chat = chat_of(state, &r)?;
     let echo = echo(&r);
     let history = match &r.previous_response_id {
         None => vec![],
-        Some(id) => conversation_of(state, id)?,
+        Some(id) => conversation_of(state, caller, id)?,
     };
     let input = as_items(r.input)?;
     let mut messages = Vec::new();
@@ -268,6 +269,13 @@ fn plan(state: &AppState, r: CreateResponse) -> Result<Plan> {
     }
     messages.extend(items_to_messages(&history, "previous_response_id")?);
     messages.extend(items_to_messages(&input, "input")?);
+    // What is kept is what was understood, never the client's JSON: unknown keys inside
+    // items were ignored but stored, and every turn re-stored the whole conversation, so a
+    // junk field grew each record by its size once more per turn.
+    let (history, input) = (normalise(&history), normalise(&input));
+    if r.store.unwrap_or(true) {
+        check_record_size(state, &history, &input)?;
+    }
     if messages.iter().all(|m| m.role == Role::System) {
         return Err(Error::invalid(
             "input must hold at least one message",
@@ -354,9 +362,71 @@ fn echo(r: &CreateResponse) -> Value {
     })
 }
 
+/// Items in the one shape this server reads them in: a message's text as a string, a call's
+/// id, name and arguments, an output's text; nothing else the client sent.
+fn normalise(items: &[Value]) -> Vec<Value> {
+    items
+        .iter()
+        .map(|item| {
+            let field = |k: &str| item.get(k).and_then(Value::as_str).unwrap_or_default();
+            match item.get("type").and_then(Value::as_str) {
+                Some("function_call") => json!({
+                    "type": "function_call",
+                    "call_id": field("call_id"),
+                    "name": field("name"),
+                    "arguments": item.get("arguments").and_then(Value::as_str).unwrap_or("{}"),
+                }),
+                Some("function_call_output") => {
+                    let output = match item.get("output") {
+                        Some(Value::String(s)) => s.clone(),
+                        Some(v) => item_text(v, "").unwrap_or_default(),
+                        None => String::new(),
+                    };
+                    json!({
+                        "type": "function_call_output",
+                        "call_id": field("call_id"),
+                        "output": output,
+                    })
+                }
+                _ => {
+                    let content = item.get("content").unwrap_or(&Value::Null);
+                    json!({
+                        "type": "message",
+                        "role": field("role"),
+                        "content": item_text(content, "").unwrap_or_default(),
+                    })
+                }
+            }
+        })
+        .collect()
+}
+
+/// Refuses a turn whose stored record would pass `responses.max_record_bytes`.
+fn check_record_size(state: &AppState, history: &[Value], input: &[Value]) -> Result<()> {
+    let size = |items: &[Value]| {
+        items
+            .iter()
+            .map(|i| serde_json::to_vec(i).map_or(0, |b| b.len()))
+            .sum::<usize>()
+    };
+    let bytes = (size(history) + size(input)) as u64;
+    let max = state.responses.max_record_bytes();
+    if bytes > max {
+        return Err(Error::invalid(
+            format!(
+                "this conversation is {bytes} bytes, more than a stored response may hold \
+                 ({max}); start a new conversation, or send store: false"
+            ),
+            "input",
+        ));
+    }
+    Ok(())
+}
+
 /// The stored conversation that `previous_response_id` names: its history, input and output.
-fn conversation_of(state: &AppState, id: &str) -> Result<Vec<Value>> {
-    let record = state.responses.get(id)?.ok_or_else(|| Error::NotFound {
+/// A response stored with another key is not found (its existence is not confirmed).
+fn conversation_of(state: &AppState, caller: &Caller, id: &str) -> Result<Vec<Value>> {
+    let record = stored_for(state, caller, id).map_err(|_| Error::NotFound {
         message: format!(
             "no stored response '{id}' (it was never stored, was deleted, or has expired)"
         ),
@@ -541,13 +611,21 @@ fn call_item(id: &str, call: &ToolCall, arguments: &str, status: &str) -> Value 
 #[utoipa::path(post, path = "/v1/responses", tag = "openai", request_body = CreateResponse, responses((status = 200, description = "a response, or with stream an SSE stream of response events", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such model or previous response", body = crate::api::openapi::ErrorEnvelope), (status = 429, description = "at capacity", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "loading", body = crate::api::openapi::ErrorEnvelope)))]
 pub(super) async fn create(
     State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     JsonBody(req): JsonBody<CreateResponse>,
 ) -> Result<Response> {
-    let p = plan(&state, req)?;
+    let p = plan(&state, &caller, req)?;
     let route = state.router.resolve(
         &p.model,
         p.options.method.as_deref(),
         p.options.library.as_deref(),
+    )?;
+    let slot = super::options::admit(
+        &state,
+        &caller,
+        &route,
+        p.chat.sampling.max_tokens,
+        "max_output_tokens",
     )?;
     // Responses has no message list: a conversation's items, merged, become the chat's
     // messages, so a problem in them is named as the input's.
@@ -558,13 +636,15 @@ pub(super) async fn create(
         }
         other => super::options::chat_field(other),
     })?;
-    let opts = super::options::method_options(&state, route.method, &p.options)?;
+    let opts = super::options::method_options(&state, &caller, route.method, &p.options)?;
     let ctx = super::chat::method_context(&state);
     let id = hex_id("resp");
-    let rec = super::feedback::recording(&state, &route, &id, "responses", &p.chat.messages);
+    let rec =
+        super::feedback::recording(&state, &caller, &route, &id, "responses", &p.chat.messages);
     let output = methods::run(&ctx, route, p.chat.clone(), &opts).await?;
     let turn = Turn {
         id,
+        owner: caller.owner.clone(),
         created: wire::now_secs(),
         state: state.clone(),
         plan: p,
@@ -598,7 +678,8 @@ pub(super) async fn create(
         let body = turn.finish(status, &items, Some(done.usage), &applied)?;
         return Ok(axum::Json(body).into_response());
     }
-    let events = stream_events(turn, output.events, output.applied);
+    let events = super::stream_deadline(output.events, state.stream_timeout, slot);
+    let events = stream_events(turn, events, output.applied);
     Ok((
         [
             (header::CONTENT_TYPE, "text/event-stream"),
@@ -613,6 +694,8 @@ pub(super) async fn create(
 /// from it, whether it was streamed or not.
 struct Turn {
     id: String,
+    /// The key that made it: only that key (or an admin) may read, continue or delete it.
+    owner: Option<String>,
     created: u64,
     state: AppState,
     plan: Plan,
@@ -671,8 +754,12 @@ impl Turn {
             rec.keep(output_text(output), applied.experiences.clone());
         }
         if self.plan.store {
-            let record =
-                json!({"response": body, "input": self.plan.input, "history": self.plan.history});
+            let record = json!({
+                "response": body,
+                "input": self.plan.input,
+                "history": self.plan.history,
+                "owner": self.owner,
+            });
             self.state.responses.put(&self.id, &record)?;
         }
         Ok(body)
@@ -841,28 +928,36 @@ fn stream_events(
     }
 }
 
-fn stored(state: &AppState, id: &str) -> Result<Value> {
-    state.responses.get(id)?.ok_or_else(|| Error::NotFound {
-        message: format!("no stored response '{id}'"),
-        param: Some("response_id".into()),
-    })
+/// The record of `id` if `caller` may see it: made with the same key, or the caller is an
+/// admin. Another key's response is "not found", as one that does not exist.
+fn stored_for(state: &AppState, caller: &Caller, id: &str) -> Result<Value> {
+    state
+        .responses
+        .get(id)?
+        .filter(|r| caller.owns(r.get("owner").and_then(Value::as_str)))
+        .ok_or_else(|| Error::NotFound {
+            message: format!("no stored response '{id}'"),
+            param: Some("response_id".into()),
+        })
 }
 
 #[utoipa::path(get, path = "/v1/responses/{id}", tag = "openai", params(("id" = String, Path)), responses((status = 200, description = "the stored response", body = Object), (status = 404, description = "not stored", body = crate::api::openapi::ErrorEnvelope)))]
 pub(super) async fn retrieve(
     State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    let record = stored(&state, &id)?;
+    let record = stored_for(&state, &caller, &id)?;
     Ok(axum::Json(record["response"].clone()).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/responses/{id}/input_items", tag = "openai", params(("id" = String, Path)), responses((status = 200, description = "the response's input items", body = Object), (status = 404, description = "not stored", body = crate::api::openapi::ErrorEnvelope)))]
 pub(super) async fn input_items(
     State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    let record = stored(&state, &id)?;
+    let record = stored_for(&state, &caller, &id)?;
     let data: Vec<Value> = record["input"]
         .as_array()
         .cloned()
@@ -891,8 +986,10 @@ pub(super) async fn input_items(
 #[utoipa::path(delete, path = "/v1/responses/{id}", tag = "openai", params(("id" = String, Path)), responses((status = 200, description = "deleted", body = Object), (status = 404, description = "not stored", body = crate::api::openapi::ErrorEnvelope)))]
 pub(super) async fn delete(
     State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response> {
+    stored_for(&state, &caller, &id)?;
     if !state.responses.delete(&id)? {
         return Err(Error::NotFound {
             message: format!("no stored response '{id}'"),

@@ -181,12 +181,16 @@ pub struct Part {
 pub struct RequestLimits {
     pub max_n: u32,
     pub max_stop: usize,
+    /// Most tools one request may offer (`bounds.max_tools`).
+    pub max_tools: usize,
 }
 
 /// A validated request: what the route needs, and the backend request.
 #[derive(Debug)]
 pub struct Validated {
     pub model: String,
+    /// The field the client gave the token limit in (`max_completion_tokens` or `max_tokens`).
+    pub tokens_field: &'static str,
     pub stream: bool,
     pub include_usage: bool,
     pub options: ExperientOptions,
@@ -245,8 +249,11 @@ impl ChatCompletionRequest {
     pub fn validate(self, limits: &RequestLimits) -> Result<Validated> {
         self.refuse_unserved()?;
         let logprobs = logprobs(self.logprobs, self.top_logprobs.as_ref(), 20)?;
-        let (tools, tool_choice) =
-            tools(self.tools.unwrap_or_default(), self.tool_choice.as_ref())?;
+        let (tools, tool_choice) = tools(
+            self.tools.unwrap_or_default(),
+            self.tool_choice.as_ref(),
+            limits.max_tools,
+        )?;
         let format = output_format(self.response_format.as_ref())?;
         if self.model.trim().is_empty() {
             return Err(Error::invalid("model must not be empty", "model"));
@@ -278,6 +285,11 @@ impl ChatCompletionRequest {
                 "n",
             ));
         }
+        let tokens_field = if self.max_completion_tokens.is_some() {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        };
         let max_tokens = max_tokens(self.max_completion_tokens, self.max_tokens)?;
         let stop = stop_sequences(self.stop, limits.max_stop)?;
         let logit_bias = logit_bias(self.logit_bias.unwrap_or_default())?;
@@ -294,6 +306,7 @@ impl ChatCompletionRequest {
                 .unwrap_or(false);
         Ok(Validated {
             model: self.model,
+            tokens_field,
             stream,
             include_usage,
             options: self.experient.unwrap_or_default(),
@@ -402,14 +415,27 @@ impl ChatCompletionRequest {
 
 /// The request's tools, each converted and their names unique, and the tool choice checked
 /// against them.
-fn tools(given: Vec<Value>, choice: Option<&Value>) -> Result<(Vec<ToolSpec>, ToolChoice)> {
+fn tools(
+    given: Vec<Value>,
+    choice: Option<&Value>,
+    max: usize,
+) -> Result<(Vec<ToolSpec>, ToolChoice)> {
+    if given.len() > max {
+        return Err(Error::invalid(
+            format!(
+                "at most {max} tools may be offered in one request, got {}",
+                given.len()
+            ),
+            "tools",
+        ));
+    }
     let tools = given
         .into_iter()
         .enumerate()
         .map(|(i, t)| convert_tool(i, t))
         .collect::<Result<Vec<_>>>()?;
-    if let Some(i) = (1..tools.len()).find(|&i| tools[..i].iter().any(|t| t.name == tools[i].name))
-    {
+    let mut seen = std::collections::HashSet::with_capacity(tools.len());
+    if let Some(i) = tools.iter().position(|t| !seen.insert(t.name.as_str())) {
         return Err(Error::invalid_param(
             format!("the function name '{}' is given twice", tools[i].name),
             format!("tools[{i}].function.name"),
@@ -580,6 +606,7 @@ fn output_format(rf: Option<&Value>) -> Result<OutputFormat> {
                     )
                 }
             };
+            check_schema_size(&schema, "response_format.json_schema.schema".into())?;
             let strict = match js.get("strict") {
                 None | Some(Value::Null) => None,
                 Some(Value::Bool(b)) => Some(*b),
@@ -676,6 +703,33 @@ fn convert_message(i: usize, m: WireMessage) -> Result<Message> {
 }
 
 /// `{"type": "function", "function": {"name", "description"?, "parameters"?}}`.
+/// The most values (objects, arrays, strings, numbers...) one JSON Schema may hold. Each one
+/// becomes grammar the constraint compiler builds and walks; a schema of 5,000 `anyOf`
+/// branches reached it and failed as a 500. Real schemas, even large generated ones, stay far
+/// below this.
+pub const MAX_SCHEMA_VALUES: usize = 2_000;
+
+/// Refuses a schema with more than [`MAX_SCHEMA_VALUES`] values, counted without recursion.
+fn check_schema_size(schema: &Value, param: String) -> Result<()> {
+    let mut stack = vec![schema];
+    let mut count = 0usize;
+    while let Some(v) = stack.pop() {
+        count += 1;
+        if count > MAX_SCHEMA_VALUES {
+            return Err(Error::invalid_param(
+                format!("the schema holds more than {MAX_SCHEMA_VALUES} values, more than this server compiles"),
+                param,
+            ));
+        }
+        match v {
+            Value::Object(o) => stack.extend(o.values()),
+            Value::Array(a) => stack.extend(a.iter()),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 fn convert_tool(i: usize, t: Value) -> Result<ToolSpec> {
     let bad = |m: &str, at: &str| Error::invalid_param(m.to_owned(), format!("tools[{i}]{at}"));
     if t.get("type").and_then(Value::as_str) != Some("function") {
@@ -706,6 +760,7 @@ fn convert_tool(i: usize, t: Value) -> Result<ToolSpec> {
             ".function.parameters",
         ));
     }
+    check_schema_size(&parameters, format!("tools[{i}].function.parameters"))?;
     Ok(ToolSpec {
         strict: f.get("strict").and_then(Value::as_bool),
         name: name.to_owned(),

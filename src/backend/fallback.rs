@@ -27,6 +27,14 @@ impl Backend for Chain {
         self.links.iter().any(|(_, b)| b.ready())
     }
 
+    /// The smallest of the links' known context lengths: a request may land on any of them.
+    fn context_length(&self) -> Option<u32> {
+        self.links
+            .iter()
+            .filter_map(|(_, b)| b.context_length())
+            .min()
+    }
+
     async fn stream(&self, request: ChatRequest) -> Result<EventStream> {
         let mut last: Option<Error> = None;
         for (alias, backend) in &self.links {

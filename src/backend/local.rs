@@ -427,6 +427,18 @@ fn engine_error(resp: Response, grammar_param: &'static str) -> Error {
                 Error::invalid(format!("the model rejected the request: {e}"), None)
             }
         }
+        // The constraint compiler reports a schema past its limits as an internal error;
+        // the schema is the client's, so it is the client's error.
+        Response::InternalError(e)
+            if ["grammar", "schema", "llguidance", "lexer", "parser"]
+                .iter()
+                .any(|w| e.to_string().to_lowercase().contains(w)) =>
+        {
+            Error::invalid(
+                format!("{grammar_param}: the schema cannot be compiled: {e}"),
+                grammar_param,
+            )
+        }
         Response::InternalError(e) => Error::Internal(format!("model failure: {e}")),
         Response::ModelError(e, _) | Response::CompletionModelError(e, _) => {
             Error::Internal(format!("model failure: {e}"))
@@ -552,6 +564,11 @@ async fn count_prompt(model: &Model, request: &ChatRequest) -> u64 {
 impl Backend for LocalBackend {
     fn ready(&self) -> bool {
         self.model.get().is_some()
+    }
+
+    fn context_length(&self) -> Option<u32> {
+        let config = self.model.get()?.config().ok()?;
+        config.max_seq_len.and_then(|n| u32::try_from(n).ok())
     }
 
     async fn stream(&self, request: ChatRequest) -> Result<EventStream> {

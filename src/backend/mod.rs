@@ -290,6 +290,12 @@ pub trait Backend: Send + Sync + 'static {
     /// True once the backend can serve requests (a local model has finished loading).
     fn ready(&self) -> bool;
 
+    /// The model's context length in tokens, where the backend knows it (a loaded local
+    /// model); it is the default bound on the tokens one request may ask for.
+    fn context_length(&self) -> Option<u32> {
+        None
+    }
+
     /// Starts a generation. Errors that happen before the first event (validation, overload)
     /// are returned here; later ones come through the stream. Dropping the stream cancels.
     async fn stream(&self, request: ChatRequest) -> Result<EventStream>;

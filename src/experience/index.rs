@@ -10,12 +10,19 @@ use parking_lot::Mutex;
 
 use tantivy::collector::TopDocs;
 use tantivy::directory::MmapDirectory;
-use tantivy::query::{BooleanQuery, Occur, Query, QueryParser, TermQuery};
+use tantivy::query::{BooleanQuery, Occur, Query, TermQuery};
 use tantivy::schema::{Field, IndexRecordOption, Schema, Value, STORED, STRING, TEXT};
+use tantivy::tokenizer::TokenStream;
 use tantivy::{doc, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
 
 use super::Experience;
 use crate::error::{Error, Result};
+
+/// The most characters of a query that are searched; the rest is ignored. A prior's query is a
+/// whole user message, and its first few thousand characters say what it is about.
+pub const MAX_QUERY_CHARS: usize = 4096;
+/// The most distinct terms one query becomes (a flat disjunction, scored by BM25).
+pub const MAX_QUERY_TERMS: usize = 256;
 
 /// One library's index. Its writer exists only while a change is written: an open tantivy
 /// writer holds an indexing thread and a merge pool, about six OS threads, and a server with
@@ -147,15 +154,32 @@ impl Index {
         })
     }
 
-    /// Ids of the best matches for `q` (BM25), optionally restricted to a tag. Query syntax
-    /// errors are forgiven: user text is searched as well as it can be, never rejected.
+    /// Ids of the best matches for `q` (BM25), optionally restricted to a tag.
+    ///
+    /// The user's words are never parsed as tantivy's query language: its grammar recurses
+    /// once per `(`, and a chat message of some 800 of them overflowed a tokio worker's stack
+    /// and aborted the process. Instead the text is cut to [`MAX_QUERY_CHARS`], run through the
+    /// field's own analyzer, and its distinct terms (at most [`MAX_QUERY_TERMS`]) become one
+    /// flat disjunction of term queries, which is what a lenient parse of plain words gave.
     pub fn search(&self, q: &str, tag: Option<&str>, limit: usize) -> Result<Vec<(String, f32)>> {
         let searcher = self.reader.searcher();
         // tantivy sizes its collector for the limit before it looks at a document; there are
         // never more hits than documents.
         let limit = (limit as u64).min(searcher.num_docs()).max(1) as usize;
-        let parser = QueryParser::for_index(&self.index, vec![self.text]);
-        let (text_query, _errors) = parser.parse_query_lenient(q);
+        let terms = self.terms(q)?;
+        if terms.is_empty() {
+            return Ok(Vec::new());
+        }
+        let text_query: Box<dyn Query> = Box::new(BooleanQuery::new(
+            terms
+                .into_iter()
+                .map(|t| {
+                    let q: Box<dyn Query> =
+                        Box::new(TermQuery::new(t, IndexRecordOption::WithFreqs));
+                    (Occur::Should, q)
+                })
+                .collect(),
+        ));
         let query: Box<dyn Query> = match tag {
             Some(t) => Box::new(BooleanQuery::new(vec![
                 (Occur::Must, text_query),
@@ -180,5 +204,24 @@ impl Index {
             }
         }
         Ok(out)
+    }
+
+    /// The distinct terms of `q` as the text field's analyzer makes them, in order.
+    fn terms(&self, q: &str) -> Result<Vec<Term>> {
+        let q = match q.char_indices().nth(MAX_QUERY_CHARS) {
+            Some((cut, _)) => &q[..cut],
+            None => q,
+        };
+        let mut analyzer = self.index.tokenizer_for_field(self.text).map_err(ierr)?;
+        let mut stream = analyzer.token_stream(q);
+        let mut seen = std::collections::HashSet::new();
+        let mut terms = Vec::new();
+        while terms.len() < MAX_QUERY_TERMS && stream.advance() {
+            let text = &stream.token().text;
+            if seen.insert(text.clone()) {
+                terms.push(Term::from_field_text(self.text, text));
+            }
+        }
+        Ok(terms)
     }
 }

@@ -19,8 +19,8 @@ use crate::error::{Error, Result};
 pub struct StoreOptions {
     /// Longest experience text accepted, in characters.
     pub max_text_chars: usize,
-    /// Search results kept in the cache.
-    pub cache_entries: u64,
+    /// Bytes of search results kept in the cache (keys and ids weighed, `bounds.search_cache_bytes`).
+    pub cache_bytes: u64,
     /// The largest `top_k` a library may be set to (`bounds.max_experiences`).
     pub max_top_k: usize,
     /// Most pending proposals a library holds, and most decided ones it keeps for the record
@@ -32,7 +32,7 @@ impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             max_text_chars: 2000,
-            cache_entries: 10_000,
+            cache_bytes: crate::config::Bounds::default().search_cache_bytes,
             max_top_k: crate::config::Bounds::default().max_experiences,
             max_proposals: crate::config::Bounds::default().max_proposals,
         }
@@ -49,7 +49,37 @@ pub struct SearchHit {
     pub score: Option<f32>,
 }
 
-type CacheKey = (String, u64, String, Option<String>, usize);
+/// A search's cache key: the SHA-256 of (library, version, query, tag, limit). A digest, not
+/// the text, so that an entry weighs the same whatever the query's length; 240 distinct
+/// 3.8 MB messages once grew the process by 1.2 GiB when the cache kept whole queries.
+type CacheKey = [u8; 32];
+
+/// Queries longer than this (in bytes) are searched but not cached: a long query is a whole
+/// pasted message, seldom asked twice.
+const MAX_CACHED_QUERY_BYTES: usize = 1024;
+
+fn cache_key(library: &str, version: u64, q: &str, tag: Option<&str>, limit: usize) -> CacheKey {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for part in [
+        library.as_bytes(),
+        q.as_bytes(),
+        tag.unwrap_or("").as_bytes(),
+    ] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    h.update(version.to_le_bytes());
+    h.update([u8::from(tag.is_some())]);
+    h.update((limit as u64).to_le_bytes());
+    h.finalize().into()
+}
+
+/// What one cached result weighs, in bytes (moka's weigher is u32).
+fn weigh(_key: &CacheKey, ids: &Arc<Vec<(String, f32)>>) -> u32 {
+    let bytes = 64 + ids.iter().map(|(id, _)| id.len() + 32).sum::<usize>();
+    u32::try_from(bytes).unwrap_or(u32::MAX)
+}
 
 /// Every library under one directory, loaded when the store opens, with the search cache.
 /// One process holds a directory at a time (a lock file), so two writers never interleave.
@@ -61,8 +91,9 @@ pub struct Store {
     /// refused alone, with 503, so that one bad library never keeps the others from serving;
     /// their files are left exactly as they are for a person to repair.
     damaged: BTreeMap<String, String>,
-    /// Search results by (library, version, query, tag, limit). The version in the key is what
-    /// invalidates: after a write, no later search can hit an entry made before it.
+    /// Search results by the digest of (library, version, query, tag, limit), bounded by bytes.
+    /// The version in the key is what invalidates: after a write, no later search can hit an
+    /// entry made before it.
     cache: moka::sync::Cache<CacheKey, Arc<Vec<(String, f32)>>>,
     _lock: File,
 }
@@ -120,7 +151,8 @@ impl Store {
             }
         }
         let cache = moka::sync::Cache::builder()
-            .max_capacity(options.cache_entries)
+            .max_capacity(options.cache_bytes)
+            .weigher(weigh)
             .build();
         Ok(Store {
             dir: dir.to_owned(),
@@ -305,6 +337,18 @@ impl Store {
         Ok(())
     }
 
+    /// Commits a learning step's changes that a gate let through, with its decision.
+    pub fn commit_gated(
+        &self,
+        library: &str,
+        message: &str,
+        changes: Vec<Change>,
+        gate: serde_json::Value,
+    ) -> Result<super::Version> {
+        self.check_changes(&changes)?;
+        self.library(library)?.commit_gated(message, changes, gate)
+    }
+
     /// Holds `changes` for review instead of committing them (see [`super::proposals`]).
     pub fn propose(
         &self,
@@ -382,19 +426,17 @@ impl Store {
                 })
                 .collect());
         };
-        let key = (
-            library.to_owned(),
-            lib.version(),
-            q.to_owned(),
-            tag.map(str::to_owned),
-            limit,
-        );
-        let ids = match self.cache.get(&key) {
-            Some(ids) => ids,
-            None => {
-                let ids = Arc::new(lib.search_ids(q, tag, limit)?);
-                self.cache.insert(key, ids.clone());
-                ids
+        let ids = if q.len() > MAX_CACHED_QUERY_BYTES {
+            Arc::new(lib.search_ids(q, tag, limit)?)
+        } else {
+            let key = cache_key(library, lib.version(), q, tag, limit);
+            match self.cache.get(&key) {
+                Some(ids) => ids,
+                None => {
+                    let ids = Arc::new(lib.search_ids(q, tag, limit)?);
+                    self.cache.insert(key, ids.clone());
+                    ids
+                }
             }
         };
         Ok(ids
@@ -413,5 +455,53 @@ impl Store {
         for lib in self.libraries.read().values() {
             lib.flush_usage();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_search_cache_is_bounded_by_bytes_and_keeps_no_query_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            dir.path(),
+            StoreOptions {
+                cache_bytes: 64 << 10,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        store.create("l").unwrap();
+        store
+            .add("l", "Units: convert every quantity first.", vec![])
+            .unwrap();
+        // Long distinct queries: searched, not cached.
+        for i in 0..50 {
+            let q = format!("{i} units {}", "padding ".repeat(100_000));
+            assert_eq!(store.search("l", Some(&q), None, 3).unwrap().len(), 1);
+        }
+        store.cache.run_pending_tasks();
+        assert_eq!(store.cache.entry_count(), 0);
+        // Many short ones: cached, and the cache stays within its bytes.
+        for i in 0..5000 {
+            let q = format!("units {i}");
+            assert_eq!(store.search("l", Some(&q), None, 3).unwrap().len(), 1);
+        }
+        store.cache.run_pending_tasks();
+        assert!(store.cache.entry_count() > 0);
+        assert!(
+            store.cache.weighted_size() <= 64 << 10,
+            "{}",
+            store.cache.weighted_size()
+        );
+        // A repeated query is served from the cache, and a write invalidates it.
+        let before = store.search("l", Some("units 4999"), None, 3).unwrap();
+        store
+            .add("l", "Units again: a second lesson.", vec![])
+            .unwrap();
+        let after = store.search("l", Some("units 4999"), None, 3).unwrap();
+        assert_eq!((before.len(), after.len()), (1, 2));
     }
 }

@@ -31,6 +31,8 @@ pub struct TrafficConfig {
     pub max_bytes: u64,
     /// Records and feedback older than this are dropped, in days.
     pub max_age_days: u64,
+    /// Most feedback one key may give in a minute; past it, 429.
+    pub feedback_per_minute: u32,
 }
 
 impl Default for TrafficConfig {
@@ -39,6 +41,7 @@ impl Default for TrafficConfig {
             record_all: false,
             max_bytes: 64 << 20,
             max_age_days: 30,
+            feedback_per_minute: 30,
         }
     }
 }
@@ -59,6 +62,9 @@ pub struct Record {
     pub answer: String,
     /// The experiences injected.
     pub experiences: Vec<String>,
+    /// The key that asked (its digest's tag); only that key, or an admin, gives feedback on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// What a person said about one served completion.
@@ -79,14 +85,36 @@ pub struct Feedback {
     /// The right answer, when the person gave it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected: Option<String>,
+    /// The key that gave it (its digest's tag).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// Who gives feedback: the key's owner tag, and whether it is an admin's (which may rate any
+/// completion).
+#[derive(Debug, Clone, Default)]
+pub struct Rater {
+    pub owner: Option<String>,
+    pub admin: bool,
+}
+
+impl Rater {
+    /// One who may rate every completion (an admin key, or the CLI).
+    pub fn admin() -> Rater {
+        Rater {
+            owner: None,
+            admin: true,
+        }
+    }
 }
 
 /// Served completions and the feedback on them, per library, bounded and on disk.
 pub struct Traffic {
     dir: PathBuf,
     config: TrafficConfig,
-    /// Response id -> library, for the records kept; feedback names only the response.
-    index: Mutex<HashMap<String, String>>,
+    /// Response id -> (library, owner), for the records kept; feedback names only the
+    /// response.
+    index: Mutex<HashMap<String, (String, Option<String>)>>,
     /// Appends to one library's journals are serialised.
     writing: Mutex<()>,
 }
@@ -110,7 +138,7 @@ impl Traffic {
                 continue;
             }
             for r in t.read::<Record>(&name, RECORDS)? {
-                t.index.lock().insert(r.id, name.clone());
+                t.index.lock().insert(r.id, (name.clone(), r.owner));
             }
         }
         Ok(t)
@@ -190,7 +218,9 @@ impl Traffic {
     /// Keeps a served completion.
     pub fn record(&self, r: &Record) -> Result<()> {
         self.append(&r.library, RECORDS, r)?;
-        self.index.lock().insert(r.id.clone(), r.library.clone());
+        self.index
+            .lock()
+            .insert(r.id.clone(), (r.library.clone(), r.owner.clone()));
         Ok(())
     }
 
@@ -203,23 +233,34 @@ impl Traffic {
             .collect())
     }
 
-    /// Stores feedback on a recorded completion; `NotFound` when no record has that id.
+    /// The library of a recorded completion that `rater` may rate: its own, or any for an
+    /// admin. Another key's completion is not found, as one that was never recorded.
+    pub fn library_of(&self, response_id: &str, rater: &Rater) -> Result<String> {
+        self.index
+            .lock()
+            .get(response_id)
+            .filter(|(_, owner)| rater.admin || (rater.owner.is_some() && *owner == rater.owner))
+            .map(|(library, _)| library.clone())
+            .ok_or_else(|| Error::NotFound {
+                message: format!(
+                    "no recorded completion '{response_id}': only completions served with a recording library are kept"
+                ),
+                param: Some("id".into()),
+            })
+    }
+
+    /// Stores feedback on a recorded completion; `NotFound` when no record has that id, or
+    /// when another key asked for it.
     pub fn add_feedback(
         &self,
         response_id: &str,
+        rater: &Rater,
         score: f64,
         label: Option<String>,
         comment: Option<String>,
         expected: Option<String>,
     ) -> Result<Feedback> {
-        let library = self.index.lock().get(response_id).cloned().ok_or_else(|| {
-            Error::NotFound {
-                message: format!(
-                    "no recorded completion '{response_id}': only completions served with a recording library are kept"
-                ),
-                param: Some("id".into()),
-            }
-        })?;
+        let library = self.library_of(response_id, rater)?;
         let fb = Feedback {
             id: format!("fb_{}", uuid::Uuid::new_v4().simple()),
             object: "feedback".into(),
@@ -230,6 +271,7 @@ impl Traffic {
             label,
             comment,
             expected,
+            owner: rater.owner.clone(),
         };
         self.append(&library, FEEDBACK, &fb)?;
         Ok(fb)
@@ -244,7 +286,8 @@ impl Traffic {
         let libraries: Vec<String> = match library {
             Some(l) => vec![l.to_owned()],
             None => {
-                let mut v: Vec<String> = self.index.lock().values().cloned().collect();
+                let mut v: Vec<String> =
+                    self.index.lock().values().map(|(l, _)| l.clone()).collect();
                 v.sort();
                 v.dedup();
                 v
@@ -309,7 +352,7 @@ impl Traffic {
     /// Removes everything kept for a library.
     pub fn purge(&self, library: &str) -> Result<()> {
         let _guard = self.writing.lock();
-        self.index.lock().retain(|_, l| l != library);
+        self.index.lock().retain(|_, (l, _)| l != library);
         match std::fs::remove_dir_all(self.dir.join(library)) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -333,6 +376,7 @@ mod tests {
             messages: vec![json!({"role": "user", "content": "2+2?"})],
             answer: "4".into(),
             experiences: vec!["E1".into()],
+            owner: Some("a".into()),
         }
     }
 
@@ -343,13 +387,27 @@ mod tests {
         t.record(&record("chatcmpl-1", "math")).unwrap();
         t.record(&record("chatcmpl-2", "math")).unwrap();
         assert!(matches!(
-            t.add_feedback("chatcmpl-9", 1.0, None, None, None),
+            t.add_feedback("chatcmpl-9", &Rater::admin(), 1.0, None, None, None),
             Err(Error::NotFound { .. })
         ));
-        t.add_feedback("chatcmpl-1", 0.0, Some("bad".into()), None, None)
-            .unwrap();
-        t.add_feedback("chatcmpl-1", 1.0, None, None, Some("4".into()))
-            .unwrap();
+        t.add_feedback(
+            "chatcmpl-1",
+            &Rater::admin(),
+            0.0,
+            Some("bad".into()),
+            None,
+            None,
+        )
+        .unwrap();
+        t.add_feedback(
+            "chatcmpl-1",
+            &Rater::admin(),
+            1.0,
+            None,
+            None,
+            Some("4".into()),
+        )
+        .unwrap();
         // The latest feedback on each record counts; records without any are left out.
         let scored = t.scored("math").unwrap();
         assert_eq!(scored.len(), 1);
@@ -367,13 +425,13 @@ mod tests {
         let again = Traffic::open(dir.path(), TrafficConfig::default()).unwrap();
         assert_eq!(again.records("math").unwrap().len(), 2);
         assert!(again
-            .add_feedback("chatcmpl-2", 0.5, None, None, None)
+            .add_feedback("chatcmpl-2", &Rater::admin(), 0.5, None, None, None)
             .is_ok());
         assert_eq!(again.feedback(None, None).unwrap().len(), 3);
         again.purge("math").unwrap();
         assert!(again.records("math").unwrap().is_empty());
         assert!(again
-            .add_feedback("chatcmpl-2", 0.5, None, None, None)
+            .add_feedback("chatcmpl-2", &Rater::admin(), 0.5, None, None, None)
             .is_err());
     }
 
@@ -396,7 +454,41 @@ mod tests {
         // The newest are kept, and only kept records take feedback.
         let kept = t.records("math").unwrap();
         assert_eq!(kept.last().unwrap().id, "chatcmpl-99");
-        assert!(t.add_feedback("chatcmpl-0", 1.0, None, None, None).is_err());
-        assert!(t.add_feedback("chatcmpl-99", 1.0, None, None, None).is_ok());
+        assert!(t
+            .add_feedback("chatcmpl-0", &Rater::admin(), 1.0, None, None, None)
+            .is_err());
+        assert!(t
+            .add_feedback("chatcmpl-99", &Rater::admin(), 1.0, None, None, None)
+            .is_ok());
+    }
+
+    #[test]
+    fn only_the_key_that_asked_or_an_admin_rates_a_completion() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Traffic::open(dir.path(), TrafficConfig::default()).unwrap();
+        t.record(&record("chatcmpl-1", "math")).unwrap();
+        let key = |o: &str| Rater {
+            owner: Some(o.into()),
+            admin: false,
+        };
+        let nobody = Rater::default();
+        for other in [key("b"), nobody] {
+            assert!(matches!(
+                t.add_feedback("chatcmpl-1", &other, 1.0, None, None, None),
+                Err(Error::NotFound { .. })
+            ));
+        }
+        let fb = t
+            .add_feedback("chatcmpl-1", &key("a"), 1.0, None, None, None)
+            .unwrap();
+        assert_eq!(fb.owner.as_deref(), Some("a"));
+        assert!(t
+            .add_feedback("chatcmpl-1", &Rater::admin(), 0.0, None, None, None)
+            .is_ok());
+        // Reopened, the owners come back from the journal.
+        let again = Traffic::open(dir.path(), TrafficConfig::default()).unwrap();
+        assert!(again
+            .add_feedback("chatcmpl-1", &key("b"), 1.0, None, None, None)
+            .is_err());
     }
 }

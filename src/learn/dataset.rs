@@ -30,12 +30,26 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    /// Reads a task file of at most `max_bytes`: a larger one (or a device such as
-    /// `/dev/zero`, which never ends) is refused after reading one byte past the bound.
+    /// Reads a task file of at most `max_bytes`. Only regular files are read, and a larger
+    /// one is refused by its size before a byte is read: a device such as `/dev/zero` once
+    /// cost a read of the whole bound before it was refused. (The read is still bounded, in
+    /// case the file grows meanwhile.)
     pub fn load(path: &Path, max_bytes: u64) -> anyhow::Result<Dataset> {
         use std::io::Read;
         let file =
             std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+        let meta = file
+            .metadata()
+            .with_context(|| format!("reading {}", path.display()))?;
+        if !meta.is_file() {
+            anyhow::bail!("{} is not a regular file", path.display());
+        }
+        if meta.len() > max_bytes {
+            anyhow::bail!(
+                "{} is larger than the {max_bytes} bytes a task file may have (bounds.max_dataset_bytes)",
+                path.display()
+            );
+        }
         let mut bytes = Vec::new();
         file.take(max_bytes.saturating_add(1))
             .read_to_end(&mut bytes)
@@ -225,11 +239,16 @@ pub fn from_traffic(
             let answer = match (&f.expected, f.score >= 0.5) {
                 (Some(e), _) => e.clone(),
                 (None, true) => r.answer.clone(),
+                // The comment is a user's free text: it reaches the learner quoted, as data,
+                // so that it reads as what someone said, not as an instruction to follow.
                 (None, false) => format!(
                     "Not known. A person marked this answer as wrong{}: {}",
                     f.comment
                         .as_deref()
-                        .map(|c| format!(" ({c})"))
+                        .map(|c| format!(
+                            " (their comment, quoted: {})",
+                            serde_json::Value::from(c)
+                        ))
                         .unwrap_or_default(),
                     r.answer
                 ),

@@ -179,16 +179,13 @@ fn client_arguments(spec: &ToolSpec, arg: &str) -> String {
 
 async fn run_builtin(ctx: &Context, route: &Route, name: &str, arg: &str) -> String {
     let out = match name {
-        "calculate" => match evalexpr::eval(arg) {
-            Ok(v) => v.to_string(),
-            Err(e) => format!("error: {e}"),
-        },
+        "calculate" => calculate(arg).await,
         "search_experience" => {
             let store = ctx.store.clone();
-            let libraries = match &route.library {
-                Some(l) => vec![l.clone()],
-                None => store.names(),
-            };
+            // Only the library the route names (which the edge has checked the key may use):
+            // searching every library let a user key read an admin-only library's lessons
+            // through the trace.
+            let libraries: Vec<String> = route.library.iter().cloned().collect();
             let q = arg.to_owned();
             tokio::task::spawn_blocking(move || {
                 let mut lines = Vec::new();
@@ -222,6 +219,70 @@ async fn run_builtin(ctx: &Context, route: &Route, name: &str, arg: &str) -> Str
         _ => unreachable!("only built-in tools are run here"),
     };
     truncate(out)
+}
+
+/// The longest expression `calculate` takes, in characters.
+pub const MAX_EXPRESSION_CHARS: usize = 1000;
+/// The deepest nesting of brackets `calculate` takes.
+pub const MAX_EXPRESSION_DEPTH: usize = 32;
+
+/// Evaluates an arithmetic expression the model wrote. evalexpr's parser recurses once per
+/// bracket and per unary operator, and an argument nested 12,000 deep overflowed a tokio
+/// worker's stack and aborted the process. The expression is model output (a prompt injection
+/// or an upstream model can shape it), so it is bounded in length and depth before it is
+/// parsed, and parsed on a thread of its own with a stack far deeper than the bound needs.
+async fn calculate(expression: &str) -> String {
+    if let Err(e) = check_expression(expression) {
+        return format!("error: {e}");
+    }
+    let expression = expression.to_owned();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("calculate".into())
+        .stack_size(16 << 20)
+        .spawn(move || {
+            let out = match evalexpr::eval(&expression) {
+                Ok(v) => v.to_string(),
+                Err(e) => format!("error: {e}"),
+            };
+            let _ = tx.send(out);
+        });
+    match spawned {
+        Ok(_) => rx
+            .await
+            .unwrap_or_else(|_| "error: the calculator failed".into()),
+        Err(e) => format!("error: the calculator could not start: {e}"),
+    }
+}
+
+/// `calculate`, for the crate's property tests.
+#[cfg(test)]
+pub(crate) async fn calculate_for_tests(expression: &str) -> String {
+    calculate(expression).await
+}
+
+/// Refuses an expression longer or more deeply bracketed than `calculate` evaluates.
+fn check_expression(expression: &str) -> std::result::Result<(), String> {
+    let chars = expression.chars().count();
+    if chars > MAX_EXPRESSION_CHARS {
+        return Err(format!(
+            "the expression is {chars} characters long; at most {MAX_EXPRESSION_CHARS} are evaluated"
+        ));
+    }
+    let mut depth = 0usize;
+    for c in expression.chars() {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        if depth > MAX_EXPRESSION_DEPTH {
+            return Err(format!(
+                "the expression nests brackets deeper than {MAX_EXPRESSION_DEPTH} levels"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn truncate(mut s: String) -> String {
@@ -670,6 +731,23 @@ impl Task {
 
 #[cfg(test)]
 mod tests {
+
+    #[tokio::test]
+    async fn deep_or_long_expressions_are_refused_not_recursed() {
+        let deep = format!("{}1{}", "(".repeat(100), ")".repeat(100));
+        assert!(calculate(&deep).await.contains("deeper than"));
+        let deeper = format!("{}1{}", "(".repeat(12_000), ")".repeat(12_000));
+        assert!(calculate(&deeper).await.starts_with("error:"));
+        let long = "1+".repeat(MAX_EXPRESSION_CHARS) + "1";
+        assert!(calculate(&long).await.contains("characters long"));
+        // Unary chains within the length bound parse on the calculator's own deep stack.
+        let unary = format!("{}1", "-".repeat(MAX_EXPRESSION_CHARS - 1));
+        assert!(!calculate(&unary).await.is_empty());
+        let nested = format!("{}2{}", "(".repeat(30), ")".repeat(30));
+        assert_eq!(calculate(&nested).await, "2");
+        assert_eq!(calculate("(17 * 23) + 4 / 2").await, "393");
+    }
+
     use super::*;
 
     #[test]

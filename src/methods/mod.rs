@@ -44,13 +44,16 @@ pub struct Options {
     pub plan: plan::PlanOptions,
 }
 
-/// How many experiences a request asks for, overriding the library's setting: `"all"` or a
+/// How many experiences a request asks for, overriding the library's setting: `"all"`, `"none"` or a
 /// count on the wire (checked against `bounds.max_experiences` where the request is read).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(try_from = "serde_json::Value")]
 pub enum Selection {
     All,
     TopK(usize),
+    /// None at all: the route's library is still the one IterResearch's `search_experience`
+    /// searches, but nothing is put into the prompt.
+    Nothing,
 }
 
 impl TryFrom<serde_json::Value> for Selection {
@@ -58,11 +61,12 @@ impl TryFrom<serde_json::Value> for Selection {
     fn try_from(v: serde_json::Value) -> std::result::Result<Selection, Self::Error> {
         match &v {
             serde_json::Value::String(s) if s == "all" => Ok(Selection::All),
+            serde_json::Value::String(s) if s == "none" => Ok(Selection::Nothing),
             serde_json::Value::Number(n) => match n.as_u64() {
                 Some(k) if k >= 1 => Ok(Selection::TopK(usize::try_from(k).unwrap_or(usize::MAX))),
-                _ => Err("must be \"all\" or a count from 1"),
+                _ => Err("must be \"all\", \"none\" or a count from 1"),
             },
-            _ => Err("must be \"all\" or a count from 1"),
+            _ => Err("must be \"all\", \"none\" or a count from 1"),
         }
     }
 }

@@ -33,6 +33,10 @@ pub struct PlanOptions {
     pub direct: bool,
     /// Write a new program even if the family has a kept one.
     pub refresh: bool,
+    /// Whose program cache this request reads and writes: `None` is the server's shared one
+    /// (admin keys, a keyless server); a user key gets its own, and reads the shared one only
+    /// where it has none, so that no user key replaces what every other client is served.
+    pub cache_owner: Option<String>,
 }
 
 /// Writes (or reuses) a program for the family and plays the requested instances with it.
@@ -44,6 +48,7 @@ pub async fn run(
 ) -> Result<Output> {
     let spec = spec(&ctx.settings.plan, &request, opts)?;
     let refresh = opts.refresh;
+    let cache_owner = opts.cache_owner.clone();
     let ctx = ctx.clone();
     let backend = route.backend.clone();
     let model = route.model.clone();
@@ -52,7 +57,10 @@ pub async fn run(
         let progress: ipp::OnStage = Arc::new(move |v| {
             let _ = tx.send(v);
         });
-        let cache = ProgramCache::beside(ctx.store.dir());
+        let cache = match &cache_owner {
+            None => ProgramCache::beside(ctx.store.dir()),
+            Some(owner) => ProgramCache::of_key(ctx.store.dir(), owner),
+        };
         let work = ipp::run_cached(backend.as_ref(), &ctx.prompts, &cache, &model, spec, refresh, progress);
         tokio::pin!(work);
         let report = loop {

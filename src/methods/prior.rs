@@ -58,6 +58,7 @@ pub async fn choose(
     tokio::task::spawn_blocking(move || -> Result<Vec<Experience>> {
         Ok(match selection {
             Selection::All => lib.all(),
+            Selection::Nothing => Vec::new(),
             Selection::TopK(k) => store
                 .search(&name, Some(&query), None, k)?
                 .into_iter()

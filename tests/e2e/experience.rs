@@ -181,6 +181,7 @@ async fn curating_a_library_over_http() {
         .await;
     let r = reqwest::Client::new()
         .post(server.url("/v1/libraries/math/experiences"))
+        .header("content-type", "application/json")
         .body("{broken")
         .send()
         .await

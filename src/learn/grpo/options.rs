@@ -40,6 +40,10 @@ pub struct LearnOptions {
     pub seed: u64,
     /// Tags put on every learned experience.
     pub tags: Vec<String>,
+    /// Hold every step's changes for a person's review, whatever the library's `review`
+    /// setting. Jobs started by feedback (`auto_learn`) always do: what users said must not
+    /// change what other users are served without a recorded decision.
+    pub review: bool,
 }
 
 impl Default for LearnOptions {
@@ -62,6 +66,7 @@ impl Default for LearnOptions {
             retries: 2,
             seed: 42,
             tags: vec![],
+            review: false,
         }
     }
 }
