@@ -97,7 +97,7 @@ def main():
                 break
             except Exception:
                 time.sleep(0.3)
-        call(base, "POST", "/v1/libraries", {"name": "bench"})
+        call(base, "POST", "/v1/libraries", {"name": "bench", "settings": {"promote": "always"}})
         chats(base, 2, a.max_tokens)  # warm-up
         idle = chats(base, a.requests, a.max_tokens)
 

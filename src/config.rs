@@ -64,6 +64,14 @@ pub struct Bounds {
     pub max_prompts: usize,
     /// Most pending proposals one library holds for review; as many decided ones are kept.
     pub max_proposals: usize,
+    /// Most tokens one choice may generate (`max_tokens`, `max_completion_tokens`,
+    /// `max_output_tokens`); also what a request that sets none gets. Unset: the model's
+    /// context length for a local model, 32,768 for an upstream.
+    pub max_tokens: Option<u32>,
+    /// Most tools (functions) one request may offer.
+    pub max_tools: usize,
+    /// Bytes the experience search cache may hold (results weighed by their size).
+    pub search_cache_bytes: u64,
 }
 
 impl Default for Bounds {
@@ -83,6 +91,9 @@ impl Default for Bounds {
             max_jobs: 4,
             max_prompts: 64,
             max_proposals: 1000,
+            max_tokens: None,
+            max_tools: 128,
+            search_cache_bytes: 32 << 20,
         }
     }
 }
@@ -103,6 +114,8 @@ impl Bounds {
             ("max_jobs", self.max_jobs as u64),
             ("max_prompts", self.max_prompts as u64),
             ("max_proposals", self.max_proposals as u64),
+            ("max_tokens", self.max_tokens.map_or(1, u64::from)),
+            ("max_tools", self.max_tools as u64),
         ] {
             if v == 0 {
                 anyhow::bail!("bounds.{key}: must be at least 1");
@@ -123,6 +136,8 @@ impl Bounds {
             ("max_plan_rounds", u64::from(self.max_plan_rounds), 1000),
             ("max_prompts", self.max_prompts as u64, 100_000),
             ("max_proposals", self.max_proposals as u64, 100_000),
+            ("max_tools", self.max_tools as u64, 4096),
+            ("search_cache_bytes", self.search_cache_bytes, 16 << 30),
         ];
         for (key, v, ceiling) in ceilings {
             if v > ceiling {
@@ -242,7 +257,7 @@ impl Default for IterResearchConfig {
 
 /// Inbound API keys. Keys from the environment (`EXPERIENT_API_KEYS`, `EXPERIENT_ADMIN_KEYS`,
 /// comma-separated) are added to these, so secrets need not live in the file.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// Keys that may use the OpenAI routes.
@@ -255,6 +270,57 @@ pub struct AuthConfig {
     /// send one). Off: with keys configured, `/metrics` takes any valid key.
     #[serde(default)]
     pub public_metrics: bool,
+    /// User keys limited to some libraries: a request with one may inject, search and give
+    /// feedback only on the libraries listed. Unscoped user keys may use every library.
+    #[serde(default)]
+    pub scoped_keys: Vec<ScopedKey>,
+    /// Requests one user key may have in flight at once (streams until they end); past it,
+    /// 429. Admin keys, and servers without keys, are not limited.
+    #[serde(default = "default_requests_per_key")]
+    pub max_requests_per_key: usize,
+}
+
+fn default_requests_per_key() -> usize {
+    16
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            api_keys: Vec::new(),
+            admin_keys: Vec::new(),
+            public_metrics: false,
+            scoped_keys: Vec::new(),
+            max_requests_per_key: default_requests_per_key(),
+        }
+    }
+}
+
+/// One user key and the libraries it may use, `[[auth.scoped_keys]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopedKey {
+    /// The key itself, or
+    #[serde(default)]
+    pub key: Option<String>,
+    /// the name of the environment variable that holds it.
+    #[serde(default)]
+    pub key_env: Option<String>,
+    /// The libraries this key may use.
+    pub libraries: Vec<String>,
+}
+
+impl ScopedKey {
+    /// The key, from the file or its environment variable.
+    pub fn resolve(&self) -> anyhow::Result<String> {
+        match (&self.key, &self.key_env) {
+            (Some(k), None) => Ok(k.clone()),
+            (None, Some(var)) => std::env::var(var).map_err(|_| {
+                anyhow::anyhow!("auth.scoped_keys: the environment variable {var} is not set")
+            }),
+            _ => anyhow::bail!("auth.scoped_keys: give exactly one of key and key_env"),
+        }
+    }
 }
 
 /// HTTP limits: body size, connections, timeouts.
@@ -282,6 +348,20 @@ pub struct ServerConfig {
     /// Most sandbox worker processes (model-written programs) running at once across the whole
     /// server; more wait their turn.
     pub max_sandboxes: usize,
+    /// How long a client may take to send a request's whole body, in seconds, from when its
+    /// headers arrived; past it the request gets 408 and the connection is closed.
+    pub body_read_timeout_secs: u64,
+    /// Most connections open at once from one client address; further ones are closed as
+    /// they arrive, so that one client cannot take every connection.
+    pub max_connections_per_client: usize,
+    /// The longest a streamed answer may run, in seconds; it then ends with a timeout error
+    /// event (`request_timeout_secs` bounds answers that are not streamed).
+    pub stream_timeout_secs: u64,
+    /// Host names the server answers to besides IP addresses and `localhost` (a DNS name it
+    /// is reached by, behind a load balancer or in compose). A request with any other `Host`
+    /// is refused, so a web page cannot reach a loopback server by DNS rebinding. `["*"]`
+    /// answers any.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl ServerConfig {
@@ -293,6 +373,12 @@ impl ServerConfig {
             ("idle_timeout_secs", self.idle_timeout_secs),
             ("max_connections", self.max_connections as u64),
             ("max_sandboxes", self.max_sandboxes as u64),
+            ("body_read_timeout_secs", self.body_read_timeout_secs),
+            (
+                "max_connections_per_client",
+                self.max_connections_per_client as u64,
+            ),
+            ("stream_timeout_secs", self.stream_timeout_secs),
         ] {
             if v == 0 {
                 anyhow::bail!("server.{key}: must be at least 1");
@@ -317,6 +403,10 @@ impl Default for ServerConfig {
             idle_timeout_secs: 60,
             max_connections: 1024,
             max_sandboxes: 4,
+            body_read_timeout_secs: 30,
+            max_connections_per_client: 256,
+            stream_timeout_secs: 3600,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -543,6 +633,9 @@ impl Config {
                 }
             }
         }
+        if self.auth.max_requests_per_key == 0 {
+            anyhow::bail!("auth.max_requests_per_key: must be at least 1");
+        }
         if self.server.max_n == 0 {
             anyhow::bail!("server.max_n: must be at least 1");
         }
@@ -558,10 +651,14 @@ impl Config {
             ("max_stored", self.responses.max_stored as u64),
             ("max_total_bytes", self.responses.max_total_bytes),
             ("max_age_days", self.responses.max_age_days),
+            ("max_record_bytes", self.responses.max_record_bytes),
         ] {
             if v == 0 {
                 anyhow::bail!("responses.{key}: must be at least 1");
             }
+        }
+        if self.traffic.feedback_per_minute == 0 {
+            anyhow::bail!("traffic.feedback_per_minute: must be at least 1");
         }
         if self.traffic.max_bytes < 4096 || self.traffic.max_age_days == 0 {
             anyhow::bail!("traffic: max_bytes must be at least 4096 and max_age_days at least 1");

@@ -227,8 +227,10 @@ pub fn state(parts: Parts) -> anyhow::Result<AppState> {
         limits: RequestLimits {
             max_n: config.server.max_n,
             max_stop: config.server.max_stop,
+            max_tools: config.bounds.max_tools,
         },
         request_timeout: Duration::from_secs(config.server.request_timeout_secs),
+        stream_timeout: Duration::from_secs(config.server.stream_timeout_secs),
         started: api::wire::now_secs(),
         shutting_down: Arc::new(AtomicBool::new(false)),
         metrics: api::metrics::Metrics::install(),
@@ -237,9 +239,15 @@ pub fn state(parts: Parts) -> anyhow::Result<AppState> {
         keys,
         public_metrics: config.auth.public_metrics,
         jobs: crate::learn::jobs::Jobs::new(&runs_dir, config.bounds.max_jobs),
+        evaluations: Arc::new(crate::learn::evaluations::Evaluations::new(
+            &runs_dir,
+            config.bounds.max_jobs,
+        )),
         methods: Arc::new(config.methods.clone()),
         bounds: Arc::new(config.bounds.clone()),
         responses: Arc::new(responses),
+        feedback_rate: api::feedback::FeedbackRate::new(config.traffic.feedback_per_minute),
+        key_slots: api::auth::KeySlots::new(config.auth.max_requests_per_key),
         traffic: Arc::new(traffic),
     }))
 }
@@ -257,6 +265,11 @@ pub async fn run(
         state.clone(),
         &AppSettings {
             max_body_bytes: server.max_body_bytes,
+            edge: api::edge::Edge {
+                allowed_hosts: server.allowed_hosts.clone(),
+                body_timeout: Duration::from_secs(server.body_read_timeout_secs),
+                max_body_bytes: server.max_body_bytes,
+            },
         },
     );
     let grace = Duration::from_secs(server.shutdown_grace_secs);
@@ -265,6 +278,13 @@ pub async fn run(
         max_connections: api::listen::fit_connections(server.max_connections),
         header_read_timeout: Duration::from_secs(server.header_read_timeout_secs),
         idle_timeout: Duration::from_secs(server.idle_timeout_secs),
+        max_per_client: server.max_connections_per_client,
+        stuck_timeout: Duration::from_secs(
+            server
+                .request_timeout_secs
+                .max(server.body_read_timeout_secs)
+                + server.idle_timeout_secs,
+        ),
     };
     let shutting_down = state.shutting_down.clone();
     let serving = api::listen::serve(listener, app, limits, async move {
@@ -293,7 +313,7 @@ pub async fn run(
 /// then [`run`] until a signal, or until a model fails to load.
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     check_cpu()?;
-    let keys = keys(&opts.config);
+    let keys = keys(&opts.config)?;
     check_exposure(opts.addr, &keys, opts.allow_unauthenticated)?;
     crate::sandbox::set_max_workers(opts.config.server.max_sandboxes);
     let (router, locals) = backends(&opts.config, &opts.model_cache).await?;
@@ -340,6 +360,7 @@ async fn open_store(opts: &ServeOptions) -> anyhow::Result<Arc<Store>> {
     let options = StoreOptions {
         max_top_k: opts.config.bounds.max_experiences,
         max_proposals: opts.config.bounds.max_proposals,
+        cache_bytes: opts.config.bounds.search_cache_bytes,
         ..StoreOptions::default()
     };
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, options))
@@ -386,10 +407,16 @@ fn load_in_background(
     });
 }
 
-fn keys(config: &Config) -> api::auth::Keys {
+fn keys(config: &Config) -> anyhow::Result<api::auth::Keys> {
+    let scoped = config
+        .auth
+        .scoped_keys
+        .iter()
+        .map(|k| Ok((k.resolve()?, k.libraries.clone())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let env = |name: &str| std::env::var(name).unwrap_or_default();
     let (users, admins) = (env("EXPERIENT_API_KEYS"), env("EXPERIENT_ADMIN_KEYS"));
-    api::auth::Keys::new(
+    Ok(api::auth::Keys::new(
         config
             .auth
             .api_keys
@@ -403,6 +430,7 @@ fn keys(config: &Config) -> api::auth::Keys {
             .map(String::as_str)
             .chain(admins.split(',')),
     )
+    .with_scoped(scoped.iter().map(|(k, l)| (k.as_str(), l.clone()))))
 }
 
 async fn shutdown_signal() {

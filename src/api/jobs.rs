@@ -26,7 +26,7 @@ pub fn routes() -> axum::Router<AppState> {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TaskBody {
+pub(super) struct TaskBody {
     question: String,
     answer: String,
 }
@@ -94,6 +94,33 @@ pub(super) async fn start(
         .jobs
         .start(super::chat::method_context(&s), s.router.clone(), run)?;
     Ok((StatusCode::ACCEPTED, Json(job.view())).into_response())
+}
+
+/// The tasks a request names: inline, a task file on the server, or the library's scored
+/// traffic; exactly one of them.
+pub(super) async fn dataset(
+    s: &AppState,
+    library: &str,
+    inline: Option<Vec<TaskBody>>,
+    file: Option<&str>,
+    from_traffic: bool,
+) -> Result<Dataset> {
+    match (inline, file) {
+        _ if from_traffic => traffic_data(s, library).await,
+        (Some(t), None) => Ok(Dataset::from_tasks("inline", tasks(t))),
+        (None, Some(path)) => {
+            let path = std::path::PathBuf::from(path);
+            let max = s.bounds.max_dataset_bytes;
+            tokio::task::spawn_blocking(move || Dataset::load(&path, max))
+                .await
+                .map_err(Error::internal)?
+                .map_err(|e| Error::invalid(format!("{e:#}"), "dataset"))
+        }
+        _ => Err(Error::invalid(
+            "give either 'tasks' (a list of {question, answer}) or 'dataset' (a task file on the server)",
+            "tasks",
+        )),
+    }
 }
 
 /// Takes the fields that say what to learn from out of the body.
@@ -197,24 +224,7 @@ async fn new_run(
     from_traffic: bool,
     options: LearnOptions,
 ) -> Result<Run> {
-    let data = match (src.tasks, &src.dataset) {
-        _ if from_traffic => traffic_data(s, name).await?,
-        (Some(t), None) => Dataset::from_tasks("inline", tasks(t)),
-        (None, Some(path)) => {
-            let path = std::path::PathBuf::from(path);
-            let max = s.bounds.max_dataset_bytes;
-            tokio::task::spawn_blocking(move || Dataset::load(&path, max))
-                .await
-                .map_err(Error::internal)?
-                .map_err(|e| Error::invalid(format!("{e:#}"), "dataset"))?
-        }
-        _ => {
-            return Err(Error::invalid(
-                "give either 'tasks' (a list of {question, answer}) or 'dataset' (a task file on the server)",
-                "tasks",
-            ))
-        }
-    };
+    let data = dataset(s, name, src.tasks, src.dataset.as_deref(), from_traffic).await?;
     let (train, held_out) = data.split(&Split {
         seed: src.split_seed,
         offset: src.offset,
@@ -226,8 +236,16 @@ async fn new_run(
         None => held_out,
     };
     let (runs_dir, bounds) = (s.jobs.runs_dir().to_owned(), s.bounds.clone());
+    let gated = gated(s, name);
     tokio::task::spawn_blocking(move || {
-        Run::create(&runs_dir, options, &data, train, validation, &bounds)
+        Run::create(
+            &runs_dir,
+            options,
+            &data,
+            (train, validation),
+            gated,
+            &bounds,
+        )
     })
     .await
     .map_err(Error::internal)?
@@ -239,6 +257,14 @@ async fn traffic_data(s: &AppState, library: &str) -> Result<Dataset> {
     tokio::task::spawn_blocking(move || crate::learn::dataset::learnable_traffic(&traffic, &l))
         .await
         .map_err(Error::internal)?
+}
+
+/// Whether learning on `library` goes through the gate: unless its `promote` is `always` (a
+/// library that does not exist yet is created with the default, `gain`).
+fn gated(s: &AppState, library: &str) -> bool {
+    s.store.library(library).map_or(true, |l| {
+        l.settings().promote != crate::experience::Promote::Always
+    })
 }
 
 /// Continuous learning: when `library` has `auto_learn` and at least `after` pieces of feedback
@@ -276,15 +302,18 @@ async fn start_auto(s: &AppState, library: &str, model: Option<String>) -> Resul
             Error::invalid("no recorded traffic names a model", "auto_learn.model")
         })?,
     };
-    let options: LearnOptions =
-        serde_json::from_value(json!({"library": library, "model": model, "verifier": "judge"}))
-            .map_err(Error::internal)?;
+    let options: LearnOptions = serde_json::from_value(
+        json!({"library": library, "model": model, "verifier": "judge", "review": true}),
+    )
+    .map_err(Error::internal)?;
     options.check(&s.bounds)?;
     s.router.resolve(&options.model, None, None)?;
     let (runs_dir, bounds) = (s.jobs.runs_dir().to_owned(), s.bounds.clone());
     let train = data.tasks.clone();
     let run = tokio::task::spawn_blocking(move || {
-        Run::create(&runs_dir, options, &data, train, vec![], &bounds)
+        // Held for review whatever the gate says, but measured, so the reviewer sees how the
+        // proposals did against the live library.
+        Run::create(&runs_dir, options, &data, (train, vec![]), true, &bounds)
     })
     .await
     .map_err(Error::internal)??;

@@ -362,6 +362,8 @@ pub(super) async fn get_version(
         "at": record.at,
         "message": record.message,
         "ops": record.ops,
+        "review": record.review,
+        "gate": record.gate,
         "experiences": experiences,
     })))
 }

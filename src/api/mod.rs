@@ -3,7 +3,9 @@
 pub mod auth;
 pub(crate) mod chat;
 pub(crate) mod completions;
+pub mod edge;
 pub(crate) mod error;
+pub(crate) mod evaluations;
 pub(crate) mod feedback;
 pub(crate) mod jobs;
 pub(crate) mod libraries;
@@ -54,6 +56,8 @@ pub struct Shared {
     pub router: Arc<Router>,
     pub limits: wire::RequestLimits,
     pub request_timeout: Duration,
+    /// The longest a streamed answer may run (`server.stream_timeout_secs`).
+    pub stream_timeout: Duration,
     pub started: u64,
     pub shutting_down: Arc<AtomicBool>,
     pub metrics: metrics::Metrics,
@@ -63,21 +67,30 @@ pub struct Shared {
     /// Serve `/metrics` without a key even when keys are configured.
     pub public_metrics: bool,
     pub jobs: crate::learn::jobs::Jobs,
+    /// Comparisons of library versions running or done (`/v1/libraries/{name}/evaluations`).
+    pub evaluations: Arc<crate::learn::evaluations::Evaluations>,
     pub methods: Arc<crate::config::MethodsConfig>,
     pub bounds: Arc<crate::config::Bounds>,
     /// Responses API objects kept for `previous_response_id` and `GET /v1/responses/{id}`.
     pub responses: Arc<crate::response_store::ResponseStore>,
     /// Recorded completions and the feedback on them.
     pub traffic: Arc<crate::experience::traffic::Traffic>,
+    /// Requests in flight per user key (`auth.max_requests_per_key`).
+    pub key_slots: auth::KeySlots,
+    /// Feedback given per key this minute (`traffic.feedback_per_minute`).
+    pub feedback_rate: feedback::FeedbackRate,
 }
 
 /// Settings that shape the router itself rather than a handler.
 pub struct AppSettings {
     pub max_body_bytes: usize,
+    /// The Host check, the body's media type and its deadline ([`edge`]).
+    pub edge: edge::Edge,
 }
 
 /// Every route, with the layers (auth, limits, panics, metrics) in the order they apply.
 pub fn app(state: AppState, settings: &AppSettings) -> axum::Router {
+    let edge = Arc::new(settings.edge.clone());
     axum::Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
@@ -92,9 +105,14 @@ pub fn app(state: AppState, settings: &AppSettings) -> axum::Router {
         .merge(review::routes())
         .merge(ui::routes())
         .merge(jobs::routes())
+        .merge(evaluations::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            edge.clone(),
+            edge::read_body,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             settings.max_body_bytes,
             discard_oversized,
@@ -103,6 +121,7 @@ pub fn app(state: AppState, settings: &AppSettings) -> axum::Router {
             state.clone(),
             auth::check,
         ))
+        .layer(axum::middleware::from_fn_with_state(edge, edge::check_host))
         .layer(axum::middleware::from_fn(metrics::track))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             |_: Box<dyn std::any::Any + Send>| {
@@ -111,6 +130,42 @@ pub fn app(state: AppState, settings: &AppSettings) -> axum::Router {
             },
         ))
         .with_state(state)
+}
+
+/// A streamed answer's events until `limit` has passed since it started, then a timeout error
+/// (which each endpoint frames as its in-stream error) and the end; the caller's key slot is
+/// held as long as the stream runs. Dropping what is left
+/// cancels the generation and frees its slot: `request_timeout_secs` bounds only answers
+/// that are not streamed, and a stream asking for billions of tokens once ran for hours.
+pub(crate) fn stream_deadline(
+    events: crate::methods::Events,
+    limit: Duration,
+    slot: auth::KeySlot,
+) -> crate::methods::Events {
+    use futures::StreamExt;
+    async_stream::stream! {
+        // The key's request slot is held until the stream ends.
+        let _slot = slot;
+        let deadline = tokio::time::sleep(limit);
+        tokio::pin!(deadline);
+        let mut events = events;
+        loop {
+            tokio::select! {
+                next = events.next() => match next {
+                    Some(ev) => yield ev,
+                    None => return,
+                },
+                () = &mut deadline => {
+                    yield Err(Error::Timeout(format!(
+                        "the stream ran past its {} s limit (server.stream_timeout_secs)",
+                        limit.as_secs()
+                    )));
+                    return;
+                }
+            }
+        }
+    }
+    .boxed()
 }
 
 /// Bodies declared larger than this are not read at all before the 413.

@@ -29,6 +29,17 @@ pub struct EvalArgs {
     /// Also evaluate with this library injected, and report both.
     #[arg(long)]
     library: Option<String>,
+    /// Compare two versions of --library task by task instead: this one (a version number,
+    /// or "none" for no library) ...
+    #[arg(long, requires_all = ["library", "candidate"])]
+    baseline: Option<String>,
+    /// ... against this one; prints each one's accuracy, the paired difference with its
+    /// interval and p-value, the tasks they disagree on, and what it cost.
+    #[arg(long, requires = "baseline")]
+    candidate: Option<String>,
+    /// Confidence of the intervals of a paired comparison.
+    #[arg(long, default_value_t = 0.95)]
+    confidence: f64,
     /// Answers per task; accuracy is mean@k.
     #[arg(long, default_value_t = 1)]
     samples: u32,
@@ -63,27 +74,38 @@ pub(super) fn run(a: EvalArgs) -> anyhow::Result<()> {
     let ds = data_set(&a, &config)?;
     let model_cache = a.models.model_cache();
     let runtime = tokio::runtime::Runtime::new()?;
+    let opts = eval::EvalOptions {
+        samples: a.samples.max(1),
+        temperature: a
+            .temperature
+            .unwrap_or(if a.samples > 1 { 0.7 } else { 0.0 }),
+        max_tokens: a.max_tokens,
+        concurrency: a.concurrency,
+    };
+    let bar = super::bar("{msg:<24} [{bar:30}] {pos}/{len} answers ({elapsed} elapsed, ETA {eta})");
+    let on_tick = |tick: eval::Tick<'_>| match tick {
+        eval::Tick::Arm { label, answers } => {
+            bar.reset();
+            bar.set_length(answers);
+            bar.set_message(label.to_owned());
+        }
+        eval::Tick::Answer => bar.inc(1),
+        eval::Tick::ArmDone => bar.finish_and_clear(),
+    };
+    if let (Some(base), Some(cand)) = (&a.baseline, &a.candidate) {
+        let report = runtime.block_on(async {
+            let (router, ctx) = a.models.load(&config, &model_cache).await?;
+            paired(&a, &router, &ctx, (base, cand), &ds, opts, &on_tick).await
+        })?;
+        let json = serde_json::to_string_pretty(&report)?;
+        write_out(&a, &json, || {
+            crate::learn::plot::eval_chart(&paired_arms(&report))
+        })?;
+        runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+        return Ok(());
+    }
     let report = runtime.block_on(async {
         let (router, ctx) = a.models.load(&config, &model_cache).await?;
-        let opts = eval::EvalOptions {
-            samples: a.samples.max(1),
-            temperature: a
-                .temperature
-                .unwrap_or(if a.samples > 1 { 0.7 } else { 0.0 }),
-            max_tokens: a.max_tokens,
-            concurrency: a.concurrency,
-        };
-        let bar =
-            super::bar("{msg:<24} [{bar:30}] {pos}/{len} answers ({elapsed} elapsed, ETA {eta})");
-        let on_tick = |tick: eval::Tick<'_>| match tick {
-            eval::Tick::Arm { label, answers } => {
-                bar.reset();
-                bar.set_length(answers);
-                bar.set_message(label.to_owned());
-            }
-            eval::Tick::Answer => bar.inc(1),
-            eval::Tick::ArmDone => bar.finish_and_clear(),
-        };
         eval::evaluate(
             &ctx,
             &router,
@@ -96,15 +118,83 @@ pub(super) fn run(a: EvalArgs) -> anyhow::Result<()> {
         .await
     })?;
     let json = serde_json::to_string_pretty(&report)?;
-    if let Some(p) = &a.out {
-        std::fs::write(p, &json)?;
-    }
-    if let Some(p) = &a.plot {
-        std::fs::write(p, crate::learn::plot::eval_chart(&report))?;
-    }
-    println!("{json}");
+    write_out(&a, &json, || crate::learn::plot::eval_chart(&report))?;
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(())
+}
+
+/// Prints the report, and writes it (`--out`) and its chart (`--plot`) where asked.
+fn write_out(a: &EvalArgs, json: &str, chart: impl FnOnce() -> String) -> anyhow::Result<()> {
+    if let Some(p) = &a.out {
+        std::fs::write(p, json)?;
+    }
+    if let Some(p) = &a.plot {
+        std::fs::write(p, chart())?;
+    }
+    println!("{json}");
+    Ok(())
+}
+
+/// `--baseline V --candidate V`: two versions of the library compared task by task, scored by
+/// the data set's rule (or `--verifier`), as the server's evaluations are.
+async fn paired(
+    a: &EvalArgs,
+    router: &crate::router::Router,
+    ctx: &crate::methods::Context,
+    (base, cand): (&str, &str),
+    ds: &Dataset,
+    options: eval::EvalOptions,
+    on_tick: eval::OnTick<'_>,
+) -> anyhow::Result<crate::learn::compare::Comparison> {
+    use crate::learn::compare;
+    let library = a.library.as_deref().unwrap_or_default();
+    let lib = ctx
+        .store
+        .library(library)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let side = |v: &str| -> anyhow::Result<compare::Side> {
+        if v == "none" {
+            return Ok(compare::Side::none());
+        }
+        let n: u64 = v
+            .parse()
+            .map_err(|_| anyhow::anyhow!("a version is a number or \"none\", got '{v}'"))?;
+        compare::Side::version(&lib, n).map_err(|e| anyhow::anyhow!("{e}"))
+    };
+    let (baseline, candidate) = (side(base)?, side(cand)?);
+    let route = router
+        .resolve(&a.model, Some(crate::router::Method::Direct.name()), None)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let plan = compare::Plan {
+        route: &route,
+        settings: lib.settings(),
+        options,
+        grader: eval::Grader::Rule(&ds.verifier),
+        confidence: a.confidence,
+    };
+    compare::compare(ctx, &plan, &baseline, &candidate, ds, on_tick)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// A paired comparison as the two arms the accuracy chart draws.
+fn paired_arms(c: &crate::learn::compare::Comparison) -> eval::EvalReport {
+    let arm = |label: &str, acc: &crate::learn::stats::Accuracy| eval::Arm {
+        library: Some(label.to_owned()),
+        tasks: c.paired.n,
+        samples: c.samples,
+        accuracy: acc.mean,
+        ci95: acc.ci,
+        experiences: 0,
+    };
+    eval::EvalReport {
+        dataset: c.dataset.clone(),
+        model: c.model.clone(),
+        arms: vec![
+            arm(&c.baseline_label, &c.paired.baseline),
+            arm(&c.candidate_label, &c.paired.candidate),
+        ],
+    }
 }
 
 /// The tasks to score: a task file, or the library's traffic whose feedback gives the right

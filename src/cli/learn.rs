@@ -106,8 +106,17 @@ pub(super) fn run(a: LearnArgs) -> anyhow::Result<()> {
             });
             let options = options(&a, library);
             let runs_dir = a.models.runs_dir();
-            Run::create(&runs_dir, options, &data, train, validation, &config.bounds)
-                .map_err(|e| anyhow::anyhow!("{e}"))?
+            let gated = crate::experience::settings_on_disk(&a.models.experience_dir, library)
+                .is_none_or(|s| s.promote != crate::experience::Promote::Always);
+            Run::create(
+                &runs_dir,
+                options,
+                &data,
+                (train, validation),
+                gated,
+                &config.bounds,
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?
         }
         _ => anyhow::bail!("give --library and --dataset (or --from-traffic), or --resume RUN_DIR"),
     };
@@ -175,5 +184,6 @@ fn options(a: &LearnArgs, library: &str) -> LearnOptions {
         retries: a.retries,
         seed: a.order_seed,
         tags: a.tags.clone(),
+        review: false,
     }
 }

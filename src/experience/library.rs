@@ -91,6 +91,10 @@ pub struct Version {
     /// Set when the version carries reviewed proposals: which ones, and who approved them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub review: Option<Review>,
+    /// Set when a learning gate let the version go live: its decision and the measurement
+    /// behind it, as learning recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<serde_json::Value>,
 }
 
 /// A version as the version list shows it: number, time, message and counts.
@@ -101,6 +105,8 @@ pub struct VersionSummary {
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub review: Option<Review>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gate: Option<serde_json::Value>,
     pub added: usize,
     pub updated: usize,
     pub deleted: usize,
@@ -114,6 +120,7 @@ impl From<&Version> for VersionSummary {
             at: v.at,
             message: v.message.clone(),
             review: v.review.clone(),
+            gate: v.gate.clone(),
             added: count(|o| matches!(o, Op::Add { .. } | Op::Restore { .. })),
             updated: count(|o| matches!(o, Op::Update { .. })),
             deleted: count(|o| matches!(o, Op::Delete { .. })),
@@ -269,6 +276,7 @@ impl Library {
             message: "created".into(),
             ops: vec![],
             review: None,
+            gate: None,
         };
         let mut line = serde_json::to_string(&first).map_err(Error::internal)?;
         line.push('\n');
@@ -492,15 +500,26 @@ impl Library {
     /// disk. Validation happens before anything is written, so a bad change leaves the
     /// library exactly as it was.
     pub fn commit(&self, message: &str, changes: Vec<Change>) -> Result<Version> {
-        self.commit_reviewed(message, changes, None)
+        self.commit_reviewed(message, changes, None, None)
     }
 
-    /// [`Library::commit`] for a version that carries reviewed proposals.
+    /// [`Library::commit`] for a version a learning gate let through, with its decision.
+    pub fn commit_gated(
+        &self,
+        message: &str,
+        changes: Vec<Change>,
+        gate: serde_json::Value,
+    ) -> Result<Version> {
+        self.commit_reviewed(message, changes, None, Some(gate))
+    }
+
+    /// [`Library::commit`] for a version that carries reviewed proposals or a gate's decision.
     fn commit_reviewed(
         &self,
         message: &str,
         changes: Vec<Change>,
         review: Option<Review>,
+        gate: Option<serde_json::Value>,
     ) -> Result<Version> {
         let writer = self.writer.lock();
         let (version, ops) = self.ops(changes)?;
@@ -510,6 +529,7 @@ impl Library {
             message: message.to_owned(),
             ops,
             review,
+            gate,
         };
         self.append(&record)?;
         self.publish(&record);
@@ -796,7 +816,7 @@ impl Library {
             proposals: ids.to_vec(),
             edited: edited.clone(),
         };
-        let v = self.commit_reviewed(&message, changes, Some(review))?;
+        let v = self.commit_reviewed(&message, changes, Some(review), None)?;
         p.decide(
             ids,
             proposals::Status::Approved,
@@ -1222,6 +1242,7 @@ pub(super) mod tests {
                     message: t.clone(),
                     ops: vec![Op::Add { id: format!("E{}", i + 1), text: t.clone(), tags: vec![], source: Source::Manual, provenance: Provenance::default() }],
                     review: None,
+                    gate: None,
                 };
                 log.extend_from_slice(serde_json::to_string(&v).unwrap().as_bytes());
                 log.push(b'\n');

@@ -83,6 +83,47 @@ pub struct Settings {
     /// instead of committing it straight away.
     #[serde(default)]
     pub review: bool,
+    /// What lets a learned version go live: its measured gain over its parent (the default),
+    /// a person's review, or nothing (`always`).
+    #[serde(default)]
+    pub promote: Promote,
+    /// The gain the gate asks for, and at what confidence.
+    #[serde(default)]
+    pub gate: Gate,
+}
+
+/// What lets a version learned by a run (CLI, job or `auto_learn`) go live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Promote {
+    /// Measured against its parent on tasks it did not learn from; live only when the paired
+    /// difference's lower confidence bound is above `gate.min_gain`, otherwise held as
+    /// proposals with the evaluation attached.
+    #[default]
+    Gain,
+    /// Live as soon as it is learned (what every version did before the gate).
+    Always,
+    /// Measured as under `gain`, then held for a person, who sees the evaluation.
+    Review,
+}
+
+/// The gate's thresholds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Gate {
+    /// The least gain (accuracy, 0 to 1) the difference's lower bound must pass.
+    pub min_gain: f64,
+    /// The confidence of that bound.
+    pub confidence: f64,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            min_gain: 0.0,
+            confidence: 0.95,
+        }
+    }
 }
 
 /// Continuous learning from feedback: a job (`"source": "traffic"`) starts once `after` new
@@ -110,6 +151,18 @@ impl Settings {
                 param: Some("top_k".into()),
             });
         }
+        if !(0.0..1.0).contains(&self.gate.min_gain) {
+            return Err(Error::invalid(
+                "gate.min_gain must be from 0 to below 1",
+                "gate.min_gain",
+            ));
+        }
+        if !(0.5..=0.999).contains(&self.gate.confidence) {
+            return Err(Error::invalid(
+                "gate.confidence must be from 0.5 to 0.999",
+                "gate.confidence",
+            ));
+        }
         if let Some(a) = &self.auto_learn {
             if a.after == 0 || a.after > 100_000 {
                 return Err(Error::InvalidRequest {
@@ -130,6 +183,8 @@ impl Default for Settings {
             record: false,
             auto_learn: None,
             review: false,
+            promote: Promote::default(),
+            gate: Gate::default(),
         }
     }
 }
@@ -141,6 +196,16 @@ pub enum Inject {
     #[default]
     All,
     TopK,
+}
+
+/// A library's settings as its directory under `experience_dir` holds them, read without
+/// opening the store (the CLI decides before it loads anything); `None` when there is no such
+/// library or its settings cannot be read.
+pub fn settings_on_disk(experience_dir: &std::path::Path, name: &str) -> Option<Settings> {
+    validate_library_name(name).ok()?;
+    let text =
+        std::fs::read_to_string(experience_dir.join(name).join(library::SETTINGS_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
 }
 
 /// Library names become directory names, so they are restricted to a safe alphabet.
@@ -178,7 +243,21 @@ pub fn validate_text(text: &str, max_chars: usize) -> Result<()> {
 }
 
 /// Refuses empty, overlong or too many tags (400 naming `tags`).
+/// The most tags one experience may carry.
+pub const MAX_TAGS: usize = 32;
+
 pub fn validate_tags(tags: &[String]) -> Result<()> {
+    // Each tag is a term in the index and a line in the UI; a handful says what an
+    // experience is about, and 200,000 of them were once accepted on one experience.
+    if tags.len() > MAX_TAGS {
+        return Err(Error::invalid(
+            format!(
+                "an experience has at most {MAX_TAGS} tags, got {}",
+                tags.len()
+            ),
+            "tags",
+        ));
+    }
     for t in tags {
         if t.is_empty() || t.len() > 64 || t.chars().any(char::is_whitespace) {
             return Err(Error::invalid(

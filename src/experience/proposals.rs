@@ -63,6 +63,10 @@ pub struct Origin {
     pub sources: Vec<String>,
     /// What the change would have been committed as (e.g. "learn run R step 2/4").
     pub message: String,
+    /// A learning gate's decision and measurement, when the gate held the change or measured
+    /// it for review: what a reviewer sees next to the proposal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<serde_json::Value>,
 }
 
 /// A reviewer's decision on one proposal.
@@ -365,6 +369,7 @@ mod tests {
             step: Some(2),
             sources: vec![],
             message: "learn run r1 step 2/2".into(),
+            gate: None,
         }
     }
 

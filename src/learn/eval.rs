@@ -5,8 +5,6 @@
 //! task scores (normal approximation). Requests go through the same methods as the server's,
 //! so what is measured is what clients get.
 
-use std::sync::Arc;
-
 use futures::StreamExt;
 use serde::Serialize;
 
@@ -64,21 +62,68 @@ fn prompt(ds: &Dataset, question: &str) -> Vec<Message> {
     ]
 }
 
-/// Runs one arm: every task `samples` times through `route`.
-pub async fn run_arm(
+/// How an answer is scored: by the data set's rule, or by the LLM judge against the reference.
+#[derive(Clone, Copy)]
+pub enum Grader<'a> {
+    Rule(&'a super::verify::Verifier),
+    Judge(&'a super::verify::Judge),
+}
+
+impl Grader<'_> {
+    /// The answer's score, 0 to 1.
+    pub async fn score(&self, question: &str, output: &str, reference: &str) -> crate::Result<f64> {
+        match self {
+            Grader::Rule(v) => Ok(v.score(output, reference)),
+            Grader::Judge(j) => Ok(j.grade(question, output, reference).await?.0),
+        }
+    }
+}
+
+/// What answering a set of tasks cost: model calls, tokens and time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct Cost {
+    pub model_calls: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub wall_secs: f64,
+}
+
+impl Cost {
+    /// Both costs together (wall time added: the arms run one after another).
+    pub fn plus(self, other: Cost) -> Cost {
+        Cost {
+            model_calls: self.model_calls + other.model_calls,
+            prompt_tokens: self.prompt_tokens + other.prompt_tokens,
+            completion_tokens: self.completion_tokens + other.completion_tokens,
+            wall_secs: self.wall_secs + other.wall_secs,
+        }
+    }
+}
+
+/// Every task's score (mean over its samples), in task order, what it cost, and how many
+/// experiences the route injected.
+pub struct TaskScores {
+    pub scores: Vec<f64>,
+    pub cost: Cost,
+    pub experiences: usize,
+}
+
+/// Answers every task `samples` times through `route` in the learning lane and scores each
+/// answer with `grader`.
+pub async fn task_scores(
     ctx: &Context,
     route: &Route,
     ds: &Dataset,
     opts: &EvalOptions,
+    grader: Grader<'_>,
     on_tick: OnTick<'_>,
-) -> anyhow::Result<Arm> {
-    let tasks: Vec<_> = ds.tasks.iter().collect();
-    let used = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+) -> anyhow::Result<TaskScores> {
+    let started = std::time::Instant::now();
+    let used = std::sync::atomic::AtomicUsize::new(0);
     let mut work = Vec::new();
-    for (t, task) in tasks.iter().enumerate() {
+    for (t, task) in ds.tasks.iter().enumerate() {
         for _ in 0..opts.samples {
-            let route = route.clone();
-            let used = used.clone();
+            let (route, used) = (route.clone(), &used);
             work.push(async move {
                 let request = ChatRequest {
                     priority: crate::backend::Priority::Background,
@@ -96,35 +141,57 @@ pub async fn run_arm(
                     used.store(e.len(), std::sync::atomic::Ordering::Relaxed);
                 }
                 let done = methods::collect(out.events, 1).await?.completion;
+                let text = &done.choices[0].text;
+                let score = grader.score(&task.question, text, &task.answer).await?;
                 on_tick(Tick::Answer);
-                Ok::<_, crate::Error>((t, ds.verifier.score(&done.choices[0].text, &task.answer)))
+                Ok::<_, crate::Error>((t, score, done.usage))
             });
         }
     }
-    let results: Vec<(usize, f64)> = futures::stream::iter(work)
+    let results: Vec<(usize, f64, crate::backend::Usage)> = futures::stream::iter(work)
         .buffer_unordered(opts.concurrency.max(1))
         .collect::<Vec<_>>()
         .await
         .into_iter()
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut per_task = vec![(0.0, 0u32); tasks.len()];
-    for (t, s) in results {
+    let mut per_task = vec![(0.0, 0u32); ds.tasks.len()];
+    let mut cost = Cost::default();
+    for (t, s, usage) in results {
         per_task[t].0 += s;
         per_task[t].1 += 1;
+        cost.model_calls += 1;
+        cost.prompt_tokens += usage.prompt_tokens;
+        cost.completion_tokens += usage.completion_tokens;
     }
-    let scores: Vec<f64> = per_task
-        .iter()
-        .map(|(s, n)| s / f64::from((*n).max(1)))
-        .collect();
-    let (mean, half) = mean_ci(&scores);
+    cost.wall_secs = started.elapsed().as_secs_f64();
+    Ok(TaskScores {
+        scores: per_task
+            .iter()
+            .map(|(s, n)| s / f64::from((*n).max(1)))
+            .collect(),
+        cost,
+        experiences: used.into_inner(),
+    })
+}
+
+/// Runs one arm: every task `samples` times through `route`, scored by the data set's rule.
+pub async fn run_arm(
+    ctx: &Context,
+    route: &Route,
+    ds: &Dataset,
+    opts: &EvalOptions,
+    on_tick: OnTick<'_>,
+) -> anyhow::Result<Arm> {
+    let done = task_scores(ctx, route, ds, opts, Grader::Rule(&ds.verifier), on_tick).await?;
+    let (mean, half) = mean_ci(&done.scores);
     Ok(Arm {
         library: route.library.clone(),
-        tasks: scores.len(),
+        tasks: done.scores.len(),
         samples: opts.samples,
         accuracy: mean,
         ci95: [(mean - half).max(0.0), (mean + half).min(1.0)],
-        experiences: used.load(std::sync::atomic::Ordering::Relaxed),
+        experiences: done.experiences,
     })
 }
 

@@ -23,6 +23,17 @@ pub enum Verifier {
     Regex(String),
 }
 
+impl Verifier {
+    /// Its name as `--verifier` and the APIs' `verifier` write it.
+    pub fn name(&self) -> String {
+        match self {
+            Verifier::Numeric => "numeric".into(),
+            Verifier::Exact => "exact".into(),
+            Verifier::Regex(p) => format!("regex:{p}"),
+        }
+    }
+}
+
 /// How attempts are scored: by a rule against the reference, or by an LLM judge.
 #[derive(Debug, Clone)]
 pub enum Scoring {

@@ -17,15 +17,15 @@ use experient::experience::{Store, StoreOptions};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-struct Server {
-    base: String,
+pub(crate) struct Server {
+    pub(crate) base: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     done: tokio::task::JoinHandle<anyhow::Result<()>>,
-    _dir: tempfile::TempDir,
+    pub(crate) dir: tempfile::TempDir,
 }
 
 impl Server {
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
@@ -38,7 +38,7 @@ impl Server {
     }
 
     /// Signals shutdown and waits for `run` to return.
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         self.done.await.unwrap().unwrap();
     }
@@ -47,6 +47,16 @@ impl Server {
 /// `server::run` on an ephemeral port with `backend` as model "m", the given keys, and a
 /// store holding library "math" with two experiences.
 async fn serve(backend: Arc<Scripted>, users: &[&str], admins: &[&str]) -> Server {
+    let keys = experient::api::auth::Keys::new(users.iter().copied(), admins.iter().copied());
+    serve_with(backend, keys, Config::default()).await
+}
+
+/// Like [`serve`], with the keys and the configuration given.
+pub(crate) async fn serve_with(
+    backend: Arc<Scripted>,
+    keys: experient::api::auth::Keys,
+    config: Config,
+) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let experience_dir = dir.path().join("experience");
     let store = Store::open(&experience_dir, StoreOptions::default()).unwrap();
@@ -67,12 +77,11 @@ async fn serve(backend: Arc<Scripted>, users: &[&str], admins: &[&str]) -> Serve
         .unwrap();
     let mut router = experient::router::Router::default();
     router.add("m", backend);
-    let config = Config::default();
     let state = experient::server::state(experient::server::Parts {
         config: config.clone(),
         router,
         store: Arc::new(store),
-        keys: experient::api::auth::Keys::new(users.iter().copied(), admins.iter().copied()),
+        keys,
         prompts: experient::prompts::Prompts::builtin(),
         experience_dir: experience_dir.clone(),
         runs_dir: experience_dir.join(".runs"),
@@ -91,11 +100,11 @@ async fn serve(backend: Arc<Scripted>, users: &[&str], admins: &[&str]) -> Serve
         base,
         stop: Some(tx),
         done,
-        _dir: dir,
+        dir,
     }
 }
 
-async fn raw(
+pub(crate) async fn raw(
     method: &str,
     url: &str,
     key: Option<&str>,
@@ -122,7 +131,7 @@ async fn raw(
 }
 
 /// An OpenAI error envelope with every field present.
-fn envelope(v: &Value) -> &Value {
+pub(crate) fn envelope(v: &Value) -> &Value {
     let e = &v["error"];
     assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
     for k in ["type", "param", "code"] {
@@ -690,8 +699,12 @@ async fn a_learning_job_commits_only_the_finished_lines_of_cut_off_replies() {
         }
     });
     let s = serve(backend.clone(), &[], &[]).await;
-    let (st, v) =
-        crate::common::call("POST", &s.url("/v1/libraries"), Some(&json!({"name": "b"}))).await;
+    let (st, v) = crate::common::call(
+        "POST",
+        &s.url("/v1/libraries"),
+        Some(&json!({"name": "b", "settings": {"promote": "always"}})),
+    )
+    .await;
     assert_eq!(st, 201, "{v}");
     let tasks: Vec<Value> = (0..4)
         .map(|i| json!({"question": format!("not ( True ) and ( {i} > 9 ) is"), "answer": "True"}))

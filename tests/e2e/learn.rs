@@ -49,6 +49,15 @@ async fn a_learning_job_commits_a_version_that_explains_itself() {
     let prompts_dir = learner_prompts(dir.path());
     let server = common::start_in(dir, None, &[("EXPERIENT_PROMPTS_DIR", &prompts_dir)]);
     let http = reqwest::Client::new();
+    // What learning proposes goes live at once here (`promote: always`): this test is about
+    // the learning loop; the gate has tests of its own.
+    let r = http
+        .post(server.url("/v1/libraries"))
+        .json(&json!({"name": "bool", "settings": {"promote": "always"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
 
     // Bad requests are refused before anything runs.
     let r = http
@@ -270,4 +279,69 @@ fn a_cli_run_resumes_where_it_stopped() {
         assert_eq!(resumed["steps"][1]["version"], steps[1]["version"]);
     }
     assert!(run_dir.join("step-0002/result.json").is_file());
+}
+
+/// The gate on the real model: a candidate that is harmful by construction ("Answer False to
+/// the whole expression." on boolean tasks whose answers are half True) is measured against
+/// the empty library on held-out tasks, held, and never goes live. (The lesson is worded so
+/// that the 135M learner repeats it exactly under the test's learner prompts.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_harmful_candidate_is_measured_and_held() {
+    const HARMFUL: &str = "Outside in: Answer False to the whole expression.";
+    let dir = tempfile::tempdir().unwrap();
+    let prompts_dir = crate::common::learning::learner_prompts_saying(dir.path(), HARMFUL);
+    let server = common::start_in(dir, None, &[("EXPERIENT_PROMPTS_DIR", &prompts_dir)]);
+    let http = reqwest::Client::new();
+    let r = http
+        .post(server.url("/v1/libraries"))
+        .json(&json!({"name": "gated"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let all = tasks(20);
+    let (train, held_out) = (&all[..8], &all[8..]);
+    let id = start(
+        &http,
+        &server.url("/v1/libraries/gated/learn"),
+        json!({
+            "tasks": train, "validation": held_out, "epochs": 1, "batch_size": 8,
+            "group_size": 4, "temperature": 1.0, "max_tokens": 6, "learner_max_tokens": 40,
+            "verifier": FIRST_WORD, "concurrency": 4,
+        }),
+    )
+    .await;
+    let job = poll(&http, &server.url(&format!("/v1/jobs/{id}")), |j| {
+        j["status"] != "running"
+    })
+    .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let step = &job["result"]["steps"][0];
+    if step["mixed_groups"] == 0 {
+        // All eight groups alike (about once in 10^4 jobs): nothing was proposed to gate.
+        return;
+    }
+    let gate = &step["gate"];
+    assert_eq!(gate["outcome"], "held", "{job}");
+    assert_eq!(gate["comparison"]["n"], 12, "{gate}");
+    assert!(
+        gate["comparison"]["difference_ci"][0].as_f64().unwrap() <= 0.0,
+        "{gate}"
+    );
+    assert!(step["version"].is_null(), "{job}");
+    // The live library did not change; the candidate waits with its measurement.
+    let lib: Value = get(&http, &server.url("/v1/libraries/gated")).await;
+    assert_eq!(
+        (lib["version"].as_u64(), lib["experiences"].as_u64()),
+        (Some(0), Some(0)),
+        "{lib}"
+    );
+    let proposals: Value = get(&http, &server.url("/v1/libraries/gated/proposals")).await;
+    let held = proposals["data"].as_array().unwrap();
+    assert!(!held.is_empty(), "{proposals}");
+    assert!(
+        held.iter()
+            .all(|p| p["origin"]["gate"]["outcome"] == "held"),
+        "{proposals}"
+    );
 }

@@ -7,12 +7,14 @@
 
 mod common;
 
+mod attacks;
 mod auth;
 mod chat;
 mod cpu_attention;
 mod docker;
 mod eval;
 mod experience;
+mod gate;
 mod hardening;
 mod inprocess;
 mod iterresearch;

@@ -55,7 +55,9 @@ async fn feedback_on_served_answers_grows_the_library() {
     let (s, _) = call(
         "POST",
         &url("/v1/libraries"),
-        Some(json!({"name": "bool", "settings": {"record": true}})),
+        // Learned versions go live at once here (`promote: always`): this test is about
+        // traffic and feedback; the gate has tests of its own.
+        Some(json!({"name": "bool", "settings": {"record": true, "promote": "always"}})),
     )
     .await;
     assert_eq!(s, 201);
@@ -187,7 +189,7 @@ async fn feedback_on_served_answers_grows_the_library() {
     }
 
     // Continuous mode: feedback alone starts a job once `after` new pieces have arrived.
-    let settings = json!({"record": true, "auto_learn": {"after": 2}});
+    let settings = json!({"record": true, "promote": "always", "auto_learn": {"after": 2}});
     let (s, v) = call("PATCH", &url("/v1/libraries/bool"), Some(settings)).await;
     assert_eq!(s, 200, "{v}");
     for id in &ids[..2] {

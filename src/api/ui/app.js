@@ -489,9 +489,25 @@ function proposalCard(name, p, reviewer, selectionChanged) {
       h("span.spacer")),
     p.current ? h("div.diff", h("div.diff-id", "now / proposed"), h("div.before", p.current.text), h("div.after", c.op === "delete" ? h("em", "deleted") : c.text || p.current.text)) : null,
     editable ? h("div", { class: "mt" }, ta) : null,
+    p.origin.gate ? gateView(p.origin.gate) : null,
     p.evidence ? h("details.evidence-box", h("summary", "Evidence"), evidenceView(p.evidence, false)) : null,
     p.status !== "pending" ? h("p", h("strong", p.status), p.decision && p.decision.reviewer ? " by " + p.decision.reviewer : "") :
       h("div.actions", reject, approve));
+}
+
+// The gate's measurement of a learned candidate against its parent: both accuracies, the
+// difference with its interval, and the tasks on which they disagree.
+function gateView(g) {
+  const c = g.comparison;
+  const f = (x) => (x >= 0 ? "+" : "") + x.toFixed(3);
+  const figures = c ? h("dl.gate-figures",
+    h("dt", "parent (" + c.baseline_label + ")"), h("dd", `${c.baseline.mean.toFixed(3)} [${c.baseline.ci[0].toFixed(3)}, ${c.baseline.ci[1].toFixed(3)}]`),
+    h("dt", c.candidate_label), h("dd", `${c.candidate.mean.toFixed(3)} [${c.candidate.ci[0].toFixed(3)}, ${c.candidate.ci[1].toFixed(3)}]`),
+    h("dt", "difference"), h("dd", `${f(c.difference)} [${f(c.difference_ci[0])}, ${f(c.difference_ci[1])}], p = ${c.p_value.toFixed(3)}, ${c.n} tasks`),
+    h("dt", "cost"), h("dd", `${c.cost.model_calls} calls, ${c.cost.prompt_tokens + c.cost.completion_tokens} tokens, ${c.cost.wall_secs.toFixed(1)} s`)) : null;
+  const tasks = c && c.disagreements.length ? h("details", h("summary", `${c.disagree.length} tasks where they disagree`),
+    h("ul", c.disagreements.map((d) => h("li", `${d.baseline} → ${d.candidate}: ${d.question}`)))) : null;
+  return h("div.gate", { "data-gate": g.outcome }, h("p", h(`span.badge.gate-${g.outcome}`, "gate: " + g.outcome), " ", g.reason), figures, tasks);
 }
 
 // ---------- versions ----------
@@ -513,7 +529,9 @@ async function versionsPage(name) {
   const items = vs.slice().reverse().map((v) => h("li", { "data-version": v.version },
     h("div", h("strong", `v${v.version}`), " ", v.message),
     h("div.meta", when(v.at), ` · +${v.added} ~${v.updated} −${v.deleted}`,
-      v.review ? [" · reviewed", v.review.reviewer ? " by " + v.review.reviewer : ""] : ""),
+      v.review ? [" · reviewed", v.review.reviewer ? " by " + v.review.reviewer : ""] : "",
+      v.gate ? ` · gate: ${v.gate.outcome}` : ""),
+    v.gate ? h("details", h("summary", "How it measured against its parent"), gateView(v.gate)) : null,
     v.version !== latest ? h("button.rollback", { type: "button", onclick: (ev) => rollback(ev.currentTarget, name, v.version) }, `Roll back to v${v.version}`) : h("span.muted", "current")));
   await libraryFrame(name, "versions",
     h("div.split",

@@ -234,10 +234,9 @@ impl Learner<'_> {
             let c = self.consolidate(proposals, &snapshot).await?;
             write_json(&dir.join("consolidation.json"), &c)?;
             let changes = self.changes(step, &records, &c);
-            if !changes.is_empty() && lib.settings().review {
-                result.proposed = self.propose(step, &message, changes).await?;
-            } else if !changes.is_empty() {
-                self.commit(&message, changes, &mut result).await?;
+            if !changes.is_empty() {
+                self.settle(step, &message, &snapshot, changes, &mut result)
+                    .await?;
                 result.library_size = lib.len();
             }
         }
@@ -283,18 +282,23 @@ impl Learner<'_> {
         ops::to_changes(&c.result, &self.run.info.id, step, &o.tags, &sources)
     }
 
-    /// Commits a step's changes as one version and records which ids each kind of op touched.
+    /// Commits a step's changes as one version (with the gate's decision, when a gate let
+    /// them through) and records which ids each kind of op touched.
     async fn commit(
         &self,
         message: &str,
         changes: Vec<Change>,
+        gate: Option<serde_json::Value>,
         result: &mut StepResult,
     ) -> Result<()> {
         let store = self.ctx.store.clone();
         let (library, message) = (self.options().library.clone(), message.to_owned());
-        let v = tokio::task::spawn_blocking(move || store.commit(&library, &message, changes))
-            .await
-            .map_err(Error::internal)??;
+        let v = tokio::task::spawn_blocking(move || match gate {
+            Some(g) => store.commit_gated(&library, &message, changes, g),
+            None => store.commit(&library, &message, changes),
+        })
+        .await
+        .map_err(Error::internal)??;
         result.version = Some(v.version);
         for op in &v.ops {
             let list = match op {
@@ -308,15 +312,112 @@ impl Learner<'_> {
         Ok(())
     }
 
-    /// Holds a step's changes for review (the library's `review` setting) instead of
-    /// committing them, and returns the proposals' ids.
-    async fn propose(&self, step: u64, message: &str, changes: Vec<Change>) -> Result<Vec<String>> {
+    /// What becomes of a step's changes: committed at once (`promote: always`, no review), or
+    /// measured against the parent by the gate, then committed with its decision when they
+    /// gained, and otherwise (or when a person is to review them) held as proposals that carry
+    /// the measurement.
+    async fn settle(
+        &self,
+        step: u64,
+        message: &str,
+        parent: &[Experience],
+        changes: Vec<Change>,
+        result: &mut StepResult,
+    ) -> Result<()> {
+        let lib = self.ctx.store.library(&self.options().library)?;
+        let settings = lib.settings();
+        let review = settings.review || self.options().review;
+        if settings.promote == crate::experience::Promote::Always && !review {
+            return self.commit(message, changes, None, result).await;
+        }
+        self.progress.phase(step, "measuring the candidate");
+        let review = review || settings.promote == crate::experience::Promote::Review;
+        let decision = self
+            .measure(lib.version(), parent, &changes, &settings, review)
+            .await?;
+        tracing::info!(run = %self.run.info.id, step, outcome = ?decision.outcome, reason = %decision.reason, "gate");
+        result.gate = Some(decision.clone());
+        let gate = serde_json::to_value(&decision).map_err(Error::internal)?;
+        if decision.promoted() {
+            self.commit(message, changes, Some(gate), result).await
+        } else {
+            result.proposed = self.propose(step, message, changes, Some(gate)).await?;
+            Ok(())
+        }
+    }
+
+    /// The gate's measurement of `parent` with `changes` against `parent` alone, on the
+    /// run's held-out tasks, scored as the run scores its attempts.
+    async fn measure(
+        &self,
+        version: u64,
+        parent: &[Experience],
+        changes: &[Change],
+        settings: &crate::experience::Settings,
+        review: bool,
+    ) -> Result<super::gate::Decision> {
+        let (min_gain, split) = (settings.gate.min_gain, self.run.info.gate_split.clone());
+        if self.run.validation.is_empty() {
+            return Ok(super::gate::Decision::unmeasured(version, min_gain, split));
+        }
+        let o = self.options();
+        let ds = Dataset {
+            name: "gate".into(),
+            tasks: self.run.validation.clone(),
+            verifier: self.rule.clone(),
+            instruction: self.run.info.instruction.clone(),
+        };
+        let baseline = super::compare::Side {
+            label: format!("version {version}"),
+            experiences: Some(parent.to_vec()),
+        };
+        let candidate = super::compare::with_changes(parent, changes, "candidate")?;
+        let plan = super::compare::Plan {
+            route: &self.rollout,
+            settings: settings.clone(),
+            options: super::eval::EvalOptions {
+                samples: 1,
+                temperature: 0.0,
+                max_tokens: o.max_tokens,
+                concurrency: o.concurrency,
+            },
+            grader: self.grader(),
+            confidence: settings.gate.confidence,
+        };
+        let c =
+            super::compare::compare(self.ctx, &plan, &baseline, &candidate, &ds, &|_| {}).await?;
+        Ok(super::gate::Decision::from_comparison(
+            c, version, min_gain, review, split,
+        ))
+    }
+
+    /// How the run's answers are scored: its rule, or its judge.
+    fn grader(&self) -> super::eval::Grader<'_> {
+        match &self.judge {
+            Some(j) => super::eval::Grader::Judge(j),
+            None => super::eval::Grader::Rule(match &self.scoring {
+                Scoring::Rule(v) => v,
+                Scoring::Judge => &self.rule,
+            }),
+        }
+    }
+
+    /// Holds a step's changes as proposals (for review, or because the gate held them),
+    /// with the gate's decision when there is one, and returns the proposals' ids.
+    async fn propose(
+        &self,
+        step: u64,
+        message: &str,
+        changes: Vec<Change>,
+        gate: Option<serde_json::Value>,
+    ) -> Result<Vec<String>> {
         let origin = Origin {
             kind: "learned".into(),
             run: Some(self.run.info.id.clone()),
             step: Some(step),
             sources: vec![],
             message: message.to_owned(),
+            gate,
         };
         let (store, library) = (self.ctx.store.clone(), self.options().library.clone());
         let made = tokio::task::spawn_blocking(move || store.propose(&library, changes, &origin))

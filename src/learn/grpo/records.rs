@@ -94,6 +94,9 @@ pub struct StepResult {
     pub library_size: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation: Option<Validation>,
+    /// The gate's decision on this step's candidate, when the library is gated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<crate::learn::gate::Decision>,
 }
 
 impl StepResult {
@@ -115,6 +118,7 @@ impl StepResult {
             proposed: vec![],
             library_size,
             validation: None,
+            gate: None,
         }
     }
 }

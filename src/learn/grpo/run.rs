@@ -25,6 +25,48 @@ pub struct RunInfo {
     pub validation: usize,
     pub steps: u64,
     pub options: LearnOptions,
+    /// How the tasks the gate measures on were chosen, when the run held some out itself
+    /// because none were given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_split: Option<String>,
+}
+
+/// Every how many tasks one is held out for the gate when a run is given no validation tasks.
+const GATE_EVERY: usize = 5;
+
+/// `train` and `validation`, with a share of `train` held out as the gate's tasks when
+/// `gated` and none were given: every fifth task (of at least ten), never learned from. Returns
+/// what was done, for the run's record.
+fn gate_split(
+    gated: bool,
+    train: Vec<Task>,
+    validation: Vec<Task>,
+) -> (Vec<Task>, Vec<Task>, Option<String>) {
+    if !gated || !validation.is_empty() {
+        return (train, validation, None);
+    }
+    let n = train.len();
+    if n < 2 * GATE_EVERY {
+        let note = format!(
+            "no validation tasks were given and {n} tasks are too few to hold some out: \
+             the gate cannot measure this run, so what it learns is held"
+        );
+        return (train, validation, Some(note));
+    }
+    let (mut kept, mut held) = (Vec::new(), Vec::new());
+    for (i, t) in train.into_iter().enumerate() {
+        if i % GATE_EVERY == GATE_EVERY - 1 {
+            held.push(t);
+        } else {
+            kept.push(t);
+        }
+    }
+    let note = format!(
+        "no validation tasks were given: every {GATE_EVERY}th of the {n} tasks ({} of them) was \
+         held out for the gate and not learned from",
+        held.len()
+    );
+    (kept, held, Some(note))
 }
 
 /// An open run directory: its info and its task splits.
@@ -33,14 +75,6 @@ pub struct Run {
     pub dir: PathBuf,
     pub(super) tasks: Vec<Task>,
     pub(super) validation: Vec<Task>,
-}
-
-pub(super) fn verifier_name(v: &Verifier) -> String {
-    match v {
-        Verifier::Numeric => "numeric".into(),
-        Verifier::Exact => "exact".into(),
-        Verifier::Regex(p) => format!("regex:{p}"),
-    }
 }
 
 pub(super) fn io(context: &str, e: impl std::fmt::Display) -> Error {
@@ -89,16 +123,19 @@ pub(super) fn read_tasks(path: &Path) -> Result<Vec<Task>> {
 
 impl Run {
     /// Starts a new run directory under `runs_dir` for `train` (and `validation`, evaluated
-    /// after every step when not empty).
+    /// after every step when not empty, and what the gate measures candidates on). A `gated`
+    /// run (its library's `promote` is not `always`) given no validation tasks holds some of
+    /// `train` out for the gate.
     pub fn create(
         runs_dir: &Path,
         options: LearnOptions,
         data: &Dataset,
-        train: Vec<Task>,
-        validation: Vec<Task>,
+        (train, validation): (Vec<Task>, Vec<Task>),
+        gated: bool,
         bounds: &Bounds,
     ) -> Result<Run> {
         options.check(bounds)?;
+        let (train, validation, gate_split) = gate_split(gated, train, validation);
         if train.is_empty() {
             return Err(Error::invalid("there are no tasks to learn from", "tasks"));
         }
@@ -128,11 +165,12 @@ impl Run {
                 .instruction
                 .clone()
                 .unwrap_or_else(|| data.instruction.clone()),
-            default_verifier: verifier_name(&data.verifier),
+            default_verifier: data.verifier.name(),
             tasks: train.len(),
             validation: validation.len(),
             steps: per_epoch * u64::from(options.epochs),
             options,
+            gate_split,
         };
         write_tasks(&dir.join("tasks.jsonl"), &train)?;
         write_tasks(&dir.join("validation.jsonl"), &validation)?;

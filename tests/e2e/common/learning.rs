@@ -32,6 +32,11 @@ pub fn bool_tasks(n: usize) -> Vec<Value> {
 /// make it repeat [`LESSON`] and an `ADD` of it. Left as shipped, the consolidation prompt is
 /// beyond it: its sampled retries invent changes now and then, which made tests flaky.
 pub fn learner_prompts(dir: &std::path::Path) -> String {
+    learner_prompts_saying(dir, LESSON)
+}
+
+/// [`learner_prompts`] that make the model write `lesson` instead.
+pub fn learner_prompts_saying(dir: &std::path::Path, lesson: &str) -> String {
     let prompts = dir.join("prompts");
     std::fs::create_dir_all(&prompts).unwrap();
     for (file, text) in [
@@ -39,7 +44,7 @@ pub fn learner_prompts(dir: &std::path::Path) -> String {
             "learner_system.j2",
             "You repeat what the user says, word for word.".to_owned(),
         ),
-        ("group_advantage.j2", format!("Say exactly: {LESSON}")),
+        ("group_advantage.j2", format!("Say exactly: {lesson}")),
         (
             "group_update.j2",
             "Say exactly:\nADD: {{ lessons }}".to_owned(),
