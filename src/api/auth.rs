@@ -77,7 +77,9 @@ pub struct KeySlots {
 
 /// A key's hold on one of its request slots, given back when dropped (with the request, or
 /// with its stream).
-pub struct KeySlot(#[allow(dead_code)] Option<tokio::sync::OwnedSemaphorePermit>);
+pub struct KeySlot {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
 
 impl KeySlots {
     /// At most `per_key` requests in flight per user key.
@@ -94,14 +96,14 @@ impl KeySlots {
     /// A slot for `caller`'s request, or 429 when its key has all of them in flight.
     pub fn take(&self, caller: &Caller) -> Result<KeySlot, Error> {
         let Some(owner) = caller.owner.as_ref().filter(|_| !caller.admin) else {
-            return Ok(KeySlot(None));
+            return Ok(KeySlot { _permit: None });
         };
         let per_key = self.per_key;
         let sem = self.slots.get_with(owner.clone(), || {
             Arc::new(tokio::sync::Semaphore::new(per_key))
         });
         sem.try_acquire_owned()
-            .map(|p| KeySlot(Some(p)))
+            .map(|p| KeySlot { _permit: Some(p) })
             .map_err(|_| Error::Overloaded {
                 message: format!(
                     "this API key has {per_key} requests in flight, the most one key may \

@@ -157,6 +157,7 @@ fn side(lib: &crate::experience::Library, v: VersionRef, param: &'static str) ->
 #[utoipa::path(post, path = "/v1/libraries/{name}/evaluations", tag = "libraries", params(("name" = String, Path, description = "the library")), request_body = EvaluationRequest, responses((status = 202, description = "started", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library", body = crate::api::openapi::ErrorEnvelope), (status = 429, description = "as many running as allowed", body = crate::api::openapi::ErrorEnvelope)))]
 pub(super) async fn create(
     State(s): State<AppState>,
+    axum::Extension(caller): axum::Extension<super::auth::Caller>,
     Path(name): Path<String>,
     JsonBody(req): JsonBody<EvaluationRequest>,
 ) -> Result<Response> {
@@ -223,20 +224,22 @@ pub(super) async fn create(
     let settings = lib.settings();
     let confidence = req.confidence.unwrap_or(0.95);
     let ctx = super::chat::method_context(&s);
-    let eval = s.evaluations.start(&name, request, move |e| async move {
-        let grader = match &judge {
-            Some(j) => Grader::Judge(j),
-            None => Grader::Rule(&data.verifier),
-        };
-        let plan = compare::Plan {
-            route: &route,
-            settings,
-            options: opts,
-            grader,
-            confidence,
-        };
-        compare::compare(&ctx, &plan, &baseline, &candidate, &data, &|t| e.tick(t)).await
-    })?;
+    let eval = s
+        .evaluations
+        .start(&name, caller.owner, request, move |e| async move {
+            let grader = match &judge {
+                Some(j) => Grader::Judge(j),
+                None => Grader::Rule(&data.verifier),
+            };
+            let plan = compare::Plan {
+                route: &route,
+                settings,
+                options: opts,
+                grader,
+                confidence,
+            };
+            compare::compare(&ctx, &plan, &baseline, &candidate, &data, &|t| e.tick(t)).await
+        })?;
     Ok((StatusCode::ACCEPTED, Json(eval.view())).into_response())
 }
 

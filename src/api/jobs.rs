@@ -262,9 +262,9 @@ async fn traffic_data(s: &AppState, library: &str) -> Result<Dataset> {
 /// Whether learning on `library` goes through the gate: unless its `promote` is `always` (a
 /// library that does not exist yet is created with the default, `gain`).
 fn gated(s: &AppState, library: &str) -> bool {
-    s.store.library(library).map_or(true, |l| {
-        l.settings().promote != crate::experience::Promote::Always
-    })
+    s.store
+        .library(library)
+        .map_or(true, |l| l.settings().gated())
 }
 
 /// Continuous learning: when `library` has `auto_learn` and at least `after` pieces of feedback

@@ -107,7 +107,7 @@ pub(super) fn run(a: LearnArgs) -> anyhow::Result<()> {
             let options = options(&a, library);
             let runs_dir = a.models.runs_dir();
             let gated = crate::experience::settings_on_disk(&a.models.experience_dir, library)
-                .is_none_or(|s| s.promote != crate::experience::Promote::Always);
+                .is_none_or(|s| s.gated());
             Run::create(
                 &runs_dir,
                 options,

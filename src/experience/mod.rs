@@ -142,6 +142,11 @@ fn default_top_k() -> usize {
 }
 
 impl Settings {
+    /// Whether learning on the library goes through the gate: every `promote` but `always`.
+    pub fn gated(&self) -> bool {
+        self.promote != Promote::Always
+    }
+
     /// Refuses settings a request could not be served with: `top_k` sizes the search of every
     /// request to the library.
     pub fn check(&self, max_top_k: usize) -> Result<()> {

@@ -22,6 +22,8 @@ const KEPT: usize = 100;
 pub struct Evaluation {
     pub id: String,
     pub library: String,
+    /// The owner tag of the (admin) key that started it.
+    created_by: Option<String>,
     created: i64,
     /// The request as the client sent it (normalised), echoed in every view.
     request: Value,
@@ -45,6 +47,7 @@ impl Evaluation {
             "id": self.id,
             "object": "evaluation",
             "library": self.library,
+            "created_by": self.created_by,
             "created_at": self.created,
             "status": s.status,
             "request": self.request,
@@ -88,11 +91,12 @@ impl Evaluations {
         }
     }
 
-    /// Starts `work` for `library` in the background; 429 when as many are running as the
-    /// server runs at once.
+    /// Starts `work` for `library` on behalf of the key tagged `created_by`, in the background;
+    /// 429 when as many are running as the server runs at once.
     pub fn start<F>(
         self: &Arc<Self>,
         library: &str,
+        created_by: Option<String>,
         request: Value,
         work: impl FnOnce(Arc<Evaluation>) -> F,
     ) -> Result<Arc<Evaluation>>
@@ -116,6 +120,7 @@ impl Evaluations {
         let eval = Arc::new(Evaluation {
             id: format!("eval_{}", uuid::Uuid::new_v4().simple()),
             library: library.to_owned(),
+            created_by,
             created: chrono::Utc::now().timestamp(),
             request,
             answers_done: AtomicU64::new(0),
@@ -131,7 +136,8 @@ impl Evaluations {
         let (me, e) = (self.clone(), eval.clone());
         let task = tokio::spawn(async move {
             let outcome = future.await;
-            me.finish(&e, outcome);
+            // finish writes and syncs the report's file: a blocking thread's work.
+            let _ = tokio::task::spawn_blocking(move || me.finish(&e, outcome)).await;
         });
         eval.state.lock().abort = Some(task.abort_handle());
         items.insert(eval.id.clone(), eval.clone());

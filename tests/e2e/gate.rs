@@ -195,6 +195,8 @@ async fn an_evaluation_compares_two_versions_task_by_task() {
     .await;
     assert_eq!(st, 202, "{e}");
     assert_eq!(e["object"], "evaluation");
+    // A keyless server's caller is one principal, recorded as no key.
+    assert!(e.get("created_by").is_some_and(Value::is_null), "{e}");
     let id = e["id"].as_str().unwrap();
     let done = settled(&s, &format!("{path}/{id}")).await;
     assert_eq!(done["status"], "succeeded", "{done}");

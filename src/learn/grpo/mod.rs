@@ -327,7 +327,7 @@ impl Learner<'_> {
         let lib = self.ctx.store.library(&self.options().library)?;
         let settings = lib.settings();
         let review = settings.review || self.options().review;
-        if settings.promote == crate::experience::Promote::Always && !review {
+        if !settings.gated() && !review {
             return self.commit(message, changes, None, result).await;
         }
         self.progress.phase(step, "measuring the candidate");
