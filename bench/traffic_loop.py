@@ -1,18 +1,23 @@
 #!/usr/bin/env python3
-"""Learning from traffic on the embedded model, measured: serve BBH boolean_expressions tasks
-through a recording library, give each answer feedback with the right answer, then offline
-evaluate on that traffic (with and without the library), learn from it with the shipped
-learner prompts, and evaluate again.
+"""Learning from traffic on the embedded model, measured, gated and ungated: serve BBH
+boolean_expressions tasks through a recording library, give each answer feedback with the right
+answer, then learn from that traffic twice with the shipped learner prompts, once under the
+gate (`promote: gain`, the default) and once without it (`promote: always`), and evaluate each
+result on the same held-out records.
 
     cargo build --release
-    python3 bench/traffic_loop.py [--tasks 40] [--eval 20]
+    python3 bench/traffic_loop.py [--tasks 60] [--eval 20] [--learn 24]
 
-The first --eval scored records are held out for evaluation; learning uses the rest. Prints
-one JSON object with both evaluations and what learning changed.
+Records are split in order: the first --eval are held out for the final evaluation, the next
+--learn are learned from, and the rest are the gate's validation tasks (both arms learn from the
+same tasks; only the gated arm uses the rest). Prints one JSON object: the served accuracy, the
+held-out accuracy without the library and with each arm's library, every gate decision, and
+what each arm's learning cost.
 """
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,8 +46,9 @@ def cli(exp, *args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tasks", type=int, default=40)
+    ap.add_argument("--tasks", type=int, default=60)
     ap.add_argument("--eval", type=int, default=20)
+    ap.add_argument("--learn", type=int, default=24)
     a = ap.parse_args()
     with open(os.path.join(ROOT, "tests/data/boolean_expressions.json")) as f:
         examples = json.load(f)["examples"][: a.tasks]
@@ -76,24 +82,45 @@ def main():
     proc.terminate()
     proc.wait()
 
+    # The same recorded traffic, twice: the gated arm as created, the ungated one with
+    # `promote: always` written into its copy's settings.
+    ungated = os.path.join(work, "ungated")
+    shutil.copytree(exp, ungated)
+    settings = os.path.join(ungated, "bool", "library.json")
+    with open(settings) as f:
+        s = json.load(f)
+    s["promote"] = "always"
+    with open(settings, "w") as f:
+        json.dump(s, f)
+
     common = ["--library", "bool", "--from-traffic"]
-    before = cli(exp, "eval", *common, "--limit", str(a.eval), "--max-tokens", "6",
-                 "--verifier", FIRST_WORD)
-    learned = cli(exp, "learn", *common, "--offset", str(a.eval), "--epochs", "1",
-                  "--batch-size", "8", "--group-size", "4", "--temperature", "1.0",
-                  "--max-tokens", "6", "--learner-max-tokens", "128", "--verifier", FIRST_WORD)
-    after = cli(exp, "eval", *common, "--limit", str(a.eval), "--max-tokens", "6",
-                "--verifier", FIRST_WORD)
+    held_out = ["--limit", str(a.eval), "--max-tokens", "6", "--verifier", FIRST_WORD]
     arms = lambda r: {("library" if x["library"] else "none"): {"accuracy": x["accuracy"], "ci95": x["ci95"], "experiences": x["experiences"]} for x in r["arms"]}
-    print(json.dumps({
-        "served": len(examples), "served_right": served_right,
-        "eval_tasks": a.eval,
-        "before": arms(before),
-        "learning": {"steps": len(learned["steps"]), "version": learned["version"],
-                     "experiences": learned["experiences"],
-                     "mixed_groups": sum(s["mixed_groups"] for s in learned["steps"])},
-        "after": arms(after),
-    }, indent=2))
+    report = {"served": len(examples), "served_right": served_right, "eval_tasks": a.eval,
+              "learn_tasks": a.learn, "gate_tasks": a.tasks - a.eval - a.learn,
+              "before": arms(cli(exp, "eval", *common, *held_out))}
+    for name, d, extra in [("gated", exp, ["--validation", str(a.tasks - a.eval - a.learn)]),
+                           ("ungated", ungated, [])]:
+        started = time.time()
+        learned = cli(d, "learn", *common, "--offset", str(a.eval), "--limit", str(a.learn),
+                      "--epochs", "1", "--batch-size", "8", "--group-size", "4",
+                      "--temperature", "1.0", "--max-tokens", "6", "--learner-max-tokens", "128",
+                      "--verifier", FIRST_WORD, *extra)
+        wall = time.time() - started
+        gates = [s.get("gate") for s in learned["steps"]]
+        gate_calls = sum(g["comparison"]["cost"]["model_calls"] for g in gates
+                         if g and g.get("comparison"))
+        report[name] = {
+            "steps": [{"step": s["step"], "version": s["version"], "added": s["added"],
+                       "updated": s["updated"], "deleted": s["deleted"],
+                       "gate": s["gate"]["outcome"] if s.get("gate") else None,
+                       "reason": s["gate"]["reason"] if s.get("gate") else None}
+                      for s in learned["steps"]],
+            "version": learned["version"], "experiences": learned["experiences"],
+            "cost": {**learned["cost"], "gate_model_calls": gate_calls, "wall_secs_total": round(wall, 1)},
+            "after": arms(cli(d, "eval", *common, *held_out)),
+        }
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,8 @@ pub struct Bounds {
     pub max_tools: usize,
     /// Bytes the experience search cache may hold (results weighed by their size).
     pub search_cache_bytes: u64,
+    /// Bytes of pinned library versions (`experient.version`) kept built in memory.
+    pub snapshot_cache_bytes: u64,
 }
 
 impl Default for Bounds {
@@ -94,6 +96,7 @@ impl Default for Bounds {
             max_tokens: None,
             max_tools: 128,
             search_cache_bytes: 32 << 20,
+            snapshot_cache_bytes: 64 << 20,
         }
     }
 }
@@ -138,6 +141,7 @@ impl Bounds {
             ("max_proposals", self.max_proposals as u64, 100_000),
             ("max_tools", self.max_tools as u64, 4096),
             ("search_cache_bytes", self.search_cache_bytes, 16 << 30),
+            ("snapshot_cache_bytes", self.snapshot_cache_bytes, 16 << 30),
         ];
         for (key, v, ceiling) in ceilings {
             if v > ceiling {
@@ -477,6 +481,26 @@ pub struct UpstreamModelConfig {
     /// Aliases tried in order when this one fails before its first byte.
     #[serde(default)]
     pub fallback: Vec<String>,
+    /// What the upstream charges, so that learning and evaluation report their cost in money.
+    #[serde(default)]
+    pub price: Option<Price>,
+}
+
+/// An upstream's price, per million tokens, in whatever currency the operator bills in.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub prompt_per_million: f64,
+    pub completion_per_million: f64,
+}
+
+impl Price {
+    /// The price of `usage`.
+    pub fn of(&self, usage: crate::backend::Usage) -> f64 {
+        (usage.prompt_tokens as f64 * self.prompt_per_million
+            + usage.completion_tokens as f64 * self.completion_per_million)
+            / 1e6
+    }
 }
 
 fn default_connect_timeout() -> f64 {
@@ -724,6 +748,16 @@ impl UpstreamModelConfig {
             anyhow::bail!("models[{i}].max_concurrent: must be at least 1");
         }
         check_background(i, self.background_slots, self.max_concurrent)?;
+        if let Some(p) = self.price {
+            for (key, v) in [
+                ("prompt_per_million", p.prompt_per_million),
+                ("completion_per_million", p.completion_per_million),
+            ] {
+                if !(v >= 0.0 && v.is_finite()) {
+                    anyhow::bail!("models[{i}].price.{key}: must be a number, 0 or more");
+                }
+            }
+        }
         if let Some(var) = &self.api_key_env {
             if std::env::var_os(var).is_none() {
                 anyhow::bail!("models[{i}].api_key_env: the environment variable {var} is not set");

@@ -361,6 +361,7 @@ async fn open_store(opts: &ServeOptions) -> anyhow::Result<Arc<Store>> {
         max_top_k: opts.config.bounds.max_experiences,
         max_proposals: opts.config.bounds.max_proposals,
         cache_bytes: opts.config.bounds.search_cache_bytes,
+        snapshot_bytes: opts.config.bounds.snapshot_cache_bytes,
         ..StoreOptions::default()
     };
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, options))

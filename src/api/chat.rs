@@ -39,7 +39,7 @@ pub async fn chat_completions(
         v.tokens_field,
     )?;
     options::refuse_unsupported(&route, &v.chat, options::chat_field)?;
-    let opts = options::method_options(&state, &caller, route.method, &v.options)?;
+    let opts = options::method_options(&state, &caller, &route, &v.options, &v.chat)?;
     let n = v.chat.sampling.n as usize;
     let ctx = method_context(&state);
     let id = wire::completion_id();
@@ -61,7 +61,7 @@ pub async fn chat_completions(
     }
 
     let events = super::stream_deadline(output.events, state.stream_timeout, slot);
-    let events = super::feedback::record_stream(events, rec, output.applied.experiences.clone());
+    let events = super::feedback::record_stream(events, rec, output.applied.clone());
     let frames = chunks(
         events,
         Head { id, model: v.model },
@@ -109,8 +109,8 @@ async fn whole(
     applied.trace = trace;
     if let (Some(rec), Some(c)) = (rec, done.choices.first()) {
         let answer = super::feedback::answer_text(&c.text, &c.tool_calls);
-        let used = applied.experiences.clone();
-        let _ = tokio::task::spawn_blocking(move || rec.keep(answer, used)).await;
+        let served = applied.clone();
+        let _ = tokio::task::spawn_blocking(move || rec.keep(answer, &served)).await;
     }
     let body = json!({
         "id": id,
@@ -506,6 +506,8 @@ mod tests {
             model: "m".into(),
             library: None,
             experiences: None,
+            version: None,
+            canary: None,
         }
     }
 

@@ -101,15 +101,24 @@ pub(super) async fn create(
     };
     caller.may_use(Some(&s.traffic.library_of(&body.id, &rater)?))?;
     let traffic = s.traffic.clone();
+    let store = s.store.clone();
     let fb = tokio::task::spawn_blocking(move || {
-        traffic.add_feedback(
+        let (fb, credited) = traffic.add_feedback(
             &body.id,
             &rater,
             score,
             body.label,
             body.comment,
             body.expected,
-        )
+        )?;
+        // The feedback is kept; crediting it is statistics, so a failure there is logged and
+        // does not fail the request.
+        if let Some(a) = credited {
+            if let Err(e) = store.attribute(&fb.library, &a, score) {
+                tracing::warn!(library = %fb.library, error = %e, "crediting feedback failed");
+            }
+        }
+        Ok::<_, Error>(fb)
     })
     .await
     .map_err(Error::internal)??;
@@ -268,15 +277,20 @@ pub(super) fn recording(
             answer: String::new(),
             experiences: vec![],
             owner: caller.owner.clone(),
+            version: None,
+            canary: None,
         },
     })
 }
 
 impl Recording {
-    /// Keeps the record with its answer; a failure is logged, since the client has its answer.
-    pub fn keep(mut self, answer: String, experiences: Option<Vec<String>>) {
+    /// Keeps the record with its answer and what served it; a failure is logged, since the
+    /// client has its answer.
+    pub fn keep(mut self, answer: String, applied: &crate::methods::Applied) {
         self.record.answer = answer;
-        self.record.experiences = experiences.unwrap_or_default();
+        self.record.experiences = applied.experiences.clone().unwrap_or_default();
+        self.record.version = applied.version;
+        self.record.canary = applied.canary.clone();
         if let Err(e) = self.traffic.record(&self.record) {
             tracing::warn!(id = %self.record.id, error = %e, "could not record a completion");
         }
@@ -297,7 +311,7 @@ pub(super) fn answer_text(text: &str, calls: &[crate::backend::ToolCall]) -> Str
 pub(super) fn record_stream(
     events: crate::methods::Events,
     rec: Option<Recording>,
-    experiences: Option<Vec<String>>,
+    applied: crate::methods::Applied,
 ) -> crate::methods::Events {
     use crate::backend::Event as Model;
     use crate::methods::Event;
@@ -318,7 +332,7 @@ pub(super) fn record_stream(
         }
         if !failed {
             let answer = answer_text(&text, &calls);
-            let _ = tokio::task::spawn_blocking(move || rec.keep(answer, experiences)).await;
+            let _ = tokio::task::spawn_blocking(move || rec.keep(answer, &applied)).await;
         }
     }
     .boxed()

@@ -356,15 +356,7 @@ pub(super) async fn chart(State(s): State<AppState>, Path(id): Path<String>) -> 
     let svg = tokio::task::spawn_blocking(move || -> Result<String> {
         let run = Run::open(&job.run_dir)?;
         let lib = store.library(&job.library).ok();
-        let summary = crate::learn::grpo::RunSummary {
-            run: run.info.id.clone(),
-            dir: run.dir.clone(),
-            library: job.library.clone(),
-            steps: run.results(),
-            baseline_validation: run.baseline(),
-            version: lib.as_ref().map(|l| l.version()).unwrap_or(0),
-            experiences: lib.as_ref().map(|l| l.len()).unwrap_or(0),
-        };
+        let summary = crate::learn::grpo::RunSummary::of(&run, &job.library, lib.as_deref());
         Ok(crate::learn::plot::run_chart(&summary))
     })
     .await

@@ -65,6 +65,7 @@ pub(super) fn library_object(lib: &Library) -> Value {
         "experiences": lib.len(),
         "updated_at": last.map(|v| v.at),
         "pending_proposals": lib.pending_proposals(),
+        "canary": lib.running_canary().as_ref().map(super::canary::canary_object),
         "settings": lib.settings(),
     })
 }
@@ -74,6 +75,10 @@ pub fn experience_object(lib: &Library, e: &Experience) -> Value {
     let mut v = serde_json::to_value(e).unwrap_or_default();
     v["object"] = json!("experience");
     v["uses"] = json!(lib.uses(&e.id));
+    let credit = lib.credit(&e.id);
+    v["helpful"] = json!(credit.helpful);
+    v["harmful"] = json!(credit.harmful);
+    v["credit"] = json!(credit.current);
     v
 }
 
@@ -522,6 +527,7 @@ fn provenance_of(lib: &Library, id: &str, runs_dir: &std::path::Path) -> Result<
         "source": source,
         "provenance": prov,
         "uses": lib.uses(id),
+        "credit": lib.credit_by_version(id),
         "versions": versions,
         "learned": learned,
         "run_records_missing": prov.run.is_some() && learned.is_none(),

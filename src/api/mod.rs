@@ -1,11 +1,12 @@
 //! HTTP: routes, wire types, errors, metrics. The only module that knows HTTP exists.
 
 pub mod auth;
+pub(crate) mod canary;
 pub(crate) mod chat;
 pub(crate) mod completions;
 pub mod edge;
 pub(crate) mod error;
-pub(crate) mod evaluations;
+mod evaluations;
 pub(crate) mod feedback;
 pub(crate) mod jobs;
 pub(crate) mod libraries;
@@ -106,6 +107,7 @@ pub fn app(state: AppState, settings: &AppSettings) -> axum::Router {
         .merge(ui::routes())
         .merge(jobs::routes())
         .merge(evaluations::routes())
+        .merge(canary::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))

@@ -54,10 +54,18 @@ pub const UNKNOWN_CONTEXT_MAX_TOKENS: u32 = 32_768;
 pub(super) fn method_options(
     state: &AppState,
     caller: &super::auth::Caller,
-    method: Method,
+    route: &crate::router::Route,
     options: &ExperientOptions,
+    chat: &crate::backend::ChatRequest,
 ) -> Result<methods::Options> {
+    let method = route.method;
     refuse_foreign(method, options)?;
+    if options.version.is_some() && route.library.is_none() {
+        return Err(Error::invalid(
+            "experient.version pins a version of the request's library, and this request names no library",
+            "experient.version",
+        ));
+    }
     let max = state.bounds.max_experiences;
     if let Some(Selection::TopK(k)) = options.experiences {
         if k > max {
@@ -85,12 +93,38 @@ pub(super) fn method_options(
             cache_owner: (!caller.admin).then(|| caller.owner.clone()).flatten(),
             ..plan_options(method, options, &state.bounds)?
         },
+        version: options.version,
+        audience: audience(caller, chat),
     })
+}
+
+/// Who asks, for a live trial's sticky arms: the key, and the conversation, which is its
+/// `user` field when the client sends one, else a digest of its first user message (the same
+/// on every turn, since each turn sends the conversation again).
+fn audience(
+    caller: &super::auth::Caller,
+    chat: &crate::backend::ChatRequest,
+) -> crate::experience::canary::Audience {
+    use sha2::{Digest, Sha256};
+    let first = chat
+        .messages
+        .iter()
+        .find(|m| m.role == crate::backend::Role::User)
+        .map(|m| m.content.as_str());
+    let conversation = match (&chat.user, first) {
+        (Some(u), _) => Some(format!("user:{u}")),
+        (None, Some(text)) => Some(format!("{:x}", Sha256::digest(text.as_bytes()))),
+        (None, None) => None,
+    };
+    crate::experience::canary::Audience {
+        key: caller.owner.clone(),
+        conversation,
+    }
 }
 
 /// Refuses an option that belongs to a method other than `method`.
 fn refuse_foreign(method: Method, o: &ExperientOptions) -> Result<()> {
-    let owned: [(&'static str, bool, Method); 8] = [
+    let owned: [(&'static str, bool, Method); 9] = [
         (
             "experient.max_rounds",
             o.max_rounds.is_some(),

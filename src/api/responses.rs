@@ -636,7 +636,7 @@ pub(super) async fn create(
         }
         other => super::options::chat_field(other),
     })?;
-    let opts = super::options::method_options(&state, &caller, route.method, &p.options)?;
+    let opts = super::options::method_options(&state, &caller, &route, &p.options, &p.chat)?;
     let ctx = super::chat::method_context(&state);
     let id = hex_id("resp");
     let rec =
@@ -751,7 +751,7 @@ impl Turn {
     ) -> Result<Value> {
         let body = self.object(status, output, usage, applied);
         if let Some(rec) = self.rec.lock().take() {
-            rec.keep(output_text(output), applied.experiences.clone());
+            rec.keep(output_text(output), applied);
         }
         if self.plan.store {
             let record = json!({

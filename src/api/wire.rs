@@ -113,6 +113,9 @@ pub struct ExperientOptions {
     pub method: Option<String>,
     #[serde(default)]
     pub library: Option<String>,
+    /// A version of the library to serve instead of the live one.
+    #[serde(default)]
+    pub version: Option<u64>,
     /// How many experiences to inject: a number, or "all".
     #[serde(default)]
     #[schema(value_type = Option<Object>)]

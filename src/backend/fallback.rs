@@ -27,6 +27,11 @@ impl Backend for Chain {
         self.links.iter().any(|(_, b)| b.ready())
     }
 
+    /// The first link's price: what a call costs when nothing fails over.
+    fn price(&self) -> Option<crate::config::Price> {
+        self.links.first().and_then(|(_, b)| b.price())
+    }
+
     /// The smallest of the links' known context lengths: a request may land on any of them.
     fn context_length(&self) -> Option<u32> {
         self.links

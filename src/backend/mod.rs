@@ -296,6 +296,11 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// What a token costs, where the operator configured it (upstreams).
+    fn price(&self) -> Option<crate::config::Price> {
+        None
+    }
+
     /// Starts a generation. Errors that happen before the first event (validation, overload)
     /// are returned here; later ones come through the stream. Dropping the stream cancels.
     async fn stream(&self, request: ChatRequest) -> Result<EventStream>;
@@ -304,6 +309,115 @@ pub trait Backend: Send + Sync + 'static {
     async fn complete(&self, request: ChatRequest) -> Result<Completion> {
         let n = request.sampling.n.max(1) as usize;
         collect(self.stream(request).await?, n).await
+    }
+}
+
+/// Model calls and tokens counted by [`Metered`] backends, shared by all that count into it.
+#[derive(Debug, Default)]
+pub struct Meter {
+    calls: std::sync::atomic::AtomicU64,
+    prompt_tokens: std::sync::atomic::AtomicU64,
+    completion_tokens: std::sync::atomic::AtomicU64,
+    /// Money, in millionths of the configured currency unit.
+    micros: std::sync::atomic::AtomicU64,
+}
+
+/// What a [`Meter`] has counted so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Metered {
+    pub model_calls: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Set when a priced (upstream) model was called.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<f64>,
+}
+
+impl Meter {
+    /// The counts so far.
+    pub fn read(&self) -> Metered {
+        use std::sync::atomic::Ordering::Relaxed;
+        let micros = self.micros.load(Relaxed);
+        Metered {
+            model_calls: self.calls.load(Relaxed),
+            prompt_tokens: self.prompt_tokens.load(Relaxed),
+            completion_tokens: self.completion_tokens.load(Relaxed),
+            price: (micros > 0).then(|| micros as f64 / 1e6),
+        }
+    }
+
+    fn count(&self, usage: Usage, price: Option<crate::config::Price>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.calls.fetch_add(1, Relaxed);
+        self.prompt_tokens.fetch_add(usage.prompt_tokens, Relaxed);
+        self.completion_tokens
+            .fetch_add(usage.completion_tokens, Relaxed);
+        if let Some(p) = price {
+            self.micros
+                .fetch_add((p.of(usage) * 1e6).round() as u64, Relaxed);
+        }
+    }
+}
+
+impl Metered {
+    /// What was counted between `earlier` and this reading.
+    pub fn since(&self, earlier: &Metered) -> Metered {
+        let price = match (self.price, earlier.price) {
+            (Some(a), b) => Some(a - b.unwrap_or(0.0)),
+            (None, _) => None,
+        };
+        Metered {
+            model_calls: self.model_calls - earlier.model_calls,
+            prompt_tokens: self.prompt_tokens - earlier.prompt_tokens,
+            completion_tokens: self.completion_tokens - earlier.completion_tokens,
+            price,
+        }
+    }
+}
+
+/// A backend whose every generation is counted into a [`Meter`]: how learning knows what a
+/// run cost, whichever models it used.
+pub struct Counting {
+    inner: Arc<dyn Backend>,
+    meter: Arc<Meter>,
+}
+
+impl Counting {
+    /// `inner`, counted into `meter`.
+    pub fn wrap(inner: Arc<dyn Backend>, meter: Arc<Meter>) -> Arc<dyn Backend> {
+        Arc::new(Counting { inner, meter })
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for Counting {
+    fn ready(&self) -> bool {
+        self.inner.ready()
+    }
+
+    fn context_length(&self) -> Option<u32> {
+        self.inner.context_length()
+    }
+
+    fn price(&self) -> Option<crate::config::Price> {
+        self.inner.price()
+    }
+
+    async fn stream(&self, request: ChatRequest) -> Result<EventStream> {
+        let events = self.inner.stream(request).await?;
+        let (meter, price) = (self.meter.clone(), self.inner.price());
+        let mut usage = Usage::default();
+        Ok(async_stream::stream! {
+            let mut events = events;
+            while let Some(e) = events.next().await {
+                if let Ok(Event::Usage(u)) = &e {
+                    usage = *u;
+                }
+                yield e;
+            }
+            meter.count(usage, price);
+        }
+        .boxed())
     }
 }
 
@@ -817,5 +931,32 @@ mod tests {
         assert_eq!(run(&["END"], &["tail E"]), ("tail E".into(), false));
         assert_eq!(run(&[], &["a", "b"]), ("ab".into(), false));
         assert_eq!(run(&["é!"], &["café", "é", "?"]), ("caféé?".into(), false));
+    }
+
+    #[test]
+    fn a_meter_counts_calls_tokens_and_money_and_differences_readings() {
+        let m = super::Meter::default();
+        let price = crate::config::Price {
+            prompt_per_million: 2.0,
+            completion_per_million: 8.0,
+        };
+        let usage = |p, c| super::Usage {
+            prompt_tokens: p,
+            completion_tokens: c,
+        };
+        m.count(usage(1000, 0), None);
+        assert_eq!(m.read().price, None, "unpriced calls cost nothing known");
+        let before = m.read();
+        m.count(usage(500_000, 250_000), Some(price));
+        m.count(usage(500_000, 0), Some(price));
+        let now = m.read();
+        assert_eq!(
+            (now.model_calls, now.prompt_tokens, now.completion_tokens),
+            (3, 1_001_000, 250_000)
+        );
+        assert_eq!(now.price, Some(4.0));
+        let step = now.since(&before);
+        assert_eq!((step.model_calls, step.prompt_tokens), (2, 1_000_000));
+        assert_eq!(step.price, Some(4.0));
     }
 }

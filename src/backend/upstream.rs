@@ -53,6 +53,7 @@ pub struct UpstreamBackend {
     total: Duration,
     max_retries: u32,
     admission: Admission,
+    price: Option<crate::config::Price>,
 }
 
 /// An upstream's answer with an error status, read before async-openai sees it, because its own
@@ -545,6 +546,7 @@ impl UpstreamBackend {
             first_byte: Duration::from_secs_f64(c.first_byte_timeout_secs),
             total: Duration::from_secs_f64(c.total_timeout_secs),
             max_retries: c.max_retries,
+            price: c.price,
             admission: Admission::with_background(
                 &c.id,
                 c.max_concurrent,
@@ -813,6 +815,10 @@ impl Translate {
 impl Backend for UpstreamBackend {
     fn ready(&self) -> bool {
         true
+    }
+
+    fn price(&self) -> Option<crate::config::Price> {
+        self.price
     }
 
     async fn stream(&self, request: ChatRequest) -> Result<EventStream> {

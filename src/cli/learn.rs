@@ -156,6 +156,19 @@ pub(super) fn run(a: LearnArgs) -> anyhow::Result<()> {
         summary.experiences,
         summary.dir.display()
     );
+    let c = &summary.cost;
+    eprintln!(
+        "experient: it cost {} attempts, {} model calls, {} prompt and {} completion tokens, {:.1} s{}",
+        c.rollouts,
+        c.calls.model_calls,
+        c.calls.prompt_tokens,
+        c.calls.completion_tokens,
+        c.wall_secs,
+        c.calls
+            .price
+            .map(|p| format!(", {p:.4} at the configured price"))
+            .unwrap_or_default()
+    );
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(())
 }

@@ -102,6 +102,28 @@ impl Index {
         Ok(me)
     }
 
+    /// An index of `experiences` held in memory only: for sets that are served but are not
+    /// the library's newest version (a pinned version, a trial's candidate).
+    pub fn in_memory<'a>(experiences: impl Iterator<Item = &'a Experience>) -> Result<Index> {
+        let (schema, id, text, tags) = schema();
+        let index = tantivy::Index::create_in_ram(schema);
+        let reader = index
+            .reader_builder()
+            .reload_policy(ReloadPolicy::Manual)
+            .try_into()
+            .map_err(ierr)?;
+        let me = Index {
+            index,
+            reader,
+            writing: Mutex::new(()),
+            id,
+            text,
+            tags,
+        };
+        me.rebuild(experiences, 0)?;
+        Ok(me)
+    }
+
     fn document(&self, e: &Experience) -> TantivyDocument {
         let mut d = doc!(self.id => e.id.clone(), self.text => e.text.clone());
         for t in &e.tags {

@@ -4,12 +4,14 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::canary::{Snapshot, Trials};
 use super::index::Index;
 use super::proposals::{self, Decision, Edit, Origin, Proposal, Proposals, Review};
 use super::{Experience, Provenance, Settings, Source};
@@ -20,6 +22,24 @@ pub const LOG_FILE: &str = "log.jsonl";
 /// The library's settings (injection, review), rewritten atomically.
 pub const SETTINGS_FILE: &str = "library.json";
 const USAGE_FILE: &str = "usage.json";
+
+/// Feedback on answers an experience was injected into: at or above 0.5 it helped, below it
+/// harmed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Votes {
+    pub helpful: u64,
+    pub harmful: u64,
+}
+
+impl Votes {
+    pub(super) fn add(&mut self, other: Votes) {
+        self.helpful += other.helpful;
+        self.harmful += other.harmful;
+    }
+}
+
+/// Votes per experience id, per library version that served it.
+pub(super) type Credit = BTreeMap<String, BTreeMap<u64, Votes>>;
 
 /// One change inside a version, as stored in the log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -147,13 +167,29 @@ pub struct Diff {
 }
 
 /// Experiences keyed by the number in their id, so that listing is in creation order.
-type Experiences = BTreeMap<u64, Experience>;
+pub(super) type Experiences = BTreeMap<u64, Experience>;
 
 pub(super) struct State {
     pub experiences: Experiences,
     pub versions: Vec<Version>,
     /// Next id number; it only grows, so ids are never reused.
     pub next_id: u64,
+    /// The version that last set each experience's text: its credit counts from there.
+    pub text_since: BTreeMap<u64, u64>,
+}
+
+/// Notes which experiences' texts `v` set.
+fn note_texts(text_since: &mut BTreeMap<u64, u64>, v: &Version) {
+    for op in &v.ops {
+        let sets_text = match op {
+            Op::Add { .. } | Op::Restore { .. } => true,
+            Op::Update { text, .. } => text.is_some(),
+            Op::Delete { .. } => false,
+        };
+        if let (true, Some(n)) = (sets_text, id_number(op.id())) {
+            text_since.insert(n, v.version);
+        }
+    }
 }
 
 /// The number of an id in its one stored spelling, `E` and the number in plain decimal
@@ -171,7 +207,7 @@ pub fn id_number(id: &str) -> Option<u64> {
     }
 }
 
-fn apply(experiences: &mut Experiences, v: &Version) {
+pub(super) fn apply(experiences: &mut Experiences, v: &Version) {
     for op in &v.ops {
         match op {
             Op::Add {
@@ -245,6 +281,9 @@ pub struct Library {
     settings: RwLock<Settings>,
     pub(super) index: Index,
     usage: Mutex<Usage>,
+    pub(super) credit: Mutex<Credit>,
+    /// The live trial, with the candidate it serves (built when it starts or first serves).
+    pub(super) trials: Mutex<(Trials, Option<Arc<Snapshot>>)>,
     /// Changes waiting for review. Its lock is taken before `writer` when both are held.
     proposals: Mutex<Proposals>,
 }
@@ -322,8 +361,10 @@ impl Library {
         }
         let mut experiences = Experiences::new();
         let mut next_id = 1;
+        let mut text_since = BTreeMap::new();
         for v in &versions {
             apply(&mut experiences, v);
+            note_texts(&mut text_since, v);
             next_id = next_id.max(max_id(v) + 1);
         }
         let settings = read_settings(dir, name, max_top_k)?;
@@ -343,6 +384,7 @@ impl Library {
                 experiences,
                 versions,
                 next_id,
+                text_since,
             }),
             settings: RwLock::new(settings),
             index,
@@ -351,6 +393,11 @@ impl Library {
                 ..Default::default()
             }),
             proposals: Mutex::new(proposals),
+            credit: Mutex::new(read_or_default(&dir.join(super::serving::CREDIT_FILE))),
+            trials: Mutex::new((
+                read_or_default(&dir.join(super::serving::CANARY_FILE)),
+                None,
+            )),
         })
     }
 
@@ -423,7 +470,7 @@ impl Library {
         Ok(self.experiences_at(v)?.into_values().collect())
     }
 
-    fn experiences_at(&self, v: u64) -> Result<Experiences> {
+    pub(super) fn experiences_at(&self, v: u64) -> Result<Experiences> {
         let s = self.state.read();
         if !s.versions.iter().any(|x| x.version == v) {
             return Err(Error::not_found(
@@ -540,7 +587,7 @@ impl Library {
     /// The next version's number and its ops: ids given to additions, and every id that an
     /// update or deletion names checked to exist (and not to be deleted earlier in the same
     /// version). Called with the writer lock held, so nothing changes in between.
-    fn ops(&self, changes: Vec<Change>) -> Result<(u64, Vec<Op>)> {
+    pub(super) fn ops(&self, changes: Vec<Change>) -> Result<(u64, Vec<Op>)> {
         let s = self.state.read();
         let mut next_id = s.next_id;
         let mut ops = Vec::with_capacity(changes.len());
@@ -634,6 +681,7 @@ impl Library {
         let mut s = self.state.write();
         apply(&mut s.experiences, record);
         s.next_id = s.next_id.max(max_id(record) + 1);
+        note_texts(&mut s.text_since, record);
         s.versions.push(record.clone());
     }
 
@@ -680,6 +728,11 @@ impl Library {
         limit: usize,
     ) -> Result<Vec<(String, f32)>> {
         self.index.search(q, tag, limit)
+    }
+
+    /// The proposals, locked (taken before the writer when both are held).
+    pub(super) fn proposals_lock(&self) -> parking_lot::MutexGuard<'_, Proposals> {
+        self.proposals.lock()
     }
 
     /// The library's directory.
@@ -762,6 +815,19 @@ impl Library {
         reviewer: Option<String>,
         keep: usize,
     ) -> Result<Version> {
+        self.approve_gated(ids, edits, reviewer, keep, None)
+    }
+
+    /// [`Library::approve`] with the decision that let the proposals through (a live trial's),
+    /// recorded in the version.
+    pub(super) fn approve_gated(
+        &self,
+        ids: &[String],
+        edits: &BTreeMap<String, Edit>,
+        reviewer: Option<String>,
+        keep: usize,
+        gate: Option<serde_json::Value>,
+    ) -> Result<Version> {
         if ids.is_empty() {
             return Err(Error::invalid(
                 "name at least one proposal to approve",
@@ -816,7 +882,7 @@ impl Library {
             proposals: ids.to_vec(),
             edited: edited.clone(),
         };
-        let v = self.commit_reviewed(&message, changes, Some(review), None)?;
+        let v = self.commit_reviewed(&message, changes, Some(review), gate)?;
         p.decide(
             ids,
             proposals::Status::Approved,
@@ -907,6 +973,18 @@ fn replay(bytes: &[u8]) -> std::result::Result<Replay, usize> {
 
 /// A library's settings; a `top_k` above the bound (written by hand or under an older bound)
 /// is clamped, with a warning, rather than trusted.
+/// A JSON file's value, or the default when it is missing or unreadable (counts and trial
+/// records: statistics, not history; a damaged file starts them again, with a warning).
+fn read_or_default<T: Default + serde::de::DeserializeOwned>(path: &Path) -> T {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+            tracing::warn!(file = %path.display(), error = %e, "unreadable; starting it afresh");
+            T::default()
+        }),
+        Err(_) => T::default(),
+    }
+}
+
 fn read_settings(dir: &Path, name: &str, max_top_k: usize) -> Result<Settings> {
     let path = dir.join(SETTINGS_FILE);
     let mut settings: Settings = match std::fs::read(&path) {
@@ -928,7 +1006,7 @@ fn read_settings(dir: &Path, name: &str, max_top_k: usize) -> Result<Settings> {
     Ok(settings)
 }
 
-fn pretty<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+pub(super) fn pretty<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     let mut b = serde_json::to_vec_pretty(v).map_err(Error::internal)?;
     b.push(b'\n');
     Ok(b)

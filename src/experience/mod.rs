@@ -8,14 +8,17 @@
 //! acknowledged only after its log line is fsynced, so a crash can lose at most a write that was
 //! never acknowledged, and that one only as a torn last line, which loading repairs.
 
+pub mod canary;
 mod index;
 mod library;
 pub(crate) mod proposals;
+mod serving;
 mod store;
 pub(crate) mod traffic;
 
-pub use library::{write_atomic, Change, Diff, Library, Op, Version, VersionSummary};
-pub use store::{SearchHit, Store, StoreOptions};
+pub use library::{write_atomic, Change, Diff, Library, Op, Version, VersionSummary, Votes};
+pub use serving::Credit;
+pub use store::{Attribution, SearchHit, Served, Store, StoreOptions};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -90,6 +93,24 @@ pub struct Settings {
     /// The gain the gate asks for, and at what confidence.
     #[serde(default)]
     pub gate: Gate,
+    /// Keep out of prompts an experience whose feedback has been mostly harmful since its
+    /// text was last set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip_harmful: Option<SkipHarmful>,
+}
+
+/// When feedback keeps an experience out of prompts: once it has `min_votes` votes on its
+/// current text and more than `ratio` of them are harmful.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SkipHarmful {
+    pub ratio: f64,
+    #[serde(default = "default_min_votes")]
+    pub min_votes: u64,
+}
+
+fn default_min_votes() -> u64 {
+    5
 }
 
 /// What lets a version learned by a run (CLI, job or `auto_learn`) go live.
@@ -168,6 +189,20 @@ impl Settings {
                 "gate.confidence",
             ));
         }
+        if let Some(h) = &self.skip_harmful {
+            if !(0.0..1.0).contains(&h.ratio) {
+                return Err(Error::invalid(
+                    "skip_harmful.ratio must be from 0 to below 1",
+                    "skip_harmful.ratio",
+                ));
+            }
+            if h.min_votes == 0 {
+                return Err(Error::invalid(
+                    "skip_harmful.min_votes must be at least 1",
+                    "skip_harmful.min_votes",
+                ));
+            }
+        }
         if let Some(a) = &self.auto_learn {
             if a.after == 0 || a.after > 100_000 {
                 return Err(Error::InvalidRequest {
@@ -190,6 +225,7 @@ impl Default for Settings {
             review: false,
             promote: Promote::default(),
             gate: Gate::default(),
+            skip_harmful: None,
         }
     }
 }

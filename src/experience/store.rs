@@ -9,6 +9,7 @@ use parking_lot::RwLock;
 
 use serde::Serialize;
 
+use super::canary::{Audience, CanaryArm, Snapshot};
 use super::library::{Change, Library, LOG_FILE};
 use super::proposals::{Edit, Origin, Proposal};
 use super::{validate_library_name, validate_tags, validate_text, Experience, Provenance, Source};
@@ -23,6 +24,9 @@ pub struct StoreOptions {
     pub cache_bytes: u64,
     /// The largest `top_k` a library may be set to (`bounds.max_experiences`).
     pub max_top_k: usize,
+    /// Bytes of pinned versions' experiences and indexes kept in memory
+    /// (`bounds.snapshot_cache_bytes`).
+    pub snapshot_bytes: u64,
     /// Most pending proposals a library holds, and most decided ones it keeps for the record
     /// (`bounds.max_proposals`).
     pub max_proposals: usize,
@@ -34,9 +38,27 @@ impl Default for StoreOptions {
             max_text_chars: 2000,
             cache_bytes: crate::config::Bounds::default().search_cache_bytes,
             max_top_k: crate::config::Bounds::default().max_experiences,
+            snapshot_bytes: crate::config::Bounds::default().snapshot_cache_bytes,
             max_proposals: crate::config::Bounds::default().max_proposals,
         }
     }
+}
+
+/// What served a request's experiences: the version, and the trial arm when a live trial
+/// chose it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct Served {
+    pub version: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryArm>,
+}
+
+/// What feedback on a served answer is credited to.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Attribution {
+    pub experiences: Vec<String>,
+    pub version: u64,
+    pub canary: Option<CanaryArm>,
 }
 
 /// One search result: the experience and its BM25 score.
@@ -95,6 +117,9 @@ pub struct Store {
     /// The version in the key is what invalidates: after a write, no later search can hit an
     /// entry made before it.
     cache: moka::sync::Cache<CacheKey, Arc<Vec<(String, f32)>>>,
+    /// Past versions that requests pinned, built in memory, by (library, version); bounded
+    /// by bytes.
+    snapshots: moka::sync::Cache<(String, u64), Arc<Snapshot>>,
     _lock: File,
 }
 
@@ -154,8 +179,13 @@ impl Store {
             .max_capacity(options.cache_bytes)
             .weigher(weigh)
             .build();
+        let snapshots = moka::sync::Cache::builder()
+            .max_capacity(options.snapshot_bytes)
+            .weigher(|_: &(String, u64), s: &Arc<Snapshot>| s.weight())
+            .build();
         Ok(Store {
             dir: dir.to_owned(),
+            snapshots,
             options,
             libraries: RwLock::new(libraries),
             damaged,
@@ -448,6 +478,79 @@ impl Store {
                 })
             })
             .collect())
+    }
+
+    /// The experiences a request gets from `library` (all of them, or the `top` best matches
+    /// for `query`), leaving out those the library's `skip_harmful` keeps out, and what
+    /// served them: a pinned version, a running trial's arm, or the live version.
+    pub fn choose(
+        &self,
+        library: &str,
+        query: &str,
+        top: Option<usize>,
+        pin: Option<u64>,
+        who: &Audience,
+    ) -> Result<(Vec<Experience>, Served)> {
+        let lib = self.library(library)?;
+        let live = lib.version();
+        let (canary, snapshot) = match pin {
+            Some(v) if v != live => (None, Some(self.pinned(&lib, v)?)),
+            Some(_) => (None, None),
+            None => lib.serving(who, self.options.max_proposals),
+        };
+        // Enough candidates that skipping a few harmful ones still leaves `top`.
+        let wanted = top.map(|k| k.saturating_mul(2).min(k + 64));
+        let found = match (&snapshot, wanted) {
+            (Some(s), Some(k)) => s.search(query, k)?,
+            (Some(s), None) => s.experiences.clone(),
+            (None, Some(k)) => self
+                .search(library, Some(query), None, k)?
+                .into_iter()
+                .map(|h| h.experience)
+                .collect(),
+            (None, None) => lib.all(),
+        };
+        let mut chosen: Vec<Experience> = found.into_iter().filter(|e| !lib.skips(e)).collect();
+        if let Some(k) = top {
+            chosen.truncate(k);
+        }
+        let version = match (pin, &canary) {
+            (Some(v), _) => v,
+            (None, Some(c)) if c.arm == super::canary::Arm::Candidate => {
+                lib.trials_candidate_version().unwrap_or(live)
+            }
+            _ => live,
+        };
+        Ok((chosen, Served { version, canary }))
+    }
+
+    /// Version `v` of `lib`, built in memory once and kept while the cache has room.
+    fn pinned(&self, lib: &Library, v: u64) -> Result<Arc<Snapshot>> {
+        let key = (lib.name.clone(), v);
+        if let Some(s) = self.snapshots.get(&key) {
+            return Ok(s);
+        }
+        let experiences = lib.state_at(v).map_err(|e| match e {
+            Error::NotFound { message, .. } => Error::NotFound {
+                message,
+                param: Some("experient.version".into()),
+            },
+            other => other,
+        })?;
+        let s = Arc::new(Snapshot::new(experiences)?);
+        self.snapshots.insert(key, s.clone());
+        Ok(s)
+    }
+
+    /// Counts feedback on a served answer: credit or blame for each experience in it, and a
+    /// vote for the trial arm that served it (which may decide the trial).
+    pub fn attribute(&self, library: &str, served: &Attribution, score: f64) -> Result<()> {
+        let lib = self.library(library)?;
+        lib.add_credit(&served.experiences, served.version, score >= 0.5)?;
+        if let Some(tag) = &served.canary {
+            lib.observe(tag, score, self.options.max_proposals)?;
+        }
+        Ok(())
     }
 
     /// Saves every library's use counts, before shutdown.

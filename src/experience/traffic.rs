@@ -65,6 +65,40 @@ pub struct Record {
     /// The key that asked (its digest's tag); only that key, or an admin, gives feedback on it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// The library version that served the experiences (absent in records made before
+    /// versions were recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// The live trial and arm that served it, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<super::canary::CanaryArm>,
+}
+
+/// What the traffic index keeps of a record: enough to check who may rate it and to credit
+/// the feedback, without reading the journal.
+#[derive(Debug, Clone)]
+struct Kept {
+    library: String,
+    owner: Option<String>,
+    attribution: Option<super::Attribution>,
+    /// Whether it has feedback already: only the first counts towards credit and trials, so
+    /// that rating one answer again and again moves neither.
+    rated: bool,
+}
+
+impl Kept {
+    fn of(r: &Record) -> Kept {
+        Kept {
+            library: r.library.clone(),
+            owner: r.owner.clone(),
+            attribution: r.version.map(|version| super::Attribution {
+                experiences: r.experiences.clone(),
+                version,
+                canary: r.canary.clone(),
+            }),
+            rated: false,
+        }
+    }
 }
 
 /// What a person said about one served completion.
@@ -114,7 +148,7 @@ pub struct Traffic {
     config: TrafficConfig,
     /// Response id -> (library, owner), for the records kept; feedback names only the
     /// response.
-    index: Mutex<HashMap<String, (String, Option<String>)>>,
+    index: Mutex<HashMap<String, Kept>>,
     /// Appends to one library's journals are serialised.
     writing: Mutex<()>,
 }
@@ -137,8 +171,14 @@ impl Traffic {
             if super::validate_library_name(&name).is_err() {
                 continue;
             }
+            let mut index = t.index.lock();
             for r in t.read::<Record>(&name, RECORDS)? {
-                t.index.lock().insert(r.id, (name.clone(), r.owner));
+                index.insert(r.id.clone(), Kept::of(&r));
+            }
+            for f in t.read::<Feedback>(&name, FEEDBACK)? {
+                if let Some(k) = index.get_mut(&f.response_id) {
+                    k.rated = true;
+                }
             }
         }
         Ok(t)
@@ -218,9 +258,7 @@ impl Traffic {
     /// Keeps a served completion.
     pub fn record(&self, r: &Record) -> Result<()> {
         self.append(&r.library, RECORDS, r)?;
-        self.index
-            .lock()
-            .insert(r.id.clone(), (r.library.clone(), r.owner.clone()));
+        self.index.lock().insert(r.id.clone(), Kept::of(r));
         Ok(())
     }
 
@@ -239,8 +277,8 @@ impl Traffic {
         self.index
             .lock()
             .get(response_id)
-            .filter(|(_, owner)| rater.admin || (rater.owner.is_some() && *owner == rater.owner))
-            .map(|(library, _)| library.clone())
+            .filter(|k| rater.admin || (rater.owner.is_some() && k.owner == rater.owner))
+            .map(|k| k.library.clone())
             .ok_or_else(|| Error::NotFound {
                 message: format!(
                     "no recorded completion '{response_id}': only completions served with a recording library are kept"
@@ -250,7 +288,8 @@ impl Traffic {
     }
 
     /// Stores feedback on a recorded completion; `NotFound` when no record has that id, or
-    /// when another key asked for it.
+    /// when another key asked for it. Returns what the feedback is credited to, when it is the
+    /// completion's first.
     pub fn add_feedback(
         &self,
         response_id: &str,
@@ -259,7 +298,7 @@ impl Traffic {
         label: Option<String>,
         comment: Option<String>,
         expected: Option<String>,
-    ) -> Result<Feedback> {
+    ) -> Result<(Feedback, Option<super::Attribution>)> {
         let library = self.library_of(response_id, rater)?;
         let fb = Feedback {
             id: format!("fb_{}", uuid::Uuid::new_v4().simple()),
@@ -274,7 +313,11 @@ impl Traffic {
             owner: rater.owner.clone(),
         };
         self.append(&library, FEEDBACK, &fb)?;
-        Ok(fb)
+        let first = self.index.lock().get_mut(response_id).and_then(|k| {
+            let first = !std::mem::replace(&mut k.rated, true);
+            k.attribution.clone().filter(|_| first)
+        });
+        Ok((fb, first))
     }
 
     /// Feedback, oldest first: of one library or all, since a time.
@@ -286,8 +329,12 @@ impl Traffic {
         let libraries: Vec<String> = match library {
             Some(l) => vec![l.to_owned()],
             None => {
-                let mut v: Vec<String> =
-                    self.index.lock().values().map(|(l, _)| l.clone()).collect();
+                let mut v: Vec<String> = self
+                    .index
+                    .lock()
+                    .values()
+                    .map(|k| k.library.clone())
+                    .collect();
                 v.sort();
                 v.dedup();
                 v
@@ -352,7 +399,7 @@ impl Traffic {
     /// Removes everything kept for a library.
     pub fn purge(&self, library: &str) -> Result<()> {
         let _guard = self.writing.lock();
-        self.index.lock().retain(|_, (l, _)| l != library);
+        self.index.lock().retain(|_, k| k.library != library);
         match std::fs::remove_dir_all(self.dir.join(library)) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -377,6 +424,8 @@ mod tests {
             answer: "4".into(),
             experiences: vec!["E1".into()],
             owner: Some("a".into()),
+            version: Some(1),
+            canary: None,
         }
     }
 
@@ -481,7 +530,8 @@ mod tests {
         let fb = t
             .add_feedback("chatcmpl-1", &key("a"), 1.0, None, None, None)
             .unwrap();
-        assert_eq!(fb.owner.as_deref(), Some("a"));
+        assert_eq!(fb.0.owner.as_deref(), Some("a"));
+        assert!(fb.1.is_some(), "the first rating credits the experiences");
         assert!(t
             .add_feedback("chatcmpl-1", &Rater::admin(), 0.0, None, None, None)
             .is_ok());

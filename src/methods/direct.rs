@@ -1,7 +1,7 @@
 //! The plain method: the request goes to the backend as it is, with a library's experiences
 //! injected as a prior when the route names one.
 
-use super::{model_events, prior, Applied, Context, Output, Selection};
+use super::{model_events, prior, Applied, Context, Options, Output};
 use crate::backend::ChatRequest;
 use crate::error::Result;
 use crate::router::{Method, Route};
@@ -11,12 +11,11 @@ pub async fn run(
     ctx: &Context,
     route: Route,
     mut request: ChatRequest,
-    selection: Option<Selection>,
+    opts: &Options,
 ) -> Result<Output> {
-    let mut experiences = None;
+    let mut injected = None;
     if let Some(library) = &route.library {
-        let used = prior::inject(ctx, library, &mut request, selection).await?;
-        experiences = Some(used);
+        injected = Some(prior::inject(ctx, library, &mut request, opts).await?);
     }
     let events = model_events(route.backend.stream(request).await?);
     Ok(Output {
@@ -25,7 +24,9 @@ pub async fn run(
             method: Method::Direct,
             model: route.model,
             library: route.library,
-            experiences,
+            version: injected.as_ref().map(|i| i.served.version),
+            canary: injected.as_ref().and_then(|i| i.served.canary.clone()),
+            experiences: injected.map(|i| i.ids),
             trace: None,
         },
     })

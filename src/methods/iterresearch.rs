@@ -388,7 +388,7 @@ async fn system_with_prior(
     request: &ChatRequest,
     question: &str,
     opts: &Options,
-) -> Result<(String, Option<Vec<String>>)> {
+) -> Result<(String, Option<super::prior::Injected>)> {
     let system = request
         .messages
         .iter()
@@ -408,11 +408,11 @@ async fn system_with_prior(
             .messages
             .insert(0, Message::new(Role::System, system.clone()));
     }
-    let ids = super::prior::inject(ctx, lib, &mut probe, opts.selection).await?;
-    if ids.is_empty() {
-        return Ok((system, None));
+    let injected = super::prior::inject(ctx, lib, &mut probe, opts).await?;
+    if injected.ids.is_empty() {
+        return Ok((system, Some(injected)));
     }
-    Ok((probe.messages[0].content.clone(), Some(ids)))
+    Ok((probe.messages[0].content.clone(), Some(injected)))
 }
 
 /// Runs the round loop as one event stream: rounds as progress, then the answer (or the
@@ -427,13 +427,14 @@ pub async fn run(
     let ws = workspace(&request.messages)
         .map_err(|u| Error::invalid(u.reason(Method::IterResearch), None))?;
     let tools = offered_tools(ctx, &request);
-    let (system, experiences) =
-        system_with_prior(ctx, &route, &request, &ws.question, opts).await?;
+    let (system, injected) = system_with_prior(ctx, &route, &request, &ws.question, opts).await?;
     let applied = Applied {
         method: Method::IterResearch,
         model: route.model.clone(),
         library: route.library.clone(),
-        experiences,
+        version: injected.as_ref().map(|i| i.served.version),
+        canary: injected.as_ref().and_then(|i| i.served.canary.clone()),
+        experiences: injected.map(|i| i.ids).filter(|ids| !ids.is_empty()),
         trace: None,
     };
     let sampling = Sampling {

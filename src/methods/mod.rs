@@ -42,6 +42,10 @@ pub struct Options {
     pub workspace: Workspace,
     /// Planning: the task family, instances and rounds.
     pub plan: plan::PlanOptions,
+    /// A library version to serve instead of the live one (`experient.version`).
+    pub version: Option<u64>,
+    /// Who asks, so that a live trial keeps each key or conversation on one arm.
+    pub audience: crate::experience::canary::Audience,
 }
 
 /// How many experiences a request asks for, overriding the library's setting: `"all"`, `"none"` or a
@@ -90,6 +94,12 @@ pub struct Applied {
     pub library: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub experiences: Option<Vec<String>>,
+    /// The library version the experiences came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// The live trial that chose them, and on which arm.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canary: Option<crate::experience::canary::CanaryArm>,
     /// What a multi-round method did (rounds, tool calls, tokens), once it is known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace: Option<serde_json::Value>,
@@ -243,7 +253,7 @@ pub async fn run(
         return Err(Error::invalid(u.reason(route.method), None));
     }
     let output = match route.method {
-        Method::Direct => direct::run(ctx, route, request, opts.selection).await,
+        Method::Direct => direct::run(ctx, route, request, opts).await,
         Method::IterResearch => iterresearch::run(ctx, route, request, opts).await,
         Method::Plan => plan::run(ctx, route, request, &opts.plan).await,
     }?;

@@ -86,6 +86,8 @@ pub async fn run(
     Ok(Output {
         events: Box::pin(events),
         applied: Applied {
+            version: None,
+            canary: None,
             method: Method::Plan,
             model: route.model,
             library: None,

@@ -1,39 +1,62 @@
 //! The learned token prior of Training-Free GRPO: a library's experiences, put into the system
 //! prompt with an instruction to apply them.
 
-use super::{Context, Selection};
+use super::{Context, Options, Selection};
 use crate::backend::{ChatRequest, Message, Role};
 use crate::error::{Error, Result};
-use crate::experience::{Experience, Inject};
+use crate::experience::canary::Audience;
+use crate::experience::{Experience, Inject, Served};
 
-/// Picks the experiences for this conversation, adds them to its system prompt, counts their
-/// use, and returns their ids.
+/// What a prior put into a request: the experiences' ids, and what served them.
+#[derive(Debug, Clone, Default)]
+pub struct Injected {
+    pub ids: Vec<String>,
+    pub served: Served,
+}
+
+/// Picks the experiences for this conversation (from the live version, the version the
+/// request pins, or a live trial's arm), adds them to its system prompt, counts their use,
+/// and returns what it injected.
 pub async fn inject(
     ctx: &Context,
     library: &str,
     request: &mut ChatRequest,
-    selection: Option<Selection>,
-) -> Result<Vec<String>> {
-    let chosen = choose(ctx, library, request, selection).await?;
+    opts: &Options,
+) -> Result<Injected> {
+    let (chosen, served) = choose(
+        ctx,
+        library,
+        request,
+        opts.selection,
+        opts.version,
+        &opts.audience,
+    )
+    .await?;
     if chosen.is_empty() {
-        return Ok(vec![]);
+        return Ok(Injected {
+            ids: vec![],
+            served,
+        });
     }
     apply_prior(request, &render(ctx, &chosen)?);
     let ids: Vec<String> = chosen.into_iter().map(|e| e.id).collect();
     let lib = ctx.store.library(library)?;
     let used = ids.clone();
     tokio::task::spawn_blocking(move || lib.record_use(&used));
-    Ok(ids)
+    Ok(Injected { ids, served })
 }
 
 /// The experiences a conversation gets: all of the library, or the most relevant ones to its
-/// user messages, as the request or else the library's settings say.
+/// user messages, as the request or else the library's settings say, from the version that
+/// serves this request.
 pub async fn choose(
     ctx: &Context,
     library: &str,
     request: &ChatRequest,
     selection: Option<Selection>,
-) -> Result<Vec<Experience>> {
+    pin: Option<u64>,
+    who: &Audience,
+) -> Result<(Vec<Experience>, Served)> {
     let store = ctx.store.clone();
     let lib = store.library(library).map_err(|e| match e {
         Error::NotFound { message, .. } => Error::NotFound {
@@ -47,6 +70,20 @@ pub async fn choose(
         Inject::All => Selection::All,
         Inject::TopK => Selection::TopK(settings.top_k),
     });
+    let top = match selection {
+        Selection::All => None,
+        Selection::TopK(k) => Some(k),
+        Selection::Nothing => {
+            let version = pin.unwrap_or_else(|| lib.version());
+            return Ok((
+                vec![],
+                Served {
+                    version,
+                    canary: None,
+                },
+            ));
+        }
+    };
     let query = request
         .messages
         .iter()
@@ -55,19 +92,10 @@ pub async fn choose(
         .collect::<Vec<_>>()
         .join("\n");
     let name = library.to_owned();
-    tokio::task::spawn_blocking(move || -> Result<Vec<Experience>> {
-        Ok(match selection {
-            Selection::All => lib.all(),
-            Selection::Nothing => Vec::new(),
-            Selection::TopK(k) => store
-                .search(&name, Some(&query), None, k)?
-                .into_iter()
-                .map(|h| h.experience)
-                .collect(),
-        })
-    })
-    .await
-    .map_err(Error::internal)?
+    let who = who.clone();
+    tokio::task::spawn_blocking(move || store.choose(&name, &query, top, pin, &who))
+        .await
+        .map_err(Error::internal)?
 }
 
 /// The prior's text: the instruction to apply the lessons, then one `[id]. text` line each.

@@ -14,12 +14,17 @@ use serde_json::{json, Value};
 
 use crate::inprocess::{serve_with, Server};
 
-async fn call(s: &Server, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+pub(crate) async fn call(
+    s: &Server,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
     crate::common::call(method, &s.url(path), body.as_ref()).await
 }
 
 /// Polls `path` until its `status` is no longer "running".
-async fn settled(s: &Server, path: &str) -> Value {
+pub(crate) async fn settled(s: &Server, path: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (_, v) = call(s, "GET", path, None).await;
@@ -35,7 +40,7 @@ async fn settled(s: &Server, path: &str) -> Value {
 /// (the gate's and evaluations', at temperature 0) follow the prior, and without one answer
 /// `plain`; learning's attempts (temperature above 0) alternate, so every group is mixed. Its
 /// learner writes `lesson`.
-fn model(plain: &'static str, lesson: &'static str) -> Arc<Scripted> {
+pub(crate) fn model(plain: &'static str, lesson: &'static str) -> Arc<Scripted> {
     let attempts = AtomicUsize::new(0);
     Scripted::new(move |r| {
         let system = r.messages.first().map(|m| m.content.as_str()).unwrap_or("");
@@ -62,7 +67,7 @@ fn model(plain: &'static str, lesson: &'static str) -> Arc<Scripted> {
     })
 }
 
-fn tasks(n: usize) -> Vec<Value> {
+pub(crate) fn tasks(n: usize) -> Vec<Value> {
     (0..n)
         .map(|i| json!({"question": format!("True and ( {i} < 99 ) is"), "answer": "True"}))
         .collect()
@@ -76,6 +81,11 @@ async fn learn(s: &Server, name: &str) -> Value {
         v["settings"]["promote"], "gain",
         "new libraries are gated: {v}"
     );
+    job(s, name).await
+}
+
+/// Runs a learning job on the existing library `name` and returns it when it is done.
+pub(crate) async fn job(s: &Server, name: &str) -> Value {
     let (st, job) = call(
         s,
         "POST",
@@ -106,6 +116,20 @@ async fn a_clearly_better_candidate_goes_live_with_its_measurement() {
     assert_eq!(gate["comparison"]["candidate"]["mean"], 1.0, "{gate}");
     assert!(gate["comparison"]["difference_ci"][0].as_f64().unwrap() > 0.0);
     assert_eq!(gate["comparison"]["cost"]["model_calls"], 16, "{gate}");
+    // What learning itself cost: 16 attempts, and more calls than that (summaries, the
+    // comparison, the update); the run's total is its one step's.
+    let cost = &step["cost"];
+    assert_eq!(cost["rollouts"], 16, "{cost}");
+    assert!(cost["model_calls"].as_u64().unwrap() > 16, "{cost}");
+    assert!(cost["prompt_tokens"].as_u64().unwrap() > 0, "{cost}");
+    assert!(
+        cost.get("price").is_none(),
+        "a local model has no price: {cost}"
+    );
+    assert_eq!(
+        job["result"]["cost"]["model_calls"], cost["model_calls"],
+        "{job}"
+    );
     // The version is live and carries the gate's figures.
     let version = step["version"].as_u64().expect("a committed version");
     let (_, v) = call(

@@ -9,6 +9,7 @@ mod common;
 
 mod attacks;
 mod auth;
+mod canary;
 mod chat;
 mod cpu_attention;
 mod docker;

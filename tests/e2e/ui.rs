@@ -343,6 +343,11 @@ async fn a_curator_works_a_library_end_to_end_in_the_browser() {
     let status = wait_text(&c, "#jobs .status", 5, |_| true).await;
     assert_eq!(status, "succeeded", "errors: {:?}", errors_shown(&c).await);
     wait_for(&c, "#jobs img.chart").await;
+    let cost = wait_text(&c, "#jobs .job-cost", 5, |_| true).await;
+    assert!(
+        cost.starts_with("cost: ") && cost.contains("model calls"),
+        "{cost}"
+    );
     screenshot(&c, "learn-done").await;
     let lib = admin(&http, api("/v1/libraries/tips")).await;
     assert_eq!(
@@ -373,11 +378,7 @@ async fn a_curator_works_a_library_end_to_end_in_the_browser() {
     type_into(&c, "#reviewer", "ada").await;
     screenshot(&c, "proposals").await;
 
-    // Approve the learned proposal with an edit; reject the hand-made one.
-    let edited = "Inside out: evaluate the innermost brackets first, then the rest.";
-    type_into(&c, &format!("{card} textarea.proposal-text"), edited).await;
-    click(&c, &format!("{card} button.approve")).await;
-    wait_gone(&c, &card).await;
+    // Try the hand-made proposal on a share of live traffic, then stop the trial.
     let manual = admin(&http, api("/v1/libraries/tips/proposals")).await;
     let manual_id = manual["data"]
         .as_array()
@@ -386,6 +387,34 @@ async fn a_curator_works_a_library_end_to_end_in_the_browser() {
         .find(|p| p["origin"]["kind"] == "api")
         .map(|p| p["id"].as_str().unwrap().to_owned())
         .expect("the hand-made proposal is pending");
+    click(&c, &format!("[data-proposal='{manual_id}'] input.select")).await;
+    click(&c, "#try-selected").await;
+    wait_for(&c, "#canary-dialog[open]").await;
+    set_value(&c, "#canary-share", "20").await;
+    click(&c, "#canary-yes").await;
+    let banner = wait_text(&c, "#canary", 30, |t| t.contains("20%")).await;
+    assert!(banner.contains("1 proposal"), "{banner}");
+    let trial = admin(&http, api("/v1/libraries/tips/canary")).await;
+    assert_eq!(
+        trial["current"]["candidate"]["proposals"],
+        json!([manual_id]),
+        "{trial}"
+    );
+    assert_eq!(trial["current"]["share"], 0.2, "{trial}");
+    screenshot(&c, "canary").await;
+    click(&c, "#stop-canary").await;
+    wait_for(&c, "#confirm-dialog[open]").await;
+    click(&c, "#confirm-yes").await;
+    wait_gone(&c, "#canary").await;
+    let trial = admin(&http, api("/v1/libraries/tips/canary")).await;
+    assert!(trial["current"].is_null(), "{trial}");
+    assert_eq!(trial["past"][0]["status"], "stopped", "{trial}");
+
+    // Approve the learned proposal with an edit; reject the hand-made one.
+    let edited = "Inside out: evaluate the innermost brackets first, then the rest.";
+    type_into(&c, &format!("{card} textarea.proposal-text"), edited).await;
+    click(&c, &format!("{card} button.approve")).await;
+    wait_gone(&c, &card).await;
     click(&c, &format!("[data-proposal='{manual_id}'] button.reject")).await;
     wait_gone(&c, &format!("[data-proposal='{manual_id}']")).await;
 

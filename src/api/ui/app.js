@@ -249,6 +249,7 @@ async function libraryFrame(name, tab, ...content) {
   show(
     h("div.crumbs", h("a", { href: "#/" }, "Libraries"), " / "),
     h("h1", name, " ", h("span.muted", `v${lib.version} · ${plural(lib.experiences, "experience")}`)),
+    lib.canary ? canaryBanner(name, lib.canary) : null,
     h("nav.tabs", { "aria-label": "library" },
       t("experiences", "Experiences", base),
       t("proposals", `Proposals${lib.pending_proposals ? " (" + lib.pending_proposals + ")" : ""}`, base + "/proposals"),
@@ -259,6 +260,40 @@ async function libraryFrame(name, tab, ...content) {
     ...content,
   );
   return lib;
+}
+
+// A running live trial: what is on trial, on what share of traffic, each arm's feedback so far,
+// and a way to stop it (the live version stays).
+function canaryBanner(name, c) {
+  const what = c.candidate.version !== undefined && c.candidate.version !== null
+    ? `v${c.candidate.version}` : plural(c.candidate.proposals.length, "proposal") + ` on v${c.base}`;
+  const arm = (t) => t.n ? `${t.mean.toFixed(3)} (n = ${t.n})` : "no feedback yet";
+  const stop = h("button.danger#stop-canary", { type: "button" }, "Stop trial");
+  stop.addEventListener("click", async () => {
+    if (!(await confirmDialog("Stop the trial? Everyone gets the live version again."))) return;
+    await act(stop, async () => { await api("DELETE", `/v1/libraries/${enc(name)}/canary`); route(); });
+  });
+  return h("div.panel.canary#canary", { "data-canary": c.id },
+    h("div.row", h("strong", "Live trial: "), `${what} serves ${Math.round(c.share * 100)}% of traffic. `,
+      `Feedback: candidate ${arm(c.trial)}, live ${arm(c.control)}. `,
+      h("span.muted", `First look at ${c.next_look} per arm; ends by ${when(c.deadline)}.`), h("span.spacer"), stop));
+}
+
+// Starts a live trial of `candidate` ({version} or {proposals}) on a share the curator picks.
+async function startCanary(button, name, candidate) {
+  const d = $("#canary-dialog");
+  $("#canary-what").textContent = candidate.version !== undefined
+    ? `Serve v${candidate.version} to a share of this library's traffic.`
+    : `Serve the live version with ${plural(candidate.proposals.length, "selected proposal")} to a share of this library's traffic.`;
+  const go = await new Promise((resolve) => {
+    d.addEventListener("close", () => resolve(d.returnValue === "yes"), { once: true });
+    d.returnValue = "";
+    d.showModal();
+    $("#canary-share").focus();
+  });
+  if (!go) return;
+  const spec = { ...candidate, share: Number($("#canary-share").value) / 100, min_samples: Number($("#canary-min").value) };
+  await act(button, async () => { await api("POST", `/v1/libraries/${enc(name)}/canary`, spec); route(); });
 }
 
 // ---------- experiences ----------
@@ -323,7 +358,8 @@ function experienceTable(name, rows, ranked, changed) {
   if (!rows.length) return h("p.muted#no-experiences", ranked ? "Nothing matches." : "This library is empty.");
   return h("table#experiences",
     h("thead", h("tr", h("th", "Id"), h("th", "Experience"), h("th.hide-narrow", "Tags"), h("th", "Source"),
-      h("th.num", ranked ? "Score" : "Uses"), h("th.hide-narrow", "Updated"), h("th", ""))),
+      h("th.num", ranked ? "Score" : "Uses"), h("th.num", { title: "feedback on answers it was in, since its text was last set" }, "Feedback"),
+      h("th.hide-narrow", "Updated"), h("th", ""))),
     h("tbody", rows.map((e) => experienceRow(name, e, ranked, changed))));
 }
 
@@ -337,6 +373,7 @@ function experienceRow(name, e, ranked, changed) {
     textCell, tagsCell,
     h("td", h(`span.badge.${e.source}`, e.source)),
     h("td.num", ranked ? (e.score || 0).toFixed(2) : e.uses),
+    h("td.num.credit", { title: `all time: ${e.helpful} helpful, ${e.harmful} harmful` }, `+${e.credit.helpful} −${e.credit.harmful}`),
     h("td.hide-narrow", when(e.updated)),
     h("td.actions", edit, del));
   edit.addEventListener("click", () => {
@@ -445,9 +482,12 @@ async function proposalsPage(name) {
   const reviewer = h("input#reviewer", { type: "text", placeholder: "your name (recorded with the decision)", value: localStorage.getItem("experient.reviewer") || "" });
   reviewer.addEventListener("change", () => localStorage.setItem("experient.reviewer", reviewer.value));
   const approveSel = h("button#approve-selected.primary", { type: "button", disabled: true }, "Approve selected as one version");
+  const trySel = h("button#try-selected", { type: "button", disabled: true }, "Try selected on live traffic");
   const cards = list.data.map((p) => proposalCard(name, p, reviewer, () => {
-    approveSel.disabled = !document.querySelector("input.select:checked");
+    approveSel.disabled = trySel.disabled = !document.querySelector("input.select:checked");
   }));
+  trySel.addEventListener("click", () => startCanary(trySel, name,
+    { proposals: [...document.querySelectorAll("input.select:checked")].map((c) => c.value) }));
   approveSel.addEventListener("click", () => act(approveSel, async () => {
     const ids = [...document.querySelectorAll("input.select:checked")].map((c) => c.value);
     const edits = {};
@@ -459,7 +499,7 @@ async function proposalsPage(name) {
     route();
   }));
   await libraryFrame(name, "proposals",
-    h("div.panel", h("div.row", h("label", "Show", status), h("label.grow", "Reviewer", reviewer), approveSel)),
+    h("div.panel", h("div.row", h("label", "Show", status), h("label.grow", "Reviewer", reviewer), trySel, approveSel)),
     list.data.length ? h("div.cards#proposals", cards)
       : h("p.muted#no-proposals", proposalStatus !== "pending" ? `No ${proposalStatus} proposals.` : "Nothing waits for review. With the library's ", h("a", { href: `#/lib/${enc(name)}/settings` }, "review setting"), " on, what learning proposes lands here first."));
 }
@@ -498,6 +538,7 @@ function proposalCard(name, p, reviewer, selectionChanged) {
 // The gate's measurement of a learned candidate against its parent: both accuracies, the
 // difference with its interval, and the tasks on which they disagree.
 function gateView(g) {
+  if (!g.outcome && g.canary) return h("p.gate", "Live trial: ", g.canary.decision);
   const c = g.comparison;
   const f = (x) => (x >= 0 ? "+" : "") + x.toFixed(3);
   const figures = c ? h("dl.gate-figures",
@@ -530,9 +571,13 @@ async function versionsPage(name) {
     h("div", h("strong", `v${v.version}`), " ", v.message),
     h("div.meta", when(v.at), ` · +${v.added} ~${v.updated} −${v.deleted}`,
       v.review ? [" · reviewed", v.review.reviewer ? " by " + v.review.reviewer : ""] : "",
-      v.gate ? ` · gate: ${v.gate.outcome}` : ""),
-    v.gate ? h("details", h("summary", "How it measured against its parent"), gateView(v.gate)) : null,
-    v.version !== latest ? h("button.rollback", { type: "button", onclick: (ev) => rollback(ev.currentTarget, name, v.version) }, `Roll back to v${v.version}`) : h("span.muted", "current")));
+      v.gate && v.gate.outcome ? ` · gate: ${v.gate.outcome}` : ""),
+    v.gate && v.gate.outcome ? h("details", h("summary", "How it measured against its parent"), gateView(v.gate)) : null,
+    v.gate && v.gate.canary ? h("p.muted", "Live trial: ", v.gate.canary.decision) : null,
+    v.version !== latest ? h("div.row",
+      h("button.rollback", { type: "button", onclick: (ev) => rollback(ev.currentTarget, name, v.version) }, `Roll back to v${v.version}`),
+      h("button.try-version", { type: "button", onclick: (ev) => startCanary(ev.currentTarget, name, { version: v.version }) }, "Try on live traffic"))
+      : h("span.muted", "current")));
   await libraryFrame(name, "versions",
     h("div.split",
       h("div", h("h2", "Timeline"), h("ol.timeline#versions", items)),
@@ -641,9 +686,17 @@ function jobRow(j, changed) {
     h("td", h(`span.status.status-${j.status}`, j.status), j.error ? h("div.muted", j.error) : null),
     h("td", h("progress", { max: p.steps || 1, value: p.step || 0 }), " ", `step ${p.step || 0}/${p.steps || "?"}`,
       p.phase ? h("div.muted", p.phase) : null,
-      res ? h("div.muted", `library v${res.version}, ${res.experiences} experiences`) : null),
+      res ? h("div.muted", `library v${res.version}, ${res.experiences} experiences`) : null,
+      res && res.cost ? h("div.muted.job-cost", costLine(res.cost)) : null),
     chart,
     h("td.actions", cancel));
+}
+
+// What a learning run cost, in one line.
+function costLine(c) {
+  const tokens = c.prompt_tokens + c.completion_tokens;
+  return `cost: ${c.rollouts} attempts, ${c.model_calls} model calls, ${tokens} tokens, ${c.wall_secs.toFixed(1)} s` +
+    (c.price !== undefined ? `, ${c.price.toFixed(4)} in the upstream's currency` : "");
 }
 
 async function jobsPage() {

@@ -51,6 +51,8 @@ struct Learner<'a> {
     judge: Option<Judge>,
     rule: Verifier,
     progress: &'a Progress,
+    /// Counts every model call the run makes, for its cost.
+    meter: Arc<crate::backend::Meter>,
 }
 
 /// Runs (or resumes) `run` to its end and returns what it did. Dropping the future stops the
@@ -84,7 +86,13 @@ pub async fn learn(
             progress.changed();
             continue;
         }
-        let result = l.step(step).await?;
+        let (before, started) = (l.meter.read(), std::time::Instant::now());
+        let mut result = l.step(step).await?;
+        result.cost = Some(records::LearningCost {
+            rollouts: result.rollouts as u64,
+            calls: l.meter.read().since(&before),
+            wall_secs: started.elapsed().as_secs_f64(),
+        });
         write_json(&done, &result)?;
         tracing::info!(
             run = %run.info.id, step, reward = result.mean_reward, mixed = result.mixed_groups,
@@ -98,15 +106,7 @@ pub async fn learn(
 fn summarize(ctx: &Context, run: &Run) -> Result<RunSummary> {
     let o = &run.info.options;
     let lib = ctx.store.library(&o.library)?;
-    let summary = RunSummary {
-        run: run.info.id.clone(),
-        dir: run.dir.clone(),
-        library: o.library.clone(),
-        steps: run.results(),
-        baseline_validation: run.baseline(),
-        version: lib.version(),
-        experiences: lib.len(),
-    };
+    let summary = RunSummary::of(run, &o.library, Some(&lib));
     write_json(&run.dir.join("summary.json"), &summary)?;
     std::fs::write(
         run.dir.join("progress.svg"),
@@ -114,6 +114,27 @@ fn summarize(ctx: &Context, run: &Run) -> Result<RunSummary> {
     )
     .map_err(|e| io("writing progress.svg", e))?;
     Ok(summary)
+}
+
+impl RunSummary {
+    /// What `run` has done so far, with `library` as it stands (when it can be opened).
+    pub fn of(run: &Run, library: &str, lib: Option<&crate::experience::Library>) -> RunSummary {
+        let steps = run.results();
+        let cost = steps
+            .iter()
+            .filter_map(|r| r.cost)
+            .fold(Default::default(), records::LearningCost::plus);
+        RunSummary {
+            run: run.info.id.clone(),
+            dir: run.dir.clone(),
+            library: library.to_owned(),
+            steps,
+            baseline_validation: run.baseline(),
+            version: lib.map(|l| l.version()).unwrap_or(0),
+            experiences: lib.map(|l| l.len()).unwrap_or(0),
+            cost,
+        }
+    }
 }
 
 fn rename_param(e: Error, param: &str) -> Error {
@@ -150,11 +171,17 @@ impl<'a> Learner<'a> {
         let o = &run.info.options;
         // A resumed run's options come from its directory, which may have been edited by hand.
         o.check(&ctx.bounds)?;
-        let rollout = router.resolve(&o.model, Some(crate::router::Method::Direct.name()), None)?;
-        let learner = router
-            .resolve(o.learner(), None, None)
-            .map_err(|e| rename_param(e, "learner_model"))?
-            .backend;
+        let meter = Arc::new(crate::backend::Meter::default());
+        let counted = |b: Arc<dyn Backend>| crate::backend::Counting::wrap(b, meter.clone());
+        let mut rollout =
+            router.resolve(&o.model, Some(crate::router::Method::Direct.name()), None)?;
+        rollout.backend = counted(rollout.backend);
+        let learner = counted(
+            router
+                .resolve(o.learner(), None, None)
+                .map_err(|e| rename_param(e, "learner_model"))?
+                .backend,
+        );
         let scoring = Scoring::parse(o.verifier.as_deref().unwrap_or(&run.info.default_verifier))?;
         let rule = match Scoring::parse(&run.info.default_verifier)? {
             Scoring::Rule(v) => v,
@@ -162,10 +189,12 @@ impl<'a> Learner<'a> {
         };
         let judge = match scoring {
             Scoring::Judge => Some(Judge {
-                backend: router
-                    .resolve(o.judge_model.as_deref().unwrap_or(o.learner()), None, None)
-                    .map_err(|e| rename_param(e, "judge_model"))?
-                    .backend,
+                backend: counted(
+                    router
+                        .resolve(o.judge_model.as_deref().unwrap_or(o.learner()), None, None)
+                        .map_err(|e| rename_param(e, "judge_model"))?
+                        .backend,
+                ),
                 prompts: ctx.prompts.clone(),
                 retries: o.retries,
                 max_tokens: 128,
@@ -184,6 +213,7 @@ impl<'a> Learner<'a> {
             judge,
             rule,
             progress,
+            meter,
         })
     }
 }
@@ -463,7 +493,15 @@ impl Learner<'_> {
         };
         // The same selection as at inference, so the prior learned against is the prior
         // served; learning does not count as use.
-        let chosen = prior::choose(self.ctx, &o.library, &request, None).await?;
+        let (chosen, _) = prior::choose(
+            self.ctx,
+            &o.library,
+            &request,
+            None,
+            None,
+            &Default::default(),
+        )
+        .await?;
         if !chosen.is_empty() {
             prior::apply_prior(&mut request, &prior::render(self.ctx, &chosen)?);
         }
@@ -642,9 +680,13 @@ impl Learner<'_> {
         };
         record.lessons = Some(lessons.clone());
 
+        let lib = self.ctx.store.library(&self.options().library)?;
         let prompt = self.ctx.prompts.render(
             "group_update.j2",
-            minijinja::context! { experiences => exp_ctx(snapshot), lessons => lessons },
+            minijinja::context! {
+                experiences => exp_ctx(snapshot, &lib),
+                lessons => lessons,
+            },
         )?;
         let asked = self.ask(prompt, true, ops::parse).await?;
         record.update_reply = Some(asked.reply);
@@ -777,10 +819,21 @@ impl Learner<'_> {
     }
 }
 
-fn exp_ctx(snapshot: &[Experience]) -> Vec<minijinja::Value> {
+/// The lessons as the learner sees them, each with the feedback on its current text (how
+/// often answers it went into were rated helpful or harmful), so it can fix or drop a lesson
+/// that users' feedback blames.
+fn exp_ctx(snapshot: &[Experience], lib: &crate::experience::Library) -> Vec<minijinja::Value> {
     snapshot
         .iter()
-        .map(|e| minijinja::context! { id => e.id, text => e.text })
+        .map(|e| {
+            let votes = lib.credit(&e.id).current;
+            minijinja::context! {
+                id => e.id,
+                text => e.text,
+                helpful => votes.helpful,
+                harmful => votes.harmful,
+            }
+        })
         .collect()
 }
 

@@ -97,6 +97,40 @@ pub struct StepResult {
     /// The gate's decision on this step's candidate, when the library is gated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<crate::learn::gate::Decision>,
+    /// What the step cost: every model call it made (attempts, judge, learner, the gate's
+    /// measurement and validation), and its wall time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<LearningCost>,
+}
+
+/// What learning cost: attempts (rollouts), model calls, tokens, wall time, and money when a
+/// priced upstream model was used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LearningCost {
+    pub rollouts: u64,
+    #[serde(flatten)]
+    pub calls: crate::backend::Metered,
+    pub wall_secs: f64,
+}
+
+impl LearningCost {
+    /// Both together.
+    pub fn plus(self, o: LearningCost) -> LearningCost {
+        let price = match (self.calls.price, o.calls.price) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+        };
+        LearningCost {
+            rollouts: self.rollouts + o.rollouts,
+            calls: crate::backend::Metered {
+                model_calls: self.calls.model_calls + o.calls.model_calls,
+                prompt_tokens: self.calls.prompt_tokens + o.calls.prompt_tokens,
+                completion_tokens: self.calls.completion_tokens + o.calls.completion_tokens,
+                price,
+            },
+            wall_secs: self.wall_secs + o.wall_secs,
+        }
+    }
 }
 
 impl StepResult {
@@ -119,6 +153,7 @@ impl StepResult {
             library_size,
             validation: None,
             gate: None,
+            cost: None,
         }
     }
 }
@@ -134,4 +169,6 @@ pub struct RunSummary {
     pub baseline_validation: Option<f64>,
     pub version: u64,
     pub experiences: usize,
+    /// The steps' costs together.
+    pub cost: LearningCost,
 }
