@@ -156,13 +156,32 @@ impl Bounds {
 }
 
 /// Settings of the methods, `[methods.*]`.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MethodsConfig {
+    /// Decode the methods' own replies (IterResearch rounds, ...) under their grammars where
+    /// the backend can (`methods.constrain`; off: free text, parsed and retried, as on
+    /// upstreams).
+    #[serde(default = "default_true")]
+    pub constrain: bool,
     #[serde(default)]
     pub iterresearch: IterResearchConfig,
     #[serde(default)]
     pub plan: PlanConfig,
+}
+
+impl Default for MethodsConfig {
+    fn default() -> Self {
+        MethodsConfig {
+            constrain: true,
+            iterresearch: IterResearchConfig::default(),
+            plan: PlanConfig::default(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl MethodsConfig {

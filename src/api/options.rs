@@ -85,9 +85,14 @@ pub(super) fn method_options(
             "experient.max_rounds",
         ));
     }
+    if let Some(names) = &options.tools {
+        methods::iterresearch::check_builtin_choice(names, state.methods.iterresearch.fetch_urls)
+            .map_err(|m| Error::invalid(m, "experient.tools"))?;
+    }
     Ok(methods::Options {
         selection: options.experiences,
         max_rounds: options.max_rounds,
+        tools: options.tools.clone(),
         workspace: options.workspace.unwrap_or_default(),
         plan: PlanOptions {
             cache_owner: (!caller.admin).then(|| caller.owner.clone()).flatten(),
@@ -135,6 +140,7 @@ fn refuse_foreign(method: Method, o: &ExperientOptions) -> Result<()> {
             o.workspace.is_some(),
             Method::IterResearch,
         ),
+        ("experient.tools", o.tools.is_some(), Method::IterResearch),
         ("experient.env", o.env.is_some(), Method::Plan),
         ("experient.instances", o.instances.is_some(), Method::Plan),
         ("experient.train", o.train.is_some(), Method::Plan),

@@ -128,6 +128,9 @@ pub struct ExperientOptions {
     #[serde(default)]
     #[schema(value_type = Option<String>)]
     pub workspace: Option<crate::methods::Workspace>,
+    /// IterResearch: the built-in tools to offer (default: all the server allows).
+    #[serde(default)]
+    pub tools: Option<Vec<String>>,
     /// Planning: the task family (a MiniGrid id such as "MiniGrid-DoorKey-5x5-v0", or "grasp").
     #[serde(default)]
     pub env: Option<String>,

@@ -32,6 +32,11 @@ impl Backend for Chain {
         self.links.first().and_then(|(_, b)| b.price())
     }
 
+    /// Only when every link does: a request may land on any of them.
+    fn constrains(&self) -> bool {
+        self.links.iter().all(|(_, b)| b.constrains())
+    }
+
     /// The smallest of the links' known context lengths: a request may land on any of them.
     fn context_length(&self) -> Option<u32> {
         self.links

@@ -202,6 +202,7 @@ fn constraint(format: &OutputFormat) -> Constraint {
         OutputFormat::Text => Constraint::None,
         OutputFormat::JsonObject => Constraint::JsonSchema(serde_json::json!({"type": "object"})),
         OutputFormat::JsonSchema { schema, .. } => Constraint::JsonSchema(schema.clone()),
+        OutputFormat::Grammar(lark) => Constraint::Lark(lark.clone()),
     }
 }
 
@@ -367,7 +368,7 @@ impl Sequence {
             index,
             stop: StopFilter::new(sampling.stop.clone()),
             generated: 0,
-            json: (sampling.format != OutputFormat::Text).then(String::new),
+            json: sampling.format.is_json().then(String::new),
             logprobs: Vec::new(),
         }
     }
@@ -414,15 +415,22 @@ impl Sequence {
     }
 }
 
-/// The error a response other than a chunk ends the stream with. A request's grammar is its
-/// response_format's schema or a forced call's, so a grammar error names that field.
-fn engine_error(resp: Response, grammar_param: &'static str) -> Error {
+/// The error a response other than a chunk ends the stream with. A client's grammar is its
+/// response_format's schema or a forced call's, so a grammar error names that field; a
+/// method's own grammar (`grammar_param` None) failing is the server's error.
+fn engine_error(resp: Response, grammar_param: Option<&'static str>) -> Error {
+    let bad_grammar = |e: String| match grammar_param {
+        Some(param) => Error::invalid(
+            format!("{param}: the schema cannot be compiled: {e}"),
+            param,
+        ),
+        None => Error::Internal(format!("a method's grammar cannot be compiled: {e}")),
+    };
     match resp {
         Response::ValidationError(e) => {
             let e = e.to_string();
             if e.starts_with("Invalid grammar") {
-                let message = format!("{grammar_param}: the schema cannot be compiled: {e}");
-                Error::invalid(message, grammar_param)
+                bad_grammar(e)
             } else {
                 Error::invalid(format!("the model rejected the request: {e}"), None)
             }
@@ -434,10 +442,7 @@ fn engine_error(resp: Response, grammar_param: &'static str) -> Error {
                 .iter()
                 .any(|w| e.to_string().to_lowercase().contains(w)) =>
         {
-            Error::invalid(
-                format!("{grammar_param}: the schema cannot be compiled: {e}"),
-                grammar_param,
-            )
+            bad_grammar(e.to_string())
         }
         Response::InternalError(e) => Error::Internal(format!("model failure: {e}")),
         Response::ModelError(e, _) | Response::CompletionModelError(e, _) => {
@@ -452,7 +457,7 @@ fn sequence_events(
     index: u32,
     model: Arc<Model>,
     request: ChatRequest,
-    grammar_param: &'static str,
+    grammar_param: Option<&'static str>,
 ) -> EventStream {
     let s = async_stream::stream! {
         let mut seq = Sequence::new(index, &request.sampling);
@@ -566,6 +571,11 @@ impl Backend for LocalBackend {
         self.model.get().is_some()
     }
 
+    /// llguidance holds every sequence to its request's grammar.
+    fn constrains(&self) -> bool {
+        true
+    }
+
     fn context_length(&self) -> Option<u32> {
         let config = self.model.get()?.config().ok()?;
         config.max_seq_len.and_then(|n| u32::try_from(n).ok())
@@ -614,10 +624,10 @@ impl LocalBackend {
     async fn generate(&self, request: ChatRequest) -> Result<EventStream> {
         let model = self.model()?.clone();
         let (request, mode) = super::tools::prepare(request)?;
-        let grammar_param = if mode == super::tools::Mode::Forced {
-            "tools"
-        } else {
-            "response_format"
+        let grammar_param = match (&request.sampling.format, &mode) {
+            (OutputFormat::Grammar(_), _) => None,
+            (_, super::tools::Mode::Forced) => Some("tools"),
+            _ => Some("response_format"),
         };
         let n = request.sampling.n.max(1);
         let permit = self.admission.admit(n as usize, request.priority).await?;

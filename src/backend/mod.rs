@@ -119,7 +119,8 @@ pub struct TopLogprob {
 
 /// Sampling settings with OpenAI's meaning: `temperature` 0 is greedy, anything above samples
 /// from the full distribution, and unset means 1.
-/// What a completion must be: free text, or JSON (any object, or valid against a schema).
+/// What a completion must be: free text, or JSON (any object, or valid against a schema), or
+/// a method's own reply format.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub enum OutputFormat {
     #[default]
@@ -130,6 +131,20 @@ pub enum OutputFormat {
         schema: serde_json::Value,
         strict: Option<bool>,
     },
+    /// A grammar in llguidance's Lark dialect, which only methods set (never a client): a
+    /// backend that [`Backend::constrains`] decodes under it; one that cannot generates free
+    /// text, which the method parses and retries as before.
+    Grammar(String),
+}
+
+impl OutputFormat {
+    /// Whether the reply must be a JSON document.
+    pub fn is_json(&self) -> bool {
+        matches!(
+            self,
+            OutputFormat::JsonObject | OutputFormat::JsonSchema { .. }
+        )
+    }
 }
 
 /// How to sample, as the request asked; `None` leaves a choice to the backend's default.
@@ -301,6 +316,12 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// Whether generation is held to an [`OutputFormat::Grammar`]: methods ask, so that they
+    /// can rely on a reply's form where it is guaranteed and keep parse-and-retry where not.
+    fn constrains(&self) -> bool {
+        false
+    }
+
     /// Starts a generation. Errors that happen before the first event (validation, overload)
     /// are returned here; later ones come through the stream. Dropping the stream cancels.
     async fn stream(&self, request: ChatRequest) -> Result<EventStream>;
@@ -401,6 +422,10 @@ impl Backend for Counting {
 
     fn price(&self) -> Option<crate::config::Price> {
         self.inner.price()
+    }
+
+    fn constrains(&self) -> bool {
+        self.inner.constrains()
     }
 
     async fn stream(&self, request: ChatRequest) -> Result<EventStream> {

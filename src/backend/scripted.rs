@@ -54,6 +54,9 @@ type Reply = dyn Fn(&ChatRequest) -> Script + Send + Sync;
 pub struct Scripted {
     reply: Box<Reply>,
     received: Mutex<Vec<ChatRequest>>,
+    /// Claims to hold replies to a grammar (the script is trusted to), so that a test can see
+    /// what a method asks of a backend that constrains.
+    constrains: bool,
 }
 
 impl Scripted {
@@ -62,6 +65,18 @@ impl Scripted {
         Arc::new(Scripted {
             reply: Box::new(reply),
             received: Mutex::default(),
+            constrains: false,
+        })
+    }
+
+    /// Like [`Scripted::new`], for a backend that says it decodes under grammars.
+    pub fn constraining(
+        reply: impl Fn(&ChatRequest) -> Script + Send + Sync + 'static,
+    ) -> Arc<Scripted> {
+        Arc::new(Scripted {
+            reply: Box::new(reply),
+            received: Mutex::default(),
+            constrains: true,
         })
     }
 
@@ -106,6 +121,10 @@ fn words(r: &ChatRequest) -> u64 {
 impl Backend for Scripted {
     fn ready(&self) -> bool {
         true
+    }
+
+    fn constrains(&self) -> bool {
+        self.constrains
     }
 
     async fn stream(&self, request: ChatRequest) -> Result<EventStream> {

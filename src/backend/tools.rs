@@ -58,7 +58,7 @@ pub fn prepare(mut r: ChatRequest) -> Result<(ChatRequest, Mode)> {
         add_to_system(&mut messages, &tool_prompt(&r.tools));
         match &r.tool_choice {
             ToolChoice::Auto => {
-                if r.sampling.format != OutputFormat::Text {
+                if r.sampling.format.is_json() {
                     return Err(Error::invalid(
                         "a local model cannot hold a reply to response_format while it may also call tools; use tool_choice \"none\", \"required\" or a named function, or leave out response_format",
                         "response_format",

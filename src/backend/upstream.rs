@@ -388,7 +388,9 @@ struct StreamOptions {
 fn response_format(f: &super::OutputFormat) -> Option<serde_json::Value> {
     use super::OutputFormat;
     match f {
-        OutputFormat::Text => None,
+        // An upstream is not asked to hold a method's grammar (it does not `constrain`): the
+        // method reads the free text it gets.
+        OutputFormat::Text | OutputFormat::Grammar(_) => None,
         OutputFormat::JsonObject => Some(serde_json::json!({"type": "json_object"})),
         OutputFormat::JsonSchema {
             name,

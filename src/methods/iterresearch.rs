@@ -21,7 +21,8 @@ use serde_json::{json, Value};
 
 use super::{Applied, Context, Event, Options, Output, Unsupported};
 use crate::backend::{
-    ChatRequest, Event as Model, FinishReason, Message, Role, Sampling, ToolCall, ToolSpec, Usage,
+    ChatRequest, Event as Model, FinishReason, Message, OutputFormat, Role, Sampling, ToolCall,
+    ToolSpec, Usage,
 };
 use crate::error::{Error, Result};
 use crate::router::{Method, Route};
@@ -101,6 +102,52 @@ pub fn parse_reply(text: &str) -> Reply {
     }
 }
 
+/// The longest line (report, argument, answer) a constrained round may write, in characters.
+const MAX_LINE: usize = 600;
+
+/// A round's reply form as a grammar (llguidance's Lark): a one-line report, then either an
+/// action naming one of `tools` with an argument of that tool's shape, or a final answer; on
+/// the last round only the answer. Every reply held to it is read by [`parse_reply`].
+pub fn round_grammar<'a>(tools: impl IntoIterator<Item = &'a str>, last_round: bool) -> String {
+    let actions: Vec<String> = tools
+        .into_iter()
+        .map(|name| {
+            let head = serde_json::to_string(&format!("{name}: ")).expect("a string serialises");
+            format!("{head} {}", argument_terminal(name))
+        })
+        .collect();
+    let next = if last_round || actions.is_empty() {
+        "final"
+    } else {
+        "action | final"
+    };
+    // The reply may end its last line with a newline (or a blank line: tokenizers merge
+    // "\n\n"), after which the grammar is complete and generation ends; lines are bounded so that one cannot take the whole token budget.
+    let mut g = format!(
+        "start: \"Report: \" LINE \"\\n\" next END?\nEND: /\\n[\\n ]{{0,8}}/\nnext: {next}\n\
+         final: \"Final answer: \" LINE\nLINE: /[^\\n]{{1,{MAX_LINE}}}/\n"
+    );
+    if next != "final" {
+        g.push_str(&format!(
+            "action: \"Action: \" ({})\n\
+             EXPRESSION: /[0-9.+\\-*\\/%() ]{{1,{MAX_LINE}}}/\n\
+             URL: /https?:\\/\\/[^\\s]{{1,{MAX_LINE}}}/\n",
+            actions.join(" | ")
+        ));
+    }
+    g
+}
+
+/// The terminal a tool's one-line argument must match: arithmetic for the calculator, a URL
+/// for the fetcher, any line for the rest.
+fn argument_terminal(tool: &str) -> &'static str {
+    match tool {
+        "calculate" => "EXPRESSION",
+        "fetch_url" => "URL",
+        _ => "LINE",
+    }
+}
+
 /// The program after `Action: python`: a leading `:` and code fences removed.
 fn program(rest: &str) -> String {
     let code = rest.trim_start_matches([':', ' ']).trim();
@@ -122,6 +169,21 @@ struct Tool {
     client: Option<ToolSpec>,
 }
 
+/// Refuses a choice of built-in tools naming one that is not offered here.
+pub fn check_builtin_choice(names: &[String], fetch_urls: bool) -> std::result::Result<(), String> {
+    let offered: Vec<String> = builtin_tools(fetch_urls)
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    match names.iter().find(|n| !offered.contains(n)) {
+        Some(n) => Err(format!(
+            "experient.tools: '{n}' is not a built-in tool of this server; choose from {}",
+            offered.join(", ")
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Every built-in tool's name, `fetch_url` included when it is off, so that whether a client
 /// tool's name is free does not depend on the server's settings.
 pub const RESERVED_TOOL_NAMES: [&str; 4] =
@@ -139,7 +201,7 @@ fn builtin_tools(fetch_urls: bool) -> Vec<Tool> {
         Tool {
             name: "python".into(),
             description: "Runs a short Python program in a sandbox and returns what it printed and the value of its last line.".into(),
-            argument: "the program, which may span several lines".into(),
+            argument: "the program (on one line when replies are held to the round's form)".into(),
             client: None,
         },
         Tool {
@@ -368,8 +430,11 @@ fn client_tools(request: &ChatRequest) -> impl Iterator<Item = &ToolSpec> {
 
 /// The built-in tools and the client's ([`unsupported`] has refused a client tool under a
 /// built-in name).
-fn offered_tools(ctx: &Context, request: &ChatRequest) -> Vec<Tool> {
+fn offered_tools(ctx: &Context, request: &ChatRequest, chosen: Option<&[String]>) -> Vec<Tool> {
     let mut tools = builtin_tools(ctx.settings.iterresearch.fetch_urls);
+    if let Some(names) = chosen {
+        tools.retain(|t| names.contains(&t.name));
+    }
     tools.extend(client_tools(request).map(|t| Tool {
         name: t.name.clone(),
         description: t.description.clone(),
@@ -426,7 +491,7 @@ pub async fn run(
     let settings = ctx.settings.iterresearch.clone();
     let ws = workspace(&request.messages)
         .map_err(|u| Error::invalid(u.reason(Method::IterResearch), None))?;
-    let tools = offered_tools(ctx, &request);
+    let tools = offered_tools(ctx, &request, opts.tools.as_deref());
     let (system, injected) = system_with_prior(ctx, &route, &request, &ws.question, opts).await?;
     let applied = Applied {
         method: Method::IterResearch,
@@ -448,6 +513,7 @@ pub async fn run(
         stop: vec![],
         ..request.sampling.clone()
     };
+    let constrained = ctx.settings.constrain && route.backend.constrains();
     let mut task = Task {
         ctx: ctx.clone(),
         route,
@@ -456,6 +522,7 @@ pub async fn run(
         tools,
         max_rounds: opts.max_rounds.unwrap_or(settings.max_rounds),
         retries: settings.retries,
+        constrained,
         full: opts.workspace == super::Workspace::Full,
         first_round: ws.round,
         ws,
@@ -508,6 +575,8 @@ struct Task {
     max_rounds: u32,
     /// Extra attempts at a reply that names neither an action nor an answer.
     retries: u32,
+    /// Replies are decoded under [`round_grammar`] (the backend can hold them to it).
+    constrained: bool,
     full: bool,
     first_round: u32,
     ws: Workspace,
@@ -607,9 +676,16 @@ impl Task {
             retries: 0,
         };
         for n in 0..=self.retries {
+            // Attempts asked again after an unreadable reply.
+            attempt.retries = n;
             let mut sampling = self.sampling.clone();
             if n > 0 && sampling.temperature.unwrap_or(1.0) == 0.0 {
                 sampling.temperature = Some(0.7);
+            }
+            if self.constrained {
+                let last_round = self.ws.round >= self.max_rounds;
+                let names = self.tools.iter().map(|t| t.name.as_str());
+                sampling.format = OutputFormat::Grammar(round_grammar(names, last_round));
             }
             let request = ChatRequest {
                 messages: messages.clone(),
@@ -629,7 +705,6 @@ impl Task {
             if attempt.reply.action.is_some() || attempt.reply.answer.is_some() {
                 break;
             }
-            attempt.retries += 1;
         }
         Ok(attempt)
     }
@@ -726,12 +801,31 @@ impl Task {
         json!({
             "workspace": if self.full { "full" } else { "markovian" },
             "rounds": self.rounds, "tool_calls": self.tool_calls, "stopped": stopped,
+            "constrained": self.constrained,
         })
     }
 }
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_round_grammar_offers_the_tools_until_the_last_round() {
+        let g = super::round_grammar(["calculate", "get_weather"], false);
+        assert!(g.contains("next: action | final"), "{g}");
+        assert!(
+            g.contains(r#"action: "Action: " ("calculate: " EXPRESSION | "get_weather: " LINE)"#),
+            "{g}"
+        );
+        let last = super::round_grammar(["calculate"], true);
+        assert!(
+            last.contains("next: final") && !last.contains("action"),
+            "{last}"
+        );
+        // What it admits is what the parser reads.
+        let r = super::parse_reply("Report: 3 apples each\nAction: calculate: 3*4");
+        assert_eq!(r.action, Some(("calculate".into(), "3*4".into())));
+    }
 
     #[tokio::test]
     async fn deep_or_long_expressions_are_refused_not_recursed() {

@@ -40,6 +40,8 @@ pub struct Options {
     pub max_rounds: Option<u32>,
     /// IterResearch: rebuild the workspace every round, or keep the whole history.
     pub workspace: Workspace,
+    /// IterResearch: the built-in tools offered (None: all the server allows).
+    pub tools: Option<Vec<String>>,
     /// Planning: the task family, instances and rounds.
     pub plan: plan::PlanOptions,
     /// A library version to serve instead of the live one (`experient.version`).

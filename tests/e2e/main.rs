@@ -16,6 +16,7 @@ mod docker;
 mod eval;
 mod experience;
 mod gate;
+mod grammar;
 mod hardening;
 mod inprocess;
 mod iterresearch;

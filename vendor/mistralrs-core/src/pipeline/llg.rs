@@ -6,7 +6,12 @@ use tokenizers::Tokenizer;
 
 use crate::Constraint;
 
-pub fn build_llg_factory(tokenizer: Tokenizer) -> Result<Arc<ParserFactory>> {
+/// `eos`, when given (experient), is the token the model ends its turn with: a grammar that
+/// has accepted then allows that token, so a constrained reply ends the way the model wants to
+/// end it. The tokenizer's own end-of-text token is often another (SmolLM2: <|endoftext|>
+/// against the chat template's <|im_end|>), and a model held away from its end of turn
+/// writes on (a trailing "." and more) until it happens to pick that token.
+pub fn build_llg_factory(tokenizer: Tokenizer, eos: Option<u32>) -> Result<Arc<ParserFactory>> {
     // Collect special token info before from_tokenizer() consumes the tokenizer.
     let added_special: Vec<(u32, String)> = tokenizer
         .get_added_tokens_decoder()
@@ -16,7 +21,10 @@ pub fn build_llg_factory(tokenizer: Tokenizer) -> Result<Arc<ParserFactory>> {
         .collect();
 
     let bt = toktrie_hf_tokenizers::ByteTokenizer::from_tokenizer(tokenizer)?;
-    let info = bt.tokrx_info();
+    let mut info = bt.tokrx_info();
+    if let Some(eos) = eos {
+        info.tok_eos = eos;
+    }
     let mut token_bytes = bt.token_bytes();
 
     // Fix up special tokens that from_tokenizer() may have missed.
