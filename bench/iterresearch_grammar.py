@@ -53,6 +53,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--config", help="a TOML file to start from (models, limits)")
+    ap.add_argument("--arms", default="direct,free,grammar",
+                    help="which arms to run, comma-separated: direct, free, grammar")
     ap.add_argument("--data", default=os.path.join(ROOT, "tests/data/gsm8k_train_head500.jsonl"))
     a = ap.parse_args()
     with open(a.data) as f:
@@ -69,8 +71,12 @@ def main():
         return s.post("/v1/chat/completions", body)
 
     arms = {}
-    for arm, constrain in [("direct", True), ("iterresearch, free text", False),
-                           ("iterresearch, grammar", True)]:
+    chosen = set(a.arms.split(","))
+    for key, arm, constrain in [("direct", "direct", True),
+                                ("free", "iterresearch, free text", False),
+                                ("grammar", "iterresearch, grammar", True)]:
+        if key not in chosen:
+            continue
         config = base + f"\n[methods]\nconstrain = {'true' if constrain else 'false'}\n"
         right = rounds = acting = calls = unreadable = retries = tokens = 0
         with Server(config) as s:

@@ -34,17 +34,6 @@ pub(crate) async fn finish_or_add_toks_to_seq(
     use_prefix_cacher: bool,
 ) -> Result<()> {
     let mut is_done = seq.is_done(logprobs.token, eos_tok, this.get_metadata().max_seq_len);
-    // experient: a grammar that has accepted and allows nothing more ends the sequence as EOS
-    // would. llguidance's end token need not be one of the model's EOS ids (to SmolLM2's
-    // tokenizer it is <|endoftext|>, while the chat template ends turns with <|im_end|>), and
-    // without this the sequence went on decoding empty tokens until max_tokens.
-    if is_done.is_none() {
-        if let SequenceRecognizer::Llguidance(llg) = &seq.recognizer {
-            if llg.is_stopped() {
-                is_done = Some(StopReason::Eos);
-            }
-        }
-    }
     let metadata = this.get_metadata();
     let tok_env = metadata.tok_env().ok_or(candle_core::Error::Msg(
         "`finish_or_add_toks_to_seq` requires the pipeline to have a token trie".to_string(),
