@@ -18,21 +18,11 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from iterresearch import number  # noqa: E402
 from server import ROOT, Server  # noqa: E402
-
-
-def number(text):
-    nums = re.findall(r"-?\d[\d,]*\.?\d*", text or "")
-    if not nums:
-        return None
-    try:
-        return float(nums[-1].replace(",", "").rstrip("."))
-    except ValueError:
-        return None
 
 
 def wilson(k, n, z=1.96):

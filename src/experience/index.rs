@@ -83,19 +83,7 @@ impl Index {
                 )
             }
         };
-        let reader = index
-            .reader_builder()
-            .reload_policy(ReloadPolicy::Manual)
-            .try_into()
-            .map_err(ierr)?;
-        let me = Index {
-            index,
-            reader,
-            writing: Mutex::new(()),
-            id,
-            text,
-            tags,
-        };
+        let me = Index::wrap(index, id, text, tags)?;
         if !fresh {
             me.rebuild(experiences, version)?;
         }
@@ -106,22 +94,26 @@ impl Index {
     /// the library's newest version (a pinned version, a trial's candidate).
     pub fn in_memory<'a>(experiences: impl Iterator<Item = &'a Experience>) -> Result<Index> {
         let (schema, id, text, tags) = schema();
-        let index = tantivy::Index::create_in_ram(schema);
+        let me = Index::wrap(tantivy::Index::create_in_ram(schema), id, text, tags)?;
+        me.rebuild(experiences, 0)?;
+        Ok(me)
+    }
+
+    /// A tantivy index with its manually reloaded reader and the schema's fields.
+    fn wrap(index: tantivy::Index, id: Field, text: Field, tags: Field) -> Result<Index> {
         let reader = index
             .reader_builder()
             .reload_policy(ReloadPolicy::Manual)
             .try_into()
             .map_err(ierr)?;
-        let me = Index {
+        Ok(Index {
             index,
             reader,
             writing: Mutex::new(()),
             id,
             text,
             tags,
-        };
-        me.rebuild(experiences, 0)?;
-        Ok(me)
+        })
     }
 
     fn document(&self, e: &Experience) -> TantivyDocument {
