@@ -4,7 +4,7 @@
 //! scalar dot product dominated CPU decoding in our profiles. Q8_0 holds every Q4_1 weight with
 //! a rounding error far below Q4_1's own (8 bits instead of 4 per weight, one scale per 32), so
 //! the rewrite costs a little memory and buys speed. The greedy output is compared in
-//! README's speed section.
+//! docs/performance.md.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter};

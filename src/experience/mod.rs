@@ -76,7 +76,7 @@ pub struct Settings {
     #[serde(default = "default_top_k")]
     pub top_k: usize,
     /// Keep every completion served with this library, so feedback can be given on it and
-    /// learned from (`.traffic/`; user data, see README).
+    /// learned from (`.traffic/`; user data, see docs/learning.md).
     #[serde(default)]
     pub record: bool,
     /// Learn from traffic by itself once this much new feedback has arrived.

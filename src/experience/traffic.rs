@@ -8,7 +8,7 @@
 //! append-only journals, each bounded: when one passes half of `max_bytes` it becomes
 //! `*.old.jsonl` (the previous old one is dropped), so a library's traffic never takes more than
 //! `max_bytes` on disk, and lines older than `max_age_days` are not read. A torn last line (a
-//! crash mid-write) is skipped. This is user data: README says how to turn recording off and
+//! crash mid-write) is skipped. This is user data: docs/learning.md says how to turn recording off and
 //! purge it (`DELETE /v1/libraries/{name}/traffic`).
 
 use std::collections::HashMap;

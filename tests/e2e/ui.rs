@@ -9,7 +9,7 @@
 //! library beside the bare model. API errors must show as what they say.
 //!
 //! Screenshots go to target/ui-screenshots/; with EXPERIENT_UPDATE_DOCS=1 they are also
-//! copied to docs/ui/ for README. Chromium and chromedriver are required: without them the
+//! copied to docs/ui/ for docs/libraries.md. Chromium and chromedriver are required: without them the
 //! test fails, it does not skip (`.ci/run` installs them).
 
 use crate::common;
