@@ -1,24 +1,28 @@
 //! `POST /v1/chat/completions`, non-streaming and streaming.
 
-use std::convert::Infallible;
-use std::time::Duration;
-
 use axum::extract::State;
-use axum::http::{header, HeaderName, HeaderValue};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
 
 use super::error::JsonBody;
 use super::options;
+use super::pipeline::{self, Generation, Names, Wire};
 use super::wire::{self, ChatCompletionRequest, WireUsage, SYSTEM_FINGERPRINT};
 use super::AppState;
-use crate::backend::{self, Event as Model, FinishReason, Usage};
+use crate::backend::{self, Completion, Event as Model, FinishReason, Usage};
 use crate::error::Error;
-use crate::methods::{self, Applied, Event};
+use crate::methods::{Applied, Event};
 
-/// `POST /v1/chat/completions`: validate, route, run the method, answer whole or as SSE.
+/// Chat's names for the fields checked past the edge.
+pub(super) static NAMES: Names = Names {
+    unsupported: options::chat_field,
+    format: "response_format",
+    tools: "tools",
+    methods: true,
+};
+
+/// `POST /v1/chat/completions`: validate, then the pipeline; answered whole or as SSE.
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", request_body = ChatCompletionRequest, responses((status = 200, description = "a chat.completion, or with stream an SSE stream of chat.completion.chunk", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 413, description = "body too large", body = crate::api::openapi::ErrorEnvelope), (status = 429, description = "at capacity", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "loading", body = crate::api::openapi::ErrorEnvelope), (status = 504, description = "past request_timeout_secs", body = crate::api::openapi::ErrorEnvelope)))]
 pub async fn chat_completions(
     State(state): State<AppState>,
@@ -26,152 +30,21 @@ pub async fn chat_completions(
     JsonBody(req): JsonBody<ChatCompletionRequest>,
 ) -> Result<Response, Error> {
     let v = req.validate(&state.limits)?;
-    let route = state.router.resolve(
-        &v.model,
-        v.options.method.as_deref(),
-        v.options.library.as_deref(),
-    )?;
-    let slot = options::admit(
-        &state,
-        &caller,
-        &route,
-        v.chat.sampling.max_tokens,
-        v.tokens_field,
-    )?;
-    options::refuse_unsupported(&route, &v.chat, options::chat_field)?;
-    let opts = options::method_options(&state, &caller, &route, &v.options, &v.chat)?;
-    let n = v.chat.sampling.n as usize;
-    let ctx = method_context(&state);
-    let id = wire::completion_id();
-    let rec = super::feedback::recording(
-        &state,
-        &caller,
-        &route,
-        &id,
-        "chat.completions",
-        &v.chat.messages,
-    );
-    let output = methods::run(&ctx, route, v.chat, &opts).await?;
-    let applied_header = applied_header(&output.applied);
-
-    if !v.stream {
-        let mut resp = whole(&state, output, v.model, id, rec, n).await?;
-        insert_header(&mut resp, applied_header);
-        return Ok(resp);
-    }
-
-    let events = super::stream_deadline(output.events, state.stream_timeout, slot);
-    let events = super::feedback::record_stream(events, rec, output.applied.clone());
-    let frames = chunks(
-        events,
-        Head { id, model: v.model },
-        n,
-        v.include_usage,
-        output.applied,
-        KEEP_ALIVE_EVERY,
-    );
-    let mut resp = (
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        axum::body::Body::from_stream(coalesce(frames).map(Ok::<_, Infallible>)),
-    )
-        .into_response();
-    insert_header(&mut resp, applied_header);
-    Ok(resp)
-}
-
-/// The answer in one `chat.completion`, once the method has finished, recorded for feedback
-/// when the library records traffic.
-async fn whole(
-    state: &AppState,
-    output: methods::Output,
-    model: String,
-    id: String,
-    rec: Option<super::feedback::Recording>,
-    n: usize,
-) -> Result<Response, Error> {
-    let answer = tokio::time::timeout(state.request_timeout, methods::collect(output.events, n))
-        .await
-        .map_err(|_| {
-            Error::Timeout(format!(
-                "generation did not finish within {} s",
-                state.request_timeout.as_secs()
-            ))
-        })??;
-    let methods::Answer {
-        completion: done,
-        trace,
-    } = answer;
-    count_tokens(&output.applied.model, done.usage);
-    let mut applied = output.applied;
-    applied.trace = trace;
-    if let (Some(rec), Some(c)) = (rec, done.choices.first()) {
-        let answer = super::feedback::answer_text(&c.text, &c.tool_calls);
-        let served = applied.clone();
-        let _ = tokio::task::spawn_blocking(move || rec.keep(answer, &served)).await;
-    }
-    let body = json!({
-        "id": id,
-        "object": "chat.completion",
-        "created": wire::now_secs(),
-        "model": model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": done.choices.iter().enumerate().map(|(i, c)| choice_json(i, c)).collect::<Vec<_>>(),
-        "usage": WireUsage::from(done.usage),
-        "experient": applied,
-    });
-    Ok(axum::Json(body).into_response())
-}
-
-/// What the methods may use, from the server's state.
-pub(super) fn method_context(state: &AppState) -> methods::Context {
-    methods::Context {
-        store: state.store.clone(),
-        prompts: state.prompts.clone(),
-        settings: state.methods.clone(),
-        bounds: state.bounds.clone(),
-    }
-}
-
-/// A comment event, sent when a stream has been quiet for a while, so that proxies and clients
-/// with idle timeouts keep the connection during a long prefill or a long IterResearch round.
-const KEEP_ALIVE: &[u8] = b":\n\n";
-
-/// How often a quiet stream is checked: a comment goes out after 15 to 30 s without an event.
-const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(15);
-
-/// One SSE event: `data: PAYLOAD` and the blank line that ends it (the payloads are JSON, which
-/// never holds a raw newline, or `[DONE]`).
-fn frame(payload: &str) -> Bytes {
-    let mut f = String::with_capacity(payload.len() + 8);
-    f.push_str("data: ");
-    f.push_str(payload);
-    f.push_str("\n\n");
-    Bytes::from(f)
-}
-
-/// The stream with every run of events that are ready together joined into one body frame.
-///
-/// hyper writes each body frame as its own chunked-encoding frame and flushes at most 16 queued
-/// frames in one write: an upstream answer that arrives whole (a short answer, or a burst after
-/// a stall) left as 20 frames cost two `writev`s and per-frame encoding, where the client gets
-/// the same bytes from one. Joining only what is ready never holds an event back waiting for
-/// the next, so a token still reaches the client the moment it is produced.
-fn coalesce(frames: impl Stream<Item = Bytes> + Send) -> impl Stream<Item = Bytes> + Send {
-    frames.ready_chunks(64).map(join_frames)
-}
-
-fn join_frames(mut batch: Vec<Bytes>) -> Bytes {
-    if batch.len() == 1 {
-        return batch.pop().unwrap_or_default();
-    }
-    let mut joined = bytes::BytesMut::with_capacity(batch.iter().map(Bytes::len).sum());
-    for f in &batch {
-        joined.extend_from_slice(f);
-    }
-    joined.freeze()
+    let head = Head {
+        id: wire::completion_id(),
+        model: v.model.clone(),
+    };
+    let out = ChatWire::new(head, v.chat.sampling.n as usize, v.include_usage);
+    let g = Generation {
+        model: v.model,
+        options: v.options,
+        requests: vec![v.chat],
+        stream: v.stream,
+        tokens_field: v.tokens_field,
+        names: &NAMES,
+        api: "chat.completions",
+    };
+    pipeline::generate(&state, &caller, g, out).await
 }
 
 fn tool_call_json(c: &backend::ToolCall) -> Value {
@@ -201,27 +74,6 @@ fn choice_json(i: usize, c: &backend::Choice) -> Value {
 /// Chat's `logprobs` object: `{"content": [{token, logprob, bytes, top_logprobs}], "refusal"}`.
 pub(super) fn logprobs_json(tokens: &[backend::TokenLogprob]) -> Value {
     json!({"content": tokens, "refusal": null})
-}
-
-fn count_tokens(model: &str, u: Usage) {
-    metrics::counter!("experient_prompt_tokens_total", "model" => model.to_owned())
-        .increment(u.prompt_tokens);
-    metrics::counter!("experient_completion_tokens_total", "model" => model.to_owned())
-        .increment(u.completion_tokens);
-}
-
-/// The experiences a library contributed, as a header, so that streaming clients learn them
-/// before the first chunk.
-fn applied_header(applied: &Applied) -> Option<HeaderValue> {
-    let ids = applied.experiences.as_ref()?;
-    HeaderValue::from_str(&ids.join(",")).ok()
-}
-
-fn insert_header(resp: &mut Response, v: Option<HeaderValue>) {
-    if let Some(v) = v {
-        resp.headers_mut()
-            .insert(HeaderName::from_static("x-experient-experiences"), v);
-    }
 }
 
 /// What every chunk of a stream repeats: the completion's id (the one feedback names) and the
@@ -322,7 +174,7 @@ impl Framer {
         let mut c =
             self.value(json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": null}]));
         c["experient"] = p;
-        frame(&c.to_string())
+        pipeline::frame(&c.to_string())
     }
 
     /// The usage chunk: no choices, then the usage and what experient applied.
@@ -343,7 +195,6 @@ struct Choices {
     calls: Vec<usize>,
     /// Log probabilities waiting for the choice's next delta.
     logprobs: Vec<Option<Vec<backend::TokenLogprob>>>,
-    usage: Usage,
 }
 
 impl Choices {
@@ -352,12 +203,11 @@ impl Choices {
             finished: vec![false; n],
             calls: vec![0; n],
             logprobs: vec![None; n],
-            usage: Usage::default(),
         }
     }
 
     /// The frames one event becomes, pushed onto `out`; a finish is sent once per choice.
-    fn on(&mut self, ev: Event, f: &Framer, applied: &mut Applied, out: &mut Vec<Bytes>) {
+    fn on(&mut self, ev: Event, f: &Framer, out: &mut Vec<Bytes>) {
         let i = |index: u32| index as usize;
         match ev {
             Event::Model(Model::Delta { index, text }) => {
@@ -386,8 +236,8 @@ impl Choices {
                 }
             }
             Event::Progress(p) => out.push(f.progress(p)),
-            Event::Trace(t) => applied.trace = Some(t),
-            Event::Model(Model::Usage(u)) => self.usage = u,
+            // The pipeline keeps these; they are never passed to a wire.
+            Event::Trace(_) | Event::Model(Model::Usage(_)) => {}
         }
     }
 
@@ -398,91 +248,67 @@ impl Choices {
     }
 }
 
-/// Waits for a method's next event and says when the stream has been quiet since the last tick.
-/// One interval for the whole stream rather than a timer reset at every event; ticks missed
-/// while events kept coming are not made up in a burst.
-struct KeepAlive {
-    interval: tokio::time::Interval,
-    quiet: bool,
+/// Chat's translation out: a `chat.completion`, or the SSE events of an OpenAI chunk stream
+/// (one id and one `created` throughout, the role in each choice's first delta, exactly one
+/// finish_reason per choice, the usage chunk (`choices: []`) when asked for, an error event in
+/// the OpenAI envelope if generation fails, and `[DONE]` last in every case).
+struct ChatWire {
+    framer: Framer,
+    choices: Choices,
 }
 
-/// What a stream does next.
-enum Next {
-    Event(crate::Result<Event>),
-    End,
-    Comment,
-    Wait,
-}
-
-impl KeepAlive {
-    fn new(every: Duration) -> Self {
-        let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        KeepAlive {
-            interval,
-            quiet: true,
-        }
-    }
-
-    async fn next(&mut self, events: &mut methods::Events) -> Next {
-        tokio::select! {
-            biased;
-            ev = events.next() => {
-                self.quiet = false;
-                ev.map_or(Next::End, Next::Event)
-            }
-            _ = self.interval.tick() => {
-                if std::mem::replace(&mut self.quiet, true) { Next::Comment } else { Next::Wait }
-            }
+impl ChatWire {
+    fn new(head: Head, n: usize, include_usage: bool) -> Self {
+        ChatWire {
+            framer: Framer::new(head, include_usage),
+            choices: Choices::new(n),
         }
     }
 }
 
-/// Turns a method's events into the SSE events of an OpenAI chunk stream: one id and one
-/// `created` throughout, the role in each choice's first delta, exactly one finish_reason per
-/// choice, the usage chunk (`choices: []`) when asked for, an error event in the OpenAI envelope
-/// if generation fails, and `[DONE]` last in every case; a keep-alive comment while quiet.
-fn chunks(
-    mut events: methods::Events,
-    head: Head,
-    n: usize,
-    include_usage: bool,
-    mut applied: Applied,
-    keep_alive_every: Duration,
-) -> impl Stream<Item = Bytes> + Send {
-    async_stream::stream! {
-        let f = Framer::new(head, include_usage);
-        for i in 0..n {
-            yield f.role(i);
+impl Wire for ChatWire {
+    fn id(&self) -> &str {
+        &self.framer.id
+    }
+
+    fn open(&mut self, _: &Applied, out: &mut Vec<Bytes>) {
+        out.extend((0..self.choices.finished.len()).map(|i| self.framer.role(i)));
+    }
+
+    fn event(&mut self, event: Event, out: &mut Vec<Bytes>) {
+        self.choices.on(event, &self.framer, out);
+    }
+
+    fn close(&mut self, usage: Usage, applied: &Applied, out: &mut Vec<Bytes>) {
+        self.choices.close(&self.framer, out);
+        if self.framer.include_usage {
+            out.push(self.framer.usage(usage, applied));
         }
-        let mut choices = Choices::new(n);
-        let mut keep_alive = KeepAlive::new(keep_alive_every);
-        let mut out = Vec::new();
-        let failed = loop {
-            match keep_alive.next(&mut events).await {
-                Next::Event(Ok(ev)) => choices.on(ev, &f, &mut applied, &mut out),
-                Next::Event(Err(e)) => break Some(e),
-                Next::End => break None,
-                Next::Comment => yield Bytes::from_static(KEEP_ALIVE),
-                Next::Wait => {}
-            }
-            for b in out.drain(..) {
-                yield b;
-            }
-        };
-        if let Some(e) = failed {
-            yield frame(&e.envelope().to_string());
-        } else {
-            count_tokens(&applied.model, choices.usage);
-            choices.close(&f, &mut out);
-            for b in out.drain(..) {
-                yield b;
-            }
-            if include_usage {
-                yield f.usage(choices.usage, &applied);
-            }
-        }
-        yield Bytes::from_static(b"data: [DONE]\n\n");
+        out.push(Bytes::from_static(pipeline::DONE));
+    }
+
+    fn fail(&mut self, error: &Error, out: &mut Vec<Bytes>) {
+        out.push(pipeline::frame(&error.envelope().to_string()));
+        out.push(Bytes::from_static(pipeline::DONE));
+    }
+
+    fn whole(&mut self, done: Completion, applied: &Applied) -> crate::Result<Value> {
+        let choices: Vec<Value> = done
+            .choices
+            .iter()
+            .enumerate()
+            .map(|(i, c)| choice_json(i, c))
+            .collect();
+        Ok(json!({
+            "id": self.framer.id,
+            "object": "chat.completion",
+            "created": wire::now_secs(),
+            "model": self.framer.model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "choices": choices,
+            "usage": WireUsage::from(done.usage),
+            "experient": applied,
+        }))
     }
 }
 
@@ -490,6 +316,23 @@ fn chunks(
 mod tests {
     use super::*;
     use crate::backend::Event;
+    use crate::methods;
+    use futures::{Stream, StreamExt};
+    use pipeline::{KEEP_ALIVE, KEEP_ALIVE_EVERY};
+    use std::time::Duration;
+
+    /// Chat's stream through the pipeline's SSE writer.
+    fn chunks(
+        events: methods::Events,
+        head: Head,
+        n: usize,
+        include_usage: bool,
+        applied: Applied,
+        every: Duration,
+    ) -> impl Stream<Item = Bytes> + Send {
+        let out = ChatWire::new(head, n, include_usage);
+        pipeline::sse(events, out, applied, &NAMES, every)
+    }
     use crate::router::Method;
 
     fn head(model: &str) -> Head {
@@ -583,17 +426,6 @@ mod tests {
             .collect();
         assert_eq!(finishes, vec![&json!("stop")]);
         assert_eq!(out.last().unwrap(), "[DONE]");
-    }
-
-    #[tokio::test]
-    async fn ready_frames_are_joined_in_order() {
-        let b = |s: &'static str| Bytes::from_static(s.as_bytes());
-        let joined: Vec<Bytes> =
-            coalesce(futures::stream::iter([b("data: 1\n\n"), b("data: 2\n\n")]))
-                .collect()
-                .await;
-        assert_eq!(joined, vec![b("data: 1\n\ndata: 2\n\n")]);
-        assert_eq!(join_frames(vec![b("data: x\n\n")]), b("data: x\n\n"));
     }
 
     /// A stream that stays quiet gets the comment, and nothing else changes in it.

@@ -2,24 +2,19 @@
 //! send them. The model continues the prompt as it is, with no chat template; on an upstream
 //! the request goes to its own `/completions`.
 
-use std::convert::Infallible;
-
 use axum::extract::State;
-use axum::http::header;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::JsonBody;
+use super::pipeline::{self, Generation, Names, Wire};
 use super::wire::{self, Stop, StreamOptions, WireUsage, SYSTEM_FINGERPRINT};
 use super::AppState;
-use crate::backend::{ChatRequest, Event as Model, Sampling, TokenLogprob, Usage};
+use crate::backend::{ChatRequest, Completion, Event as Model, Sampling, TokenLogprob, Usage};
 use crate::error::{Error, Result};
-use crate::methods;
-use crate::methods::{Event, Events};
-use crate::router::Method;
+use crate::methods::{Applied, Event};
 
 /// OpenAI's default `max_tokens` for this endpoint.
 const DEFAULT_MAX_TOKENS: u32 = 16;
@@ -102,7 +97,7 @@ struct Validated {
 impl CompletionRequest {
     /// Checks what only this endpoint has, and the shared sampling fields through the chat
     /// request's own checks, so that both endpoints accept exactly the same values.
-    fn validate(self, limits: &wire::RequestLimits) -> Result<Validated> {
+    fn validate(self, limits: &wire::RequestLimits, max_prompts: usize) -> Result<Validated> {
         if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
             return Err(Error::invalid(
                 "suffix (fill in the middle) is not supported by this server",
@@ -129,6 +124,12 @@ impl CompletionRequest {
             ));
         }
         let prompts = prompts(self.prompt)?;
+        if prompts.len() > max_prompts {
+            return Err(Error::invalid(
+                format!("prompt may hold at most {max_prompts} prompts"),
+                "prompt",
+            ));
+        }
         let chat = wire::ChatCompletionRequest::for_completion(
             self.model.clone(),
             self.max_tokens,
@@ -161,6 +162,14 @@ impl CompletionRequest {
     }
 }
 
+/// Legacy completions' names for the fields checked past the edge; no method applies here.
+static NAMES: Names = Names {
+    unsupported: super::options::chat_field,
+    format: "response_format",
+    tools: "tools",
+    methods: false,
+};
+
 /// `POST /v1/completions`: the prompt is continued as it is, with no chat template.
 #[utoipa::path(post, path = "/v1/completions", tag = "openai", request_body = CompletionRequest, responses((status = 200, description = "a text_completion, or with stream an SSE stream of them", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such model", body = crate::api::openapi::ErrorEnvelope), (status = 429, description = "at capacity", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "loading", body = crate::api::openapi::ErrorEnvelope)))]
 pub async fn completions(
@@ -168,168 +177,38 @@ pub async fn completions(
     axum::Extension(caller): axum::Extension<super::auth::Caller>,
     JsonBody(req): JsonBody<CompletionRequest>,
 ) -> Result<Response> {
-    let v = req.validate(&state.limits)?;
-    let route = state.router.resolve(&v.model, None, None)?;
-    let slot = super::options::admit(&state, &caller, &route, v.sampling.max_tokens, "max_tokens")?;
-    if route.method != Method::Direct || route.library.is_some() {
-        return Err(Error::invalid(
-            "legacy completions continue a prompt as it is; methods and libraries apply to /v1/chat/completions and /v1/responses",
-            "model",
-        ));
-    }
-    if v.prompts.len() > state.bounds.max_prompts {
-        return Err(Error::invalid(
-            format!(
-                "prompt may hold at most {} prompts",
-                state.bounds.max_prompts
-            ),
-            "prompt",
-        ));
-    }
+    let v = req.validate(&state.limits, state.bounds.max_prompts)?;
     let n = v.sampling.n as usize;
-    let ctx = super::chat::method_context(&state);
-    let request = |prompt: &String| ChatRequest {
-        raw_prompt: Some(prompt.clone()),
-        sampling: v.sampling.clone(),
-        user: v.user.clone(),
-        ..Default::default()
-    };
-    // The first prompt starts now, so that what fails before any token (overload, a bad
-    // request) is the HTTP status; the rest run one after another as the stream goes on.
-    // Starting them all at once would hold every prompt's slots while the first is still
-    // unread, and a list longer than the model's slots would wait on itself.
-    let first = methods::run(
-        &ctx,
-        route.clone(),
-        request(&v.prompts[0]),
-        &Default::default(),
-    )
-    .await?;
-    let rest: Vec<ChatRequest> = v.prompts[1..].iter().map(request).collect();
-    let events = one_after_another(first.events, rest, n as u32, ctx, route);
-    let total = n * v.prompts.len();
-    let echoes: Vec<String> = (0..total)
-        .map(|i| {
-            if v.echo {
-                v.prompts[i / n].clone()
-            } else {
-                String::new()
-            }
-        })
-        .collect();
-    if !v.stream {
-        return whole(&state, events, v.model, echoes).await;
-    }
-    let events = super::stream_deadline(events, state.stream_timeout, slot);
-    let frames = chunks(events, v.model, echoes, v.include_usage);
-    Ok((
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        axum::body::Body::from_stream(frames.map(Ok::<_, Infallible>)),
-    )
-        .into_response())
-}
-
-/// The answer in one `text_completion`, every choice's text after its echoed prompt.
-async fn whole(
-    state: &AppState,
-    events: methods::Events,
-    model: String,
-    echoes: Vec<String>,
-) -> Result<Response> {
-    let collected = methods::collect(events, echoes.len());
-    let done = tokio::time::timeout(state.request_timeout, collected)
-        .await
-        .map_err(|_| Error::Timeout("generation did not finish in time".into()))??
-        .completion;
-    let choices: Vec<Value> = done
-        .choices
+    let echoes = v
+        .prompts
         .iter()
-        .zip(&echoes)
-        .enumerate()
-        .map(|(i, (c, echo))| {
-            json!({
-                "text": format!("{echo}{}", c.text),
-                "index": i,
-                "logprobs": c.logprobs.as_deref().map_or(Value::Null, legacy_logprobs),
-                "finish_reason": c.finish_reason.as_str(),
-            })
+        .flat_map(|p| std::iter::repeat_n(if v.echo { p.clone() } else { String::new() }, n))
+        .collect();
+    let out = CompletionWire::new(v.model.clone(), echoes, v.include_usage);
+    // The prompts run one after another as the stream goes on; the first starts at once, so
+    // that what fails before any token (overload, a bad request) is the HTTP status. Starting
+    // them all at once would hold every prompt's slots while the first is still unread, and a
+    // list longer than the model's slots would wait on itself.
+    let requests = v
+        .prompts
+        .into_iter()
+        .map(|prompt| ChatRequest {
+            raw_prompt: Some(prompt),
+            sampling: v.sampling.clone(),
+            user: v.user.clone(),
+            ..Default::default()
         })
         .collect();
-    Ok(axum::Json(json!({
-        "id": completion_id(),
-        "object": "text_completion",
-        "created": wire::now_secs(),
-        "model": model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": choices,
-        "usage": WireUsage::from(done.usage),
-    }))
-    .into_response())
-}
-
-fn completion_id() -> String {
-    format!("cmpl-{}", uuid::Uuid::new_v4().simple())
-}
-
-/// An event of one prompt's generation with its choice moved up by `base`.
-fn reindex(event: Model, base: u32) -> Model {
-    match event {
-        Model::Delta { index, text } => Model::Delta {
-            index: index + base,
-            text,
-        },
-        Model::Finish { index, reason } => Model::Finish {
-            index: index + base,
-            reason,
-        },
-        Model::Logprobs { index, tokens } => Model::Logprobs {
-            index: index + base,
-            tokens,
-        },
-        other => other,
-    }
-}
-
-/// The prompts' generations in order, each one's `n` choices after the previous one's, with
-/// one usage at the end: their sum. A later prompt's failure ends the stream with its error.
-fn one_after_another(
-    first: Events,
-    rest: Vec<ChatRequest>,
-    n: u32,
-    ctx: methods::Context,
-    route: crate::router::Route,
-) -> Events {
-    async_stream::stream! {
-        let mut usage = Usage::default();
-        let mut current = Some(first);
-        let mut rest = rest.into_iter();
-        let mut base = 0;
-        while let Some(mut events) = current.take() {
-            while let Some(ev) = events.next().await {
-                match ev {
-                    Ok(Event::Model(Model::Usage(u))) => {
-                        usage.prompt_tokens += u.prompt_tokens;
-                        usage.completion_tokens += u.completion_tokens;
-                    }
-                    Ok(Event::Model(e)) => yield Ok(Event::Model(reindex(e, base))),
-                    Ok(other) => yield Ok(other),
-                    Err(e) => { yield Err(e); return; }
-                }
-            }
-            base += n;
-            if let Some(request) = rest.next() {
-                match methods::run(&ctx, route.clone(), request, &Default::default()).await {
-                    Ok(out) => current = Some(out.events),
-                    Err(e) => { yield Err(e); return; }
-                }
-            }
-        }
-        yield Ok(Event::Model(Model::Usage(usage)));
-    }
-    .boxed()
+    let g = Generation {
+        model: v.model,
+        options: Default::default(),
+        requests,
+        stream: v.stream,
+        tokens_field: "max_tokens",
+        names: &NAMES,
+        api: "completions",
+    };
+    pipeline::generate(&state, &caller, g, out).await
 }
 
 /// The legacy `logprobs` object: parallel lists of tokens, their log probabilities, the
@@ -351,72 +230,126 @@ fn legacy_logprobs(tokens: &[TokenLogprob]) -> Value {
     })
 }
 
-/// The SSE stream: a `text_completion` chunk per delta (the echoed prompt first, when asked
-/// for), one finish per choice, the usage chunk when asked for, errors as the envelope, and
-/// `[DONE]`.
-fn chunks(
-    mut events: Events,
+/// Legacy completions' translation out: one `text_completion`, or a stream of them (a chunk
+/// per delta, the echoed prompt first when asked for, one finish per choice, the usage chunk
+/// when asked for, errors as the envelope, and `[DONE]`).
+struct CompletionWire {
+    id: String,
+    created: u64,
     model: String,
+    /// Per choice: its prompt when echoed, else empty.
     echoes: Vec<String>,
     include_usage: bool,
-) -> impl Stream<Item = Bytes> + Send {
-    let id = completion_id();
-    let created = wire::now_secs();
-    async_stream::stream! {
-        let chunk = |choices: Value| {
-            let c = json!({
-                "id": id, "object": "text_completion", "created": created, "model": model,
-                "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
-            });
-            Bytes::from(format!("data: {c}\n\n"))
-        };
+    finished: Vec<bool>,
+    /// Log probabilities waiting for the choice's next delta.
+    pending: Vec<Vec<TokenLogprob>>,
+}
+
+impl CompletionWire {
+    fn new(model: String, echoes: Vec<String>, include_usage: bool) -> Self {
         let n = echoes.len();
-        for (i, e) in echoes.iter().enumerate().filter(|(_, e)| !e.is_empty()) {
-            yield chunk(json!([{"text": e, "index": i, "logprobs": null, "finish_reason": null}]));
+        CompletionWire {
+            id: format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
+            created: wire::now_secs(),
+            model,
+            echoes,
+            include_usage,
+            finished: vec![false; n],
+            pending: vec![Vec::new(); n],
         }
-        let mut finished = vec![false; n];
-        let mut pending: Vec<Vec<TokenLogprob>> = vec![Vec::new(); n];
-        let mut usage = Usage::default();
-        let mut failed = None;
-        while let Some(ev) = events.next().await {
-            match ev {
-                Ok(Event::Model(Model::Logprobs { index, tokens })) => {
-                    if let Some(p) = pending.get_mut(index as usize) { p.extend(tokens) }
+    }
+
+    fn object(&self, choices: Value) -> Value {
+        json!({
+            "id": self.id, "object": "text_completion", "created": self.created,
+            "model": self.model, "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
+        })
+    }
+
+    fn chunk(&self, index: usize, text: &str, logprobs: Value, finish: Option<&str>) -> Bytes {
+        let choice =
+            json!([{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}]);
+        pipeline::frame(&self.object(choice).to_string())
+    }
+}
+
+impl Wire for CompletionWire {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn open(&mut self, _: &Applied, out: &mut Vec<Bytes>) {
+        for (i, e) in self
+            .echoes
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| !e.is_empty())
+        {
+            out.push(self.chunk(i, e, Value::Null, None));
+        }
+    }
+
+    fn event(&mut self, event: Event, out: &mut Vec<Bytes>) {
+        match event {
+            Event::Model(Model::Logprobs { index, tokens }) => {
+                if let Some(p) = self.pending.get_mut(index as usize) {
+                    p.extend(tokens)
                 }
-                Ok(Event::Model(Model::Delta { index, text })) => {
-                    let lp = pending.get_mut(index as usize).map(std::mem::take).filter(|p| !p.is_empty());
-                    let lp = lp.as_deref().map_or(Value::Null, legacy_logprobs);
-                    yield chunk(json!([{"text": text, "index": index, "logprobs": lp, "finish_reason": null}]));
-                }
-                Ok(Event::Model(Model::Finish { index, reason })) => {
-                    if let Some(f) = finished.get_mut(index as usize).filter(|f| !**f) {
-                        *f = true;
-                        yield chunk(json!([{"text": "", "index": index, "logprobs": null, "finish_reason": reason.as_str()}]));
-                    }
-                }
-                Ok(Event::Model(Model::Usage(u))) => usage = u,
-                Ok(_) => {}
-                Err(e) => { failed = Some(e); break; }
             }
-        }
-        match failed {
-            Some(e) => yield Bytes::from(format!("data: {}\n\n", e.envelope())),
-            None => {
-                for (i, f) in finished.iter().enumerate() {
-                    if !f {
-                        yield chunk(json!([{"text": "", "index": i, "logprobs": null, "finish_reason": "stop"}]));
-                    }
-                }
-                if include_usage {
-                    let c = json!({
-                        "id": id, "object": "text_completion", "created": created, "model": model,
-                        "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [],
-                        "usage": WireUsage::from(usage),
-                    });
-                    yield Bytes::from(format!("data: {c}\n\n"));
+            Event::Model(Model::Delta { index, text }) => {
+                let lp = self.pending.get_mut(index as usize).map(std::mem::take);
+                let lp = lp.filter(|p| !p.is_empty());
+                let lp = lp.as_deref().map_or(Value::Null, legacy_logprobs);
+                out.push(self.chunk(index as usize, &text, lp, None));
+            }
+            Event::Model(Model::Finish { index, reason }) => {
+                let i = index as usize;
+                if self.finished.get(i) == Some(&false) {
+                    self.finished[i] = true;
+                    out.push(self.chunk(i, "", Value::Null, Some(reason.as_str())));
                 }
             }
+            _ => {}
         }
-        yield Bytes::from_static(b"data: [DONE]\n\n");
+    }
+
+    fn close(&mut self, usage: Usage, applied: &Applied, out: &mut Vec<Bytes>) {
+        for i in (0..self.finished.len()).filter(|&i| !self.finished[i]) {
+            out.push(self.chunk(i, "", Value::Null, Some("stop")));
+        }
+        if self.include_usage {
+            let mut c = self.object(json!([]));
+            c["usage"] = json!(WireUsage::from(usage));
+            c["experient"] = json!(applied);
+            out.push(pipeline::frame(&c.to_string()));
+        }
+        out.push(Bytes::from_static(pipeline::DONE));
+    }
+
+    fn fail(&mut self, error: &Error, out: &mut Vec<Bytes>) {
+        out.push(pipeline::frame(&error.envelope().to_string()));
+        out.push(Bytes::from_static(pipeline::DONE));
+    }
+
+    /// Every choice's text after its echoed prompt.
+    fn whole(&mut self, done: Completion, applied: &Applied) -> Result<Value> {
+        let choices: Vec<Value> = done
+            .choices
+            .iter()
+            .zip(&self.echoes)
+            .enumerate()
+            .map(|(i, (c, echo))| {
+                json!({
+                    "text": format!("{echo}{}", c.text),
+                    "index": i,
+                    "logprobs": c.logprobs.as_deref().map_or(Value::Null, legacy_logprobs),
+                    "finish_reason": c.finish_reason.as_str(),
+                })
+            })
+            .collect();
+        let mut body = self.object(json!(choices));
+        body["usage"] = json!(WireUsage::from(done.usage));
+        body["experient"] = json!(applied);
+        Ok(body)
     }
 }

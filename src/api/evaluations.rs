@@ -223,7 +223,7 @@ pub(super) async fn create(
     });
     let settings = lib.settings();
     let confidence = req.confidence.unwrap_or(0.95);
-    let ctx = super::chat::method_context(&s);
+    let ctx = s.method_context();
     let eval = s
         .evaluations
         .start(&name, caller.owner, request, move |e| async move {

@@ -90,9 +90,7 @@ pub(super) async fn start(
         Some(id) => resume(&s, &name, id).await?,
         None => new_run(&s, &name, src, from_traffic, options).await?,
     };
-    let job = s
-        .jobs
-        .start(super::chat::method_context(&s), s.router.clone(), run)?;
+    let job = s.jobs.start(s.method_context(), s.router.clone(), run)?;
     Ok((StatusCode::ACCEPTED, Json(job.view())).into_response())
 }
 
@@ -317,9 +315,7 @@ async fn start_auto(s: &AppState, library: &str, model: Option<String>) -> Resul
     })
     .await
     .map_err(Error::internal)??;
-    let job = s
-        .jobs
-        .start(super::chat::method_context(s), s.router.clone(), run)?;
+    let job = s.jobs.start(s.method_context(), s.router.clone(), run)?;
     s.traffic.set_last_auto(library, chrono::Utc::now())?;
     tracing::info!(library, job = %job.id, "started learning from traffic");
     Ok(())

@@ -14,6 +14,7 @@ pub(crate) mod listen;
 pub(crate) mod metrics;
 pub(crate) mod openapi;
 pub(crate) mod options;
+mod pipeline;
 pub(crate) mod responses;
 pub(crate) mod review;
 pub(crate) mod ui;
@@ -42,6 +43,18 @@ impl AppState {
     /// Wraps the shared parts in the one `Arc` that axum clones per request.
     pub fn new(shared: Shared) -> AppState {
         AppState(Arc::new(shared))
+    }
+}
+
+impl Shared {
+    /// What the methods may use, from the server's state.
+    pub(crate) fn method_context(&self) -> crate::methods::Context {
+        crate::methods::Context {
+            store: self.store.clone(),
+            prompts: self.prompts.clone(),
+            settings: self.methods.clone(),
+            bounds: self.bounds.clone(),
+        }
     }
 }
 

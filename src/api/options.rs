@@ -7,7 +7,6 @@ use serde_json::Value;
 
 use super::wire::ExperientOptions;
 use super::AppState;
-use crate::backend::ChatRequest;
 use crate::config::Bounds;
 use crate::error::{Error, Result};
 use crate::methods::plan::PlanOptions;
@@ -216,25 +215,6 @@ fn plan_options(method: Method, o: &ExperientOptions, bounds: &Bounds) -> Result
         refresh: o.refresh,
         cache_owner: None,
     })
-}
-
-/// Refuses what the route's method cannot honour before it runs, naming the field as `field`
-/// spells it for this API, so that the client hears which field to drop.
-pub(super) fn refuse_unsupported(
-    route: &Route,
-    chat: &ChatRequest,
-    field: impl Fn(Unsupported) -> String,
-) -> Result<()> {
-    match methods::unsupported(route.method, chat) {
-        None => Ok(()),
-        Some(u) => {
-            let field = field(u);
-            Err(Error::invalid_param(
-                format!("'{field}' cannot be used here: {}", u.reason(route.method)),
-                field,
-            ))
-        }
-    }
 }
 
 /// Chat's name for each field a method may refuse.

@@ -7,22 +7,21 @@
 //! streamed, as its typed event sequence. Stored responses (`store`, on by default) keep the
 //! whole conversation, function-call items included, so `previous_response_id` continues it.
 
-use std::convert::Infallible;
-
 use axum::extract::{Path, State};
-use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::Caller;
 use super::error::JsonBody;
+use super::pipeline::{self, Generation, Names, Wire};
 use super::wire::{self, ChatCompletionRequest, ExperientOptions};
 use super::AppState;
-use crate::backend::{ChatRequest, Event as Model, FinishReason, Message, Role, ToolCall, Usage};
+use crate::backend::{
+    ChatRequest, Completion, Event as Model, FinishReason, Message, Role, ToolCall, Usage,
+};
 use crate::error::{Error, Result};
 use crate::methods::Event;
 use crate::methods::{self, Applied};
@@ -575,25 +574,6 @@ fn hex_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }
 
-/// The recorded answer of a response: its text, or its function calls as JSON.
-fn output_text(output: &[Value]) -> String {
-    let text: String = output
-        .iter()
-        .filter(|o| o["type"] == "message")
-        .flat_map(|o| o["content"].as_array().cloned().unwrap_or_default())
-        .filter_map(|c| c["text"].as_str().map(str::to_owned))
-        .collect();
-    let calls: Vec<&Value> = output
-        .iter()
-        .filter(|o| o["type"] == "function_call")
-        .collect();
-    if text.is_empty() && !calls.is_empty() {
-        json!(calls).to_string()
-    } else {
-        text
-    }
-}
-
 fn message_item(id: &str, text: &str, status: &str) -> Value {
     json!({
         "id": id, "type": "message", "status": status, "role": "assistant",
@@ -608,6 +588,25 @@ fn call_item(id: &str, call: &ToolCall, arguments: &str, status: &str) -> Value 
     })
 }
 
+/// The Responses API's names for the fields checked past the edge: a conversation's items,
+/// merged, become the chat's messages, so a problem in them is named as the input's.
+static NAMES: Names = Names {
+    unsupported: responses_field,
+    format: "text.format",
+    tools: "tools",
+    methods: true,
+};
+
+fn responses_field(u: methods::Unsupported) -> String {
+    match u {
+        methods::Unsupported::OutputFormat => "text.format".into(),
+        methods::Unsupported::NoQuestion | methods::Unsupported::UnansweredToolCall { .. } => {
+            "input".into()
+        }
+        other => super::options::chat_field(other),
+    }
+}
+
 #[utoipa::path(post, path = "/v1/responses", tag = "openai", request_body = CreateResponse, responses((status = 200, description = "a response, or with stream an SSE stream of response events", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such model or previous response", body = crate::api::openapi::ErrorEnvelope), (status = 429, description = "at capacity", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "loading", body = crate::api::openapi::ErrorEnvelope)))]
 pub(super) async fn create(
     State(state): State<AppState>,
@@ -615,95 +614,53 @@ pub(super) async fn create(
     JsonBody(req): JsonBody<CreateResponse>,
 ) -> Result<Response> {
     let p = plan(&state, &caller, req)?;
-    let route = state.router.resolve(
-        &p.model,
-        p.options.method.as_deref(),
-        p.options.library.as_deref(),
-    )?;
-    let slot = super::options::admit(
-        &state,
-        &caller,
-        &route,
-        p.chat.sampling.max_tokens,
-        "max_output_tokens",
-    )?;
-    // Responses has no message list: a conversation's items, merged, become the chat's
-    // messages, so a problem in them is named as the input's.
-    super::options::refuse_unsupported(&route, &p.chat, |u| match u {
-        methods::Unsupported::OutputFormat => "text.format".into(),
-        methods::Unsupported::NoQuestion | methods::Unsupported::UnansweredToolCall { .. } => {
-            "input".into()
-        }
-        other => super::options::chat_field(other),
-    })?;
-    let opts = super::options::method_options(&state, &caller, &route, &p.options, &p.chat)?;
-    let ctx = super::chat::method_context(&state);
-    let id = hex_id("resp");
-    let rec =
-        super::feedback::recording(&state, &caller, &route, &id, "responses", &p.chat.messages);
-    let output = methods::run(&ctx, route, p.chat.clone(), &opts).await?;
-    let turn = Turn {
-        id,
+    let out = ResponseWire {
+        id: hex_id("resp"),
         owner: caller.owner.clone(),
         created: wire::now_secs(),
         state: state.clone(),
-        plan: p,
-        rec: parking_lot::Mutex::new(rec),
+        model: p.model.clone(),
+        store: p.store,
+        input: p.input,
+        history: p.history,
+        echo: p.echo,
+        events: EventWriter::default(),
+        status: "completed",
     };
-    if !turn.plan.stream {
-        let answer =
-            tokio::time::timeout(state.request_timeout, methods::collect(output.events, 1))
-                .await
-                .map_err(|_| Error::Timeout("generation did not finish in time".into()))??;
-        let methods::Answer {
-            completion: done,
-            trace,
-        } = answer;
-        let mut applied = output.applied;
-        applied.trace = trace;
-        let choice = done.choices.into_iter().next();
-        let mut items = Vec::new();
-        let mut status = "completed";
-        if let Some(c) = choice {
-            if !c.text.is_empty() || c.tool_calls.is_empty() {
-                items.push(message_item(&hex_id("msg"), &c.text, "completed"));
-            }
-            for call in &c.tool_calls {
-                items.push(call_item(&hex_id("fc"), call, &call.arguments, "completed"));
-            }
-            if c.finish_reason == FinishReason::Length {
-                status = "incomplete";
-            }
-        }
-        let body = turn.finish(status, &items, Some(done.usage), &applied)?;
-        return Ok(axum::Json(body).into_response());
-    }
-    let events = super::stream_deadline(output.events, state.stream_timeout, slot);
-    let events = stream_events(turn, events, output.applied);
-    Ok((
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        axum::body::Body::from_stream(events.map(Ok::<_, Infallible>)),
-    )
-        .into_response())
+    let g = Generation {
+        model: p.model,
+        options: p.options,
+        requests: vec![p.chat],
+        stream: p.stream,
+        tokens_field: "max_output_tokens",
+        names: &NAMES,
+        api: "responses",
+    };
+    pipeline::generate(&state, &caller, g, out).await
 }
 
-/// One request's identity and what it needs to finish: the response is built and stored
-/// from it, whether it was streamed or not.
-struct Turn {
+/// The Responses API's translation out: one response object, or its typed event sequence,
+/// each event with its `sequence_number`; the response is stored when the request asked for it.
+struct ResponseWire {
     id: String,
     /// The key that made it: only that key (or an admin) may read, continue or delete it.
     owner: Option<String>,
     created: u64,
     state: AppState,
-    plan: Plan,
-    /// Taken when the response is finished, if its library records.
-    rec: parking_lot::Mutex<Option<super::feedback::Recording>>,
+    model: String,
+    store: bool,
+    /// This turn's input, as items.
+    input: Vec<Value>,
+    /// Every item before this turn (a stored conversation's).
+    history: Vec<Value>,
+    /// The fields the response object repeats.
+    echo: Value,
+    events: EventWriter,
+    /// "completed", or "incomplete" once a choice ran out of tokens.
+    status: &'static str,
 }
 
-impl Turn {
+impl ResponseWire {
     /// The response object around `output`, with the request's echoed fields.
     fn object(
         &self,
@@ -719,7 +676,7 @@ impl Turn {
             "status": status,
             "error": null,
             "incomplete_details": if status == "incomplete" { json!({"reason": "max_output_tokens"}) } else { Value::Null },
-            "model": self.plan.model,
+            "model": self.model,
             "output": output,
             "usage": usage.map(|u| json!({
                 "input_tokens": u.prompt_tokens,
@@ -730,7 +687,7 @@ impl Turn {
             })),
             "experient": applied,
         });
-        if let (Some(r), Some(e)) = (r.as_object_mut(), self.plan.echo.as_object()) {
+        if let (Some(r), Some(e)) = (r.as_object_mut(), self.echo.as_object()) {
             for (k, v) in e {
                 r.insert(k.clone(), v.clone());
             }
@@ -742,27 +699,88 @@ impl Turn {
     }
 
     /// The final response object, kept when the request asked for it.
-    fn finish(
-        &self,
-        status: &str,
-        output: &[Value],
-        usage: Option<Usage>,
-        applied: &Applied,
-    ) -> Result<Value> {
-        let body = self.object(status, output, usage, applied);
-        if let Some(rec) = self.rec.lock().take() {
-            rec.keep(output_text(output), applied);
-        }
-        if self.plan.store {
+    fn finish(&self, output: &[Value], usage: Usage, applied: &Applied) -> Result<Value> {
+        let body = self.object(self.status, output, Some(usage), applied);
+        if self.store {
             let record = json!({
                 "response": body,
-                "input": self.plan.input,
-                "history": self.plan.history,
+                "input": self.input,
+                "history": self.history,
                 "owner": self.owner,
             });
             self.state.responses.put(&self.id, &record)?;
         }
         Ok(body)
+    }
+}
+
+impl Wire for ResponseWire {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn open(&mut self, applied: &Applied, out: &mut Vec<Bytes>) {
+        let start = self.object("in_progress", &[], None, applied);
+        self.events
+            .send("response.created", json!({"response": start}));
+        self.events
+            .send("response.in_progress", json!({"response": start}));
+        out.append(&mut self.events.out);
+    }
+
+    fn event(&mut self, event: Event, out: &mut Vec<Bytes>) {
+        match event {
+            Event::Model(Model::Delta { text, .. }) => self.events.delta(text),
+            Event::Model(Model::ToolCall { call, .. }) => self.events.tool_call(&call),
+            Event::Model(Model::Finish {
+                reason: FinishReason::Length,
+                ..
+            }) => self.status = "incomplete",
+            _ => {}
+        }
+        out.append(&mut self.events.out);
+    }
+
+    fn close(&mut self, usage: Usage, applied: &Applied, out: &mut Vec<Bytes>) {
+        if self.events.open.is_none() && self.events.output.is_empty() {
+            // An empty answer is still one message, as the non-streamed response has.
+            self.events.open_message();
+        }
+        self.events.close_message();
+        let output = std::mem::take(&mut self.events.output);
+        match self.finish(&output, usage, applied) {
+            Ok(done) => {
+                let kind = if self.status == "completed" {
+                    "response.completed"
+                } else {
+                    "response.incomplete"
+                };
+                self.events.send(kind, json!({"response": done}));
+            }
+            Err(err) => self.events.error(&err),
+        }
+        out.append(&mut self.events.out);
+    }
+
+    fn fail(&mut self, error: &Error, out: &mut Vec<Bytes>) {
+        self.events.error(error);
+        out.append(&mut self.events.out);
+    }
+
+    fn whole(&mut self, done: Completion, applied: &Applied) -> Result<Value> {
+        let mut items = Vec::new();
+        if let Some(c) = done.choices.into_iter().next() {
+            if !c.text.is_empty() || c.tool_calls.is_empty() {
+                items.push(message_item(&hex_id("msg"), &c.text, "completed"));
+            }
+            for call in &c.tool_calls {
+                items.push(call_item(&hex_id("fc"), call, &call.arguments, "completed"));
+            }
+            if c.finish_reason == FinishReason::Length {
+                self.status = "incomplete";
+            }
+        }
+        self.finish(&items, done.usage, applied)
     }
 }
 
@@ -869,62 +887,6 @@ impl EventWriter {
             "error",
             json!({"code": err["code"], "message": err["message"], "param": err["param"]}),
         );
-    }
-}
-
-/// The typed SSE events of a streamed response, each with its `sequence_number`.
-fn stream_events(
-    turn: Turn,
-    mut events: methods::Events,
-    mut applied: Applied,
-) -> impl Stream<Item = Bytes> + Send {
-    async_stream::stream! {
-        let mut e = EventWriter::default();
-        let start = turn.object("in_progress", &[], None, &applied);
-        e.send("response.created", json!({"response": start}));
-        e.send("response.in_progress", json!({"response": start}));
-        let mut usage = None;
-        let mut status = "completed";
-        let mut failed = false;
-        while let Some(ev) = events.next().await {
-            match ev {
-                Ok(Event::Model(Model::Delta { text, .. })) => e.delta(text),
-                Ok(Event::Model(Model::ToolCall { call, .. })) => e.tool_call(&call),
-                Ok(Event::Model(Model::Finish { reason, .. })) => {
-                    if reason == FinishReason::Length {
-                        status = "incomplete";
-                    }
-                }
-                Ok(Event::Trace(t)) => applied.trace = Some(t),
-                Ok(Event::Model(Model::Usage(u))) => usage = Some(u),
-                Ok(_) => {}
-                Err(err) => {
-                    e.error(&err);
-                    failed = true;
-                }
-            }
-            for b in e.out.drain(..) {
-                yield b;
-            }
-            if failed {
-                return;
-            }
-        }
-        if e.open.is_none() && e.output.is_empty() {
-            // An empty answer is still one message, as the non-streamed response has.
-            e.open_message();
-        }
-        e.close_message();
-        match turn.finish(status, &e.output, usage, &applied) {
-            Ok(done) => {
-                let kind = if status == "completed" { "response.completed" } else { "response.incomplete" };
-                e.send(kind, json!({"response": done}));
-            }
-            Err(err) => e.error(&err),
-        }
-        for b in e.out.drain(..) {
-            yield b;
-        }
     }
 }
 

@@ -416,14 +416,12 @@ impl Sequence {
 }
 
 /// The error a response other than a chunk ends the stream with. A client's grammar is its
-/// response_format's schema or a forced call's, so a grammar error names that field; a
-/// method's own grammar (`grammar_param` None) failing is the server's error.
+/// structured-output schema or a forced call's, so a grammar error names that field, by the
+/// crate's (chat's) name for it, which the API turns into the client's own; a method's own
+/// grammar (`grammar_param` None) failing is the server's error.
 fn engine_error(resp: Response, grammar_param: Option<&'static str>) -> Error {
     let bad_grammar = |e: String| match grammar_param {
-        Some(param) => Error::invalid(
-            format!("{param}: the schema cannot be compiled: {e}"),
-            param,
-        ),
+        Some(param) => Error::invalid(format!("the schema cannot be compiled: {e}"), param),
         None => Error::Internal(format!("a method's grammar cannot be compiled: {e}")),
     };
     match resp {
