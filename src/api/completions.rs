@@ -95,8 +95,8 @@ struct Validated {
 }
 
 impl CompletionRequest {
-    /// Checks what only this endpoint has, and the shared sampling fields through the chat
-    /// request's own checks, so that both endpoints accept exactly the same values.
+    /// Checks what only this endpoint has, and the shared sampling fields with the checks
+    /// every endpoint uses.
     fn validate(self, limits: &wire::RequestLimits, max_prompts: usize) -> Result<Validated> {
         if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
             return Err(Error::invalid(
@@ -130,21 +130,20 @@ impl CompletionRequest {
                 "prompt",
             ));
         }
-        let chat = wire::ChatCompletionRequest::for_completion(
-            self.model.clone(),
-            self.max_tokens,
-            self.temperature,
-            self.top_p,
-            self.n,
-            self.stop,
-            self.presence_penalty,
-            self.frequency_penalty,
-            self.logit_bias,
-            self.seed,
-        );
-        let mut v = chat.validate(limits)?;
-        v.chat.sampling.max_tokens = v.chat.sampling.max_tokens.or(Some(DEFAULT_MAX_TOKENS));
-        v.chat.sampling.logprobs = self.logprobs;
+        let mut sampling = wire::SamplingFields {
+            max_tokens: self.max_tokens.map(|m| (m, "max_tokens")),
+            temperature: self.temperature,
+            top_p: self.top_p,
+            n: self.n,
+            stop: self.stop,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: self.logit_bias,
+            seed: self.seed,
+        }
+        .validate(limits)?;
+        sampling.max_tokens = sampling.max_tokens.or(Some(DEFAULT_MAX_TOKENS));
+        sampling.logprobs = self.logprobs;
         let stream = self.stream.unwrap_or(false);
         Ok(Validated {
             model: self.model,
@@ -157,7 +156,7 @@ impl CompletionRequest {
                     .and_then(|o| o.include_usage)
                     .unwrap_or(false),
             user: self.user,
-            sampling: v.chat.sampling,
+            sampling,
         })
     }
 }

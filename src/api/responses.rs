@@ -17,10 +17,11 @@ use serde_json::{json, Value};
 use super::auth::Caller;
 use super::error::JsonBody;
 use super::pipeline::{self, Generation, Names, Wire};
-use super::wire::{self, ChatCompletionRequest, ExperientOptions};
+use super::wire::{self, ExperientOptions};
 use super::AppState;
 use crate::backend::{
-    ChatRequest, Completion, Event as Model, FinishReason, Message, Role, ToolCall, Usage,
+    ChatRequest, Completion, Event as Model, FinishReason, Message, OutputFormat, Role, ToolCall,
+    Usage,
 };
 use crate::error::{Error, Result};
 use crate::methods::Event;
@@ -194,42 +195,8 @@ fn check_unsupported(r: &CreateResponse) -> Result<()> {
     Ok(())
 }
 
-/// A chat-side error's param in this API's spelling.
-fn respell(e: Error, from: &str, to: &str) -> Error {
-    match e {
-        Error::InvalidRequest {
-            message,
-            param: Some(p),
-        } if p.starts_with(from) => Error::InvalidRequest {
-            message: message.replace(from, to),
-            param: Some(p.replacen(from, to, 1).replace(".function.", ".")),
-        },
-        other => other,
-    }
-}
-
-/// A Responses function tool (`{"type": "function", "name", ...}`) in chat's shape.
-fn chat_tool(i: usize, t: &Value) -> Result<Value> {
-    if t.get("type").and_then(Value::as_str) != Some("function") {
-        return Err(Error::invalid_param(
-            "only tools of type 'function' are supported",
-            format!("tools[{i}].type"),
-        ));
-    }
-    let mut f = json!({});
-    for key in ["name", "description", "parameters", "strict"] {
-        if let Some(v) = t.get(key).filter(|v| !v.is_null()) {
-            f[key] = v.clone();
-        }
-    }
-    Ok(json!({"type": "function", "function": f}))
-}
-
-/// `text.format` in chat's `response_format` shape.
-fn chat_format(text: Option<&Value>) -> Result<Option<Value>> {
-    let Some(format) = text.and_then(|t| t.get("format")).filter(|f| !f.is_null()) else {
-        return Ok(None);
-    };
+/// `text`: only its `format` is known.
+fn text_format(text: Option<&Value>) -> Result<OutputFormat> {
     if let Some(other) = text
         .and_then(Value::as_object)
         .and_then(|o| o.keys().find(|k| *k != "format"))
@@ -239,18 +206,10 @@ fn chat_format(text: Option<&Value>) -> Result<Option<Value>> {
             format!("text.{other}"),
         ));
     }
-    Ok(Some(match format.get("type").and_then(Value::as_str) {
-        Some("json_schema") => {
-            let mut js = json!({});
-            for key in ["name", "schema", "strict", "description"] {
-                if let Some(v) = format.get(key) {
-                    js[key] = v.clone();
-                }
-            }
-            json!({"type": "json_schema", "json_schema": js})
-        }
-        _ => format.clone(),
-    }))
+    match text.and_then(|t| t.get("format")).filter(|f| !f.is_null()) {
+        None => Ok(OutputFormat::Text),
+        Some(format) => wire::text_format(format),
+    }
 }
 
 fn plan(state: &AppState, caller: &Caller, r: CreateResponse) -> Result<Plan> {
@@ -294,47 +253,34 @@ fn plan(state: &AppState, caller: &Caller, r: CreateResponse) -> Result<Plan> {
     })
 }
 
-/// The request's sampling, tools and format as a chat request's, validated by the chat
-/// rules; errors name the Responses API's fields, not chat's.
+/// The request's sampling, tools and format in the crate's types, checked by the same rules
+/// as every endpoint's, and named as this API names them.
 fn chat_of(state: &AppState, r: &CreateResponse) -> Result<ChatRequest> {
-    let chat_tools = r
-        .tools
-        .iter()
-        .flatten()
-        .enumerate()
-        .map(|(i, t)| chat_tool(i, t))
-        .collect::<Result<Vec<_>>>()?;
-    let tool_choice = match &r.tool_choice {
-        Some(Value::Object(o)) if o.get("type").and_then(Value::as_str) == Some("function") => {
-            Some(
-                json!({"type": "function", "function": {"name": o.get("name").cloned().unwrap_or(Value::Null)}}),
-            )
-        }
-        other => other.clone(),
-    };
-    let mut chat = ChatCompletionRequest::for_completion(
-        r.model.clone(),
-        r.max_output_tokens,
-        r.temperature,
-        r.top_p,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    );
-    chat.tools = (!chat_tools.is_empty()).then_some(chat_tools);
-    chat.tool_choice = tool_choice;
-    chat.parallel_tool_calls = r.parallel_tool_calls;
-    chat.response_format = chat_format(r.text.as_ref())?;
-    chat.user = r.user.clone().or(r.safety_identifier.clone());
-    let v = chat
-        .validate(&state.limits)
-        .map_err(|e| respell(e, "max_tokens", "max_output_tokens"))
-        .map_err(|e| respell(e, "response_format.json_schema", "text.format"))
-        .map_err(|e| respell(e, "response_format", "text.format"))?;
-    Ok(v.chat)
+    if r.model.trim().is_empty() {
+        return Err(Error::invalid("model must not be empty", "model"));
+    }
+    let mut sampling = wire::SamplingFields {
+        max_tokens: r.max_output_tokens.map(|m| (m, "max_output_tokens")),
+        temperature: r.temperature,
+        top_p: r.top_p,
+        ..Default::default()
+    }
+    .validate(&state.limits)?;
+    sampling.format = text_format(r.text.as_ref())?;
+    let (tools, tool_choice) = wire::tools(
+        r.tools.clone().unwrap_or_default(),
+        r.tool_choice.as_ref(),
+        state.limits.max_tools,
+        wire::ToolShape::Flat,
+    )?;
+    Ok(ChatRequest {
+        tools,
+        tool_choice,
+        parallel_tool_calls: r.parallel_tool_calls,
+        user: r.user.clone().or(r.safety_identifier.clone()),
+        sampling,
+        ..Default::default()
+    })
 }
 
 /// The request's fields as every response object repeats them, with OpenAI's defaults.
@@ -1000,34 +946,33 @@ mod tests {
     }
 
     #[test]
-    fn responses_shapes_translate_to_chat_shapes() {
-        let t = chat_tool(0, &json!({"type": "function", "name": "f", "parameters": {"type": "object"}, "strict": true})).unwrap();
-        assert_eq!(
-            t,
-            json!({"type": "function", "function": {"name": "f", "parameters": {"type": "object"}, "strict": true}})
-        );
-        assert!(chat_tool(0, &json!({"type": "web_search"})).is_err());
-        let f = chat_format(Some(
+    fn responses_shapes_are_read_in_place_and_errors_name_their_fields() {
+        let (tools, _) = wire::tools(
+            vec![json!({"type": "function", "name": "f", "parameters": {"type": "object"}, "strict": true})],
+            None,
+            8,
+            wire::ToolShape::Flat,
+        )
+        .unwrap();
+        assert_eq!((tools[0].name.as_str(), tools[0].strict), ("f", Some(true)));
+        let param = |e: Error| match e {
+            Error::InvalidRequest { param, .. } => param.unwrap_or_default(),
+            other => panic!("{other:?}"),
+        };
+        let bad_tool = json!({"type": "function", "name": "f", "parameters": 3});
+        let e = wire::tools(vec![bad_tool], None, 8, wire::ToolShape::Flat).unwrap_err();
+        assert_eq!(param(e), "tools[0].parameters");
+        let f = text_format(Some(
             &json!({"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}),
         ))
         .unwrap();
-        assert_eq!(
-            f,
-            Some(
-                json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})
-            )
-        );
-        assert_eq!(chat_format(None).unwrap(), None);
-        let e = respell(
-            Error::invalid(
-                "response_format.json_schema.name must be a string",
-                "response_format.json_schema.name",
-            ),
-            "response_format.json_schema",
-            "text.format",
-        );
-        assert!(
-            matches!(e, Error::InvalidRequest { param: Some(p), .. } if p == "text.format.name")
-        );
+        assert!(matches!(f, OutputFormat::JsonSchema { name, .. } if name == "x"));
+        assert_eq!(text_format(None).unwrap(), OutputFormat::Text);
+        let e = text_format(Some(
+            &json!({"format": {"type": "json_schema", "name": ""}}),
+        ));
+        assert_eq!(param(e.unwrap_err()), "text.format.name");
+        let e = text_format(Some(&json!({"format": {"type": "xml"}})));
+        assert_eq!(param(e.unwrap_err()), "text.format.type");
     }
 }

@@ -213,43 +213,61 @@ fn range(v: Option<f64>, lo: f64, hi: f64, param: &'static str) -> Result<Option
     }
 }
 
-impl ChatCompletionRequest {
-    /// A chat request that carries another endpoint's sampling fields, so that `/v1/completions`
-    /// checks them exactly as chat does (its one message is a placeholder and is not used).
-    #[allow(clippy::too_many_arguments)]
-    pub fn for_completion(
-        model: String,
-        max_tokens: Option<i64>,
-        temperature: Option<f64>,
-        top_p: Option<f64>,
-        n: Option<i64>,
-        stop: Option<Stop>,
-        presence_penalty: Option<f64>,
-        frequency_penalty: Option<f64>,
-        logit_bias: Option<std::collections::BTreeMap<String, f64>>,
-        seed: Option<i64>,
-    ) -> Self {
-        ChatCompletionRequest {
-            model,
-            messages: vec![WireMessage {
-                role: "user".into(),
-                content: Some(Content::Text(String::new())),
-                tool_calls: None,
-                tool_call_id: None,
-            }],
-            max_tokens,
+/// The sampling fields every generating endpoint has, as one request gave them. Each endpoint
+/// fills it from its own fields and checks it here, so all of them accept exactly the same
+/// values and name the field the client sent.
+#[derive(Debug, Default)]
+pub struct SamplingFields {
+    /// The token limit, and the field it came in.
+    pub max_tokens: Option<(i64, &'static str)>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub n: Option<i64>,
+    pub stop: Option<Stop>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    pub seed: Option<i64>,
+}
+
+impl SamplingFields {
+    /// The checked sampling, as plain text with no log probabilities (the endpoint sets those).
+    pub fn validate(self, limits: &RequestLimits) -> Result<Sampling> {
+        let temperature = range(self.temperature, 0.0, 2.0, "temperature")?;
+        let top_p = range(self.top_p, 0.0, 1.0, "top_p")?;
+        if top_p == Some(0.0) {
+            return Err(Error::invalid("top_p must be greater than 0", "top_p"));
+        }
+        let presence_penalty = range(self.presence_penalty, -2.0, 2.0, "presence_penalty")?;
+        let frequency_penalty = range(self.frequency_penalty, -2.0, 2.0, "frequency_penalty")?;
+        let n = self.n.unwrap_or(1);
+        if n < 1 || n > i64::from(limits.max_n) {
+            return Err(Error::invalid(
+                format!("n must be between 1 and {}, got {n}", limits.max_n),
+                "n",
+            ));
+        }
+        let seed = match self.seed {
+            Some(s) if s < 0 => return Err(Error::invalid("seed must not be negative", "seed")),
+            s => s.map(|s| s as u64),
+        };
+        Ok(Sampling {
+            max_tokens: max_tokens(self.max_tokens)?,
             temperature,
             top_p,
-            n,
-            stop,
+            n: n as u32,
+            stop: stop_sequences(self.stop, limits.max_stop)?,
             presence_penalty,
             frequency_penalty,
-            logit_bias,
+            logit_bias: logit_bias(self.logit_bias.unwrap_or_default())?,
             seed,
-            ..Default::default()
-        }
+            format: OutputFormat::Text,
+            logprobs: None,
+        })
     }
+}
 
+impl ChatCompletionRequest {
     /// Checks every field and converts the request into the crate's own types; a field that
     /// cannot be honoured is a 400 naming it.
     pub fn validate(self, limits: &RequestLimits) -> Result<Validated> {
@@ -259,6 +277,7 @@ impl ChatCompletionRequest {
             self.tools.unwrap_or_default(),
             self.tool_choice.as_ref(),
             limits.max_tools,
+            ToolShape::Chat,
         )?;
         let format = output_format(self.response_format.as_ref())?;
         if self.model.trim().is_empty() {
@@ -277,32 +296,28 @@ impl ChatCompletionRequest {
             .map(|(i, m)| convert_message(i, m))
             .collect::<Result<Vec<_>>>()?;
 
-        let temperature = range(self.temperature, 0.0, 2.0, "temperature")?;
-        let top_p = range(self.top_p, 0.0, 1.0, "top_p")?;
-        if top_p == Some(0.0) {
-            return Err(Error::invalid("top_p must be greater than 0", "top_p"));
-        }
-        let presence_penalty = range(self.presence_penalty, -2.0, 2.0, "presence_penalty")?;
-        let frequency_penalty = range(self.frequency_penalty, -2.0, 2.0, "frequency_penalty")?;
-        let n = self.n.unwrap_or(1);
-        if n < 1 || n > i64::from(limits.max_n) {
-            return Err(Error::invalid(
-                format!("n must be between 1 and {}, got {n}", limits.max_n),
-                "n",
-            ));
-        }
         let tokens_field = if self.max_completion_tokens.is_some() {
             "max_completion_tokens"
         } else {
             "max_tokens"
         };
-        let max_tokens = max_tokens(self.max_completion_tokens, self.max_tokens)?;
-        let stop = stop_sequences(self.stop, limits.max_stop)?;
-        let logit_bias = logit_bias(self.logit_bias.unwrap_or_default())?;
-        let seed = match self.seed {
-            Some(s) if s < 0 => return Err(Error::invalid("seed must not be negative", "seed")),
-            s => s.map(|s| s as u64),
-        };
+        let mut sampling = SamplingFields {
+            max_tokens: self
+                .max_completion_tokens
+                .or(self.max_tokens)
+                .map(|m| (m, tokens_field)),
+            temperature: self.temperature,
+            top_p: self.top_p,
+            n: self.n,
+            stop: self.stop,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: self.logit_bias,
+            seed: self.seed,
+        }
+        .validate(limits)?;
+        sampling.format = format;
+        sampling.logprobs = logprobs;
         let stream = self.stream.unwrap_or(false);
         let include_usage = stream
             && self
@@ -324,19 +339,7 @@ impl ChatCompletionRequest {
                 user: self.user,
                 priority: Default::default(),
                 messages,
-                sampling: Sampling {
-                    max_tokens,
-                    temperature,
-                    top_p,
-                    n: n as u32,
-                    stop,
-                    presence_penalty,
-                    frequency_penalty,
-                    logit_bias,
-                    seed,
-                    format,
-                    logprobs,
-                },
+                sampling,
             },
         })
     }
@@ -419,12 +422,31 @@ impl ChatCompletionRequest {
     }
 }
 
+/// Where a function tool's fields are: under `function` (chat), or on the tool itself
+/// (Responses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolShape {
+    Chat,
+    Flat,
+}
+
+impl ToolShape {
+    /// The path of the function's fields inside a tool.
+    fn at(self) -> &'static str {
+        match self {
+            ToolShape::Chat => ".function",
+            ToolShape::Flat => "",
+        }
+    }
+}
+
 /// The request's tools, each converted and their names unique, and the tool choice checked
 /// against them.
-fn tools(
+pub fn tools(
     given: Vec<Value>,
     choice: Option<&Value>,
     max: usize,
+    shape: ToolShape,
 ) -> Result<(Vec<ToolSpec>, ToolChoice)> {
     if given.len() > max {
         return Err(Error::invalid(
@@ -438,26 +460,23 @@ fn tools(
     let tools = given
         .into_iter()
         .enumerate()
-        .map(|(i, t)| convert_tool(i, t))
+        .map(|(i, t)| convert_tool(i, t, shape))
         .collect::<Result<Vec<_>>>()?;
     let mut seen = std::collections::HashSet::with_capacity(tools.len());
     if let Some(i) = tools.iter().position(|t| !seen.insert(t.name.as_str())) {
         return Err(Error::invalid_param(
             format!("the function name '{}' is given twice", tools[i].name),
-            format!("tools[{i}].function.name"),
+            format!("tools[{i}]{}.name", shape.at()),
         ));
     }
     let choice = tool_choice(choice, &tools)?;
     Ok((tools, choice))
 }
 
-/// The token limit, from `max_completion_tokens` or its older name `max_tokens` (the newer
-/// wins when both are given), at least 1.
-fn max_tokens(completion: Option<i64>, legacy: Option<i64>) -> Result<Option<u32>> {
-    let (param, max) = match (completion, legacy) {
-        (Some(m), _) => ("max_completion_tokens", m),
-        (None, Some(m)) => ("max_tokens", m),
-        (None, None) => return Ok(None),
+/// The token limit, at least 1, named by the field it came in.
+fn max_tokens(given: Option<(i64, &'static str)>) -> Result<Option<u32>> {
+    let Some((max, param)) = given else {
+        return Ok(None);
     };
     u32::try_from(max)
         .ok()
@@ -579,61 +598,69 @@ pub fn tool_choice(v: Option<&Value>, tools: &[ToolSpec]) -> Result<ToolChoice> 
 /// `response_format`: `{"type": "text"}`, `{"type": "json_object"}`, or `{"type":
 /// "json_schema", "json_schema": {"name", "schema", "strict"}}`.
 fn output_format(rf: Option<&Value>) -> Result<OutputFormat> {
-    let bad = |m: &str, p: &'static str| Err(Error::invalid(m.to_owned(), p));
     let Some(rf) = rf.filter(|v| !v.is_null()) else {
         return Ok(OutputFormat::Text);
     };
     match rf.get("type").and_then(Value::as_str) {
+        Some("json_schema") => match rf.get("json_schema").filter(|j| j.is_object()) {
+            Some(js) => json_schema_format(js, "response_format.json_schema"),
+            None => Err(Error::invalid(
+                "response_format of type json_schema needs a json_schema object",
+                "response_format.json_schema",
+            )),
+        },
+        kind => plain_format(kind, "response_format.type"),
+    }
+}
+
+/// The Responses API's `text.format`: `{"type": "text"}`, `{"type": "json_object"}`, or
+/// `{"type": "json_schema", "name", "schema", "strict"}`, the schema's fields beside its type.
+pub fn text_format(format: &Value) -> Result<OutputFormat> {
+    match format.get("type").and_then(Value::as_str) {
+        Some("json_schema") => json_schema_format(format, "text.format"),
+        kind => plain_format(kind, "text.format.type"),
+    }
+}
+
+fn plain_format(kind: Option<&str>, at: &'static str) -> Result<OutputFormat> {
+    match kind {
         Some("text") => Ok(OutputFormat::Text),
         Some("json_object") => Ok(OutputFormat::JsonObject),
-        Some("json_schema") => {
-            let Some(js) = rf.get("json_schema").filter(|j| j.is_object()) else {
-                return bad(
-                    "response_format of type json_schema needs a json_schema object",
-                    "response_format.json_schema",
-                );
-            };
-            let name = match js.get("name") {
-                Some(Value::String(n)) if !n.is_empty() && n.len() <= 64 => n.clone(),
-                _ => {
-                    return bad(
-                        "json_schema.name must be a string of 1 to 64 characters",
-                        "response_format.json_schema.name",
-                    )
-                }
-            };
-            let schema = match js.get("schema") {
-                None => serde_json::json!({}),
-                Some(s @ Value::Object(_)) => s.clone(),
-                Some(_) => {
-                    return bad(
-                        "json_schema.schema must be a JSON Schema object",
-                        "response_format.json_schema.schema",
-                    )
-                }
-            };
-            check_schema_size(&schema, "response_format.json_schema.schema".into())?;
-            let strict = match js.get("strict") {
-                None | Some(Value::Null) => None,
-                Some(Value::Bool(b)) => Some(*b),
-                Some(_) => {
-                    return bad(
-                        "json_schema.strict must be a boolean",
-                        "response_format.json_schema.strict",
-                    )
-                }
-            };
-            Ok(OutputFormat::JsonSchema {
-                name,
-                schema,
-                strict,
-            })
-        }
-        _ => bad(
-            "response_format.type must be \"text\", \"json_object\" or \"json_schema\"",
-            "response_format.type",
-        ),
+        _ => Err(Error::invalid(
+            format!("{at} must be \"text\", \"json_object\" or \"json_schema\""),
+            at,
+        )),
     }
+}
+
+/// A JSON Schema format's `name`, `schema` and `strict`, found in `js`, which is at `at`.
+fn json_schema_format(js: &Value, at: &str) -> Result<OutputFormat> {
+    let bad = |m: &str, field: &str| {
+        Err(Error::invalid_param(
+            format!("{at}.{field} {m}"),
+            format!("{at}.{field}"),
+        ))
+    };
+    let name = match js.get("name") {
+        Some(Value::String(n)) if !n.is_empty() && n.len() <= 64 => n.clone(),
+        _ => return bad("must be a string of 1 to 64 characters", "name"),
+    };
+    let schema = match js.get("schema") {
+        None => serde_json::json!({}),
+        Some(s @ Value::Object(_)) => s.clone(),
+        Some(_) => return bad("must be a JSON Schema object", "schema"),
+    };
+    check_schema_size(&schema, format!("{at}.schema"))?;
+    let strict = match js.get("strict") {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(*b),
+        Some(_) => return bad("must be a boolean", "strict"),
+    };
+    Ok(OutputFormat::JsonSchema {
+        name,
+        schema,
+        strict,
+    })
 }
 
 fn convert_message(i: usize, m: WireMessage) -> Result<Message> {
@@ -736,19 +763,27 @@ fn check_schema_size(schema: &Value, param: String) -> Result<()> {
     Ok(())
 }
 
-fn convert_tool(i: usize, t: Value) -> Result<ToolSpec> {
-    let bad = |m: &str, at: &str| Error::invalid_param(m.to_owned(), format!("tools[{i}]{at}"));
+fn convert_tool(i: usize, t: Value, shape: ToolShape) -> Result<ToolSpec> {
+    let at = shape.at();
+    let bad =
+        |m: &str, field: &str| Error::invalid_param(m.to_owned(), format!("tools[{i}]{at}{field}"));
     if t.get("type").and_then(Value::as_str) != Some("function") {
-        return Err(bad("only tools of type 'function' are supported", ".type"));
+        return Err(Error::invalid_param(
+            "only tools of type 'function' are supported",
+            format!("tools[{i}].type"),
+        ));
     }
-    let f = t
-        .get("function")
-        .ok_or_else(|| bad("a function tool needs 'function'", ".function"))?;
+    let f = match shape {
+        ToolShape::Chat => t
+            .get("function")
+            .ok_or_else(|| bad("a function tool needs 'function'", ""))?,
+        ToolShape::Flat => &t,
+    };
     let name = f
         .get("name")
         .and_then(Value::as_str)
         .filter(|n| !n.is_empty())
-        .ok_or_else(|| bad("a function needs a 'name'", ".function.name"))?;
+        .ok_or_else(|| bad("a function needs a 'name'", ".name"))?;
     if name.len() > 64
         || !name
             .chars()
@@ -756,17 +791,17 @@ fn convert_tool(i: usize, t: Value) -> Result<ToolSpec> {
     {
         return Err(bad(
             "a function name is 1 to 64 letters, digits, underscores or dashes",
-            ".function.name",
+            ".name",
         ));
     }
     let parameters = f.get("parameters").cloned().unwrap_or(Value::Null);
     if !(parameters.is_null() || parameters.is_object()) {
         return Err(bad(
             "a function's parameters must be a JSON Schema object",
-            ".function.parameters",
+            ".parameters",
         ));
     }
-    check_schema_size(&parameters, format!("tools[{i}].function.parameters"))?;
+    check_schema_size(&parameters, format!("tools[{i}]{at}.parameters"))?;
     Ok(ToolSpec {
         strict: f.get("strict").and_then(Value::as_bool),
         name: name.to_owned(),

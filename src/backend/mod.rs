@@ -117,8 +117,6 @@ pub struct TopLogprob {
     pub bytes: Option<Vec<u8>>,
 }
 
-/// Sampling settings with OpenAI's meaning: `temperature` 0 is greedy, anything above samples
-/// from the full distribution, and unset means 1.
 /// What a completion must be: free text, or JSON (any object, or valid against a schema), or
 /// a method's own reply format.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -147,7 +145,9 @@ impl OutputFormat {
     }
 }
 
-/// How to sample, as the request asked; `None` leaves a choice to the backend's default.
+/// How to sample, as the request asked, with OpenAI's meaning (`temperature` 0 is greedy,
+/// anything above samples from the full distribution); `None` leaves a choice to the
+/// backend's default.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Sampling {
     pub max_tokens: Option<u32>,

@@ -309,6 +309,45 @@ async fn a_refused_backend_becomes_429_with_retry_after() {
     s.stop().await;
 }
 
+/// A backend that cannot hold the model to a schema names the field by the crate's (chat's)
+/// name; every endpoint tells its client the field it sent, whole or streamed.
+#[tokio::test]
+async fn a_backend_refusal_names_the_field_the_client_sent() {
+    let backend = Scripted::new(|_| Script {
+        refuse: Some(experient::Error::invalid(
+            "the schema cannot be compiled: too deep",
+            "response_format",
+        )),
+        ..Script::words("unused")
+    });
+    let s = serve(backend, &[], &[]).await;
+    let schema = json!({"type": "object"});
+    let cases = [
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                   "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}),
+            "response_format",
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "m", "input": "hi",
+                   "text": {"format": {"type": "json_schema", "name": "x", "schema": schema}}}),
+            "text.format",
+        ),
+    ];
+    for (path, body, param) in cases {
+        for stream in [false, true] {
+            let mut body = body.clone();
+            body["stream"] = json!(stream);
+            let (st, v, _) = raw("POST", &s.url(path), None, Some(&body.to_string())).await;
+            assert_eq!(st, 400, "{path} {body}: {v}");
+            assert_eq!(envelope(&v)["param"], param, "{path} {body}: {v}");
+        }
+    }
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn keys_guard_every_route_but_health_and_the_ui() {
     let s = serve(Scripted::echo(), &["user-key"], &["admin-key"]).await;
