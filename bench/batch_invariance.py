@@ -13,10 +13,13 @@ log probabilities are exactly the reference's, and where they first differ.
 import argparse
 import json
 import os
+import sys
 import subprocess
 import threading
 import time
 import urllib.request
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from server import started  # noqa: E402 - the benches' one way to start experient
 
 SUBJECTS = ["cat", "dog", "king", "ship", "bird", "tree", "lamp", "fish"]
 
@@ -30,21 +33,8 @@ def start(max_seqs):
                           text=True, check=True).stdout.strip().splitlines()[-1]
     cfg = (f'[[models]]\nkind = "local"\nid = "m"\ngguf = "{path}"\nmax_seqs = {max_seqs}\n'
            f'max_concurrent = 16\nprefix_cache = 0\n')
-    cfg_path = f"/tmp/experient-bi-{os.getpid()}.toml"
-    with open(cfg_path, "w") as f:
-        f.write(cfg)
-    proc = subprocess.Popen(
-        ["target/release/experient", "serve", "--addr", "127.0.0.1:0", "--config", cfg_path,
-         "--experience-dir", f"/tmp/experient-bi-exp-{os.getpid()}"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    base = proc.stdout.readline().strip().rsplit(" ", 1)[-1]
-    for _ in range(1500):
-        try:
-            if urllib.request.urlopen(base + "/health").status == 200:
-                return proc, base
-        except Exception:
-            time.sleep(0.2)
-    raise SystemExit("the server never became healthy")
+    s = started(cfg, binary="target/release/experient")
+    return s.proc, s.base
 
 
 def ask(base, text, temperature, tokens):

@@ -17,10 +17,10 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import urllib.request
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from server import started  # noqa: E402 - the benches' one way to start experient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,32 +55,14 @@ def main():
             if len(tasks) == a.tasks:
                 break
 
-    exp = tempfile.mkdtemp()
-    os.makedirs(os.path.join(exp, "lib"))
-    cmd = [a.binary, "serve", "--addr", "127.0.0.1:0",
-           "--experience-dir", os.path.join(exp, "lib")]
     if a.config:
-        cmd += ["--config", a.config]
+        with open(a.config) as f:
+            config = f.read()
     else:
         # Many rounds on a CPU can outlast the default non-streaming deadline.
-        cfg = os.path.join(exp, "bench.toml")
-        with open(cfg, "w") as f:
-            f.write("[server]\nrequest_timeout_secs = 7200\n")
-        cmd += ["--config", cfg]
-    env = dict(os.environ, EXPERIENT_LOG="warn")
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    base = None
-    for line in server.stdout:
-        if line.startswith("experient: listening on "):
-            base = line.split()[-1]
-            break
-    while True:
-        try:
-            urllib.request.urlopen(base + "/health")
-            break
-        except Exception:
-            import time
-            time.sleep(0.2)
+        config = "[server]\nrequest_timeout_secs = 7200\n"
+    handle = started(config, binary=a.binary)
+    server, base = handle.proc, handle.base
 
     def run(question, workspace):
         body = {

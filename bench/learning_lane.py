@@ -16,11 +16,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from server import started  # noqa: E402 - the benches' one way to start experient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [
@@ -79,24 +79,9 @@ def main():
             if len(tasks) == 32:
                 break
 
-    work = tempfile.mkdtemp()
-    proc = subprocess.Popen([a.binary, "serve", "--addr", "127.0.0.1:0",
-                             "--experience-dir", os.path.join(work, "experience")],
-                            stdout=subprocess.PIPE, text=True)
+    server = started(binary=a.binary, log="info")
+    proc, base = server.proc, server.base
     try:
-        base = None
-        for line in proc.stdout:
-            if line.startswith("experient: listening on "):
-                base = line.split()[-1]
-                break
-        if base is None:
-            sys.exit("the server did not start")
-        while True:
-            try:
-                call(base, "GET", "/health")
-                break
-            except Exception:
-                time.sleep(0.3)
         call(base, "POST", "/v1/libraries", {"name": "bench", "settings": {"promote": "always"}})
         chats(base, 2, a.max_tokens)  # warm-up
         idle = chats(base, a.requests, a.max_tokens)

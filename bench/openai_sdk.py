@@ -15,46 +15,18 @@ Prints one line per check and exits non-zero if any failed.
 """
 import json
 import os
-import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
 
 from openai import NotFoundError, OpenAI
 from pydantic import BaseModel
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BINARY = os.path.join(ROOT, "target/release/experient")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from server import Server  # noqa: E402 - the benches' one way to start experient
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather now in a city.",
     "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
                    "properties": {"city": {"type": "string", "maxLength": 30}}}}}]
 FAILED = []
-
-
-def start(config=None):
-    work = tempfile.mkdtemp()
-    args = [BINARY, "serve", "--addr", "127.0.0.1:0",
-            "--experience-dir", os.path.join(work, "experience")]
-    if config:
-        path = os.path.join(work, "config.toml")
-        with open(path, "w") as f:
-            f.write(config)
-        args += ["--config", path]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("experient: listening on "):
-            base = line.split()[-1]
-            break
-    else:
-        sys.exit("the server did not start")
-    while True:
-        try:
-            urllib.request.urlopen(base + "/health", timeout=5)
-            return proc, base
-        except Exception:
-            time.sleep(0.3)
 
 
 def check(name, fn):
@@ -166,25 +138,15 @@ def run(client, model, prior_model):
 
 
 def main():
-    local, base = start()
-    front = None
-    try:
-        up = f'[[models]]\nkind = "upstream"\nid = "up"\nbase_url = "{base}/v1"\nmodel = "smollm2-135m"\n'
-        front, front_base = start(up)
-        req = urllib.request.Request(base + "/v1/libraries", data=b'{"name": "cities"}',
-                                     headers={"content-type": "application/json"})
-        urllib.request.urlopen(req)
-        req = urllib.request.Request(
-            base + "/v1/libraries/cities/experiences",
-            data=b'{"text": "Cities: pass the city name exactly as the user wrote it."}',
-            headers={"content-type": "application/json"})
-        urllib.request.urlopen(req)
-        run(OpenAI(base_url=base + "/v1", api_key="unused"), "smollm2-135m", "smollm2-135m@cities")
-        run(OpenAI(base_url=front_base + "/v1", api_key="unused"), "up", "up")
-    finally:
-        for p in (local, front):
-            if p:
-                p.terminate()
+    with Server() as local:
+        up = f'[[models]]\nkind = "upstream"\nid = "up"\nbase_url = "{local.base}/v1"\nmodel = "smollm2-135m"\n'
+        with Server(up) as front:
+            local.post("/v1/libraries", {"name": "cities"})
+            local.post("/v1/libraries/cities/experiences",
+                       {"text": "Cities: pass the city name exactly as the user wrote it."})
+            run(OpenAI(base_url=local.base + "/v1", api_key="unused"), "smollm2-135m",
+                "smollm2-135m@cities")
+            run(OpenAI(base_url=front.base + "/v1", api_key="unused"), "up", "up")
     if FAILED:
         sys.exit(f"{len(FAILED)} failed: {FAILED}")
 

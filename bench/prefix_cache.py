@@ -19,11 +19,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from server import started  # noqa: E402 - the benches' one way to start experient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTIONS = [
@@ -58,25 +59,9 @@ def call(base, method, path, body=None, timeout=600):
 
 
 def start(binary, work, cache):
-    os.makedirs(work, exist_ok=True)
-    config = os.path.join(work, "config.toml")
-    with open(config, "w") as f:
-        f.write(f'[[models]]\nkind = "local"\nid = "smollm2-135m"\nprefix_cache = {cache}\n')
-    proc = subprocess.Popen([binary, "serve", "--addr", "127.0.0.1:0", "--config", config,
-                             "--experience-dir", os.path.join(work, "experience")],
-                            stdout=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("experient: listening on "):
-            base = line.split()[-1]
-            break
-    else:
-        sys.exit("a server did not start")
-    while True:
-        try:
-            call(base, "GET", "/health")
-            return proc, base
-        except Exception:
-            time.sleep(0.3)
+    s = started(f'[[models]]\nkind = "local"\nid = "smollm2-135m"\nprefix_cache = {cache}\n',
+                binary=binary, experience_dir=os.path.join(work, "experience"))
+    return s.proc, s.base
 
 
 def stream(base, question, max_tokens):

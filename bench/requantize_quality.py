@@ -10,10 +10,10 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
-import time
 import urllib.request
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from server import started  # noqa: E402 - the benches' one way to start experient
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "bbh")
 TASKS = {
@@ -24,19 +24,9 @@ TASKS = {
 
 
 def serve(requantize):
-    cfg = f"/tmp/rq-{os.getpid()}-{requantize}.toml"
-    with open(cfg, "w") as f:
-        f.write(f'[[models]]\nkind = "local"\nid = "m"\nrequantize_q4_1 = {"true" if requantize else "false"}\n')
-    p = subprocess.Popen(["target/release/experient", "serve", "--addr", "127.0.0.1:0", "--config", cfg,
-                          "--experience-dir", f"/tmp/rq-exp-{os.getpid()}-{requantize}"],
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    base = p.stdout.readline().strip().rsplit(" ", 1)[-1]
-    while True:
-        try:
-            if urllib.request.urlopen(base + "/health").status == 200:
-                return p, base
-        except Exception:
-            time.sleep(0.1)
+    s = started(f'[[models]]\nkind = "local"\nid = "m"\nrequantize_q4_1 = {"true" if requantize else "false"}\n',
+                binary="target/release/experient")
+    return s.proc, s.base
 
 
 def ask(base, text):

@@ -16,6 +16,7 @@ BINARY = os.environ.get("EXPERIENT_BINARY", os.path.join(ROOT, "target/release/e
 
 class Server:
     def __init__(self, config="", binary=BINARY, experience_dir=None, log="warn"):
+        """`config` is the TOML text of the configuration."""
         self.work = tempfile.mkdtemp()
         self.exp = experience_dir or os.path.join(self.work, "experience")
         cfg = os.path.join(self.work, "config.toml")
@@ -55,3 +56,12 @@ class Server:
 
     def post(self, path, body, timeout=3600):
         return self.call("POST", path, body, timeout)
+
+    def stop(self):
+        self.__exit__(None, None, None)
+
+
+def started(config="", **kw):
+    """A running server, for benches that stop it themselves (`s.stop()`); `s.proc` and
+    `s.base` as a Popen and a base URL."""
+    return Server(config, **kw).__enter__()

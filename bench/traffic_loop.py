@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from server import started  # noqa: E402 - the benches' one way to start experient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARY = os.path.join(ROOT, "target/release/experient")
@@ -56,18 +58,9 @@ def main():
     work = tempfile.mkdtemp()
     exp = os.path.join(work, "experience")
     # One client gives all the feedback here, faster than the default per-key rate allows.
-    config = os.path.join(work, "config.toml")
-    with open(config, "w") as f:
-        f.write("[traffic]\nfeedback_per_minute = 100000\n")
-    proc = subprocess.Popen([BINARY, "serve", "--addr", "127.0.0.1:0", "--experience-dir", exp,
-                             "--config", config], stdout=subprocess.PIPE, text=True)
-    base = next(l.split()[-1] for l in proc.stdout if l.startswith("experient: listening on "))
-    while True:
-        try:
-            call(base, "GET", "/health")
-            break
-        except Exception:
-            time.sleep(0.3)
+    server = started("[traffic]\nfeedback_per_minute = 100000\n", binary=BINARY,
+                     experience_dir=exp)
+    proc, base = server.proc, server.base
     call(base, "POST", "/v1/libraries", {"name": "bool", "settings": {"record": True}})
     served_right = 0
     for e in examples:
