@@ -196,12 +196,18 @@ impl CustomLogitsProcessor for LogitBias {
 }
 
 /// The grammar decoding is held to: llguidance, through mistral.rs, compiles a JSON Schema so
-/// that every token keeps the output a prefix of a valid document.
+/// that every token keeps the output a prefix of a valid document; the client's schema is
+/// narrowed first to compact JSON of the keys it names (`schema::for_decoding`).
 fn constraint(format: &OutputFormat) -> Constraint {
+    use super::schema::for_decoding;
     match format {
         OutputFormat::Text => Constraint::None,
-        OutputFormat::JsonObject => Constraint::JsonSchema(serde_json::json!({"type": "object"})),
-        OutputFormat::JsonSchema { schema, .. } => Constraint::JsonSchema(schema.clone()),
+        OutputFormat::JsonObject => {
+            Constraint::JsonSchema(for_decoding(serde_json::json!({"type": "object"})))
+        }
+        OutputFormat::JsonSchema { schema, .. } => {
+            Constraint::JsonSchema(for_decoding(schema.clone()))
+        }
         OutputFormat::Grammar(lark) => Constraint::Lark(lark.clone()),
     }
 }
@@ -621,7 +627,7 @@ impl LocalBackend {
     /// Admits the request and streams its sequences from the engine.
     async fn generate(&self, request: ChatRequest) -> Result<EventStream> {
         let model = self.model()?.clone();
-        let (request, mode) = super::tools::prepare(request)?;
+        let (request, mode) = super::tools::prepare(request);
         let grammar_param = match (&request.sampling.format, &mode) {
             (OutputFormat::Grammar(_), _) => None,
             (_, super::tools::Mode::Forced) => Some("tools"),

@@ -9,6 +9,7 @@ pub(crate) mod fallback;
 pub mod fetch;
 pub(crate) mod local;
 pub(crate) mod requantize;
+pub(crate) mod schema;
 pub mod scripted;
 pub(crate) mod tools;
 pub(crate) mod upstream;

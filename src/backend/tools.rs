@@ -17,7 +17,6 @@ use super::{
     ChatRequest, Event, EventStream, FinishReason, Message, OutputFormat, Role, StopFilter,
     ToolCall, ToolChoice, ToolSpec,
 };
-use crate::error::{Error, Result};
 
 const PROMPT: &str = include_str!("../../prompts/local_tools.txt");
 const OPEN: &str = "<tool_call>";
@@ -43,7 +42,7 @@ pub fn call_id() -> String {
 /// The request as the model sees it: tools listed in the system prompt, earlier calls and
 /// their results written into the conversation, and for a forced call the output constrained
 /// to it. The returned request carries no tools.
-pub fn prepare(mut r: ChatRequest) -> Result<(ChatRequest, Mode)> {
+pub fn prepare(mut r: ChatRequest) -> (ChatRequest, Mode) {
     let offered = !r.tools.is_empty() && r.tool_choice != ToolChoice::None;
     let history = r
         .messages
@@ -51,24 +50,23 @@ pub fn prepare(mut r: ChatRequest) -> Result<(ChatRequest, Mode)> {
         .any(|m| m.role == Role::Tool || !m.tool_calls.is_empty());
     if !offered && !history {
         r.tools.clear();
-        return Ok((r, Mode::Off));
+        return (r, Mode::Off);
     }
     let mut messages: Vec<Message> = r.messages.iter().map(render_message).collect();
     let mode = if offered {
         add_to_system(&mut messages, &tool_prompt(&r.tools));
         match &r.tool_choice {
-            ToolChoice::Auto => {
-                if r.sampling.format.is_json() {
-                    return Err(Error::invalid(
-                        "a local model cannot hold a reply to response_format while it may also call tools; use tool_choice \"none\", \"required\" or a named function, or leave out response_format",
-                        "response_format",
-                    ));
-                }
+            ToolChoice::Auto if r.sampling.format.is_json() => {
+                r.sampling.format = call_or_answer(&r.tools, &r.sampling.format);
                 Mode::Auto {
                     names: r.tools.iter().map(|t| t.name.clone()).collect(),
-                    parallel: r.parallel_tool_calls != Some(false),
+                    parallel: false,
                 }
             }
+            ToolChoice::Auto => Mode::Auto {
+                names: r.tools.iter().map(|t| t.name.clone()).collect(),
+                parallel: r.parallel_tool_calls != Some(false),
+            },
             choice => {
                 r.sampling.format = OutputFormat::JsonSchema {
                     name: "tool_call".into(),
@@ -83,7 +81,7 @@ pub fn prepare(mut r: ChatRequest) -> Result<(ChatRequest, Mode)> {
     };
     r.messages = messages;
     r.tools.clear();
-    Ok((r, mode))
+    (r, mode)
 }
 
 fn tool_prompt(tools: &[ToolSpec]) -> String {
@@ -105,17 +103,39 @@ fn parameters(t: &ToolSpec) -> Value {
     }
 }
 
-/// The schema a forced call is held to: `{"name": <the function>, "arguments": <its
-/// parameters>}`, for one function or any of them.
-fn call_schema(tools: &[ToolSpec], choice: &ToolChoice) -> Value {
-    let one = |t: &ToolSpec| {
-        json!({
-            "type": "object",
-            "properties": {"name": {"const": t.name}, "arguments": parameters(t)},
-            "required": ["name", "arguments"],
-            "additionalProperties": false,
-        })
+/// A call of `t` as the model writes it: `{"name": <the function>, "arguments": <its
+/// parameters>}`.
+fn call_object(t: &ToolSpec) -> Value {
+    json!({
+        "type": "object",
+        "properties": {"name": {"const": t.name}, "arguments": parameters(t)},
+        "required": ["name", "arguments"],
+        "additionalProperties": false,
+    })
+}
+
+/// With tools the model may call and a structured answer (`tool_choice` "auto" beside
+/// `response_format`, as agent frameworks send for an output type), the reply is one JSON
+/// object held to either: a call of an offered tool, or the answer held to its schema (TGI's
+/// tool grammar has a no-tool branch for the same reason). The reply is read as in auto mode:
+/// a call of a known tool becomes a call, anything else is the answer's text.
+fn call_or_answer(tools: &[ToolSpec], format: &OutputFormat) -> OutputFormat {
+    let answer = match format {
+        OutputFormat::JsonSchema { schema, .. } => schema.clone(),
+        _ => json!({"type": "object"}),
     };
+    let mut either: Vec<Value> = tools.iter().map(call_object).collect();
+    either.push(answer);
+    OutputFormat::JsonSchema {
+        name: "call_or_answer".into(),
+        schema: json!({"anyOf": either}),
+        strict: Some(true),
+    }
+}
+
+/// The schema a forced call is held to: a call of one function or of any of them.
+fn call_schema(tools: &[ToolSpec], choice: &ToolChoice) -> Value {
+    let one = call_object;
     match choice {
         ToolChoice::Function(name) => tools
             .iter()
@@ -281,6 +301,14 @@ fn finish(
             format!("{OPEN}{s}"),
         ),
     };
+    if calls.is_none() && *mode == Mode::Forced && reason == FinishReason::Length {
+        if let Some(call) = cut_call(&raw) {
+            return vec![
+                Event::ToolCall { index, call },
+                Event::Finish { index, reason },
+            ];
+        }
+    }
     match calls {
         Some(mut calls) if !calls.is_empty() => {
             if !parallel {
@@ -307,10 +335,53 @@ fn finish(
     }
 }
 
+/// A forced call cut off by the token limit, returned as OpenAI returns one: the call, with the
+/// arguments written so far (not yet valid JSON), so the client sees a call that ran out of
+/// tokens rather than text. The call object's keys come in the schema's order, its name
+/// first; a reply cut before its arguments began is not a call.
+fn cut_call(raw: &str) -> Option<ToolCall> {
+    const ARGUMENTS: &str = "\"arguments\":";
+    let at = raw.find(ARGUMENTS)?;
+    let head = raw[..at].trim_end().trim_end_matches(',');
+    let name: Value = serde_json::from_str(&format!("{head}}}")).ok()?;
+    Some(ToolCall {
+        id: call_id(),
+        name: name.get("name")?.as_str()?.to_owned(),
+        arguments: raw[at + ARGUMENTS.len()..].trim_start().to_owned(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::Sampling;
+
+    #[tokio::test]
+    async fn a_forced_call_cut_by_the_token_limit_is_still_a_call() {
+        let evs = vec![
+            Ok(Event::Delta {
+                index: 0,
+                text: "{\"name\":\"weather\",\"arguments\":{\"city\":\"Pa".into(),
+            }),
+            Ok(Event::Finish {
+                index: 0,
+                reason: FinishReason::Length,
+            }),
+        ];
+        let out: Vec<Event> = read_calls(futures::stream::iter(evs).boxed(), Mode::Forced)
+            .map(|e| e.unwrap())
+            .collect()
+            .await;
+        match &out[..] {
+            [Event::ToolCall { call, .. }, Event::Finish { reason, .. }] => {
+                assert_eq!(call.name, "weather");
+                assert_eq!(call.arguments, "{\"city\":\"Pa");
+                assert_eq!(*reason, FinishReason::Length);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(cut_call("{\"name\":\"wea").is_none());
+    }
 
     fn tool(name: &str) -> ToolSpec {
         ToolSpec {
@@ -451,7 +522,7 @@ mod tests {
             sampling: Sampling::default(),
             ..Default::default()
         };
-        let (p, mode) = prepare(r.clone()).unwrap();
+        let (p, mode) = prepare(r.clone());
         assert_eq!(mode, Mode::Forced);
         assert!(p.tools.is_empty());
         assert!(p.messages[0].content.contains("\"name\":\"weather\""));
@@ -466,8 +537,7 @@ mod tests {
         let (p, _) = prepare(ChatRequest {
             tool_choice: ToolChoice::Required,
             ..r.clone()
-        })
-        .unwrap();
+        });
         let OutputFormat::JsonSchema { schema, .. } = &p.sampling.format else {
             panic!("constrained")
         };
@@ -476,8 +546,7 @@ mod tests {
         let (p, mode) = prepare(ChatRequest {
             tool_choice: ToolChoice::None,
             ..r
-        })
-        .unwrap();
+        });
         assert_eq!((mode, p.messages.len()), (Mode::Off, 1));
     }
 
@@ -496,7 +565,7 @@ mod tests {
             tools: vec![tool("weather")],
             ..Default::default()
         };
-        let (p, _) = prepare(r).unwrap();
+        let (p, _) = prepare(r);
         let roles: Vec<Role> = p.messages.iter().map(|m| m.role).collect();
         assert_eq!(
             roles,
