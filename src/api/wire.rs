@@ -163,6 +163,13 @@ pub struct WireMessage {
     pub tool_calls: Option<Value>,
     #[serde(default)]
     pub tool_call_id: Option<String>,
+    /// A reasoning model's thinking on an earlier assistant turn, as clients send it back
+    /// (`reasoning_content`, and `reasoning`, vLLM's newer name). Taken and not shown to the
+    /// model again, as reasoning models' own chat templates drop an earlier turn's thinking.
+    #[serde(default)]
+    pub reasoning_content: Option<Value>,
+    #[serde(default)]
+    pub reasoning: Option<Value>,
 }
 
 /// Message content: a string or a list of parts.
@@ -682,6 +689,17 @@ fn convert_message(i: usize, m: WireMessage) -> Result<Message> {
         None | Some(Value::Null) => vec![],
         Some(v) => convert_tool_calls(i, v)?,
     };
+    let reasoning = match (&m.reasoning_content, &m.reasoning) {
+        (Some(_), _) => Some("reasoning_content"),
+        (None, Some(_)) => Some("reasoning"),
+        (None, None) => None,
+    };
+    if let Some(field) = reasoning.filter(|_| role != Role::Assistant) {
+        return Err(Error::invalid_param(
+            "only assistant messages carry reasoning",
+            format!("messages[{i}].{field}"),
+        ));
+    }
     if !tool_calls.is_empty() && role != Role::Assistant {
         return Err(Error::invalid_param(
             "only assistant messages carry tool_calls",

@@ -202,9 +202,9 @@ fn constraint(format: &OutputFormat) -> Constraint {
     use super::schema::for_decoding;
     match format {
         OutputFormat::Text => Constraint::None,
-        OutputFormat::JsonObject => {
-            Constraint::JsonSchema(for_decoding(serde_json::json!({"type": "object"})))
-        }
+        // Any object: nothing to narrow, and free whitespace lets a small model end a
+        // document it would otherwise run on compactly (a list counting up to max_tokens).
+        OutputFormat::JsonObject => Constraint::JsonSchema(serde_json::json!({"type": "object"})),
         OutputFormat::JsonSchema { schema, .. } => {
             Constraint::JsonSchema(for_decoding(schema.clone()))
         }

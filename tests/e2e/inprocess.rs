@@ -348,6 +348,46 @@ async fn a_backend_refusal_names_the_field_the_client_sent() {
     s.stop().await;
 }
 
+/// Clients send an earlier turn's reasoning back under either name; it is taken, never shown to
+/// the model again, and refused on a message that cannot carry it.
+#[tokio::test]
+async fn reasoning_in_history_is_taken_under_both_names() {
+    let backend = Scripted::echo();
+    let s = serve(backend.clone(), &[], &[]).await;
+    for field in ["reasoning_content", "reasoning"] {
+        let body = json!({"model": "m", "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello", field: "The user greets me."},
+            {"role": "user", "content": "bye"},
+        ]});
+        let (st, v, _) = raw(
+            "POST",
+            &s.url("/v1/chat/completions"),
+            None,
+            Some(&body.to_string()),
+        )
+        .await;
+        assert_eq!(st, 200, "{field}: {v}");
+        let seen = backend.received().pop().unwrap();
+        assert!(
+            seen.messages.iter().all(|m| !m.content.contains("greets")),
+            "{seen:?}"
+        );
+        let bad =
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi", field: "x"}]});
+        let (st, v, _) = raw(
+            "POST",
+            &s.url("/v1/chat/completions"),
+            None,
+            Some(&bad.to_string()),
+        )
+        .await;
+        assert_eq!(st, 400, "{v}");
+        assert_eq!(envelope(&v)["param"], format!("messages[0].{field}"), "{v}");
+    }
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn keys_guard_every_route_but_health_and_the_ui() {
     let s = serve(Scripted::echo(), &["user-key"], &["admin-key"]).await;
