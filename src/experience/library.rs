@@ -1,7 +1,7 @@
 //! One library: its append-only log, the state replayed from it, and its index.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use super::canary::{Snapshot, Trials};
 use super::index::Index;
-use super::proposals::{self, Decision, Edit, Origin, Proposal, Proposals, Review};
-use super::{Experience, Provenance, Settings, Source};
+use super::log::{sync_dir, write_atomic, Change, Op, Review, Version};
+use super::proposals::{self, Decision, Edit, Origin, Proposal, Proposals};
+use super::{Experience, Settings};
 use crate::error::{Error, Result};
 
 /// The append-only log of versions: the only truth about a library's content.
@@ -40,82 +41,6 @@ impl Votes {
 
 /// Votes per experience id, per library version that served it.
 pub(super) type Credit = BTreeMap<String, BTreeMap<u64, Votes>>;
-
-/// One change inside a version, as stored in the log.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase")]
-pub enum Op {
-    Add {
-        id: String,
-        text: String,
-        #[serde(default)]
-        tags: Vec<String>,
-        source: Source,
-        #[serde(default)]
-        provenance: Provenance,
-    },
-    Update {
-        id: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        text: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        tags: Option<Vec<String>>,
-    },
-    Delete {
-        id: String,
-    },
-    /// Brings back an experience as it was (a rollback past its deletion), keeping its id and
-    /// creation time.
-    Restore {
-        experience: Experience,
-    },
-}
-
-impl Op {
-    /// The experience the operation is about.
-    pub fn id(&self) -> &str {
-        match self {
-            Op::Add { id, .. } | Op::Update { id, .. } | Op::Delete { id } => id,
-            Op::Restore { experience } => &experience.id,
-        }
-    }
-}
-
-/// A change as a caller asks for it: adds have no id yet.
-#[derive(Debug, Clone)]
-pub enum Change {
-    Add {
-        text: String,
-        tags: Vec<String>,
-        source: Source,
-        provenance: Provenance,
-    },
-    Update {
-        id: String,
-        text: Option<String>,
-        tags: Option<Vec<String>>,
-    },
-    Delete {
-        id: String,
-    },
-    Restore(Experience),
-}
-
-/// One line of the log.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Version {
-    pub version: u64,
-    pub at: DateTime<Utc>,
-    pub message: String,
-    pub ops: Vec<Op>,
-    /// Set when the version carries reviewed proposals: which ones, and who approved them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub review: Option<Review>,
-    /// Set when a learning gate let the version go live: its decision and the measurement
-    /// behind it, as learning recorded it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gate: Option<serde_json::Value>,
-}
 
 /// A version as the version list shows it: number, time, message and counts.
 #[derive(Debug, Clone, Serialize)]
@@ -1012,38 +937,10 @@ pub(super) fn pretty<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     Ok(b)
 }
 
-/// Temp file, fsync, rename, fsync of the directory: the file is either the old one or the
-/// new one, never a mix, even across a crash.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| Error::internal("path has no parent"))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .map(|f| f.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    sync_dir(dir)
-}
-
-/// fsyncs a directory, so that a rename or a new file in it survives a power cut.
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)?.sync_all()?;
-    Ok(())
-}
-
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::experience::Store;
+    use crate::experience::{Provenance, Source, Store};
 
     thread_local! {
         /// Makes the next `Library::open` on this thread fail, as a real failure after the

@@ -11,12 +11,14 @@
 pub mod canary;
 mod index;
 mod library;
+mod log;
 pub(crate) mod proposals;
 mod serving;
 mod store;
 pub(crate) mod traffic;
 
-pub use library::{write_atomic, Change, Diff, Library, Op, Version, VersionSummary, Votes};
+pub use library::{Diff, Library, VersionSummary, Votes};
+pub use log::{write_atomic, Change, Op, Version};
 pub use serving::Credit;
 pub use store::{Attribution, SearchHit, Served, Store, StoreOptions};
 

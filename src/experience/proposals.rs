@@ -13,7 +13,7 @@ use std::path::Path;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::library::{write_atomic, Change, Version};
+use super::log::{write_atomic, Change, Version};
 use super::{Provenance, Source};
 use crate::error::{Error, Result};
 
@@ -96,17 +96,6 @@ pub struct Proposal {
     pub origin: Origin,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<Decision>,
-}
-
-/// What an approved version records of its review: which proposals it carries and who
-/// decided, so that the log alone says why the version exists.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Review {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reviewer: Option<String>,
-    pub proposals: Vec<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub edited: Vec<String>,
 }
 
 /// A reviewer's replacement for a proposal's text or tags.

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use chrono::Utc;
 
 use super::canary::{Arm, Audience, Canary, CanaryArm, CanarySpec, Snapshot, Status, Verdict};
-use super::library::{apply, pretty, write_atomic, Library, Version, Votes};
+use super::library::{apply, pretty, Library, Votes};
+use super::log::{write_atomic, Version};
 use super::proposals;
 use super::Experience;
 use crate::error::{Error, Result};

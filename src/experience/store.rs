@@ -10,7 +10,8 @@ use parking_lot::RwLock;
 use serde::Serialize;
 
 use super::canary::{Audience, CanaryArm, Snapshot};
-use super::library::{Change, Library, LOG_FILE};
+use super::library::{Library, LOG_FILE};
+use super::log::Change;
 use super::proposals::{Edit, Origin, Proposal};
 use super::{validate_library_name, validate_tags, validate_text, Experience, Provenance, Source};
 use crate::error::{Error, Result};
@@ -254,7 +255,7 @@ impl Store {
             .dir
             .join(format!(".deleted-{name}-{}", uuid::Uuid::new_v4().simple()));
         std::fs::rename(lib.dir(), &trash)?;
-        super::library::sync_dir(&self.dir)?;
+        super::log::sync_dir(&self.dir)?;
         libs.remove(name);
         let _ = std::fs::remove_dir_all(&trash);
         Ok(())

@@ -8,7 +8,11 @@
 
 use std::path::Path;
 
+use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
+
+use super::grpo::{Consolidation, GroupRecord, Rollout, RunInfo};
+use super::ops::Proposal;
 
 /// Longest attempt output shown; attempts can run to thousands of tokens.
 const MAX_OUTPUT_CHARS: usize = 4000;
@@ -24,7 +28,8 @@ fn safe_run_id(run: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-fn read(path: &Path) -> Option<Value> {
+/// A record as the learner wrote it, in the learner's own types.
+fn read<T: DeserializeOwned>(path: &Path) -> Option<T> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
@@ -49,71 +54,68 @@ pub fn step_evidence(
         return None;
     }
     let dir = runs_dir.join(run);
-    let info = read(&dir.join("run.json"))?;
+    let info: RunInfo = read(&dir.join("run.json"))?;
     let step_dir = dir.join(format!("step-{step:04}"));
-    let groups = read(&step_dir.join("groups.json")).unwrap_or(json!([]));
-    let rollouts: Vec<Value> = std::fs::read_to_string(step_dir.join("rollouts.jsonl"))
+    let groups: Vec<GroupRecord> = read(&step_dir.join("groups.json")).unwrap_or_default();
+    let rollouts: Vec<Rollout> = std::fs::read_to_string(step_dir.join("rollouts.jsonl"))
         .unwrap_or_default()
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    let matches = |p: &Value| {
-        text.is_some_and(|t| p["text"].as_str() == Some(t))
-            || id.is_some_and(|i| p["id"].as_str() == Some(i))
+    let matches = |p: &Proposal| {
+        text.is_some_and(|t| p.text.as_deref() == Some(t))
+            || id.is_some_and(|i| p.id.as_deref() == Some(i))
     };
-    let mut out = Vec::new();
-    for g in groups.as_array().into_iter().flatten() {
-        let proposals = g["proposals"].as_array().cloned().unwrap_or_default();
-        if proposals.is_empty() {
-            continue;
-        }
-        out.push(group_view(g, &rollouts, proposals.iter().any(matches)));
-    }
-    let consolidation = read(&step_dir.join("consolidation.json"));
+    let out: Vec<Value> = groups
+        .iter()
+        .filter(|g| !g.proposals.is_empty())
+        .map(|g| group_view(g, &rollouts, g.proposals.iter().any(matches)))
+        .collect();
+    let consolidation: Option<Consolidation> = read(&step_dir.join("consolidation.json"));
+    let o = &info.options;
     Some(json!({
         "run": run,
         "step": step,
-        "dataset": info["dataset"],
-        "model": info["options"]["model"],
-        "learner_model": info["options"]["learner_model"],
-        "verifier": info["options"]["verifier"].as_str().unwrap_or(info["default_verifier"].as_str().unwrap_or("")),
+        "dataset": info.dataset,
+        "model": o.model,
+        "learner_model": o.learner_model,
+        "verifier": o.verifier.as_deref().unwrap_or(&info.default_verifier),
         "produced_by_group": out.iter().any(|g| g["produced"] == json!(true)),
         "groups": out,
         "consolidation": consolidation.map(|c| json!({
-            "reply": c["reply"],
-            "result": c["result"],
-            "fallback": c["fallback"],
+            "reply": c.reply,
+            "result": c.result,
+            "fallback": c.fallback,
         })),
     }))
 }
 
 /// One group as a reviewer reads it: the task, every attempt and its reward, and what the
 /// learner made of them.
-fn group_view(g: &Value, rollouts: &[Value], produced: bool) -> Value {
-    let task = g["task"].as_u64();
+fn group_view(g: &GroupRecord, rollouts: &[Rollout], produced: bool) -> Value {
     let attempts: Vec<Value> = rollouts
         .iter()
-        .filter(|r| r["task"].as_u64() == task)
+        .filter(|r| r.task == g.task)
         .map(|r| {
             json!({
-                "attempt": r["attempt"],
-                "reward": r["reward"],
-                "output": cut(r["output"].as_str().unwrap_or_default()),
-                "critique": r["critique"],
-                "error": r["error"],
+                "attempt": r.attempt,
+                "reward": r.reward,
+                "output": cut(&r.output),
+                "critique": r.critique,
+                "error": r.error,
             })
         })
         .collect();
     json!({
-        "task": task,
-        "question": g["question"],
-        "answer": g["answer"],
-        "rewards": g["rewards"],
+        "task": g.task,
+        "question": g.question,
+        "answer": g.answer,
+        "rewards": g.rewards,
         "attempts": attempts,
-        "comparison": g["advantage_reply"],
-        "lessons": g["lessons"],
-        "operations_reply": g["update_reply"],
-        "proposals": g["proposals"],
+        "comparison": g.advantage_reply,
+        "lessons": g.lessons,
+        "operations_reply": g.update_reply,
+        "proposals": g.proposals,
         "produced": produced,
     })
 }
@@ -135,11 +137,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let run = dir.path().join("r1");
         std::fs::create_dir_all(run.join("step-0001")).unwrap();
-        std::fs::write(
-            run.join("run.json"),
-            r#"{"dataset":"d","default_verifier":"numeric","options":{"model":"m"}}"#,
-        )
-        .unwrap();
+        let info = RunInfo {
+            id: "r1".into(),
+            created: chrono::Utc::now(),
+            dataset: "d".into(),
+            instruction: String::new(),
+            default_verifier: "numeric".into(),
+            tasks: 3,
+            validation: 0,
+            steps: 1,
+            options: crate::learn::grpo::LearnOptions {
+                model: "m".into(),
+                ..Default::default()
+            },
+            gate_split: None,
+        };
+        std::fs::write(run.join("run.json"), serde_json::to_vec(&info).unwrap()).unwrap();
         std::fs::write(
             run.join("step-0001/groups.json"),
             r#"[{"task":0,"question":"q0","answer":"1","rewards":[1,0],"proposals":[{"op":"add","text":"Check units: convert first."}]},

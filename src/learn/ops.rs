@@ -200,7 +200,7 @@ fn copies_format_example(text: &str) -> bool {
 }
 
 /// A proposal that was dropped, and why.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Rejected {
     pub proposal: Proposal,
     pub reason: String,

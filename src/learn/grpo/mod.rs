@@ -21,7 +21,7 @@ mod run;
 pub use options::LearnOptions;
 pub use progress::Progress;
 pub use records::{Consolidation, GroupRecord, Rollout, RunSummary, StepResult, Validation};
-pub use run::Run;
+pub use run::{Run, RunInfo};
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -21,8 +21,10 @@ pub struct Rollout {
     pub error: Option<String>,
 }
 
-/// What the learner made of one group.
-#[derive(Debug, Clone, Serialize)]
+/// What the learner made of one group. Written by the learner and read back by
+/// `learn::evidence`, so a field renamed here is renamed for both.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct GroupRecord {
     pub task: usize,
     pub question: String,
@@ -49,7 +51,8 @@ pub struct GroupRecord {
 }
 
 /// A step's consolidation: the proposals in, the merged operations out.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Consolidation {
     pub proposals: Vec<Proposal>,
     #[serde(skip_serializing_if = "Option::is_none")]
