@@ -209,6 +209,7 @@ pub(super) async fn create(
             prompts: s.prompts.clone(),
             retries: 2,
             max_tokens: 128,
+            constrain: s.methods.constrain,
         }),
         Scoring::Rule(ref v) => {
             data.verifier = v.clone();

@@ -8,7 +8,7 @@ use std::sync::LazyLock;
 
 use regex::Regex;
 
-use crate::backend::{Backend, ChatRequest, Message, Role, Sampling};
+use crate::backend::{Backend, ChatRequest, Message, OutputFormat, Role, Sampling};
 use crate::error::{Error, Result};
 use crate::prompts::Prompts;
 
@@ -99,7 +99,17 @@ pub struct Judge {
     /// Extra attempts when the judge's reply carries no grade.
     pub retries: u32,
     pub max_tokens: u32,
+    /// Decode the reply under [`JUDGE_GRAMMAR`] when the backend can (`methods.constrain`).
+    pub constrain: bool,
 }
+
+/// The judge's reply as a grammar: one line of reasoning, then the grade line. A small judge
+/// left to itself wanders past its token budget before grading, and an ungraded answer
+/// scores 0 whatever it was; held to this, every reply carries a grade.
+pub const JUDGE_GRAMMAR: &str = "start: REASON \"\\n\" \"GRADE: \" grade END?\n\
+grade: \"CORRECT\" | \"INCORRECT\"\n\
+REASON: /[^\\n]{1,400}/\n\
+END: /\\n[\\n ]{0,8}/\n";
 
 static GRADE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"(?i)grade\s*:\s*\**\s*(correct|incorrect)").unwrap());
@@ -125,6 +135,11 @@ impl Judge {
             "judge.j2",
             minijinja::context! { question, answer, reference },
         )?;
+        let format = if self.constrain && self.backend.constrains() {
+            OutputFormat::Grammar(JUDGE_GRAMMAR.to_owned())
+        } else {
+            OutputFormat::Text
+        };
         let mut last = String::new();
         for _ in 0..=self.retries {
             let out = self
@@ -136,6 +151,7 @@ impl Judge {
                         max_tokens: Some(self.max_tokens),
                         temperature: Some(0.0),
                         n: 1,
+                        format: format.clone(),
                         ..Default::default()
                     },
                     ..Default::default()
@@ -225,6 +241,39 @@ fn parse_number(s: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::scripted::{Script, Scripted};
+    use std::sync::Arc;
+
+    /// On a backend that decodes under grammars the judge's reply is held to its grade line;
+    /// on one that cannot, it is free text, read as before.
+    #[tokio::test]
+    async fn the_judge_is_held_to_its_grade_line_where_the_backend_can() {
+        for constraining in [true, false] {
+            let reply = |_: &ChatRequest| Script::words("Both reach 72.\nGRADE: CORRECT");
+            let backend = if constraining {
+                Scripted::constraining(reply)
+            } else {
+                Scripted::new(reply)
+            };
+            let judge = Judge {
+                backend: backend.clone(),
+                prompts: Arc::new(Prompts::builtin()),
+                retries: 0,
+                max_tokens: 64,
+                constrain: true,
+            };
+            let (reward, why) = judge.grade("q", "72", "72").await.unwrap();
+            assert_eq!(
+                (reward, why.as_str()),
+                (1.0, "Both reach 72.\nGRADE: CORRECT")
+            );
+            let format = &backend.received()[0].sampling.format;
+            match format {
+                OutputFormat::Grammar(g) => assert!(constraining && g.contains("GRADE: ")),
+                other => assert!(!constraining && *other == OutputFormat::Text, "{other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn reads_answers_as_people_write_them() {

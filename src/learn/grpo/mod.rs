@@ -198,6 +198,7 @@ impl<'a> Learner<'a> {
                 prompts: ctx.prompts.clone(),
                 retries: o.retries,
                 max_tokens: 128,
+                constrain: ctx.settings.constrain,
             }),
             Scoring::Rule(_) => None,
         };
