@@ -124,25 +124,33 @@ def openai_agents(base, model):
                 """The weather now in a city."""
                 return calls.weather(city)
 
-            client = AsyncOpenAI(base_url=base + "/v1", api_key="unused")
-            agent = Agent(name="weather", model=kind(model=model, openai_client=client),
-                          tools=[get_weather], output_type=Report,
-                          instructions="Find the weather, then report it.",
-                          model_settings=ModelSettings(temperature=0, max_tokens=80))
+            async def once():
+                # Closed inside the loop that used it, or its connections are closed later
+                # by a loop that is gone (a traceback on stderr, not a failure).
+                async with AsyncOpenAI(base_url=base + "/v1", api_key="unused") as client:
+                    agent = Agent(name="weather", model=kind(model=model, openai_client=client),
+                                  tools=[get_weather], output_type=Report,
+                                  instructions="Find the weather, then report it.",
+                                  model_settings=ModelSettings(temperature=0, max_tokens=80))
+                    return await Runner.run(agent, "Is it sunny in Paris?", max_turns=6)
+
             try:
-                r = asyncio.run(Runner.run(agent, "Is it sunny in Paris?", max_turns=6))
+                r = asyncio.run(once())
             except MaxTurnsExceeded:
                 return calls.outcome(None, looped=True)
             return calls.outcome(r.final_output, looped=False)
         return go
 
     def output_only():
-        client = AsyncOpenAI(base_url=base + "/v1", api_key="unused")
-        agent = Agent(name="weather", output_type=Report,
-                      model=OpenAIChatCompletionsModel(model=model, openai_client=client),
-                      instructions="Report the weather in the city the user names.",
-                      model_settings=ModelSettings(temperature=0, max_tokens=80))
-        r = asyncio.run(Runner.run(agent, "Paris is sunny today.", max_turns=2))
+        async def once():
+            async with AsyncOpenAI(base_url=base + "/v1", api_key="unused") as client:
+                agent = Agent(name="weather", output_type=Report,
+                              model=OpenAIChatCompletionsModel(model=model, openai_client=client),
+                              instructions="Report the weather in the city the user names.",
+                              model_settings=ModelSettings(temperature=0, max_tokens=80))
+                return await Runner.run(agent, "Paris is sunny today.", max_turns=2)
+
+        r = asyncio.run(once())
         assert isinstance(r.final_output, Report), r.final_output
         return r.final_output
 
