@@ -681,7 +681,18 @@ impl Wire for ResponseWire {
             Event::Model(Model::Finish {
                 reason: FinishReason::Length,
                 ..
-            }) => self.status = "incomplete",
+            }) => {
+                // The item the tokens ran out in is incomplete too: a message still open is
+                // closed so, and a call already written (a forced call cut short) is marked
+                // so in the final response object.
+                self.status = "incomplete";
+                self.events.item_status = "incomplete";
+                if self.events.open.is_none() {
+                    if let Some(call) = self.events.output.last_mut() {
+                        call["status"] = json!("incomplete");
+                    }
+                }
+            }
             _ => {}
         }
         out.append(&mut self.events.out);
@@ -716,14 +727,21 @@ impl Wire for ResponseWire {
     fn whole(&mut self, done: Completion, applied: &Applied) -> Result<Value> {
         let mut items = Vec::new();
         if let Some(c) = done.choices.into_iter().next() {
-            if !c.text.is_empty() || c.tool_calls.is_empty() {
-                items.push(message_item(&hex_id("msg"), &c.text, "completed"));
-            }
-            for call in &c.tool_calls {
-                items.push(call_item(&hex_id("fc"), call, &call.arguments, "completed"));
-            }
             if c.finish_reason == FinishReason::Length {
                 self.status = "incomplete";
+            }
+            // Every item was cut where the tokens ran out: the last one written.
+            let status = |last: bool| if last { self.status } else { "completed" };
+            let (calls, text_first) = (
+                c.tool_calls.len(),
+                !c.text.is_empty() || c.tool_calls.is_empty(),
+            );
+            if text_first {
+                items.push(message_item(&hex_id("msg"), &c.text, status(calls == 0)));
+            }
+            for (k, call) in c.tool_calls.iter().enumerate() {
+                let s = status(k + 1 == calls);
+                items.push(call_item(&hex_id("fc"), call, &call.arguments, s));
             }
         }
         self.finish(&items, done.usage, applied)
@@ -739,12 +757,25 @@ struct OpenMessage {
 
 /// Writes a streamed response's typed SSE events, each with the next `sequence_number`, and
 /// keeps the output items they describe.
-#[derive(Default)]
 struct EventWriter {
     seq: u64,
     output: Vec<Value>,
     open: Option<OpenMessage>,
     out: Vec<Bytes>,
+    /// The status the message being written closes with: "incomplete" once the tokens ran out.
+    item_status: &'static str,
+}
+
+impl Default for EventWriter {
+    fn default() -> Self {
+        EventWriter {
+            seq: 0,
+            output: Vec::new(),
+            open: None,
+            out: Vec::new(),
+            item_status: "completed",
+        }
+    }
 }
 
 impl EventWriter {
@@ -792,7 +823,7 @@ impl EventWriter {
             return;
         };
         let part = json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []});
-        let item = message_item(&id, &text, "completed");
+        let item = message_item(&id, &text, self.item_status);
         self.output.push(item.clone());
         self.send("response.output_text.done", json!({"item_id": id, "output_index": at, "content_index": 0, "text": text, "logprobs": []}));
         self.send(

@@ -599,6 +599,44 @@ async fn a_response_echoes_its_request_fields_in_every_form() {
     s.stop().await;
 }
 
+/// A response cut by max_output_tokens is incomplete, and so is the item the tokens ran out
+/// in, whole and streamed (the final response object of the stream says so too).
+#[tokio::test]
+async fn a_cut_response_and_its_last_item_are_incomplete() {
+    let s = serve(Scripted::echo(), &[], &[]).await;
+    let body = json!({"model": "m", "input": "one two three four", "max_output_tokens": 2});
+    let (st, whole, _) = raw(
+        "POST",
+        &s.url("/v1/responses"),
+        None,
+        Some(&body.to_string()),
+    )
+    .await;
+    assert_eq!(st, 200, "{whole}");
+    assert_eq!(whole["status"], "incomplete", "{whole}");
+    assert_eq!(whole["incomplete_details"]["reason"], "max_output_tokens");
+    assert_eq!(whole["output"][0]["status"], "incomplete", "{whole}");
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let text = crate::common::post_text(&s.url("/v1/responses"), &streamed).await;
+    let events: Vec<Value> = crate::common::sse_data(&text)
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "response.incomplete", "{text}");
+    assert_eq!(
+        last["response"]["output"][0]["status"], "incomplete",
+        "{last}"
+    );
+    let done = events
+        .iter()
+        .find(|e| e["type"] == "response.output_item.done")
+        .unwrap();
+    assert_eq!(done["item"]["status"], "incomplete", "{done}");
+    s.stop().await;
+}
+
 /// What a method cannot honour, and an option of another method, are refused before any model
 /// call, naming the field as the client's API spells it.
 #[tokio::test]
