@@ -22,9 +22,9 @@ import sys
 from pydantic import BaseModel, Field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from checks import check, finish  # noqa: E402 - the client scripts' one way to count
 from server import Server  # noqa: E402 - the benches' one way to start experient
 
-FAILED = []
 # A plain dict tool as LangChain users write it: no "additionalProperties", no "strict".
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather now in a city.",
@@ -38,15 +38,6 @@ ASK = "What is the weather in Paris?"
 class Report(BaseModel):
     city: str = Field(max_length=30)
     sunny: bool
-
-
-def check(name, fn):
-    try:
-        detail = fn()
-        print(f"ok    {name}: {detail}")
-    except Exception as e:  # noqa: BLE001 - every failure is reported, then counted
-        FAILED.append(name)
-        print(f"FAIL  {name}: {type(e).__name__}: {str(e)[:300]}")
 
 
 def langchain(base, model):
@@ -199,8 +190,7 @@ def main():
                                     ("pydantic-ai", pydantic_ai)]:
                     for name, fn in checks(base, model):
                         check(f"[{model}] {lib}: {name}", fn)
-    if FAILED:
-        sys.exit(f"{len(FAILED)} failed: {FAILED}")
+    finish()
 
 
 if __name__ == "__main__":

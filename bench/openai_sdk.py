@@ -21,21 +21,12 @@ from openai import NotFoundError, OpenAI
 from pydantic import BaseModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from checks import check, finish  # noqa: E402 - the client scripts' one way to count
 from server import Server  # noqa: E402 - the benches' one way to start experient
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather now in a city.",
     "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
                    "properties": {"city": {"type": "string", "maxLength": 30}}}}}]
-FAILED = []
-
-
-def check(name, fn):
-    try:
-        detail = fn()
-        print(f"ok    {name}: {detail}")
-    except Exception as e:  # noqa: BLE001 - every failure is reported, then counted
-        FAILED.append(name)
-        print(f"FAIL  {name}: {type(e).__name__}: {e}")
 
 
 def run(client, model, prior_model):
@@ -147,8 +138,7 @@ def main():
             run(OpenAI(base_url=local.base + "/v1", api_key="unused"), "smollm2-135m",
                 "smollm2-135m@cities")
             run(OpenAI(base_url=front.base + "/v1", api_key="unused"), "up", "up")
-    if FAILED:
-        sys.exit(f"{len(FAILED)} failed: {FAILED}")
+    finish()
 
 
 if __name__ == "__main__":

@@ -783,12 +783,14 @@ impl Translate {
         }
     }
 
-    /// A choice's assembled calls, then its finish: `tool_calls` whenever it made any.
+    /// A choice's assembled calls, then its finish: `tool_calls` whenever it made any (some
+    /// servers say `stop`), except `length`: a call cut by the token limit says so, as OpenAI
+    /// returns it.
     fn finish(&mut self, i: usize, reason: FinishReason, out: &mut Vec<Event>) {
         self.finished[i] = true;
         let index = i as u32;
         let made = self.calls[i].take();
-        let reason = if made.is_empty() {
+        let reason = if made.is_empty() || reason == FinishReason::Length {
             reason
         } else {
             FinishReason::ToolCalls

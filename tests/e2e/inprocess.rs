@@ -130,6 +130,12 @@ pub(crate) async fn raw(
     )
 }
 
+/// A JSON POST without a key: the status and the body.
+async fn post(url: &str, body: &Value) -> (u16, Value) {
+    let (status, v, _) = raw("POST", url, None, Some(&body.to_string())).await;
+    (status, v)
+}
+
 /// An OpenAI error envelope with every field present.
 pub(crate) fn envelope(v: &Value) -> &Value {
     let e = &v["error"];
@@ -340,7 +346,7 @@ async fn a_backend_refusal_names_the_field_the_client_sent() {
         for stream in [false, true] {
             let mut body = body.clone();
             body["stream"] = json!(stream);
-            let (st, v, _) = raw("POST", &s.url(path), None, Some(&body.to_string())).await;
+            let (st, v) = post(&s.url(path), &body).await;
             assert_eq!(st, 400, "{path} {body}: {v}");
             assert_eq!(envelope(&v)["param"], param, "{path} {body}: {v}");
         }
@@ -360,13 +366,7 @@ async fn reasoning_in_history_is_taken_under_both_names() {
             {"role": "assistant", "content": "hello", field: "The user greets me."},
             {"role": "user", "content": "bye"},
         ]});
-        let (st, v, _) = raw(
-            "POST",
-            &s.url("/v1/chat/completions"),
-            None,
-            Some(&body.to_string()),
-        )
-        .await;
+        let (st, v) = post(&s.url("/v1/chat/completions"), &body).await;
         assert_eq!(st, 200, "{field}: {v}");
         let seen = backend.received().pop().unwrap();
         assert!(
@@ -375,13 +375,7 @@ async fn reasoning_in_history_is_taken_under_both_names() {
         );
         let bad =
             json!({"model": "m", "messages": [{"role": "user", "content": "hi", field: "x"}]});
-        let (st, v, _) = raw(
-            "POST",
-            &s.url("/v1/chat/completions"),
-            None,
-            Some(&bad.to_string()),
-        )
-        .await;
+        let (st, v) = post(&s.url("/v1/chat/completions"), &bad).await;
         assert_eq!(st, 400, "{v}");
         assert_eq!(envelope(&v)["param"], format!("messages[0].{field}"), "{v}");
     }
@@ -605,13 +599,7 @@ async fn a_response_echoes_its_request_fields_in_every_form() {
 async fn a_cut_response_and_its_last_item_are_incomplete() {
     let s = serve(Scripted::echo(), &[], &[]).await;
     let body = json!({"model": "m", "input": "one two three four", "max_output_tokens": 2});
-    let (st, whole, _) = raw(
-        "POST",
-        &s.url("/v1/responses"),
-        None,
-        Some(&body.to_string()),
-    )
-    .await;
+    let (st, whole) = post(&s.url("/v1/responses"), &body).await;
     assert_eq!(st, 200, "{whole}");
     assert_eq!(whole["status"], "incomplete", "{whole}");
     assert_eq!(whole["incomplete_details"]["reason"], "max_output_tokens");

@@ -85,6 +85,43 @@ fn valid(schema: &Value, doc: &Value) -> bool {
     jsonschema::is_valid(schema, doc)
 }
 
+/// An ordinary (non-strict) schema, as LangChain sends a plain dict tool, decodes as compact
+/// JSON of the named keys; a forced call cut by max_tokens is still a call, finishing with
+/// "length", as OpenAI returns one. On both backends (the upstream's is the local server).
+#[tokio::test]
+async fn ordinary_schemas_give_calls_and_a_cut_call_is_still_a_call() {
+    let plain = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "required": ["city", "days"], "properties": {
+            "city": {"type": "string"}, "days": {"type": "integer"}}}}}]);
+    for (server, model) in servers() {
+        for (max_tokens, finish) in [(60, "tool_calls"), (12, "length")] {
+            let body = json!({"model": model, "temperature": 0, "max_tokens": max_tokens,
+                "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+                "tools": plain, "tool_choice": "required"});
+            let (s, v) = post(server, "/v1/chat/completions", &body).await;
+            assert_eq!(s, 200, "{model}: {v}");
+            let c = &v["choices"][0];
+            assert_eq!(c["finish_reason"], finish, "{model}: {v}");
+            let call = &c["message"]["tool_calls"][0]["function"];
+            assert_eq!(call["name"], "get_weather", "{model}: {v}");
+            let args = call["arguments"].as_str().unwrap();
+            assert!(
+                !args.contains(": ") && !args.contains('\n'),
+                "compact: {args}"
+            );
+            if finish == "tool_calls" {
+                let a: Value = serde_json::from_str(args).unwrap();
+                let mut keys: Vec<&String> = a.as_object().unwrap().keys().collect();
+                keys.sort();
+                assert_eq!(keys, ["city", "days"], "only the named keys: {args}");
+                assert!(a["days"].is_i64(), "{args}");
+            } else {
+                assert!(serde_json::from_str::<Value>(args).is_err(), "cut: {args}");
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn forced_tool_calls_are_well_formed_calls_with_valid_arguments() {
     let named = json!({"type": "function", "function": {"name": "get_weather"}});
