@@ -7,6 +7,8 @@
 
 pub(crate) mod fallback;
 pub mod fetch;
+#[cfg(test)]
+pub(crate) mod grammar_check;
 pub(crate) mod local;
 pub(crate) mod requantize;
 pub(crate) mod schema;

@@ -185,6 +185,67 @@ fn clean_text(t: &str) -> Option<String> {
     (!t.is_empty()).then(|| t.to_owned())
 }
 
+/// The longest lesson name the learner's grammars admit, in characters.
+const NAME_CHARS: usize = 40;
+
+/// The grammar terminals of one lesson, `Name: advice` on one line, sized so that a whole
+/// lesson fits the store's `max_chars`; and the line ending after which a reply may stop (a
+/// blank line too, since tokenizers merge newlines).
+fn lesson_terminals(max_chars: usize) -> String {
+    let advice = max_chars.saturating_sub(NAME_CHARS + 2).clamp(20, 600);
+    format!(
+        "NAME: /[A-Za-z][A-Za-z0-9 '\\-]{{0,{}}}/\nADVICE: /[^\\n]{{8,{advice}}}/\n\
+         END: /\\n[\\n ]{{0,8}}/\n",
+        NAME_CHARS - 1
+    )
+}
+
+/// A group comparison's reply form as a grammar (llguidance's Lark): between `<lessons>` tags,
+/// one to `max_lessons` lines of `Name: advice`. Every reply held to it is read by
+/// [`parse_lessons`].
+pub fn lessons_grammar(max_lessons: usize, max_chars: usize) -> String {
+    format!(
+        "start: \"<lessons>\\n\" lesson{{1,{}}} \"</lessons>\" END?\n\
+         lesson: NAME \": \" ADVICE \"\\n\"\n{}",
+        max_lessons.max(1),
+        lesson_terminals(max_chars)
+    )
+}
+
+/// The operations' reply form as a grammar: one to `max_ops` lines, each `ADD: Name: advice`,
+/// `UPDATE <id>: Name: advice`, `DELETE <id>` or `NONE`, where an id is one of `ids` (the
+/// library's, so that no operation names a lesson that is not there). Every reply held to it
+/// is read by [`parse`], and every line it admits passes [`check`] but for a copied example.
+pub fn operations_grammar<'a>(
+    ids: impl IntoIterator<Item = &'a str>,
+    max_ops: usize,
+    max_chars: usize,
+) -> String {
+    let ids: Vec<String> = ids
+        .into_iter()
+        .map(|id| serde_json::to_string(id).expect("a string serialises"))
+        .collect();
+    let more = match max_ops.max(1) - 1 {
+        0 => String::new(),
+        n => format!(" (END line){{0,{n}}}"),
+    };
+    let mut g = format!("start: line{more} END?\n");
+    if ids.is_empty() {
+        g.push_str("line: add | \"NONE\"\n");
+    } else {
+        g.push_str(&format!(
+            "line: add | update | delete | \"NONE\"\n\
+             update: \"UPDATE \" id \": \" NAME \": \" ADVICE\n\
+             delete: \"DELETE \" id\n\
+             id: {}\n",
+            ids.join(" | ")
+        ));
+    }
+    g.push_str("add: \"ADD: \" NAME \": \" ADVICE\n");
+    g.push_str(&lesson_terminals(max_chars));
+    g
+}
+
 /// Placeholder texts from the prompts' format examples, which small models copy verbatim.
 /// Lower case: the comparison is case-blind, since a copy often comes with its first letter
 /// raised ("Add: One sentence of advice.").
@@ -499,5 +560,57 @@ mod tests {
         assert!(
             matches!(&changes[2], Change::Add { provenance, source: Source::Learned, .. } if provenance.step == Some(3))
         );
+    }
+
+    #[test]
+    fn a_comparison_under_its_grammar_is_a_bounded_list_of_lessons() {
+        use crate::backend::grammar_check::accepts;
+        let g = lessons_grammar(2, 200);
+        let reply = "<lessons>\nCheck signs: Work out each part before combining them.\n</lessons>";
+        assert!(accepts(&g, reply));
+        assert_eq!(
+            parse_lessons(reply).unwrap(),
+            "Check signs: Work out each part before combining them."
+        );
+        let two = "<lessons>\nA: first piece of advice.\nB: second piece of advice.\n</lessons>\n";
+        assert!(accepts(&g, two));
+        let three = "<lessons>\nA: first piece of advice.\nB: second piece of advice.\nC: a third piece of advice.\n</lessons>";
+        assert!(!accepts(&g, three), "more lessons than max_lessons");
+        assert!(!accepts(&g, "<lessons>\n</lessons>"), "no lesson");
+        assert!(!accepts(&g, "Here are the lessons: ..."), "prose");
+        assert!(!accepts(
+            &g,
+            &format!("<lessons>\nA: {}\n</lessons>", "x".repeat(200))
+        ));
+    }
+
+    #[test]
+    fn operations_under_their_grammar_name_only_existing_ids_and_all_check() {
+        use crate::backend::grammar_check::accepts;
+        let g = operations_grammar(["E1", "E3"], 3, 200);
+        let reply = "ADD: Read twice: Read the question again before answering.\n\
+                     UPDATE E3: Units: Keep the units of every number.\nDELETE E1\n";
+        assert!(accepts(&g, reply));
+        let existing = [exp("E1", "Old: one."), exp("E3", "Older: two.")];
+        let (ok, rejected) = check(parse(reply).unwrap(), &existing, 200);
+        assert_eq!((ok.len(), rejected.len()), (3, 0));
+        assert!(accepts(&g, "NONE"));
+        assert!(!accepts(&g, "DELETE E2"), "an id the library does not have");
+        assert!(
+            !accepts(&g, "ADD: no name given here at all"),
+            "a lesson without a name"
+        );
+        assert!(
+            !accepts(&g, "NONE\nNONE\nNONE\nNONE"),
+            "more lines than max_ops"
+        );
+        assert!(!accepts(&g, "I would add a lesson."), "prose");
+        // An empty library admits only additions.
+        let empty = operations_grammar([], 1, 200);
+        assert!(accepts(
+            &empty,
+            "ADD: Units: Keep the units of every number."
+        ));
+        assert!(!accepts(&empty, "UPDATE E1: Units: Keep the units."));
     }
 }

@@ -20,7 +20,9 @@ mod run;
 
 pub use options::LearnOptions;
 pub use progress::Progress;
-pub use records::{Consolidation, GroupRecord, Rollout, RunSummary, StepResult, Validation};
+pub use records::{
+    Consolidation, GroupRecord, LearnerReplies, Rollout, RunSummary, StepResult, Validation,
+};
 pub use run::{Run, RunInfo};
 
 use std::collections::BTreeMap;
@@ -34,12 +36,15 @@ use serde::Serialize;
 use super::dataset::Dataset;
 use super::ops::{self, Proposal};
 use super::verify::{Judge, Scoring, Verifier};
-use crate::backend::{Backend, ChatRequest, FinishReason, Message, Priority, Role, Sampling};
+use crate::backend::{
+    Backend, ChatRequest, FinishReason, Message, OutputFormat, Priority, Role, Sampling,
+};
 use crate::error::{Error, Result};
 use crate::experience::proposals::Origin;
 use crate::experience::{Change, Experience};
 use crate::methods::{prior, Context};
 use crate::router::{Route, Router};
+use records::Ask;
 use run::{io, write_json};
 
 struct Learner<'a> {
@@ -53,6 +58,11 @@ struct Learner<'a> {
     progress: &'a Progress,
     /// Counts every model call the run makes, for its cost.
     meter: Arc<crate::backend::Meter>,
+    /// The learner's replies decode under their grammars (`methods.constrain`, on a backend
+    /// that can hold them).
+    constrained: bool,
+    /// How this step's learner replies read; taken into its result when it ends.
+    replies: std::sync::Mutex<LearnerReplies>,
 }
 
 /// Runs (or resumes) `run` to its end and returns what it did. Dropping the future stops the
@@ -205,11 +215,14 @@ impl<'a> Learner<'a> {
         if ctx.store.library(&o.library).is_err() {
             ctx.store.create(&o.library)?;
         }
+        let constrained = ctx.settings.constrain && learner.constrains();
         Ok(Learner {
             ctx,
             run,
             rollout,
             learner,
+            constrained,
+            replies: Default::default(),
             scoring,
             judge,
             rule,
@@ -275,6 +288,10 @@ impl Learner<'_> {
             self.progress.phase(step, "validating");
             result.validation = Some(self.validate().await?);
         }
+        result.replies = LearnerReplies {
+            constrained: self.constrained,
+            ..std::mem::take(&mut *self.replies.lock().expect("the tally is never poisoned"))
+        };
         Ok(result)
     }
 
@@ -561,18 +578,26 @@ impl Learner<'_> {
     }
 
     /// One learner call; retried (sampling, since a greedy retry would say the same again)
-    /// until `parse` accepts the reply. `Err(reason)` once the retries are spent.
+    /// until `parse` accepts the reply. `Err(reason)` once the retries are spent. Where the
+    /// learner can be constrained, the reply is decoded under `grammar` (the form `parse`
+    /// reads), so that a reply is lost only to the token limit.
     ///
     /// With `whole_lines`, a reply cut off by `learner_max_tokens` loses its last line before
     /// parsing: a half-written operation ("ADD: Short", the start of a copied format example)
     /// would otherwise parse as a complete one and reach the library.
     async fn ask<T>(
         &self,
+        kind: Ask,
         user: String,
-        whole_lines: bool,
+        grammar: Option<String>,
         parse: impl Fn(&str) -> std::result::Result<T, String>,
     ) -> Result<Asked<T>> {
         let o = self.options();
+        let whole_lines = kind != Ask::Summary;
+        let format = match grammar {
+            Some(g) if self.constrained => OutputFormat::Grammar(g),
+            _ => OutputFormat::Text,
+        };
         let system = self.ctx.prompts.render(
             "learner_system.j2",
             minijinja::context! { instruction => self.run.info.instruction },
@@ -595,6 +620,7 @@ impl Learner<'_> {
                         max_tokens: Some(o.learner_max_tokens),
                         temperature: Some(if attempt == 0 { 0.0 } else { 0.7 }),
                         n: 1,
+                        format: format.clone(),
                         ..Default::default()
                     },
                     ..Default::default()
@@ -606,11 +632,16 @@ impl Learner<'_> {
                 .next()
                 .map(|c| (c.text, c.finish_reason == FinishReason::Length))
                 .unwrap_or_default();
-            match parse(if whole_lines && cut {
+            let parsed = parse(if whole_lines && cut {
                 whole_lines_of(&reply)
             } else {
                 &reply
-            }) {
+            });
+            self.replies
+                .lock()
+                .expect("the tally is never poisoned")
+                .count(kind, parsed.is_ok());
+            match parsed {
                 Ok(v) => {
                     return Ok(Asked {
                         parsed: Ok(v),
@@ -668,7 +699,11 @@ impl Learner<'_> {
                 max_experiences => o.max_lessons,
             },
         )?;
-        let asked = self.ask(prompt, true, ops::parse_lessons).await?;
+        let max_chars = self.ctx.store.options().max_text_chars;
+        let grammar = ops::lessons_grammar(o.max_lessons, max_chars);
+        let asked = self
+            .ask(Ask::Comparison, prompt, Some(grammar), ops::parse_lessons)
+            .await?;
         record.advantage_reply = Some(asked.reply);
         record.advantage_cut = asked.cut;
         let lessons = match asked.parsed {
@@ -689,7 +724,11 @@ impl Learner<'_> {
                 lessons => lessons,
             },
         )?;
-        let asked = self.ask(prompt, true, ops::parse).await?;
+        let ids = snapshot.iter().map(|e| e.id.as_str());
+        let grammar = ops::operations_grammar(ids, o.max_lessons, max_chars);
+        let asked = self
+            .ask(Ask::Operations, prompt, Some(grammar), ops::parse)
+            .await?;
         record.update_reply = Some(asked.reply);
         record.update_cut = asked.cut;
         match asked.parsed {
@@ -720,7 +759,10 @@ impl Learner<'_> {
                         reward => r.reward, critique => r.critique,
                     },
                 )?;
-                let summary = self.ask(prompt, false, non_empty).await?.parsed;
+                let summary = self
+                    .ask(Ask::Summary, prompt, None, non_empty)
+                    .await?
+                    .parsed;
                 Ok::<_, Error>(summary.unwrap_or_else(|_| {
                     format!("(no summary; the attempt read:) {}", reply_or(&r.output))
                 }))
@@ -754,8 +796,13 @@ impl Learner<'_> {
             "batch_consolidate.j2",
             minijinja::context! { experiences => by_id, adds => adds },
         )?;
-        let asked = self.ask(prompt, true, ops::parse).await?;
         let max = self.ctx.store.options().max_text_chars;
+        // The merge has at most as many changes as were proposed.
+        let ids = snapshot.iter().map(|e| e.id.as_str());
+        let grammar = ops::operations_grammar(ids, proposals.len(), max);
+        let asked = self
+            .ask(Ask::Consolidation, prompt, Some(grammar), ops::parse)
+            .await?;
         let mut c = Consolidation {
             proposals: proposals.clone(),
             reply: Some(asked.reply),

@@ -104,6 +104,51 @@ pub struct StepResult {
     /// measurement and validation), and its wall time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<LearningCost>,
+    /// How the learner's replies read this step, call by call.
+    #[serde(default)]
+    pub replies: LearnerReplies,
+}
+
+/// The learner's calls of one kind: how many were made, and how many replies could not be
+/// read (each paid again as a retry while retries last).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyCount {
+    pub calls: u64,
+    pub unreadable: u64,
+}
+
+/// The learner's calls by kind, and whether they were decoded under their grammars.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LearnerReplies {
+    pub constrained: bool,
+    pub summary: ReplyCount,
+    pub comparison: ReplyCount,
+    pub operations: ReplyCount,
+    pub consolidation: ReplyCount,
+}
+
+/// Which of the learner's calls a reply answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    Summary,
+    Comparison,
+    Operations,
+    Consolidation,
+}
+
+impl LearnerReplies {
+    /// Counts one reply to an `ask` call, readable or not.
+    pub fn count(&mut self, ask: Ask, readable: bool) {
+        let c = match ask {
+            Ask::Summary => &mut self.summary,
+            Ask::Comparison => &mut self.comparison,
+            Ask::Operations => &mut self.operations,
+            Ask::Consolidation => &mut self.consolidation,
+        };
+        c.calls += 1;
+        c.unreadable += u64::from(!readable);
+    }
 }
 
 /// What learning cost: attempts (rollouts), model calls, tokens, wall time, and money when a
@@ -157,6 +202,7 @@ impl StepResult {
             validation: None,
             gate: None,
             cost: None,
+            replies: LearnerReplies::default(),
         }
     }
 }

@@ -29,7 +29,8 @@ pub fn bool_tasks(n: usize) -> Vec<Value> {
 /// Writes learner prompts into `dir/prompts` and returns that directory, for
 /// `EXPERIENT_PROMPTS_DIR`. The 135M model cannot write lessons or operations in the shipped
 /// prompts' form, but it reliably repeats a short sentence under this system prompt, so these
-/// make it repeat [`LESSON`] and an `ADD` of it. Left as shipped, the consolidation prompt is
+/// make it repeat [`LESSON`] and an `ADD` of it, in the forms the learner's grammars hold
+/// replies to (`ops::lessons_grammar`, `ops::operations_grammar`). Left as shipped, the consolidation prompt is
 /// beyond it: its sampled retries invent changes now and then, which made tests flaky.
 pub fn learner_prompts(dir: &std::path::Path) -> String {
     learner_prompts_saying(dir, LESSON)
@@ -44,7 +45,10 @@ pub fn learner_prompts_saying(dir: &std::path::Path, lesson: &str) -> String {
             "learner_system.j2",
             "You repeat what the user says, word for word.".to_owned(),
         ),
-        ("group_advantage.j2", format!("Say exactly: {lesson}")),
+        (
+            "group_advantage.j2",
+            format!("Say exactly:\n<lessons>\n{lesson}\n</lessons>"),
+        ),
         (
             "group_update.j2",
             "Say exactly:\nADD: {{ lessons }}".to_owned(),
