@@ -56,7 +56,7 @@ pub(super) fn run(a: PlanArgs) -> anyhow::Result<()> {
     let config = a.models.config()?;
     let family = Family::parse(&a.env)
         .ok_or_else(|| anyhow::anyhow!("unknown --env '{}'; known: {}", a.env, Family::known()))?;
-    let spec = spec(&a, family, &config.methods.plan);
+    let spec = spec(&a, family, &config.methods);
     spec.check(&config.bounds, ["--train", "--episodes", "--rounds"])
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let given = a
@@ -110,14 +110,14 @@ pub(super) fn run(a: PlanArgs) -> anyhow::Result<()> {
 }
 
 /// The run the flags ask for, the config filling in what they leave out.
-fn spec(a: &PlanArgs, family: Family, settings: &crate::config::PlanConfig) -> ipp::Spec {
+fn spec(a: &PlanArgs, family: Family, methods: &crate::config::MethodsConfig) -> ipp::Spec {
     ipp::Spec {
         task: a.task.clone(),
         direct: !a.no_direct,
         ..ipp::Spec::new(
             family,
-            settings,
-            ipp::training_instances(family, a.train.unwrap_or(settings.train)),
+            methods,
+            ipp::training_instances(family, a.train.unwrap_or(methods.plan.train)),
             (0..a.episodes as u64).map(|s| family.instance(s)).collect(),
             a.rounds,
             crate::backend::Sampling {

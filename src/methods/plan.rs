@@ -46,7 +46,7 @@ pub async fn run(
     request: ChatRequest,
     opts: &PlanOptions,
 ) -> Result<Output> {
-    let spec = spec(&ctx.settings.plan, &request, opts)?;
+    let spec = spec(&ctx.settings, &request, opts)?;
     let refresh = opts.refresh;
     let cache_owner = opts.cache_owner.clone();
     let ctx = ctx.clone();
@@ -101,7 +101,7 @@ pub async fn run(
 /// to every model call, and the instances default to the family's first five and its
 /// configured training seeds.
 fn spec(
-    settings: &crate::config::PlanConfig,
+    methods: &crate::config::MethodsConfig,
     request: &ChatRequest,
     opts: &PlanOptions,
 ) -> Result<Spec> {
@@ -115,7 +115,7 @@ fn spec(
     let train = opts
         .train
         .clone()
-        .unwrap_or_else(|| ipp::training_instances(family, settings.train));
+        .unwrap_or_else(|| ipp::training_instances(family, methods.plan.train));
     let text = |role: Role| {
         request
             .messages
@@ -132,7 +132,7 @@ fn spec(
         direct: opts.direct,
         ..Spec::new(
             family,
-            settings,
+            methods,
             train,
             eval,
             opts.rounds,

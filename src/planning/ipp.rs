@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{Family, Instance, Played};
-use crate::backend::{Backend, ChatRequest, Message, Role, Sampling, Usage};
+use crate::backend::{Backend, ChatRequest, Message, OutputFormat, Role, Sampling, Usage};
 use crate::error::{Error, Result};
 use crate::prompts::Prompts;
 use crate::sandbox::{self, Limits};
@@ -38,6 +38,9 @@ pub struct Spec {
     pub direct: bool,
     /// A program from the cache: play it without asking the model for a new one.
     pub reuse: Option<Cached>,
+    /// Decode programs and direct action lists under their grammars where the backend can
+    /// (`methods.constrain`).
+    pub constrain: bool,
 }
 
 /// Seeds of generated training instances start here, away from the small seeds clients
@@ -46,16 +49,18 @@ pub const TRAIN_SEED_BASE: u64 = 10_000;
 
 impl Spec {
     /// A run of `family` as the configuration sets it up: the sandbox limits and the feedback
-    /// count from `settings`, `rounds` and the token limit defaulting to theirs. The CLI and
-    /// the `plan` method both start here, then say what is theirs (prompts, `direct`, reuse).
+    /// count from `methods.plan`, `rounds` and the token limit defaulting to theirs, grammars
+    /// as `methods.constrain` says. The CLI and the `plan` method both start here, then say
+    /// what is theirs (prompts, `direct`, reuse).
     pub fn new(
         family: Family,
-        settings: &crate::config::PlanConfig,
+        methods: &crate::config::MethodsConfig,
         train: Vec<Instance>,
         eval: Vec<Instance>,
         rounds: Option<u32>,
         sampling: Sampling,
     ) -> Spec {
+        let settings = &methods.plan;
         Spec {
             family,
             system: String::new(),
@@ -76,6 +81,7 @@ impl Spec {
             },
             direct: false,
             reuse: None,
+            constrain: methods.constrain,
         }
     }
 
@@ -221,19 +227,27 @@ struct Asker<'a> {
     sampling: &'a Sampling,
     usage: Usage,
     calls: u32,
+    /// Replies are decoded under the grammar each call names.
+    constrained: bool,
 }
 
 impl Asker<'_> {
-    async fn ask(&mut self, mut messages: Vec<Message>) -> Result<String> {
+    /// One model call; its reply is held to `grammar` where the run is constrained.
+    async fn ask(&mut self, mut messages: Vec<Message>, grammar: Option<String>) -> Result<String> {
         if !self.system.is_empty() {
             messages.insert(0, Message::new(Role::System, self.system));
         }
+        let format = match grammar {
+            Some(g) if self.constrained => OutputFormat::Grammar(g),
+            _ => self.sampling.format.clone(),
+        };
         let done = self
             .backend
             .complete(ChatRequest {
                 messages,
                 sampling: Sampling {
                     n: 1,
+                    format,
                     ..self.sampling.clone()
                 },
                 priority: Default::default(),
@@ -260,6 +274,7 @@ impl<'a> Asker<'a> {
             sampling: &spec.sampling,
             usage: Usage::default(),
             calls: 0,
+            constrained: spec.constrain && backend.constrains(),
         }
     }
 }
@@ -284,6 +299,11 @@ struct Planner<'a> {
 }
 
 impl Planner<'_> {
+    /// The program grammar at this run's token limit.
+    fn program_grammar(&self) -> String {
+        program_grammar(self.spec.sampling.max_tokens.unwrap_or(512))
+    }
+
     /// The rules of the task family with the task and `extra` added, for a prompt.
     fn context(&self, extra: Value) -> Value {
         let mut ctx = self.rules.clone();
@@ -304,14 +324,14 @@ impl Planner<'_> {
             self.context(json!({ "example": example })),
         )?;
         let mut messages = vec![Message::new(Role::User, ask_plan)];
-        let plan = asker.ask(messages.clone()).await?;
+        let plan = asker.ask(messages.clone(), None).await?;
         (self.progress)(json!({"stage": "pseudocode", "text": plan}));
         messages.push(Message::new(Role::Assistant, plan.clone()));
         messages.push(Message::new(
             Role::User,
             self.prompts.render("plan_code.j2", &self.rules)?,
         ));
-        let code = extract_code(&asker.ask(messages).await?);
+        let code = extract_code(&asker.ask(messages, Some(self.program_grammar())).await?);
         let runs = play_all(&code, &spec.train, &spec.limits).await;
         // The pseudocode call counts towards the first program.
         let first = Round {
@@ -375,7 +395,12 @@ impl Planner<'_> {
             self.context(json!({"code": code, "failures": failures, "keys": keys.join(", ")})),
         )?;
         let before = (asker.usage, asker.calls);
-        let reply = asker.ask(vec![Message::new(Role::User, prompt)]).await?;
+        let reply = asker
+            .ask(
+                vec![Message::new(Role::User, prompt)],
+                Some(self.program_grammar()),
+            )
+            .await?;
         let code = extract_code(&reply);
         let runs = play_all(&code, train, &self.spec.limits).await;
         let round = Round {
@@ -434,7 +459,11 @@ impl Planner<'_> {
                     "obs": inst.observation().to_string(),
                 })),
             )?;
-            let reply = asker.ask(vec![Message::new(Role::User, prompt)]).await?;
+            let family = self.spec.family;
+            let grammar = actions_grammar(&family.actions(), family.max_actions());
+            let reply = asker
+                .ask(vec![Message::new(Role::User, prompt)], Some(grammar))
+                .await?;
             let actions = parse_actions(&reply);
             runs.push(Episode {
                 instance: inst.id(),
@@ -602,6 +631,40 @@ fn describe(run: &Episode) -> String {
     } else {
         format!(": {}", run.played.note)
     }
+}
+
+/// The longest action list a direct reply may write under its grammar.
+const MAX_DIRECT_ACTIONS: usize = 100;
+
+/// A direct reply's form as a grammar (llguidance's Lark): a list of quoted actions of the
+/// family, at most as many as count in an episode. Every reply held to it is read by
+/// [`parse_actions`], and none names an action the game does not have.
+pub fn actions_grammar(actions: &[&str], max: usize) -> String {
+    let names: Vec<String> = actions
+        .iter()
+        .map(|a| serde_json::to_string(&format!("\"{a}\"")).expect("a string serialises"))
+        .collect();
+    let more = match max.clamp(1, MAX_DIRECT_ACTIONS) - 1 {
+        0 => String::new(),
+        n => format!(" (\",\" \" \"? action){{0,{n}}}"),
+    };
+    format!(
+        "start: \"[\" action{more} \"]\" END?\naction: {}\nEND: /\\n[\\n ]{{0,8}}/\n",
+        names.join(" | ")
+    )
+}
+
+/// A program reply's form as a grammar: one ```python block and nothing else, whose code
+/// ends within `max_tokens` tokens (llguidance's `max_tokens` on the code), so that the
+/// block is always closed and a reply is never cut inside its program. The code holds no
+/// backticks, which is what lets the fence end it.
+pub fn program_grammar(max_tokens: u32) -> String {
+    // The fences and the end of turn take a few tokens of the budget.
+    let code = max_tokens.saturating_sub(8).max(8);
+    format!(
+        "start: \"```python\\n\" code \"```\" END?\ncode[max_tokens={code}]: CODE\n\
+         CODE: /[^`]+/\nEND: /\\n[\\n ]{{0,8}}/\n"
+    )
 }
 
 /// The program in a reply: the last ```python block, else the last fenced block, else the
@@ -795,5 +858,46 @@ mod tests {
             py_literal(&json!({"a": [1, true, null, "x\"y"]})),
             r#"{"a": [1, True, None, "x\"y"]}"#
         );
+    }
+
+    #[test]
+    fn a_direct_list_names_only_the_family_s_actions() {
+        use crate::backend::grammar_check::accepts;
+        let family = Family::parse("grasp").unwrap();
+        let g = actions_grammar(&family.actions(), family.max_actions());
+        let reply = r#"["UP", "TAKE","DOWN", "DROP"]"#;
+        assert!(accepts(&g, reply));
+        assert_eq!(parse_actions(reply), ["UP", "TAKE", "DOWN", "DROP"]);
+        assert!(
+            !accepts(&g, r#"["UP_LEFT"]"#),
+            "no diagonals in plain grasp"
+        );
+        assert!(!accepts(&g, r#"["fly"]"#));
+        assert!(!accepts(&g, "[]"));
+        assert!(
+            !accepts(&g, &format!("[{}]", vec![r#""UP""#; 21].join(", "))),
+            "over max_actions"
+        );
+        let minigrid = Family::parse("MiniGrid-Empty-5x5-v0").unwrap();
+        let g = actions_grammar(&minigrid.actions(), minigrid.max_actions());
+        assert!(accepts(&g, r#"["forward", "right", "forward"]"#));
+    }
+
+    #[test]
+    fn a_program_block_always_closes_within_its_token_limit() {
+        use crate::backend::grammar_check::accepts;
+        let g = program_grammar(40);
+        let reply = "```python\ndef solve(obs):\n    return []\n```";
+        assert!(accepts(&g, reply));
+        assert_eq!(extract_code(reply), "def solve(obs):\n    return []");
+        assert!(
+            !accepts(&g, "Here is the program:\n```python\nx\n```"),
+            "prose first"
+        );
+        // One byte is one token here: 32 tokens of code at most, then only the fence.
+        let long = format!("```python\n{}\n```", "x".repeat(40));
+        assert!(!accepts(&g, &long));
+        let fits = format!("```python\n{}```", "x".repeat(32));
+        assert!(accepts(&g, &fits));
     }
 }

@@ -59,6 +59,29 @@ impl Family {
         }
     }
 
+    /// The actions a list may name, spelled as `plan_rules.j2` spells them.
+    pub fn actions(&self) -> Vec<&'static str> {
+        match self {
+            Family::MiniGrid(_) => Action::ALL.iter().map(|a| a.name()).collect(),
+            Family::Grasp(s) => {
+                let mut moves = vec!["UP", "DOWN", "LEFT", "RIGHT"];
+                if s.diagonals {
+                    moves.extend(["UP_LEFT", "UP_RIGHT", "DOWN_LEFT", "DOWN_RIGHT"]);
+                }
+                moves.extend(["TAKE", "DROP"]);
+                moves
+            }
+        }
+    }
+
+    /// The most actions that count in one episode.
+    pub fn max_actions(&self) -> usize {
+        match self {
+            Family::MiniGrid(level) => MiniGrid::new(*level, 0).max_steps as usize,
+            Family::Grasp(s) => s.max_actions,
+        }
+    }
+
     /// Values for `plan_rules.j2`.
     pub fn rules_context(&self) -> Value {
         match self {
