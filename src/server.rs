@@ -318,12 +318,14 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     crate::sandbox::set_max_workers(opts.config.server.max_sandboxes);
     let (router, locals) = backends(&opts.config, &opts.model_cache).await?;
     let store = open_store(&opts).await?;
+    let prompts = Prompts::load(opts.prompts_dir.as_deref())?;
+    prompts.report_grammar_conflicts(opts.config.methods.constrain);
     let state = state(Parts {
         config: opts.config.clone(),
         router,
         store,
         keys,
-        prompts: Prompts::load(opts.prompts_dir.as_deref())?,
+        prompts,
         experience_dir: opts.experience_dir.clone(),
         runs_dir: opts.runs_dir.clone(),
     })?;

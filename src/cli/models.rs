@@ -54,9 +54,11 @@ impl ModelArgs {
             },
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let prompts = crate::prompts::Prompts::load(self.prompts_dir.as_deref())?;
+        prompts.report_grammar_conflicts(config.methods.constrain);
         let ctx = crate::methods::Context {
             store: Arc::new(store),
-            prompts: Arc::new(crate::prompts::Prompts::load(self.prompts_dir.as_deref())?),
+            prompts: Arc::new(prompts),
             settings: Arc::new(config.methods.clone()),
             bounds: Arc::new(config.bounds.clone()),
         };
