@@ -503,6 +503,24 @@ pub struct UpstreamModelConfig {
     /// What the upstream charges, so that learning and evaluation report their cost in money.
     #[serde(default)]
     pub price: Option<Price>,
+    /// Whether and how the methods' own replies are sent with their grammars.
+    #[serde(default)]
+    pub grammars: UpstreamGrammars,
+}
+
+/// How an upstream is given the grammars (llguidance's Lark) that the methods' replies are
+/// decoded under on a local model.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamGrammars {
+    /// Not at all: the methods read its free text, parsed and retried.
+    #[default]
+    None,
+    /// vLLM 0.10.2 and later: `structured_outputs: {"grammar": ...}`. vLLM must decode with
+    /// llguidance (`--structured-outputs-config.backend guidance`), which reads these grammars.
+    Vllm,
+    /// Older vLLM: `guided_grammar` (with `--guided-decoding-backend guidance`).
+    VllmGuided,
 }
 
 /// An upstream's price, per million tokens, in whatever currency the operator bills in.

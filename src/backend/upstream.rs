@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use super::{Admission, Backend, ChatRequest, Event, EventStream, FinishReason, Usage};
-use crate::config::UpstreamModelConfig;
+use crate::config::{UpstreamGrammars, UpstreamModelConfig};
 use crate::error::{Error, Result};
 
 /// A model served by another OpenAI-compatible server, reached with async-openai's config.
@@ -54,6 +54,8 @@ pub struct UpstreamBackend {
     max_retries: u32,
     admission: Admission,
     price: Option<crate::config::Price>,
+    /// How the methods' grammars are sent, if at all.
+    grammars: crate::config::UpstreamGrammars,
 }
 
 /// An upstream's answer with an error status, read before async-openai sees it, because its own
@@ -325,6 +327,12 @@ struct UpstreamBody<'a> {
     seed: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     response_format: Option<serde_json::Value>,
+    /// vLLM's structured outputs: a method's grammar (`grammars = "vllm"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    structured_outputs: Option<serde_json::Value>,
+    /// The same for vLLM before 0.10.2 (`grammars = "vllm-guided"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    guided_grammar: Option<&'a str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     tools: Vec<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -388,8 +396,7 @@ struct StreamOptions {
 fn response_format(f: &super::OutputFormat) -> Option<serde_json::Value> {
     use super::OutputFormat;
     match f {
-        // An upstream is not asked to hold a method's grammar (it does not `constrain`): the
-        // method reads the free text it gets.
+        // A method's grammar goes in vLLM's own field, where the upstream takes it at all.
         OutputFormat::Text | OutputFormat::Grammar(_) => None,
         OutputFormat::JsonObject => Some(serde_json::json!({"type": "json_object"})),
         OutputFormat::JsonSchema {
@@ -549,6 +556,7 @@ impl UpstreamBackend {
             total: Duration::from_secs_f64(c.total_timeout_secs),
             max_retries: c.max_retries,
             price: c.price,
+            grammars: c.grammars,
             admission: Admission::with_background(
                 &c.id,
                 c.max_concurrent,
@@ -593,6 +601,16 @@ impl UpstreamBackend {
             logit_bias: LogitBias(&s.logit_bias),
             seed: s.seed,
             response_format: response_format(&s.format),
+            structured_outputs: match (&s.format, self.grammars) {
+                (super::OutputFormat::Grammar(g), UpstreamGrammars::Vllm) => {
+                    Some(serde_json::json!({ "grammar": g }))
+                }
+                _ => None,
+            },
+            guided_grammar: match (&s.format, self.grammars) {
+                (super::OutputFormat::Grammar(g), UpstreamGrammars::VllmGuided) => Some(g),
+                _ => None,
+            },
             tools: r.tools.iter().map(tool_json).collect(),
             tool_choice: tool_choice_json(r),
             parallel_tool_calls: r.parallel_tool_calls.filter(|_| !r.tools.is_empty()),
@@ -825,6 +843,11 @@ impl Backend for UpstreamBackend {
         self.price
     }
 
+    /// Only where the configuration says the upstream takes the methods' grammars.
+    fn constrains(&self) -> bool {
+        self.grammars != UpstreamGrammars::None
+    }
+
     async fn stream(&self, request: ChatRequest) -> Result<EventStream> {
         let n = request.sampling.n.max(1);
         let permit = self.admission.admit(1, request.priority).await?;
@@ -1020,6 +1043,41 @@ mod tests {
         assert_eq!(legacy.len(), 2);
         assert_eq!((legacy[1].token.as_str(), legacy[1].logprob), (" b", -2.0));
         assert_eq!(legacy[1].top_logprobs.len(), 2);
+    }
+
+    #[test]
+    fn a_method_s_grammar_goes_upstream_only_where_the_configuration_says() {
+        let grammar = crate::learn::verify::JUDGE_GRAMMAR;
+        let r = ChatRequest {
+            sampling: crate::backend::Sampling {
+                format: crate::backend::OutputFormat::Grammar(grammar.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let body = |grammars: &str| {
+            let config: UpstreamModelConfig = toml::from_str(&format!(
+                "id = \"u\"\nbase_url = \"http://127.0.0.1:9/v1\"\n{grammars}"
+            ))
+            .unwrap();
+            let b = UpstreamBackend::new(&config).unwrap();
+            let json: serde_json::Value = serde_json::from_slice(&b.body(&r)).unwrap();
+            (b.constrains(), json)
+        };
+        let (constrains, plain) = body("");
+        assert!(!constrains);
+        assert!(plain.get("structured_outputs").is_none() && plain.get("guided_grammar").is_none());
+        assert!(plain.get("response_format").is_none());
+        let (constrains, vllm) = body("grammars = \"vllm\"");
+        assert!(constrains);
+        assert_eq!(
+            vllm["structured_outputs"],
+            serde_json::json!({"grammar": grammar})
+        );
+        let (constrains, old) = body("grammars = \"vllm-guided\"");
+        assert!(constrains);
+        assert_eq!(old["guided_grammar"], grammar);
+        assert!(old.get("structured_outputs").is_none());
     }
 
     #[test]
