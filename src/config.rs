@@ -627,7 +627,7 @@ pub fn default_prefix_cache() -> usize {
 pub fn default_prefill_chunk() -> usize {
     128
 }
-/// Concurrent requests per upstream model, before the queue.
+/// Requests a local model admits at once, before the queue.
 pub fn default_max_concurrent() -> usize {
     8
 }
@@ -643,7 +643,12 @@ pub fn background_slots(configured: Option<usize>, max_concurrent: usize) -> usi
     configured.unwrap_or(max_concurrent / 8).clamp(1, cap)
 }
 
-fn check_background(i: usize, slots: Option<usize>, max_concurrent: usize) -> anyhow::Result<()> {
+/// The admission settings both kinds of model share: at least one slot, and a learning lane
+/// that fits inside them.
+fn check_admission(i: usize, max_concurrent: usize, slots: Option<usize>) -> anyhow::Result<()> {
+    if max_concurrent == 0 {
+        anyhow::bail!("models[{i}].max_concurrent: must be at least 1");
+    }
     match slots {
         Some(b) if b == 0 || b > max_concurrent => anyhow::bail!(
             "models[{i}].background_slots: must be from 1 to max_concurrent ({max_concurrent})"
@@ -732,15 +737,20 @@ impl Config {
 }
 
 impl LocalModelConfig {
+    /// Model `id` (the embedded default model) with every setting at the default a
+    /// configuration file's `[[models]]` entry gets: the serde defaults are the one place they
+    /// are spelled.
+    pub fn with_defaults(id: &str) -> LocalModelConfig {
+        serde_json::from_value(serde_json::json!({ "id": id }))
+            .expect("every setting but the id has a default")
+    }
+
     /// `models[i]`'s own settings, for a local model.
     fn check(&self, i: usize) -> anyhow::Result<()> {
         if self.max_seqs == 0 {
             anyhow::bail!("models[{i}].max_seqs: must be at least 1");
         }
-        if self.max_concurrent == 0 {
-            anyhow::bail!("models[{i}].max_concurrent: must be at least 1");
-        }
-        check_background(i, self.background_slots, self.max_concurrent)?;
+        check_admission(i, self.max_concurrent, self.background_slots)?;
         if self.prefix_cache > 1024 {
             anyhow::bail!(
                 "models[{i}].prefix_cache: {} is over the most this server keeps, 1024",
@@ -781,10 +791,7 @@ impl UpstreamModelConfig {
                 anyhow::bail!("models[{i}].{key}: must be a positive number of seconds");
             }
         }
-        if self.max_concurrent == 0 {
-            anyhow::bail!("models[{i}].max_concurrent: must be at least 1");
-        }
-        check_background(i, self.background_slots, self.max_concurrent)?;
+        check_admission(i, self.max_concurrent, self.background_slots)?;
         if let Some(p) = self.price {
             for (key, v) in [
                 ("prompt_per_million", p.prompt_per_million),

@@ -80,19 +80,7 @@ pub fn check_cpu() -> anyhow::Result<()> {
 
 fn local_models(config: &Config) -> Vec<LocalModelConfig> {
     if config.models.is_empty() {
-        return vec![LocalModelConfig {
-            id: fetch::DEFAULT_MODEL_ID.into(),
-            gguf: None,
-            max_seqs: crate::config::default_max_seqs(),
-            max_concurrent: crate::config::default_max_concurrent(),
-            queue: crate::config::default_queue(),
-            background_slots: None,
-            force_cpu: false,
-            requantize_q4_1: false,
-            fallback: vec![],
-            prefix_cache: crate::config::default_prefix_cache(),
-            prefill_chunk: crate::config::default_prefill_chunk(),
-        }];
+        return vec![LocalModelConfig::with_defaults(fetch::DEFAULT_MODEL_ID)];
     }
     config
         .models

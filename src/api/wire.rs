@@ -222,7 +222,9 @@ fn range(v: Option<f64>, lo: f64, hi: f64, param: &'static str) -> Result<Option
 
 /// The sampling fields every generating endpoint has, as one request gave them. Each endpoint
 /// fills it from its own fields and checks it here, so all of them accept exactly the same
-/// values and name the field the client sent.
+/// values and name the field the client sent. (The request structs still declare the fields
+/// each: they refuse unknown fields by name with `deny_unknown_fields`, which serde cannot
+/// combine with a flattened shared struct.)
 #[derive(Debug, Default)]
 pub struct SamplingFields {
     /// The token limit, and the field it came in.
