@@ -7,9 +7,9 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
 use axum::Json;
 use serde_json::{json, Value};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::error::JsonBody;
 use super::libraries::blocking;
@@ -18,11 +18,8 @@ use crate::error::Result;
 use crate::experience::canary::{Canary, CanarySpec};
 
 /// The live-trial routes, under the library they try.
-pub fn routes() -> axum::Router<AppState> {
-    axum::Router::new().route(
-        "/v1/libraries/{name}/canary",
-        post(start).get(read).delete(stop),
-    )
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(start, read, stop))
 }
 
 /// A trial as the API shows it: its record, with each arm's mean feedback.

@@ -6,10 +6,10 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::error::JsonBody;
 use super::jobs::TaskBody;
@@ -22,13 +22,10 @@ use crate::learn::verify::{Judge, Scoring};
 use crate::router::Method;
 
 /// The evaluation routes, under the library they measure.
-pub fn routes() -> axum::Router<AppState> {
-    axum::Router::new()
-        .route("/v1/libraries/{name}/evaluations", post(create).get(list))
-        .route(
-            "/v1/libraries/{name}/evaluations/{id}",
-            get(read).delete(cancel),
-        )
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create, list))
+        .routes(routes!(read, cancel))
 }
 
 /// A version of the library, or no library at all.

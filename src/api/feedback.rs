@@ -9,21 +9,21 @@
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, post};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::json;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::error::JsonBody;
 use super::AppState;
 use crate::error::{Error, Result};
 
 /// The feedback routes, under the completions they rate.
-pub fn routes() -> axum::Router<AppState> {
-    axum::Router::new()
-        .route("/v1/feedback", post(create).get(list))
-        .route("/v1/libraries/{name}/traffic", delete(purge))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create, list))
+        .routes(routes!(purge))
 }
 
 /// What a person says about a served completion.

@@ -4,10 +4,10 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::error::{parse_json, JsonBody};
 use super::AppState;
@@ -16,12 +16,12 @@ use crate::learn::dataset::{Dataset, Split, Task};
 use crate::learn::grpo::{LearnOptions, Run};
 
 /// Learning jobs: start one on a library, read, cancel, chart.
-pub fn routes() -> axum::Router<AppState> {
-    axum::Router::new()
-        .route("/v1/libraries/{name}/learn", post(start))
-        .route("/v1/jobs", get(list))
-        .route("/v1/jobs/{id}", get(get_job).delete(cancel))
-        .route("/v1/jobs/{id}/chart.svg", get(chart))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(start))
+        .routes(routes!(list))
+        .routes(routes!(get_job, cancel))
+        .routes(routes!(chart))
 }
 
 #[derive(Deserialize)]

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::error::JsonBody;
 use super::AppState;
@@ -16,33 +16,19 @@ use crate::error::{Error, Result};
 use crate::experience::{self, Experience, Library, Settings, Store};
 
 /// The experience-library admin routes.
-pub fn routes() -> axum::Router<AppState> {
-    axum::Router::new()
-        .route("/v1/libraries", get(list_libraries).post(create_library))
-        .route(
-            "/v1/libraries/{name}",
-            get(get_library).patch(patch_library).delete(delete_library),
-        )
-        .route(
-            "/v1/libraries/{name}/experiences",
-            get(list_experiences).post(add_experience),
-        )
-        .route(
-            "/v1/libraries/{name}/experiences/{id}",
-            get(get_experience)
-                .patch(patch_experience)
-                .delete(delete_experience),
-        )
-        .route(
-            "/v1/libraries/{name}/experiences/{id}/provenance",
-            get(provenance),
-        )
-        .route("/v1/libraries/{name}/versions", get(list_versions))
-        .route("/v1/libraries/{name}/versions/{version}", get(get_version))
-        .route("/v1/libraries/{name}/diff", get(diff))
-        .route("/v1/libraries/{name}/rollback", post(rollback))
-        .route("/v1/libraries/{name}/export", get(export))
-        .route("/v1/libraries/{name}/import", post(import))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_libraries, create_library))
+        .routes(routes!(get_library, patch_library, delete_library))
+        .routes(routes!(list_experiences, add_experience))
+        .routes(routes!(get_experience, patch_experience, delete_experience))
+        .routes(routes!(provenance))
+        .routes(routes!(list_versions))
+        .routes(routes!(get_version))
+        .routes(routes!(diff))
+        .routes(routes!(rollback))
+        .routes(routes!(export))
+        .routes(routes!(import))
 }
 
 /// Store operations fsync and commit the index, so they run off the async threads.

@@ -26,9 +26,11 @@ use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::Json;
 use serde_json::json;
+use utoipa::OpenApi;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::error::Error;
 use crate::experience::Store;
@@ -102,25 +104,35 @@ pub struct AppSettings {
     pub edge: edge::Edge,
 }
 
-/// Every route, with the layers (auth, limits, panics, metrics) in the order they apply.
-pub fn app(state: AppState, settings: &AppSettings) -> axum::Router {
-    let edge = Arc::new(settings.edge.clone());
-    axum::Router::new()
-        .route("/v1/chat/completions", post(chat::chat_completions))
-        .route("/v1/completions", post(completions::completions))
+/// Every documented route, declared once: each handler's `utoipa::path` attribute gives both
+/// its axum route and its entry in `/openapi.json`, so the two cannot drift apart.
+pub(crate) fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(chat::chat_completions))
+        .routes(routes!(completions::completions))
         .merge(responses::routes())
         .merge(feedback::routes())
-        .route("/v1/models", get(list_models))
-        .route("/v1/models/{*id}", get(get_model))
-        .route("/health", get(health))
-        .route("/metrics", get(metrics::render))
-        .route("/openapi.json", get(openapi::document))
+        .routes(routes!(list_models))
+        .routes(routes!(health))
+        .routes(routes!(metrics::render))
+        .routes(routes!(openapi::document))
         .merge(libraries::routes())
         .merge(review::routes())
-        .merge(ui::routes())
         .merge(jobs::routes())
         .merge(evaluations::routes())
         .merge(canary::routes())
+}
+
+/// Every route, with the layers (auth, limits, panics, metrics) in the order they apply.
+pub fn app(state: AppState, settings: &AppSettings) -> axum::Router {
+    let edge = Arc::new(settings.edge.clone());
+    let (api, _) = api_routes().split_for_parts();
+    api
+        // Model ids hold slashes, so this route is a catch-all that OpenAPI cannot spell; the
+        // document names it as `/v1/models/{id}` (`openapi::ApiDoc`).
+        .route("/v1/models/{*id}", get(get_model))
+        // The curation UI's page and files, which are not API.
+        .merge(ui::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))

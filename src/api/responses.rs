@@ -9,10 +9,10 @@
 
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::auth::Caller;
 use super::error::JsonBody;
@@ -28,11 +28,11 @@ use crate::methods::Event;
 use crate::methods::{self, Applied};
 
 /// The Responses API routes.
-pub fn routes() -> axum::Router<AppState> {
-    axum::Router::new()
-        .route("/v1/responses", post(create))
-        .route("/v1/responses/{id}", get(retrieve).delete(delete))
-        .route("/v1/responses/{id}/input_items", get(input_items))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create))
+        .routes(routes!(retrieve, delete))
+        .routes(routes!(input_items))
 }
 
 /// The `POST /v1/responses` body.

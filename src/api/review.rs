@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::routing::{get, post};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::error::parse_json;
 use super::libraries::{blocking, library_object};
@@ -18,20 +18,14 @@ use crate::experience::proposals::{Edit, Proposal, Proposed, Status};
 use crate::experience::{Library, VersionSummary};
 
 /// Review of proposed changes: list, read, approve, reject.
-pub fn routes() -> axum::Router<AppState> {
-    axum::Router::new()
-        .route("/v1/libraries/{name}/proposals", get(list))
-        .route("/v1/libraries/{name}/proposals/approve", post(approve_many))
-        .route("/v1/libraries/{name}/proposals/reject", post(reject_many))
-        .route("/v1/libraries/{name}/proposals/{id}", get(get_one))
-        .route(
-            "/v1/libraries/{name}/proposals/{id}/approve",
-            post(approve_one),
-        )
-        .route(
-            "/v1/libraries/{name}/proposals/{id}/reject",
-            post(reject_one),
-        )
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(approve_many))
+        .routes(routes!(reject_many))
+        .routes(routes!(get_one))
+        .routes(routes!(approve_one))
+        .routes(routes!(reject_one))
 }
 
 pub(super) fn proposal_object(p: &Proposal) -> Value {
