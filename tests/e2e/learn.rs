@@ -186,6 +186,19 @@ async fn a_learning_job_commits_a_version_that_explains_itself() {
         "only mixed groups are compared"
     );
     assert_eq!(g["summaries"].as_array().unwrap().len(), 4);
+    // The learner's replies were decoded under their grammars, and each one was read.
+    let replies = &committed[0]["replies"];
+    assert_eq!(replies["constrained"], true, "{replies}");
+    assert!(
+        replies["comparison"]["calls"].as_u64().unwrap() >= 1,
+        "{replies}"
+    );
+    assert!(
+        replies["operations"]["calls"].as_u64().unwrap() >= 1,
+        "{replies}"
+    );
+    assert_eq!(replies["comparison"]["unreadable"], 0, "{replies}");
+    assert_eq!(replies["operations"]["unreadable"], 0, "{replies}");
     assert!(std::fs::read_to_string(step_dir.join("consolidation.json"))
         .unwrap()
         .contains("\"result\""));
