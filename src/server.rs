@@ -237,6 +237,7 @@ pub fn state(parts: Parts) -> anyhow::Result<AppState> {
         feedback_rate: api::feedback::FeedbackRate::new(config.traffic.feedback_per_minute),
         key_slots: api::auth::KeySlots::new(config.auth.max_requests_per_key),
         traffic: Arc::new(traffic),
+        embeddings: Arc::new(api::embeddings::Embeddings::new(config.embeddings.clone())?),
     }))
 }
 
@@ -328,6 +329,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         load_in_background(b, failed_tx.clone());
     }
     drop(failed_tx);
+    load_embeddings(state.embeddings.clone(), opts.model_cache.clone());
     let failure = Arc::new(parking_lot::Mutex::new(None));
     let noted = failure.clone();
     let stop = async move {
@@ -364,6 +366,40 @@ async fn open_store(opts: &ServeOptions) -> anyhow::Result<Arc<Store>> {
             )
         })?;
     Ok(Arc::new(store))
+}
+
+/// Fetches (when it is the embedded default) and loads the embedding model in the background.
+/// A failure is logged and kept as the reason `/v1/embeddings` gives; chat goes on serving.
+fn load_embeddings(slot: Arc<api::embeddings::Embeddings>, model_cache: std::path::PathBuf) {
+    let c = slot.config.clone();
+    if !slot.local() {
+        return;
+    }
+    slot.start_loading();
+    tokio::spawn(async move {
+        let t = std::time::Instant::now();
+        let settings = c.settings();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let dir = match &c.dir {
+                Some(d) => d.clone(),
+                None => fetch::ensure_embedding_model(&model_cache)?,
+            };
+            crate::backend::embed::Embedder::load(&dir, settings)
+        })
+        .await
+        .unwrap_or_else(|e| Err(anyhow::anyhow!("the loading task failed: {e}")));
+        match &loaded {
+            Ok(m) => tracing::info!(
+                model = m.id(),
+                secs = t.elapsed().as_secs_f64(),
+                "embedding model loaded"
+            ),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "the embedding model did not load; /v1/embeddings answers 503")
+            }
+        }
+        slot.set(loaded);
+    });
 }
 
 /// Loads a local model in the background; a failure (or a panic in the loader) is sent on

@@ -5,6 +5,7 @@ pub(crate) mod canary;
 pub(crate) mod chat;
 pub(crate) mod completions;
 pub mod edge;
+pub(crate) mod embeddings;
 pub(crate) mod error;
 mod evaluations;
 pub(crate) mod feedback;
@@ -95,6 +96,8 @@ pub struct Shared {
     pub key_slots: auth::KeySlots,
     /// Feedback given per key this minute (`traffic.feedback_per_minute`).
     pub feedback_rate: feedback::FeedbackRate,
+    /// The embedding model behind `/v1/embeddings`, loaded after start-up.
+    pub embeddings: Arc<embeddings::Embeddings>,
 }
 
 /// Settings that shape the router itself rather than a handler.
@@ -110,6 +113,7 @@ pub(crate) fn api_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(chat::chat_completions))
         .routes(routes!(completions::completions))
+        .merge(embeddings::routes())
         .merge(responses::routes())
         .merge(feedback::routes())
         .routes(routes!(list_models))
@@ -237,6 +241,9 @@ pub(super) async fn health(State(s): State<AppState>) -> Response {
     if !s.router.all_ready() {
         return Error::Unavailable("the model is still loading".into()).into_response();
     }
+    if s.embeddings.loading() {
+        return Error::Unavailable("the embedding model is still loading".into()).into_response();
+    }
     Json(json!({"status": "ok"})).into_response()
 }
 
@@ -246,11 +253,15 @@ fn model_object(id: &str, created: u64) -> serde_json::Value {
 
 #[utoipa::path(get, path = "/v1/models", tag = "openai", responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope)))]
 pub(super) async fn list_models(State(s): State<AppState>) -> Json<serde_json::Value> {
-    let data: Vec<_> = s
+    let mut data: Vec<_> = s
         .router
         .models()
         .map(|(id, _)| model_object(id, s.started))
         .collect();
+    // The embedding model last, so that a client taking the first model gets a chat model.
+    if s.embeddings.config.enabled {
+        data.push(model_object(&s.embeddings.config.id, s.started));
+    }
     Json(json!({"object": "list", "data": data}))
 }
 
@@ -260,7 +271,9 @@ pub(super) async fn get_model(
     Path(id): Path<String>,
 ) -> Result<Response, Error> {
     let parsed = crate::router::parse_model_name(&id);
+    let embedding = s.embeddings.config.enabled && id == s.embeddings.config.id;
     match s.router.backend(parsed.model) {
+        _ if embedding => Ok(Json(model_object(&id, s.started)).into_response()),
         Some(_) => Ok(Json(model_object(&id, s.started)).into_response()),
         None => Err(Error::not_found(
             format!("the model '{id}' does not exist"),

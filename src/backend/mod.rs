@@ -5,6 +5,7 @@
 //! Non-streaming is derived from streaming ([`collect`]) so that both paths share one code path,
 //! and so that dropping the consumer always cancels generation.
 
+pub mod embed;
 pub(crate) mod fallback;
 pub mod fetch;
 #[cfg(test)]

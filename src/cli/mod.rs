@@ -36,8 +36,8 @@ enum Command {
     Plan(plan::PlanArgs),
     /// Curate experience libraries: list, search, add, edit, rm, export, import, versions, rollback.
     Experience(experience::ExperienceArgs),
-    /// Download the embedded default model into the cache, prepare its Q8_0 rewrite, and print
-    /// the path of the original.
+    /// Download the embedded default models (chat and embedding) into the cache and print
+    /// their paths.
     FetchModel {
         #[arg(long, env = "EXPERIENT_MODEL_CACHE")]
         model_cache: Option<PathBuf>,
@@ -68,7 +68,9 @@ impl Cli {
             Command::Plan(a) => plan::run(a),
             Command::FetchModel { model_cache } => {
                 let cache = model_cache.unwrap_or_else(fetch::default_cache_dir);
-                fetch::ensure_default_model(&cache).map(|p| println!("{}", p.display()))
+                println!("{}", fetch::ensure_default_model(&cache)?.display());
+                println!("{}", fetch::ensure_embedding_model(&cache)?.display());
+                Ok(())
             }
             Command::Health { url } => health(&url),
             Command::Sandbox => std::process::exit(crate::sandbox::worker_main()),

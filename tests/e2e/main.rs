@@ -13,6 +13,7 @@ mod canary;
 mod chat;
 mod cpu_attention;
 mod docker;
+mod embeddings;
 mod eval;
 mod experience;
 mod gate;

@@ -131,7 +131,18 @@ async fn experient_in_front_of_upstreams() {
     // The proxy lists its aliases.
     let models = s.front.client().models().list().await.unwrap();
     let ids: Vec<&str> = models.data.iter().map(|m| m.id.as_str()).collect();
-    assert_eq!(ids, ["up", "broken", "doomed", "dead", "slow", "nokey"]);
+    assert_eq!(
+        ids,
+        [
+            "up",
+            "broken",
+            "doomed",
+            "dead",
+            "slow",
+            "nokey",
+            "all-minilm-l6-v2"
+        ]
+    );
 
     // Through the proxy, greedy text is what the upstream itself says.
     let direct =
