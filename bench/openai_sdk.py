@@ -121,10 +121,25 @@ def run(client, model, prior_model):
         assert r.choices[0].text == text, (r, text)
         return repr(text)
 
+    def embeddings():
+        # The SDK asks for base64 unless told otherwise and decodes it itself.
+        texts = ["How do I reset my password?", "I forgot my login and must change it.",
+                 "The recipe needs two cups of flour."]
+        r = client.embeddings.create(model="all-minilm-l6-v2", input=texts)
+        floats = client.embeddings.create(model="all-minilm-l6-v2", input=texts[2],
+                                          encoding_format="float")
+        v = [d.embedding for d in r.data]
+        dot = lambda a, b: sum(x * y for x, y in zip(a, b))
+        assert len(v) == 3 and len(v[0]) == 384, [len(x) for x in v]
+        assert dot(v[0], v[1]) > dot(v[0], v[2]) + 0.3, (dot(v[0], v[1]), dot(v[0], v[2]))
+        assert max(abs(a - b) for a, b in zip(v[2], floats.data[0].embedding)) < 1e-5
+        return f"384 dims, paraphrase {dot(v[0], v[1]):.2f} vs other {dot(v[0], v[2]):.2f}, {r.usage.prompt_tokens} tokens"
+
     for name, fn in [("forced tool call", forced), ("streamed tool call", streamed),
                      ("multi-turn tools", multi_turn), ("parse (json_schema)", parse),
                      ("logprobs", logprobs), ("responses + previous_response_id", responses),
-                     ("responses.stream", responses_stream), ("completions", completions)]:
+                     ("responses.stream", responses_stream), ("completions", completions),
+                     ("embeddings (base64 and float)", embeddings)]:
         check(f"[{model}] {name}", fn)
 
 
