@@ -69,10 +69,24 @@ def langchain(base, model):
             return r
         return run
 
+    def embeddings():
+        # As LangChain documents for OpenAI-compatible servers: no tiktoken length check (its
+        # encoding is OpenAI's, and fetched from the network), so the texts go as they are.
+        from langchain_openai import OpenAIEmbeddings
+        emb = OpenAIEmbeddings(base_url=base + "/v1", api_key="unused", model="all-minilm-l6-v2",
+                               check_embedding_ctx_length=False)
+        docs = emb.embed_documents(["How do I reset my password?", "The recipe needs flour."])
+        q = emb.embed_query("I forgot my login.")
+        dot = lambda a, b: sum(x * y for x, y in zip(a, b))
+        assert len(docs) == 2 and len(q) == 384, (len(docs), len(q))
+        assert dot(q, docs[0]) > dot(q, docs[1]), (dot(q, docs[0]), dot(q, docs[1]))
+        return f"query nearer the paraphrase: {dot(q, docs[0]):.2f} vs {dot(q, docs[1]):.2f}"
+
     return [("bind_tools, non-strict schema, named choice", bind_tools),
             ("streamed tool-call chunks", streamed_chunks),
             ("with_structured_output json_schema", structured("json_schema")),
-            ("with_structured_output function_calling", structured("function_calling"))]
+            ("with_structured_output function_calling", structured("function_calling")),
+            ("OpenAIEmbeddings (base64)", embeddings)]
 
 
 class Calls:
