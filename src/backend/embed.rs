@@ -7,6 +7,7 @@
 //! not depend on what it was batched with (up to float rounding).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
@@ -43,6 +44,17 @@ pub struct EmbedSettings {
     /// Requests embedded at once, and requests that may wait (then 429).
     pub max_concurrent: usize,
     pub queue: usize,
+}
+
+/// Raises its flag when dropped: the embedding request's future owns it, the blocking work
+/// reads it between batches.
+#[derive(Default)]
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// A loaded embedding model.
@@ -152,22 +164,38 @@ impl Embedder {
     }
 
     /// Embeds already-tokenized inputs, a batch at a time, once admitted; runs the model on a
-    /// blocking thread so that no async worker computes.
+    /// blocking thread so that no async worker computes. Dropping the future (the client left)
+    /// stops the work at the next batch.
     pub async fn embed(self: &Arc<Self>, ids: Vec<Vec<u32>>) -> Result<Embedded> {
         let _permit = self.admission.admit(1, Priority::Interactive).await?;
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.embed_now(&ids))
+        let stop = StopOnDrop::default();
+        let flag = stop.0.clone();
+        tokio::task::spawn_blocking(move || this.embed_now(&ids, &flag))
             .await
             .map_err(|e| Error::internal(format!("the embedding task failed: {e}")))?
     }
 
-    fn embed_now(&self, ids: &[Vec<u32>]) -> Result<Embedded> {
-        let mut vectors = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(self.settings.batch.max(1)) {
-            vectors.extend(
-                self.forward(chunk)
-                    .map_err(|e| Error::internal(format!("embedding failed: {e}")))?,
-            );
+    /// Inputs of like length are batched together (sorted by length, as sentence-transformers
+    /// does), so that a short input is not padded to a long one's length; the vectors are put
+    /// back in the inputs' order.
+    fn embed_now(&self, ids: &[Vec<u32>], stop: &AtomicBool) -> Result<Embedded> {
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&i| ids[i].len());
+        let mut vectors = vec![Vec::new(); ids.len()];
+        for chunk in order.chunks(self.settings.batch.max(1)) {
+            if stop.load(Ordering::Relaxed) {
+                return Err(Error::Timeout(
+                    "the client left before its embeddings were done".into(),
+                ));
+            }
+            let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
+            let out = self
+                .forward(&batch)
+                .map_err(|e| Error::internal(format!("embedding failed: {e}")))?;
+            for (&i, v) in chunk.iter().zip(out) {
+                vectors[i] = v;
+            }
         }
         Ok(Embedded {
             vectors,
