@@ -24,8 +24,11 @@ file="$crate-$version.crate"
 cached=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"$file" 2>/dev/null | head -1 || true)
 if [ -n "$cached" ]; then
   cp "$cached" "$work/$file"
-else
+elif command -v curl >/dev/null 2>&1; then
   curl -sSfL --retry 3 -o "$work/$file" "https://static.crates.io/crates/$crate/$file"
+else
+  python3 -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' \
+    "https://static.crates.io/crates/$crate/$file" "$work/$file"
 fi
 echo "$sha  $work/$file" | sha256sum -c --quiet -
 tar xzf "$work/$file" -C "$work"
