@@ -692,13 +692,16 @@ impl Wire for ResponseWire {
                         call["status"] = json!("incomplete");
                     }
                 }
+                self.events.call_done();
             }
+            Event::Model(Model::Finish { .. }) => self.events.call_done(),
             _ => {}
         }
         out.append(&mut self.events.out);
     }
 
     fn close(&mut self, usage: Usage, applied: &Applied, out: &mut Vec<Bytes>) {
+        self.events.call_done();
         if self.events.open.is_none() && self.events.output.is_empty() {
             // An empty answer is still one message, as the non-streamed response has.
             self.events.open_message();
@@ -764,6 +767,9 @@ struct EventWriter {
     out: Vec<Bytes>,
     /// The status the message being written closes with: "incomplete" once the tokens ran out.
     item_status: &'static str,
+    /// The call whose `output_item.done` waits for the next event: only the finish that
+    /// follows a call says whether the tokens ran out inside it.
+    call_pending: Option<usize>,
 }
 
 impl Default for EventWriter {
@@ -774,6 +780,7 @@ impl Default for EventWriter {
             open: None,
             out: Vec::new(),
             item_status: "completed",
+            call_pending: None,
         }
     }
 }
@@ -808,6 +815,7 @@ impl EventWriter {
     }
 
     fn delta(&mut self, text: String) {
+        self.call_done();
         if self.open.is_none() {
             self.open_message();
         }
@@ -836,8 +844,10 @@ impl EventWriter {
         );
     }
 
-    /// A whole call as one function_call item, after any message before it.
+    /// A whole call as one function_call item, after any message before it; its
+    /// `output_item.done` is sent by [`Self::call_done`] once the next event shows its status.
     fn tool_call(&mut self, call: &ToolCall) {
+        self.call_done();
         self.close_message();
         let (id, at) = (hex_id("fc"), self.output.len());
         self.send(
@@ -849,12 +859,20 @@ impl EventWriter {
             json!({"item_id": id, "output_index": at, "delta": call.arguments}),
         );
         self.send("response.function_call_arguments.done", json!({"item_id": id, "output_index": at, "name": call.name, "arguments": call.arguments}));
-        let item = call_item(&id, call, &call.arguments, "completed");
-        self.output.push(item.clone());
-        self.send(
-            "response.output_item.done",
-            json!({"output_index": at, "item": item}),
-        );
+        self.output
+            .push(call_item(&id, call, &call.arguments, "completed"));
+        self.call_pending = Some(at);
+    }
+
+    /// Closes the call left open by [`Self::tool_call`], with the status it ended with.
+    fn call_done(&mut self) {
+        if let Some(at) = self.call_pending.take() {
+            let item = self.output[at].clone();
+            self.send(
+                "response.output_item.done",
+                json!({"output_index": at, "item": item}),
+            );
+        }
     }
 
     fn error(&mut self, e: &Error) {

@@ -119,6 +119,30 @@ async fn ordinary_schemas_give_calls_and_a_cut_call_is_still_a_call() {
                 assert!(serde_json::from_str::<Value>(args).is_err(), "cut: {args}");
             }
         }
+        // Streamed through the Responses API, the cut call's item closes as incomplete.
+        let body = json!({"model": model, "temperature": 0, "max_output_tokens": 12,
+            "input": "What is the weather in Paris?", "stream": true,
+            "tools": [{"type": "function", "name": "get_weather",
+                "parameters": plain[0]["function"]["parameters"]}], "tool_choice": "required"});
+        let text = crate::common::post_text(&format!("{}/v1/responses", server.base), &body).await;
+        let events: Vec<Value> = crate::common::sse_data(&text)
+            .iter()
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        let done: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["type"] == "response.output_item.done")
+            .collect();
+        assert_eq!(done.len(), 1, "{model}: {text}");
+        assert_eq!(done[0]["item"]["type"], "function_call", "{model}: {text}");
+        assert_eq!(done[0]["item"]["status"], "incomplete", "{model}: {text}");
+        let last = events.last().unwrap();
+        assert_eq!(last["type"], "response.incomplete", "{model}: {text}");
+        let seq: Vec<u64> = events
+            .iter()
+            .map(|e| e["sequence_number"].as_u64().unwrap())
+            .collect();
+        assert!(seq.windows(2).all(|w| w[1] == w[0] + 1), "{seq:?}");
     }
 }
 
