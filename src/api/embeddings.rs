@@ -238,6 +238,11 @@ pub(super) async fn create(
     // `user` is OpenAI's end-user tag for abuse monitoring: it goes in the log.
     tracing::debug!(user = ?req.user, inputs = ids.len(), "embedding");
     let done = model.embed(ids).await?;
+    let id = model.id().to_owned();
+    metrics::counter!("experient_embedding_inputs_total", "model" => id.clone())
+        .increment(done.vectors.len() as u64);
+    metrics::counter!("experient_embedding_tokens_total", "model" => id)
+        .increment(done.tokens as u64);
     let data: Vec<Value> = done
         .vectors
         .iter()

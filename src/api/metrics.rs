@@ -84,6 +84,14 @@ fn describe() {
         "experient_plan_instances_total",
         "Instances solved by planning programs, by family"
     );
+    metrics::describe_counter!(
+        "experient_embedding_inputs_total",
+        "Inputs embedded by /v1/embeddings, by model"
+    );
+    metrics::describe_counter!(
+        "experient_embedding_tokens_total",
+        "Tokens embedded by /v1/embeddings, by model"
+    );
 }
 
 /// `GET /metrics` in the Prometheus text format.

@@ -128,6 +128,22 @@ async fn token_ids_are_this_model_s_and_the_errors_are_openai_s() {
     // The native size is not a shortening, so it is taken.
     let (s, _) = post(json!({"model": MODEL, "input": "a", "dimensions": 384})).await;
     assert_eq!(s, 200);
+    // What was embedded is counted for operators.
+    let text = reqwest::get(shared().url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let count = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{model=\"{MODEL}\"}}")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(count("experient_embedding_inputs_total") >= 3.0, "{text}");
+    assert!(count("experient_embedding_tokens_total") >= 3.0, "{text}");
 }
 
 #[tokio::test]
