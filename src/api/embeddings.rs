@@ -232,12 +232,12 @@ pub(super) async fn create(
             ));
         }
     }
-    let ids = model.tokenize(&inputs).map_err(|(i, why)| {
-        Error::invalid_param(format!("input {i} {why}"), format!("input[{i}]"))
-    })?;
     // `user` is OpenAI's end-user tag for abuse monitoring: it goes in the log.
-    tracing::debug!(user = ?req.user, inputs = ids.len(), "embedding");
-    let done = model.embed(ids).await?;
+    tracing::debug!(user = ?req.user, inputs = inputs.len(), "embedding");
+    let done = model.embed(inputs).await?.map_err(|bad| {
+        let i = bad.index;
+        Error::invalid_param(format!("input {i} {}", bad.why), format!("input[{i}]"))
+    })?;
     let id = model.id().to_owned();
     metrics::counter!("experient_embedding_inputs_total", "model" => id.clone())
         .increment(done.vectors.len() as u64);

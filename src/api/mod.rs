@@ -272,13 +272,13 @@ pub(super) async fn get_model(
 ) -> Result<Response, Error> {
     let parsed = crate::router::parse_model_name(&id);
     let embedding = s.embeddings.config.enabled && id == s.embeddings.config.id;
-    match s.router.backend(parsed.model) {
-        _ if embedding => Ok(Json(model_object(&id, s.started)).into_response()),
-        Some(_) => Ok(Json(model_object(&id, s.started)).into_response()),
-        None => Err(Error::not_found(
+    if embedding || s.router.backend(parsed.model).is_some() {
+        Ok(Json(model_object(&id, s.started)).into_response())
+    } else {
+        Err(Error::not_found(
             format!("the model '{id}' does not exist"),
             "model",
-        )),
+        ))
     }
 }
 

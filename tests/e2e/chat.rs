@@ -80,12 +80,7 @@ async fn health_and_metrics() {
         .create(request("Hi", 2))
         .await
         .unwrap();
-    let text = reqwest::get(shared().url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::get_text(&shared().url("/metrics")).await;
     for name in [
         "experient_http_requests_total",
         "experient_http_request_duration_seconds_bucket",

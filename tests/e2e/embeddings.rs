@@ -129,12 +129,7 @@ async fn token_ids_are_this_model_s_and_the_errors_are_openai_s() {
     let (s, _) = post(json!({"model": MODEL, "input": "a", "dimensions": 384})).await;
     assert_eq!(s, 200);
     // What was embedded is counted for operators.
-    let text = reqwest::get(shared().url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = crate::common::get_text(&shared().url("/metrics")).await;
     let count = |name: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(&format!("{name}{{model=\"{MODEL}\"}}")))

@@ -235,6 +235,11 @@ pub async fn call(
 
 /// POSTs `body` as JSON and returns the response body as text (a stream, read to its end).
 #[allow(dead_code)]
+/// The body of `GET url` as text.
+pub async fn get_text(url: &str) -> String {
+    ::reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
 pub async fn post_text(url: &str, body: &serde_json::Value) -> String {
     ::reqwest::Client::new()
         .post(url)
