@@ -249,6 +249,20 @@ async fn the_loop_with_built_in_prompts_records_every_round() {
         assert_eq!(trace[arm]["summary"]["instances"], 2, "{arm}");
         assert_eq!(trace[arm]["runs"].as_array().unwrap().len(), 2, "{arm}");
     }
+    // Direct replies are decoded as lists of the family's own actions: left to itself, the
+    // model writes Python here and no action can be read (bench/plan_grammar.py).
+    let legal = [
+        "left", "right", "forward", "pickup", "drop", "toggle", "done",
+    ];
+    for run in trace["direct"]["runs"].as_array().unwrap() {
+        let actions = run["actions"].as_array().unwrap();
+        assert!(!actions.is_empty(), "{run}");
+        assert!(
+            actions.iter().all(|a| legal.contains(&a.as_str().unwrap())),
+            "{run}"
+        );
+        assert!(run["reply"].as_str().unwrap().starts_with('['), "{run}");
+    }
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
 }
 
