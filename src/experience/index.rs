@@ -11,8 +11,13 @@ use parking_lot::Mutex;
 use tantivy::collector::TopDocs;
 use tantivy::directory::MmapDirectory;
 use tantivy::query::{BooleanQuery, Occur, Query, TermQuery};
-use tantivy::schema::{Field, IndexRecordOption, Schema, Value, STORED, STRING, TEXT};
-use tantivy::tokenizer::TokenStream;
+use tantivy::schema::{
+    Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, Value, STORED, STRING,
+};
+use tantivy::tokenizer::{
+    Language, LowerCaser, RemoveLongFilter, SimpleTokenizer, StopWordFilter, TextAnalyzer,
+    TokenStream,
+};
 use tantivy::{doc, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
 
 use super::Experience;
@@ -38,10 +43,29 @@ pub struct Index {
     tags: Field,
 }
 
+/// The analyzer of experience texts and queries: words, lowercased, without English stop
+/// words. Stop words carried no meaning but did carry BM25 weight: "the" and "that" made a
+/// lesson a lexical match for any question, which rank fusion then counted as evidence.
+const ANALYZER: &str = "experient_en";
+
+fn analyzer() -> TextAnalyzer {
+    TextAnalyzer::builder(SimpleTokenizer::default())
+        .filter(RemoveLongFilter::limit(40))
+        .filter(LowerCaser)
+        .filter(StopWordFilter::new(Language::English).expect("tantivy ships English stop words"))
+        .build()
+}
+
 fn schema() -> (Schema, Field, Field, Field) {
     let mut b = Schema::builder();
     let id = b.add_text_field("id", STRING | STORED);
-    let text = b.add_text_field("text", TEXT);
+    let indexing = TextFieldIndexing::default()
+        .set_tokenizer(ANALYZER)
+        .set_index_option(IndexRecordOption::WithFreqsAndPositions);
+    let text = b.add_text_field(
+        "text",
+        TextOptions::default().set_indexing_options(indexing),
+    );
     let tags = b.add_text_field("tags", STRING);
     (b.build(), id, text, tags)
 }
@@ -101,6 +125,7 @@ impl Index {
 
     /// A tantivy index with its manually reloaded reader and the schema's fields.
     fn wrap(index: tantivy::Index, id: Field, text: Field, tags: Field) -> Result<Index> {
+        index.tokenizers().register(ANALYZER, analyzer());
         let reader = index
             .reader_builder()
             .reload_policy(ReloadPolicy::Manual)
