@@ -62,6 +62,12 @@ pub struct EmbeddingsConfig {
     pub api_key_env: Option<String>,
     /// Seconds an upstream request may take.
     pub timeout_secs: f64,
+    /// Retrieve experiences by meaning with this model too (hybrid retrieval); off, priors
+    /// and searches go by words alone.
+    pub retrieval: bool,
+    /// Experiences up to which a library's vectors are searched exactly; an HNSW graph
+    /// answers past it.
+    pub exact_search_up_to: usize,
 }
 
 impl Default for EmbeddingsConfig {
@@ -79,6 +85,8 @@ impl Default for EmbeddingsConfig {
             model: None,
             api_key_env: None,
             timeout_secs: 60.0,
+            retrieval: true,
+            exact_search_up_to: crate::experience::vectors::DEFAULT_EXACT_UP_TO,
         }
     }
 }

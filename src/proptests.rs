@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use crate::api::error::parse_json;
 use crate::api::wire::{ChatCompletionRequest, RequestLimits};
+use crate::experience::Query;
 
 /// Field names a chat request really has, so that generated objects reach deep into parsing
 /// and validation instead of stopping at an unknown shape.
@@ -209,7 +210,7 @@ proptest! {
         // overflow it long before these depths.
         let hits = std::thread::Builder::new()
             .stack_size(1 << 20)
-            .spawn(move || store.search("l", Some(&q), None, 3).map(|h| h.len()))
+            .spawn(move || store.search("l", &Query::text(&q, 3)).map(|h| h.len()))
             .unwrap()
             .join()
             .expect("search overflowed a small stack");

@@ -329,7 +329,11 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         load_in_background(b, failed_tx.clone());
     }
     drop(failed_tx);
-    load_embeddings(state.embeddings.clone(), opts.model_cache.clone());
+    load_embeddings(
+        state.embeddings.clone(),
+        opts.model_cache.clone(),
+        state.store.clone(),
+    );
     let failure = Arc::new(parking_lot::Mutex::new(None));
     let noted = failure.clone();
     let stop = async move {
@@ -354,6 +358,7 @@ async fn open_store(opts: &ServeOptions) -> anyhow::Result<Arc<Store>> {
         max_proposals: opts.config.bounds.max_proposals,
         cache_bytes: opts.config.bounds.search_cache_bytes,
         snapshot_bytes: opts.config.bounds.snapshot_cache_bytes,
+        exact_search_up_to: opts.config.embeddings.exact_search_up_to,
         ..StoreOptions::default()
     };
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, options))
@@ -370,9 +375,18 @@ async fn open_store(opts: &ServeOptions) -> anyhow::Result<Arc<Store>> {
 
 /// Fetches (when it is the embedded default) and loads the embedding model in the background.
 /// A failure is logged and kept as the reason `/v1/embeddings` gives; chat goes on serving.
-fn load_embeddings(slot: Arc<api::embeddings::Embeddings>, model_cache: std::path::PathBuf) {
+/// Once the model is there (an upstream's at once), the store retrieves experiences with it.
+fn load_embeddings(
+    slot: Arc<api::embeddings::Embeddings>,
+    model_cache: std::path::PathBuf,
+    store: Arc<Store>,
+) {
     let c = slot.config.clone();
+    let retrieve = c.enabled && c.retrieval;
     if !slot.local() {
+        if retrieve && c.base_url.is_some() {
+            store.start_embedding(slot);
+        }
         return;
     }
     slot.start_loading();
@@ -388,6 +402,7 @@ fn load_embeddings(slot: Arc<api::embeddings::Embeddings>, model_cache: std::pat
         })
         .await
         .unwrap_or_else(|e| Err(anyhow::anyhow!("the loading task failed: {e}")));
+        let ok = loaded.is_ok();
         match &loaded {
             Ok(m) => tracing::info!(
                 model = m.id(),
@@ -395,10 +410,13 @@ fn load_embeddings(slot: Arc<api::embeddings::Embeddings>, model_cache: std::pat
                 "embedding model loaded"
             ),
             Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "the embedding model did not load; /v1/embeddings answers 503")
+                tracing::error!(error = %format!("{e:#}"), "the embedding model did not load; /v1/embeddings answers 503 and experiences are retrieved by words")
             }
         }
         slot.set(loaded);
+        if ok && retrieve {
+            store.start_embedding(slot);
+        }
     });
 }
 

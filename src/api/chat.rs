@@ -350,6 +350,7 @@ mod tests {
             library: None,
             experiences: None,
             version: None,
+            retrieval: None,
             canary: None,
         }
     }

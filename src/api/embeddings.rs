@@ -101,6 +101,70 @@ impl Embeddings {
     }
 }
 
+/// The same model makes the vectors that experiences are retrieved by: in-process once it
+/// has loaded, or the upstream's.
+#[async_trait::async_trait]
+impl crate::experience::vectors::Embed for Embeddings {
+    fn model(&self) -> String {
+        self.config.id.clone()
+    }
+
+    async fn embed(&self, texts: Vec<String>, background: bool) -> Result<Vec<Vec<f32>>> {
+        let vectors = match &self.upstream {
+            Some(u) => {
+                // An upstream refuses what is too long rather than cutting it; experiences are
+                // short, and a question's end says what it asks.
+                let cut: Vec<String> = texts
+                    .iter()
+                    .map(|t| {
+                        let start = t.char_indices().rev().nth(2000).map_or(0, |(i, _)| i);
+                        t[start..].to_owned()
+                    })
+                    .collect();
+                let answer = u.embed(json!({"model": "", "input": cut})).await?;
+                upstream_vectors(&answer, texts.len())?
+            }
+            None => {
+                let priority = match background {
+                    true => crate::backend::Priority::Background,
+                    false => crate::backend::Priority::Interactive,
+                };
+                self.model()?.embed_texts(texts, priority).await?
+            }
+        };
+        Ok(vectors.into_iter().map(unit).collect())
+    }
+}
+
+/// The vectors of an upstream's answer, in input order.
+fn upstream_vectors(answer: &Value, n: usize) -> Result<Vec<Vec<f32>>> {
+    let bad = || Error::internal("the embedding upstream's answer holds no vectors");
+    let mut out = vec![Vec::new(); n];
+    for item in answer["data"].as_array().ok_or_else(bad)? {
+        let i = item["index"].as_u64().ok_or_else(bad)? as usize;
+        let v: Vec<f32> = item["embedding"]
+            .as_array()
+            .ok_or_else(bad)?
+            .iter()
+            .map(|x| x.as_f64().unwrap_or(0.0) as f32)
+            .collect();
+        *out.get_mut(i).ok_or_else(bad)? = v;
+    }
+    if out.iter().any(Vec::is_empty) {
+        return Err(bad());
+    }
+    Ok(out)
+}
+
+/// `v` scaled to length 1 (not every model's vectors are), so that a dot product is a cosine.
+fn unit(mut v: Vec<f32>) -> Vec<f32> {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 0.0 {
+        v.iter_mut().for_each(|x| *x /= n);
+    }
+    v
+}
+
 /// A request to `/v1/embeddings`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -13,6 +13,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::error::JsonBody;
 use super::AppState;
 use crate::error::{Error, Result};
+use crate::experience::retrieve::{Mode, RetrievalOverride};
 use crate::experience::{self, Experience, Library, Settings, Store};
 
 /// The experience-library admin routes.
@@ -53,6 +54,7 @@ pub(super) fn library_object(lib: &Library) -> Value {
         "pending_proposals": lib.pending_proposals(),
         "canary": lib.running_canary().as_ref().map(super::canary::canary_object),
         "settings": lib.settings(),
+        "vectors": lib.vector_status(),
     })
 }
 
@@ -157,9 +159,46 @@ pub(super) struct ListParams {
     q: Option<String>,
     tag: Option<String>,
     limit: Option<String>,
+    mode: Option<String>,
+    min_score: Option<String>,
+    diversity: Option<String>,
+    lexical_weight: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/libraries/{name}/experiences", tag = "libraries", params(("name" = String, Path, description = "the library"), ("q" = Option<String>, Query, description = "BM25 search"), ("tag" = Option<String>, Query), ("limit" = Option<String>, Query, description = "1 to 10000")), responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "damaged library", body = crate::api::openapi::ErrorEnvelope)))]
+impl ListParams {
+    /// The search's overrides of the library's retrieval settings, each checked by name.
+    fn retrieval(&self) -> Result<RetrievalOverride> {
+        let mode = match self.mode.as_deref() {
+            None => None,
+            Some("hybrid") => Some(Mode::Hybrid),
+            Some("lexical") => Some(Mode::Lexical),
+            Some("semantic") => Some(Mode::Semantic),
+            Some(_) => {
+                return Err(Error::invalid(
+                    "mode must be hybrid, lexical or semantic",
+                    "mode",
+                ))
+            }
+        };
+        let number = |v: &Option<String>, name: &'static str| match v.as_deref() {
+            None => Ok(None),
+            Some(t) => t
+                .parse::<f64>()
+                .map(Some)
+                .map_err(|_| Error::invalid(format!("{name} must be a number"), name)),
+        };
+        let o = RetrievalOverride {
+            mode,
+            min_score: number(&self.min_score, "min_score")?,
+            diversity: number(&self.diversity, "diversity")?,
+            lexical_weight: number(&self.lexical_weight, "lexical_weight")?,
+        };
+        o.check("")?;
+        Ok(o)
+    }
+}
+
+#[utoipa::path(get, path = "/v1/libraries/{name}/experiences", tag = "libraries", params(("name" = String, Path, description = "the library"), ("q" = Option<String>, Query, description = "search: BM25 and embeddings fused, as the library's retrieval settings say"), ("tag" = Option<String>, Query), ("limit" = Option<String>, Query, description = "1 to 10000"), ("mode" = Option<String>, Query, description = "hybrid, lexical or semantic"), ("min_score" = Option<String>, Query, description = "least cosine similarity, -1 to 1"), ("diversity" = Option<String>, Query, description = "0 to 1"), ("lexical_weight" = Option<String>, Query, description = "hybrid: what BM25 adds to the similarity, 0 to 1")), responses((status = 200, description = "the object", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "damaged library", body = crate::api::openapi::ErrorEnvelope)))]
 pub(super) async fn list_experiences(
     State(s): State<AppState>,
     Path(name): Path<String>,
@@ -177,10 +216,24 @@ pub(super) async fn list_experiences(
             }
         },
     };
+    let retrieval = p.retrieval()?;
     let lib = s.store.library(&name)?;
     let store = s.store.clone();
+    let text = p.q.unwrap_or_default();
+    let mode = lib.settings().retrieval.with(&retrieval).mode;
+    let vector = match mode.semantic() && !text.trim().is_empty() {
+        true => store.embed_query(&text).await,
+        false => None,
+    };
     let hits = tokio::task::spawn_blocking(move || {
-        store.search(&name, p.q.as_deref(), p.tag.as_deref(), limit)
+        let q = crate::experience::Query {
+            text: &text,
+            vector: vector.as_deref(),
+            tag: p.tag.as_deref(),
+            limit,
+            retrieval,
+        };
+        store.search(&name, &q)
     })
     .await
     .map_err(Error::internal)??;
@@ -188,8 +241,14 @@ pub(super) async fn list_experiences(
         .into_iter()
         .map(|h| {
             let mut v = experience_object(&lib, &h.experience);
-            if let Some(score) = h.score {
-                v["score"] = json!(score);
+            for (field, value) in [
+                ("score", h.score),
+                ("lexical", h.lexical),
+                ("similarity", h.similarity),
+            ] {
+                if let Some(x) = value {
+                    v[field] = json!(x);
+                }
             }
             v
         })
@@ -217,19 +276,67 @@ pub(super) struct NewExperience {
     tags: Vec<String>,
 }
 
-#[utoipa::path(post, path = "/v1/libraries/{name}/experiences", tag = "libraries", params(("name" = String, Path, description = "the library")), request_body = NewExperience, responses((status = 201, description = "added", body = Object), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "damaged library", body = crate::api::openapi::ErrorEnvelope)))]
+#[utoipa::path(post, path = "/v1/libraries/{name}/experiences", tag = "libraries", params(("name" = String, Path, description = "the library")), params(("review" = Option<bool>, Query, description = "hold as a proposal"), ("dedupe" = Option<bool>, Query, description = "refuse (409) a near-duplicate of an experience")), request_body = NewExperience, responses((status = 201, description = "added; near_duplicates lists the experiences it is close to", body = Object), (status = 409, description = "a near-duplicate, with dedupe=true", body = crate::api::openapi::ErrorEnvelope), (status = 400, description = "bad input", body = crate::api::openapi::ErrorEnvelope), (status = 401, description = "missing or wrong key", body = crate::api::openapi::ErrorEnvelope), (status = 403, description = "needs an admin key", body = crate::api::openapi::ErrorEnvelope), (status = 404, description = "no such library or item", body = crate::api::openapi::ErrorEnvelope), (status = 503, description = "damaged library", body = crate::api::openapi::ErrorEnvelope)))]
 pub(super) async fn add_experience(
     State(s): State<AppState>,
     Path(name): Path<String>,
-    Query(r): Query<ReviewParam>,
+    Query(r): Query<AddParams>,
     JsonBody(body): JsonBody<NewExperience>,
 ) -> Result<Response> {
     let lib = s.store.library(&name)?;
-    if r.wanted()? {
-        return proposed(&s, name, move |st| st.add_change(&body.text, body.tags)).await;
+    let review = flag(r.review.as_deref(), "review")?;
+    let dedupe = flag(r.dedupe.as_deref(), "dedupe")?;
+    let near = s
+        .store
+        .near_duplicates(&name, std::slice::from_ref(&body.text))
+        .await?
+        .pop()
+        .flatten();
+    if let (true, Some((id, similarity))) = (dedupe, &near) {
+        return Err(Error::Conflict(format!(
+            "library '{name}' already holds {id}, which says nearly the same (similarity \
+             {similarity:.2}); edit it instead, or add without dedupe=true to keep both"
+        )));
     }
-    let e = blocking(&s.store, move |st| st.add(&name, &body.text, body.tags)).await?;
-    Ok((StatusCode::CREATED, Json(experience_object(&lib, &e))).into_response())
+    let flagged = json!(near
+        .iter()
+        .map(|(id, similarity)| json!({"id": id, "similarity": similarity}))
+        .collect::<Vec<_>>());
+    let (status, mut v) = if review {
+        let p = blocking(&s.store, move |st| {
+            st.propose_one(&name, st.add_change(&body.text, body.tags)?)
+        })
+        .await?;
+        (StatusCode::ACCEPTED, super::review::proposal_object(&p))
+    } else {
+        let e = blocking(&s.store, move |st| st.add(&name, &body.text, body.tags)).await?;
+        (StatusCode::CREATED, experience_object(&lib, &e))
+    };
+    if near.is_some() {
+        v["near_duplicates"] = flagged;
+    }
+    Ok((status, Json(v)).into_response())
+}
+
+/// A manual add's switches: `review` holds it as a proposal; `dedupe` refuses it when the
+/// library already holds an experience that says nearly the same (otherwise such an add is
+/// kept and flagged in `near_duplicates`).
+#[derive(Deserialize)]
+pub(super) struct AddParams {
+    review: Option<String>,
+    dedupe: Option<String>,
+}
+
+/// A `true`/`false` query switch, refused by name when it is anything else.
+fn flag(v: Option<&str>, name: &'static str) -> Result<bool> {
+    match v {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(Error::invalid(
+            format!("{name} must be true or false, got '{other}'"),
+            name,
+        )),
+    }
 }
 
 /// `?review=true` on a write: hold it as a pending proposal instead of committing it.
@@ -240,14 +347,7 @@ pub(super) struct ReviewParam {
 
 impl ReviewParam {
     fn wanted(&self) -> Result<bool> {
-        match self.review.as_deref() {
-            None | Some("false") => Ok(false),
-            Some("true") => Ok(true),
-            Some(other) => Err(Error::invalid(
-                format!("review must be true or false, got '{other}'"),
-                "review",
-            )),
-        }
+        flag(self.review.as_deref(), "review")
     }
 }
 

@@ -74,6 +74,14 @@ pub(super) fn method_options(
             ));
         }
     }
+    let retrieval = options.retrieval.unwrap_or_default();
+    retrieval.check("experient.retrieval.")?;
+    if options.retrieval.is_some() && route.library.is_none() {
+        return Err(Error::invalid(
+            "experient.retrieval ranks the request's library, and this request names no library",
+            "experient.retrieval",
+        ));
+    }
     let limit = methods::iterresearch::MAX_ROUNDS_LIMIT;
     if options
         .max_rounds
@@ -99,6 +107,8 @@ pub(super) fn method_options(
         },
         version: options.version,
         audience: audience(caller, chat),
+        retrieval,
+        context_length: route.backend.context_length(),
     })
 }
 

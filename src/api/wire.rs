@@ -120,6 +120,10 @@ pub struct ExperientOptions {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub experiences: Option<crate::methods::Selection>,
+    /// How the library's experiences are retrieved for this request: `mode` (hybrid,
+    /// lexical, semantic), `min_score`, `diversity`; each overrides the library's setting.
+    #[serde(default)]
+    pub retrieval: Option<crate::experience::retrieve::RetrievalOverride>,
     /// IterResearch: most rounds before an answer is forced.
     #[serde(default)]
     pub max_rounds: Option<u32>,

@@ -194,6 +194,45 @@ impl Embedder {
         .map_err(|e| Error::internal(format!("the embedding task failed: {e}")))?
     }
 
+    /// Embeds `texts` cut to the model's length (as sentence-transformers cuts them), for the
+    /// server's own use: retrieving experiences, where a long question is not an error.
+    /// `Background` work (vectors of a library) waits behind clients.
+    pub async fn embed_texts(
+        self: &Arc<Self>,
+        texts: Vec<String>,
+        priority: Priority,
+    ) -> Result<Vec<Vec<f32>>> {
+        let _permit = self.admission.admit(1, priority).await?;
+        let this = self.clone();
+        let stop = StopOnDrop::default();
+        let flag = stop.0.clone();
+        tokio::task::spawn_blocking(move || {
+            let ids = texts
+                .iter()
+                .map(|t| this.cut_ids(t))
+                .collect::<Result<Vec<_>>>()?;
+            this.embed_now(&ids, &flag).map(|e| e.vectors)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("the embedding task failed: {e}")))?
+    }
+
+    /// `text`'s token ids, cut to the model's length with its [SEP] kept last.
+    fn cut_ids(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| Error::internal(format!("cannot tokenize: {e}")))?
+            .get_ids()
+            .to_vec();
+        let max = self.settings.max_tokens.max(2);
+        if ids.len() > max {
+            ids.truncate(max - 1);
+            ids.push(self.sep);
+        }
+        Ok(ids)
+    }
+
     /// Inputs of like length are batched together (sorted by length, as sentence-transformers
     /// does), so that a short input is not padded to a long one's length; the vectors are put
     /// back in the inputs' order.

@@ -161,13 +161,25 @@ fn run_on(store: &Store, command: ExperienceCommand) -> crate::Result<serde_json
             library,
             tag,
             limit,
-        } => to_json(&store.search(&library, None, tag.as_deref(), limit)?),
+        } => to_json(&store.list(&library, tag.as_deref(), limit)?),
         Search {
             library,
             query,
             tag,
             limit,
-        } => to_json(&store.search(&library, Some(&query), tag.as_deref(), limit)?),
+        } => {
+            // The CLI loads no embedding model: it searches by words (the server searches
+            // by meaning too).
+            let q = crate::experience::Query {
+                tag: tag.as_deref(),
+                retrieval: crate::experience::retrieve::RetrievalOverride {
+                    mode: Some(crate::experience::retrieve::Mode::Lexical),
+                    ..Default::default()
+                },
+                ..crate::experience::Query::text(&query, limit)
+            };
+            to_json(&store.search(&library, &q)?)
+        }
         Add {
             library,
             text,

@@ -401,12 +401,50 @@ impl Snapshot {
         Ok(Snapshot { experiences, index })
     }
 
-    /// The `k` best matches for `q`, best first.
-    pub fn search(&self, q: &str, k: usize) -> Result<Vec<Experience>> {
-        let hits = self.index.search(q, None, k)?;
-        Ok(hits
+    /// The `k` best matches for `q` (and its vector `qv`), best first, ranked as `r` says.
+    /// Vectors come from the library's own, for the experiences whose text is the same in
+    /// both; the others are found by their words alone.
+    pub fn retrieve(
+        &self,
+        q: &str,
+        qv: Option<&[f32]>,
+        k: usize,
+        r: &super::retrieve::Retrieval,
+        vectors: &super::vectors::Vectors,
+    ) -> Result<Vec<Experience>> {
+        use super::retrieve::{rank, Candidates, Mode};
+        let pool = super::library::candidate_pool(k);
+        let lexical = match r.mode {
+            Mode::Semantic => vec![],
+            _ => self.index.search(q, None, pool)?,
+        };
+        let find = |id: &str| self.experiences.iter().find(|e| e.id == id);
+        let vector = |id: &str| find(id).and_then(|e| vectors.get(id, &e.text));
+        let dense = match qv {
+            Some(qv) if r.mode.semantic() => {
+                let mut d: Vec<(String, f32)> = self
+                    .experiences
+                    .iter()
+                    .filter_map(|e| {
+                        let v = vectors.get(&e.id, &e.text)?;
+                        Some((e.id.clone(), super::vectors::dot(qv, &v)))
+                    })
+                    .collect();
+                d.sort_by(|a, b| b.1.total_cmp(&a.1));
+                d.truncate(pool);
+                d
+            }
+            _ => vec![],
+        };
+        let c = Candidates {
+            lexical,
+            dense,
+            query: qv,
+            vector: &vector,
+        };
+        Ok(rank(c, r, k)
             .into_iter()
-            .filter_map(|(id, _)| self.experiences.iter().find(|e| e.id == id).cloned())
+            .filter_map(|h| find(&h.id).cloned())
             .collect())
     }
 

@@ -192,6 +192,15 @@ fn max_id(v: &Version) -> u64 {
         .unwrap_or(0)
 }
 
+/// Experiences embedded per call when vectors are refreshed.
+const VECTOR_BATCH: usize = 32;
+
+/// How many candidates each side of a search of `k` contributes: enough that fusion, the
+/// minimum similarity and diversity have something to choose from.
+pub(super) fn candidate_pool(k: usize) -> usize {
+    k.saturating_mul(4).clamp(32, 256)
+}
+
 /// One experience library: its content replayed from the log, its settings, proposals
 /// and use counts. Every write appends a version to the log before memory changes.
 pub struct Library {
@@ -205,6 +214,10 @@ pub struct Library {
     pub(super) state: RwLock<State>,
     settings: RwLock<Settings>,
     pub(super) index: Index,
+    /// Sentence vectors of the experiences, made in the background by the store's refresher.
+    pub(super) vectors: super::vectors::Vectors,
+    /// Woken after every change, so that the refresher makes the new vectors.
+    changed: std::sync::OnceLock<Arc<tokio::sync::Notify>>,
     usage: Mutex<Usage>,
     pub(super) credit: Mutex<Credit>,
     /// The live trial, with the candidate it serves (built when it starts or first serves).
@@ -313,6 +326,11 @@ impl Library {
             }),
             settings: RwLock::new(settings),
             index,
+            vectors: super::vectors::Vectors::open(
+                Some(dir.join(super::vectors::FILE)),
+                super::vectors::DEFAULT_EXACT_UP_TO,
+            ),
+            changed: std::sync::OnceLock::new(),
             usage: Mutex::new(Usage {
                 counts: usage,
                 ..Default::default()
@@ -608,6 +626,88 @@ impl Library {
         s.next_id = s.next_id.max(max_id(record) + 1);
         note_texts(&mut s.text_since, record);
         s.versions.push(record.clone());
+        drop(s);
+        self.vectors.forget(&removed);
+        self.vectors.mark_stale();
+        if let Some(n) = self.changed.get() {
+            n.notify_one();
+        }
+    }
+
+    /// Its vectors: how many, of which model, searched how.
+    pub fn vector_status(&self) -> super::vectors::Status {
+        self.vectors.status()
+    }
+
+    /// Whether an approximate index of its vectors is being built.
+    pub fn vectors_building(&self) -> bool {
+        self.vectors.building()
+    }
+
+    /// Wakes `n` after every change of the library (the store's vector refresher).
+    pub(super) fn notify_changes(&self, n: Arc<tokio::sync::Notify>) {
+        let _ = self.changed.set(n);
+    }
+
+    /// Makes the vectors of experiences that have none (or one of an older text or model)
+    /// and drops those of deleted ones, a batch at a time, as background work.
+    pub(super) async fn refresh_vectors(&self, embedder: &dyn super::vectors::Embed) -> Result<()> {
+        let work = {
+            let s = self.state.read();
+            let current = s
+                .experiences
+                .values()
+                .map(|e| (e.id.as_str(), e.text.as_str()));
+            self.vectors.work(&embedder.model(), current)
+        };
+        if !work.gone.is_empty() {
+            self.vectors.update(&work.model, &work.gone, vec![]);
+        }
+        for batch in work.missing.chunks(VECTOR_BATCH) {
+            let texts = batch.iter().map(|(_, _, t)| t.clone()).collect();
+            let made = embedder.embed(texts, true).await?;
+            let rows = batch
+                .iter()
+                .zip(made)
+                .map(|((id, hash, _), v)| (id.clone(), *hash, v))
+                .collect();
+            self.vectors.update(&work.model, &[], rows);
+        }
+        self.vectors.settle();
+        self.vectors.save(false)
+    }
+
+    /// The `k` experiences that best answer `q` (and its vector `qv`, when there is one),
+    /// as `r` says to rank them, optionally only those tagged `tag`.
+    pub(super) fn retrieve(
+        &self,
+        q: &str,
+        qv: Option<&[f32]>,
+        tag: Option<&str>,
+        k: usize,
+        r: &super::retrieve::Retrieval,
+    ) -> Result<Vec<super::retrieve::Ranked>> {
+        use super::retrieve::{rank, Candidates, Mode};
+        let pool = candidate_pool(k);
+        let lexical = match r.mode {
+            Mode::Semantic => vec![],
+            _ => self.index.search(q, tag, pool)?,
+        };
+        let has_tag = |id: &str| {
+            tag.is_none_or(|t| self.get(id).is_some_and(|e| e.tags.iter().any(|x| x == t)))
+        };
+        let dense = match qv {
+            Some(v) if r.mode.semantic() => self.vectors.nearest(v, pool, &has_tag),
+            _ => vec![],
+        };
+        let vector = |id: &str| self.get(id).and_then(|e| self.vectors.get(id, &e.text));
+        let c = Candidates {
+            lexical,
+            dense,
+            query: qv,
+            vector: &vector,
+        };
+        Ok(rank(c, r, k))
     }
 
     /// Counts that experiences were injected into a request. Counts are statistics, not
@@ -644,15 +744,6 @@ impl Library {
                 u.last_flush = Some(std::time::Instant::now());
             }
         }
-    }
-
-    pub(super) fn search_ids(
-        &self,
-        q: &str,
-        tag: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<(String, f32)>> {
-        self.index.search(q, tag, limit)
     }
 
     /// The proposals, locked (taken before the writer when both are held).
@@ -940,7 +1031,7 @@ pub(super) fn pretty<T: Serialize>(v: &T) -> Result<Vec<u8>> {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::experience::{Provenance, Source, Store};
+    use crate::experience::{Provenance, Query, Source, Store};
 
     thread_local! {
         /// Makes the next `Library::open` on this thread fail, as a real failure after the
@@ -1124,7 +1215,7 @@ pub(super) mod tests {
             store.remove("l", "E+2"),
             Err(Error::NotFound { .. })
         ));
-        let hits = store.search("l", Some("first"), None, 10).unwrap();
+        let hits = store.search("l", &Query::text("first", 10)).unwrap();
         assert_eq!(hits.len(), 1);
         assert_eq!(hits[0].experience.text, "First text.");
         assert_eq!(store.library("l").unwrap().len(), 2);
@@ -1184,7 +1275,7 @@ pub(super) mod tests {
         assert!(grown < 64, "{grown} threads more after 1000 libraries");
         assert_eq!(
             store
-                .search("lib990", Some("lesson"), None, 5)
+                .search("lib990", &Query::text("lesson", 5))
                 .unwrap()
                 .len(),
             1

@@ -13,14 +13,16 @@ mod index;
 mod library;
 mod log;
 pub(crate) mod proposals;
+pub mod retrieve;
 mod serving;
 mod store;
 pub(crate) mod traffic;
+pub mod vectors;
 
 pub use library::{Diff, Library, VersionSummary, Votes};
 pub use log::{write_atomic, Change, Op, Version};
 pub use serving::Credit;
-pub use store::{Attribution, SearchHit, Served, Store, StoreOptions};
+pub use store::{Attribution, Chosen, Query, SearchHit, Select, Served, Store, StoreOptions};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -71,12 +73,20 @@ pub struct Experience {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
-    /// How many experiences a request gets: all of them, or the `top_k` most relevant to the
-    /// conversation.
+    /// How many experiences a request gets: all of them, the `top_k` most relevant to the
+    /// conversation, or (`auto`, the default) all while the library is small and the most
+    /// relevant past that.
     #[serde(default)]
     pub inject: Inject,
     #[serde(default = "default_top_k")]
     pub top_k: usize,
+    /// How experiences are ranked and how much of the prompt the prior may take.
+    #[serde(default)]
+    pub retrieval: retrieve::Retrieval,
+    /// Experiences every request gets first, in this order, whatever it asks: the stable
+    /// part of the prior, which stays one cached prefix from request to request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pinned: Vec<String>,
     /// Keep every completion served with this library, so feedback can be given on it and
     /// learned from (`.traffic/`; user data, see docs/learning.md).
     #[serde(default)]
@@ -160,8 +170,10 @@ pub struct AutoLearn {
     pub model: Option<String>,
 }
 
+/// Small, as the peers found best (ReasoningBank injects one, ACE's retriever five): each
+/// lesson past the few that apply is noise a small model follows.
 fn default_top_k() -> usize {
-    8
+    4
 }
 
 impl Settings {
@@ -178,6 +190,13 @@ impl Settings {
                 message: format!("top_k must be from 1 to {max_top_k}, got {}", self.top_k),
                 param: Some("top_k".into()),
             });
+        }
+        self.retrieval.check("retrieval.")?;
+        if self.pinned.len() > max_top_k {
+            return Err(Error::invalid(
+                format!("pinned may name at most {max_top_k} experiences"),
+                "pinned",
+            ));
         }
         if !(0.0..1.0).contains(&self.gate.min_gain) {
             return Err(Error::invalid(
@@ -222,6 +241,8 @@ impl Default for Settings {
         Settings {
             inject: Inject::default(),
             top_k: default_top_k(),
+            retrieval: retrieve::Retrieval::default(),
+            pinned: Vec::new(),
             record: false,
             auto_learn: None,
             review: false,
@@ -236,7 +257,10 @@ impl Default for Settings {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Inject {
+    /// The whole library while it holds at most `retrieval.whole_up_to` experiences (one
+    /// stable, cacheable prior), the `top_k` most relevant past that.
     #[default]
+    Auto,
     All,
     TopK,
 }

@@ -13,7 +13,11 @@ use super::canary::{Audience, CanaryArm, Snapshot};
 use super::library::{Library, LOG_FILE};
 use super::log::Change;
 use super::proposals::{Edit, Origin, Proposal};
-use super::{validate_library_name, validate_tags, validate_text, Experience, Provenance, Source};
+use super::retrieve::{Mode, Ranked, Retrieval, RetrievalOverride};
+use super::vectors::Embed;
+use super::{
+    validate_library_name, validate_tags, validate_text, Experience, Inject, Provenance, Source,
+};
 use crate::error::{Error, Result};
 
 /// Bounds and cache sizes of a store, from the configuration.
@@ -31,6 +35,9 @@ pub struct StoreOptions {
     /// Most pending proposals a library holds, and most decided ones it keeps for the record
     /// (`bounds.max_proposals`).
     pub max_proposals: usize,
+    /// Experiences up to which a library's vectors are searched exactly; an HNSW graph
+    /// answers past it (`store.exact_search_up_to`).
+    pub exact_search_up_to: usize,
 }
 
 impl Default for StoreOptions {
@@ -41,6 +48,7 @@ impl Default for StoreOptions {
             max_top_k: crate::config::Bounds::default().max_experiences,
             snapshot_bytes: crate::config::Bounds::default().snapshot_cache_bytes,
             max_proposals: crate::config::Bounds::default().max_proposals,
+            exact_search_up_to: super::vectors::DEFAULT_EXACT_UP_TO,
         }
     }
 }
@@ -62,14 +70,80 @@ pub struct Attribution {
     pub canary: Option<CanaryArm>,
 }
 
-/// One search result: the experience and its BM25 score.
+/// One search result: the experience and the evidence it was ranked by.
 #[derive(Debug, Clone, Serialize)]
 pub struct SearchHit {
     #[serde(flatten)]
     pub experience: Experience,
-    /// BM25 relevance; absent when listing without a query.
+    /// What it was ranked by: BM25 (lexical), cosine similarity (semantic) or the similarity
+    /// plus the weighted relative BM25 score (hybrid); absent when listing without a query.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub score: Option<f32>,
+    /// Its BM25 score, when the words matched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lexical: Option<f32>,
+    /// Its cosine similarity to the query, when both have vectors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub similarity: Option<f32>,
+}
+
+impl SearchHit {
+    fn listed(experience: Experience) -> SearchHit {
+        SearchHit {
+            experience,
+            score: None,
+            lexical: None,
+            similarity: None,
+        }
+    }
+}
+
+/// A ranked search of one library.
+#[derive(Debug, Clone, Copy)]
+pub struct Query<'a> {
+    pub text: &'a str,
+    /// The text's vector, when the embedding model made one.
+    pub vector: Option<&'a [f32]>,
+    pub tag: Option<&'a str>,
+    pub limit: usize,
+    /// The request's overrides of the library's retrieval settings.
+    pub retrieval: RetrievalOverride,
+}
+
+impl<'a> Query<'a> {
+    /// A search for `text` by the library's own settings.
+    pub fn text(text: &'a str, limit: usize) -> Query<'a> {
+        Query {
+            text,
+            vector: None,
+            tag: None,
+            limit,
+            retrieval: RetrievalOverride::default(),
+        }
+    }
+}
+
+/// What a request asks of its library's prior.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Select {
+    /// The library's `inject` setting.
+    Library,
+    All,
+    TopK(usize),
+}
+
+/// The experiences a request gets, in the order they go into its prompt: the stable part
+/// first (pinned, or the whole library), then the ones retrieved for this request.
+#[derive(Debug, Clone, Default)]
+pub struct Chosen {
+    pub experiences: Vec<Experience>,
+    /// How many of `experiences` are the stable part.
+    pub stable: usize,
+    /// How the per-request part was retrieved, when there is one.
+    pub retrieval: Option<Mode>,
+    /// Experiences left out to keep the prior within its share of the context window.
+    pub over_budget: usize,
+    pub served: Served,
 }
 
 /// A search's cache key: the SHA-256 of (library, version, query, tag, limit). A digest, not
@@ -81,26 +155,39 @@ type CacheKey = [u8; 32];
 /// pasted message, seldom asked twice.
 const MAX_CACHED_QUERY_BYTES: usize = 1024;
 
-fn cache_key(library: &str, version: u64, q: &str, tag: Option<&str>, limit: usize) -> CacheKey {
+/// The digest of everything a search's result depends on: the library's version and its
+/// vectors' generation (vectors are made after the write that needs them), the query and
+/// whether it had a vector, the tag, the limit and the retrieval settings.
+fn cache_key(library: &Library, q: &Query<'_>, r: &Retrieval) -> CacheKey {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     for part in [
-        library.as_bytes(),
-        q.as_bytes(),
-        tag.unwrap_or("").as_bytes(),
+        library.name.as_bytes(),
+        q.text.as_bytes(),
+        q.tag.unwrap_or("").as_bytes(),
+        r.mode.as_str().as_bytes(),
     ] {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part);
     }
-    h.update(version.to_le_bytes());
-    h.update([u8::from(tag.is_some())]);
-    h.update((limit as u64).to_le_bytes());
+    for n in [
+        library.version(),
+        library.vectors.generation(),
+        q.limit as u64,
+        u64::from(q.tag.is_some()),
+        u64::from(q.vector.is_some()),
+        r.min_score.to_bits(),
+        r.diversity.to_bits(),
+        r.lexical_weight.to_bits(),
+    ] {
+        h.update(n.to_le_bytes());
+    }
     h.finalize().into()
 }
 
 /// What one cached result weighs, in bytes (moka's weigher is u32).
-fn weigh(_key: &CacheKey, ids: &Arc<Vec<(String, f32)>>) -> u32 {
-    let bytes = 64 + ids.iter().map(|(id, _)| id.len() + 32).sum::<usize>();
+fn weigh(_key: &CacheKey, hits: &Arc<Vec<Ranked>>) -> u32 {
+    let bytes = 64 + hits.iter().map(|r| r.id.len() + 48).sum::<usize>();
     u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
@@ -117,11 +204,52 @@ pub struct Store {
     /// Search results by the digest of (library, version, query, tag, limit), bounded by bytes.
     /// The version in the key is what invalidates: after a write, no later search can hit an
     /// entry made before it.
-    cache: moka::sync::Cache<CacheKey, Arc<Vec<(String, f32)>>>,
+    cache: moka::sync::Cache<CacheKey, Arc<Vec<Ranked>>>,
     /// Past versions that requests pinned, built in memory, by (library, version); bounded
     /// by bytes.
     snapshots: moka::sync::Cache<(String, u64), Arc<Snapshot>>,
+    /// The embedding model, once it is loaded; until then retrieval is lexical.
+    embedder: std::sync::OnceLock<Arc<dyn Embed>>,
+    /// Woken by every library change, for the vector refresher.
+    changed: Arc<tokio::sync::Notify>,
     _lock: File,
+}
+
+/// Wires a library opened or created by the store to its vector refresher.
+fn adopt(lib: &Library, options: &StoreOptions, changed: &Arc<tokio::sync::Notify>) {
+    lib.vectors.set_exact_up_to(options.exact_search_up_to);
+    lib.notify_changes(changed.clone());
+}
+
+/// The mode a search really ran: hybrid and semantic fall back to words without a vector.
+fn effective_mode(mode: Mode, vector: bool) -> Mode {
+    if vector {
+        mode
+    } else {
+        Mode::Lexical
+    }
+}
+
+/// A rough count of an experience's tokens in the prior: a token is taken as 3 bytes (which
+/// over-counts English for the usual tokenizers, so the cap errs small), plus the line's id.
+fn estimated_tokens(e: &Experience) -> usize {
+    e.text.len().div_ceil(3) + 4
+}
+
+/// Keeps the longest front of `chosen` within `budget` estimated tokens; returns how many
+/// were left out.
+fn keep_within(chosen: &mut Vec<Experience>, budget: usize) -> usize {
+    let mut used = 0;
+    let fits = chosen
+        .iter()
+        .take_while(|e| {
+            used += estimated_tokens(e);
+            used <= budget
+        })
+        .count();
+    let cut = chosen.len() - fits;
+    chosen.truncate(fits);
+    cut
 }
 
 impl Store {
@@ -154,6 +282,7 @@ impl Store {
         }
         let mut libraries = BTreeMap::new();
         let mut damaged = BTreeMap::new();
+        let changed = Arc::new(tokio::sync::Notify::new());
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -167,6 +296,7 @@ impl Store {
             }
             match Library::open(&entry.path(), &name, options.max_top_k) {
                 Ok(lib) => {
+                    adopt(&lib, &options, &changed);
                     libraries.insert(name, Arc::new(lib));
                 }
                 Err(e) => {
@@ -191,6 +321,8 @@ impl Store {
             libraries: RwLock::new(libraries),
             damaged,
             cache,
+            embedder: std::sync::OnceLock::new(),
+            changed,
             _lock: lock,
         })
     }
@@ -243,6 +375,7 @@ impl Store {
             name,
             self.options.max_top_k,
         )?);
+        adopt(&lib, &self.options, &self.changed);
         libs.insert(name.to_owned(), lib.clone());
         Ok(lib)
     }
@@ -437,61 +570,70 @@ impl Store {
             .reject(ids, reviewer, reason, self.options.max_proposals)
     }
 
-    /// Ranked search when `q` is given, otherwise the library in id order; both filtered by tag.
-    pub fn search(
-        &self,
-        library: &str,
-        q: Option<&str>,
-        tag: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<SearchHit>> {
+    /// The library in id order, filtered by tag.
+    pub fn list(&self, library: &str, tag: Option<&str>, limit: usize) -> Result<Vec<SearchHit>> {
         let lib = self.library(library)?;
-        let q = q.map(str::trim).filter(|q| !q.is_empty());
-        let Some(q) = q else {
-            return Ok(lib
-                .list(tag, limit)
-                .into_iter()
-                .map(|experience| SearchHit {
-                    experience,
-                    score: None,
-                })
-                .collect());
-        };
-        let ids = if q.len() > MAX_CACHED_QUERY_BYTES {
-            Arc::new(lib.search_ids(q, tag, limit)?)
-        } else {
-            let key = cache_key(library, lib.version(), q, tag, limit);
-            match self.cache.get(&key) {
-                Some(ids) => ids,
-                None => {
-                    let ids = Arc::new(lib.search_ids(q, tag, limit)?);
-                    self.cache.insert(key, ids.clone());
-                    ids
-                }
-            }
-        };
-        Ok(ids
+        Ok(lib
+            .list(tag, limit)
+            .into_iter()
+            .map(SearchHit::listed)
+            .collect())
+    }
+
+    /// The best matches for a query, as the library's retrieval settings (and the query's
+    /// overrides) rank them; an empty query lists the library.
+    pub fn search(&self, library: &str, q: &Query<'_>) -> Result<Vec<SearchHit>> {
+        let lib = self.library(library)?;
+        let text = q.text.trim();
+        if text.is_empty() {
+            return self.list(library, q.tag, q.limit);
+        }
+        let q = Query { text, ..*q };
+        let r = lib.settings().retrieval.with(&q.retrieval);
+        let ranked = self.ranked(&lib, &q, &r)?;
+        Ok(ranked
             .iter()
-            .filter_map(|(id, score)| {
-                lib.get(id).map(|experience| SearchHit {
+            .filter_map(|h| {
+                lib.get(&h.id).map(|experience| SearchHit {
                     experience,
-                    score: Some(*score),
+                    score: Some(h.score),
+                    lexical: h.lexical,
+                    similarity: h.similarity,
                 })
             })
             .collect())
     }
 
-    /// The experiences a request gets from `library` (all of them, or the `top` best matches
-    /// for `query`), leaving out those the library's `skip_harmful` keeps out, and what
-    /// served them: a pinned version, a running trial's arm, or the live version.
+    /// The ranking of `q` in `lib`, from the cache when it was asked before.
+    fn ranked(&self, lib: &Library, q: &Query<'_>, r: &Retrieval) -> Result<Arc<Vec<Ranked>>> {
+        let run = || {
+            lib.retrieve(q.text, q.vector, q.tag, q.limit, r)
+                .map(Arc::new)
+        };
+        if q.text.len() > MAX_CACHED_QUERY_BYTES {
+            return run();
+        }
+        let key = cache_key(lib, q, r);
+        if let Some(hit) = self.cache.get(&key) {
+            return Ok(hit);
+        }
+        let ranked = run()?;
+        self.cache.insert(key, ranked.clone());
+        Ok(ranked)
+    }
+
+    /// The experiences a request gets from `library`, leaving out those the library's
+    /// `skip_harmful` keeps out and keeping the prior within `budget` tokens (estimated), and
+    /// what served them: a pinned version, a running trial's arm, or the live version.
     pub fn choose(
         &self,
         library: &str,
-        query: &str,
-        top: Option<usize>,
+        q: &Query<'_>,
+        select: Select,
+        budget: Option<usize>,
         pin: Option<u64>,
         who: &Audience,
-    ) -> Result<(Vec<Experience>, Served)> {
+    ) -> Result<Chosen> {
         let lib = self.library(library)?;
         let live = lib.version();
         let (canary, snapshot) = match pin {
@@ -499,21 +641,71 @@ impl Store {
             Some(_) => (None, None),
             None => lib.serving(who, self.options.max_proposals),
         };
-        // Enough candidates that skipping a few harmful ones still leaves `top`.
-        let wanted = top.map(|k| k.saturating_mul(2).min(k + 64));
-        let found = match (&snapshot, wanted) {
-            (Some(s), Some(k)) => s.search(query, k)?,
-            (Some(s), None) => s.experiences.clone(),
-            (None, Some(k)) => self
-                .search(library, Some(query), None, k)?
-                .into_iter()
-                .map(|h| h.experience)
-                .collect(),
-            (None, None) => lib.all(),
+        let settings = lib.settings();
+        let r = settings.retrieval.with(&q.retrieval);
+        let size = snapshot
+            .as_ref()
+            .map_or_else(|| lib.len(), |s| s.experiences.len());
+        let top = match (select, settings.inject) {
+            (Select::All, _) | (Select::Library, Inject::All) => None,
+            (Select::TopK(k), _) => Some(k),
+            (Select::Library, Inject::TopK) => Some(settings.top_k),
+            (Select::Library, Inject::Auto) if size <= r.whole_up_to => None,
+            (Select::Library, Inject::Auto) => Some(settings.top_k),
         };
-        let mut chosen: Vec<Experience> = found.into_iter().filter(|e| !lib.skips(e)).collect();
-        if let Some(k) = top {
-            chosen.truncate(k);
+        let find = |id: &str| match &snapshot {
+            Some(s) => s.experiences.iter().find(|e| e.id == id).cloned(),
+            None => lib.get(id),
+        };
+        let usable = |e: &Experience| !lib.skips(e);
+        let mut stable: Vec<Experience> = settings
+            .pinned
+            .iter()
+            .filter_map(|id| find(id))
+            .filter(usable)
+            .collect();
+        let is_pinned = |e: &Experience| settings.pinned.contains(&e.id);
+        let mut retrieved = Vec::new();
+        match top {
+            None => {
+                let all = snapshot
+                    .as_ref()
+                    .map_or_else(|| lib.all(), |s| s.experiences.clone());
+                stable.extend(all.into_iter().filter(|e| !is_pinned(e) && usable(e)));
+            }
+            Some(k) => {
+                // Enough candidates that skipping harmful and pinned ones still leaves `k`.
+                let wanted = k.saturating_mul(2).min(k + 64) + stable.len();
+                let found = match &snapshot {
+                    Some(s) => s.retrieve(q.text, q.vector, wanted, &r, &lib.vectors)?,
+                    None => {
+                        let hits = self.search(
+                            library,
+                            &Query {
+                                limit: wanted,
+                                ..*q
+                            },
+                        )?;
+                        hits.into_iter().map(|h| h.experience).collect()
+                    }
+                };
+                retrieved = found
+                    .into_iter()
+                    .filter(|e| !is_pinned(e) && usable(e))
+                    .take(k)
+                    .collect();
+            }
+        }
+        let mut chosen = Chosen {
+            stable: stable.len(),
+            retrieval: top.map(|_| effective_mode(r.mode, q.vector.is_some())),
+            ..Default::default()
+        };
+        chosen.experiences = stable;
+        chosen.experiences.extend(retrieved);
+        if let Some(b) = budget {
+            chosen.over_budget = keep_within(&mut chosen.experiences, b);
+            chosen.stable = chosen.stable.min(chosen.experiences.len());
         }
         let version = match (pin, &canary) {
             (Some(v), _) => v,
@@ -522,7 +714,94 @@ impl Store {
             }
             _ => live,
         };
-        Ok((chosen, Served { version, canary }))
+        chosen.served = Served { version, canary };
+        Ok(chosen)
+    }
+
+    /// Starts making vectors with `embedder`: now for every library, then after each change.
+    /// Retrieval is lexical until it is called (no embedding model, or it is still loading).
+    pub fn start_embedding(self: &Arc<Self>, embedder: Arc<dyn Embed>) {
+        if self.embedder.set(embedder).is_err() {
+            return;
+        }
+        let store = Arc::downgrade(self);
+        let changed = self.changed.clone();
+        tokio::spawn(async move {
+            loop {
+                let Some(s) = store.upgrade() else { return };
+                s.refresh_all().await;
+                drop(s);
+                changed.notified().await;
+            }
+        });
+    }
+
+    /// Brings every library's vectors up to date that a change left behind.
+    async fn refresh_all(&self) {
+        let Some(e) = self.embedder.get().cloned() else {
+            return;
+        };
+        let libs: Vec<Arc<Library>> = self.libraries.read().values().cloned().collect();
+        for lib in libs {
+            if !lib.vectors.take_stale() {
+                continue;
+            }
+            if let Err(err) = lib.refresh_vectors(e.as_ref()).await {
+                tracing::warn!(library = %lib.name, error = %err, "vectors not made; retrying after the next change");
+                lib.vectors.mark_stale();
+            }
+        }
+    }
+
+    /// Whether the embedding model is there to make vectors.
+    pub fn embeds(&self) -> bool {
+        self.embedder.get().is_some()
+    }
+
+    /// The vector of a query, cut to what the model takes; `None` when there is no embedding
+    /// model or it failed (retrieval is then lexical; the failure is logged).
+    pub async fn embed_query(&self, text: &str) -> Option<Vec<f32>> {
+        let e = self.embedder.get()?;
+        match e.embed(vec![text.to_owned()], false).await {
+            Ok(mut v) => v.pop(),
+            Err(err) => {
+                tracing::warn!(error = %err, "the query was not embedded; retrieving by words");
+                None
+            }
+        }
+    }
+
+    /// For each of `texts`, the closest experience of `library` (or earlier text of `texts`,
+    /// named `#i`) at or above the library's `retrieval.duplicate_at`, with its similarity.
+    /// Empty when there is no embedding model.
+    pub async fn near_duplicates(
+        &self,
+        library: &str,
+        texts: &[String],
+    ) -> Result<Vec<Option<(String, f32)>>> {
+        let lib = self.library(library)?;
+        let Some(e) = self.embedder.get() else {
+            return Ok(vec![None; texts.len()]);
+        };
+        let at = lib.settings().retrieval.duplicate_at as f32;
+        let vs = e.embed(texts.to_vec(), false).await?;
+        let mut out = Vec::with_capacity(texts.len());
+        for (i, v) in vs.iter().enumerate() {
+            let mut best = lib
+                .vectors
+                .nearest(v, 1, &|_| true)
+                .into_iter()
+                .next()
+                .filter(|(_, s)| *s >= at);
+            for (j, w) in vs[..i].iter().enumerate() {
+                let s = super::vectors::dot(v, w);
+                if s >= at && best.as_ref().is_none_or(|b| s > b.1) {
+                    best = Some((format!("#{j}"), s));
+                }
+            }
+            out.push(best);
+        }
+        Ok(out)
     }
 
     /// Version `v` of `lib`, built in memory once and kept while the cache has room.
@@ -558,6 +837,9 @@ impl Store {
     pub fn flush(&self) {
         for lib in self.libraries.read().values() {
             lib.flush_usage();
+            if let Err(e) = lib.vectors.save(true) {
+                tracing::warn!(library = %lib.name, error = %e, "vectors not saved; they are made again next start");
+            }
         }
     }
 }
@@ -584,14 +866,14 @@ mod tests {
         // Long distinct queries: searched, not cached.
         for i in 0..50 {
             let q = format!("{i} units {}", "padding ".repeat(100_000));
-            assert_eq!(store.search("l", Some(&q), None, 3).unwrap().len(), 1);
+            assert_eq!(store.search("l", &Query::text(&q, 3)).unwrap().len(), 1);
         }
         store.cache.run_pending_tasks();
         assert_eq!(store.cache.entry_count(), 0);
         // Many short ones: cached, and the cache stays within its bytes.
         for i in 0..5000 {
             let q = format!("units {i}");
-            assert_eq!(store.search("l", Some(&q), None, 3).unwrap().len(), 1);
+            assert_eq!(store.search("l", &Query::text(&q, 3)).unwrap().len(), 1);
         }
         store.cache.run_pending_tasks();
         assert!(store.cache.entry_count() > 0);
@@ -601,11 +883,131 @@ mod tests {
             store.cache.weighted_size()
         );
         // A repeated query is served from the cache, and a write invalidates it.
-        let before = store.search("l", Some("units 4999"), None, 3).unwrap();
+        let before = store.search("l", &Query::text("units 4999", 3)).unwrap();
         store
             .add("l", "Units again: a second lesson.", vec![])
             .unwrap();
-        let after = store.search("l", Some("units 4999"), None, 3).unwrap();
+        let after = store.search("l", &Query::text("units 4999", 3)).unwrap();
         assert_eq!((before.len(), after.len()), (1, 2));
+    }
+
+    /// A stand-in for the embedding model in these tests: words hashed into 64 dimensions, so
+    /// that texts sharing words are alike. (The real model is exercised end to end.)
+    struct Words;
+
+    #[async_trait::async_trait]
+    impl Embed for Words {
+        fn model(&self) -> String {
+            "words".into()
+        }
+        async fn embed(&self, texts: Vec<String>, _: bool) -> Result<Vec<Vec<f32>>> {
+            Ok(texts
+                .iter()
+                .map(|t| {
+                    let mut v = vec![0f32; 64];
+                    for w in t.to_lowercase().split(|c: char| !c.is_alphanumeric()) {
+                        if !w.is_empty() {
+                            v[super::super::vectors::text_hash(w) as usize % 64] += 1.0;
+                        }
+                    }
+                    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
+                    v.iter().map(|x| x / n).collect()
+                })
+                .collect())
+        }
+    }
+
+    async fn embedded(store: &Store, n: usize) {
+        for _ in 0..200 {
+            if store.library("l").unwrap().vector_status().count == n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("vectors never reached {n}");
+    }
+
+    #[tokio::test]
+    async fn vectors_follow_the_library_and_the_prior_puts_pins_first_within_its_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), StoreOptions::default()).unwrap());
+        store.start_embedding(Arc::new(Words));
+        store.create("l").unwrap();
+        let mut ids = Vec::new();
+        for i in 0..12 {
+            let text = format!("Lesson {i}: topic{i} matters {}", "word ".repeat(i));
+            ids.push(store.add("l", &text, vec![]).unwrap().id);
+        }
+        embedded(&store, 12).await;
+        let lib = store.library("l").unwrap();
+        let mut settings = lib.settings();
+        settings.pinned = vec![ids[11].clone()];
+        lib.set_settings(settings).unwrap();
+
+        let qv = Words
+            .embed(vec!["topic3".into()], false)
+            .await
+            .unwrap()
+            .pop();
+        let q = Query {
+            vector: qv.as_deref(),
+            ..Query::text("topic3", 0)
+        };
+        let who = Audience::default();
+        // Twelve is past `whole_up_to`: the pin, then `top_k` (4) retrieved, the match first.
+        let c = store
+            .choose("l", &q, Select::Library, None, None, &who)
+            .unwrap();
+        let got: Vec<&str> = c.experiences.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(
+            (got[0], got[1], c.stable),
+            (ids[11].as_str(), ids[3].as_str(), 1)
+        );
+        assert!(
+            got.len() <= 5 && c.retrieval == Some(Mode::Hybrid),
+            "{got:?}"
+        );
+        // A budget the pin alone overflows: nothing is injected, and that is said.
+        let small = store
+            .choose("l", &q, Select::Library, Some(5), None, &who)
+            .unwrap();
+        assert!(small.experiences.is_empty() && small.over_budget == got.len());
+        // "all": the whole library, pinned first, then in id order: one stable prefix.
+        let all = store
+            .choose("l", &q, Select::All, None, None, &who)
+            .unwrap();
+        assert_eq!(all.stable, 12);
+        assert_eq!(all.experiences[0].id, ids[11]);
+        assert_eq!(all.experiences[1].id, ids[0]);
+
+        // A deleted experience loses its vector; the rest survive a restart without a model.
+        store.remove("l", &ids[0]).unwrap();
+        embedded(&store, 11).await;
+        store.flush();
+        drop((lib, store));
+        let again = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let status = again.library("l").unwrap().vector_status();
+        assert_eq!((status.count, status.model.as_deref()), (11, Some("words")));
+    }
+
+    #[tokio::test]
+    async fn near_duplicates_are_found_in_the_library_and_among_the_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), StoreOptions::default()).unwrap());
+        store.start_embedding(Arc::new(Words));
+        store.create("l").unwrap();
+        let e = store
+            .add("l", "Units: convert all quantities first.", vec![])
+            .unwrap();
+        embedded(&store, 1).await;
+        let texts = [
+            "units: convert ALL quantities first".to_owned(),
+            "Dates: count days per month.".to_owned(),
+            "dates count days per month".to_owned(),
+        ];
+        let near = store.near_duplicates("l", &texts).await.unwrap();
+        assert_eq!(near[0].as_ref().unwrap().0, e.id);
+        assert!(near[1].is_none());
+        assert_eq!(near[2].as_ref().unwrap().0, "#1");
     }
 }

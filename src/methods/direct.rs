@@ -25,6 +25,7 @@ pub async fn run(
             model: route.model,
             library: route.library,
             version: injected.as_ref().map(|i| i.served.version),
+            retrieval: injected.as_ref().and_then(|i| i.retrieval),
             canary: injected.as_ref().and_then(|i| i.served.canary.clone()),
             experiences: injected.map(|i| i.ids),
             trace: None,

@@ -239,37 +239,39 @@ fn client_arguments(spec: &ToolSpec, arg: &str) -> String {
     json!({ key: arg }).to_string()
 }
 
+/// The route's library searched for `arg`, as its retrieval settings rank (only the library
+/// the route names, which the edge has checked the key may use: searching every library let a
+/// user key read an admin-only library's lessons through the trace).
+async fn search_experience(ctx: &Context, route: &Route, arg: &str) -> String {
+    let Some(library) = route.library.clone() else {
+        return "nothing found".to_owned();
+    };
+    let store = ctx.store.clone();
+    let vector = store.embed_query(arg).await;
+    let q = arg.to_owned();
+    let found = tokio::task::spawn_blocking(move || {
+        let query = crate::experience::Query {
+            vector: vector.as_deref(),
+            ..crate::experience::Query::text(&q, 5)
+        };
+        store.search(&library, &query).map(|hits| {
+            hits.into_iter()
+                .map(|h| format!("[{library}/{}] {}", h.experience.id, h.experience.text))
+                .collect::<Vec<_>>()
+        })
+    })
+    .await;
+    match found {
+        Ok(Ok(lines)) if !lines.is_empty() => lines.join("\n"),
+        Ok(_) => "nothing found".to_owned(),
+        Err(e) => format!("error: {e}"),
+    }
+}
+
 async fn run_builtin(ctx: &Context, route: &Route, name: &str, arg: &str) -> String {
     let out = match name {
         "calculate" => calculate(arg).await,
-        "search_experience" => {
-            let store = ctx.store.clone();
-            // Only the library the route names (which the edge has checked the key may use):
-            // searching every library let a user key read an admin-only library's lessons
-            // through the trace.
-            let libraries: Vec<String> = route.library.iter().cloned().collect();
-            let q = arg.to_owned();
-            tokio::task::spawn_blocking(move || {
-                let mut lines = Vec::new();
-                for l in libraries {
-                    if let Ok(hits) = store.search(&l, Some(&q), None, 5) {
-                        lines.extend(
-                            hits.into_iter().map(|h| {
-                                format!("[{l}/{}] {}", h.experience.id, h.experience.text)
-                            }),
-                        );
-                    }
-                }
-                if lines.is_empty() {
-                    "nothing found".to_owned()
-                } else {
-                    lines.truncate(5);
-                    lines.join("\n")
-                }
-            })
-            .await
-            .unwrap_or_else(|e| format!("error: {e}"))
-        }
+        "search_experience" => search_experience(ctx, route, arg).await,
         "python" => match crate::sandbox::run_python(arg, &crate::sandbox::Limits::default()).await
         {
             Ok(outcome) => outcome.describe(),
@@ -498,6 +500,7 @@ pub async fn run(
         model: route.model.clone(),
         library: route.library.clone(),
         version: injected.as_ref().map(|i| i.served.version),
+        retrieval: injected.as_ref().and_then(|i| i.retrieval),
         canary: injected.as_ref().and_then(|i| i.served.canary.clone()),
         experiences: injected.map(|i| i.ids).filter(|ids| !ids.is_empty()),
         trace: None,

@@ -48,6 +48,11 @@ pub struct Options {
     pub version: Option<u64>,
     /// Who asks, so that a live trial keeps each key or conversation on one arm.
     pub audience: crate::experience::canary::Audience,
+    /// Overrides of the library's retrieval settings (`experient.retrieval`).
+    pub retrieval: crate::experience::retrieve::RetrievalOverride,
+    /// The model's context window in tokens, when known: the prior takes at most the
+    /// library's `retrieval.max_share` of it.
+    pub context_length: Option<u32>,
 }
 
 /// How many experiences a request asks for, overriding the library's setting: `"all"`, `"none"` or a
@@ -96,6 +101,10 @@ pub struct Applied {
     pub library: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub experiences: Option<Vec<String>>,
+    /// How the per-request experiences were retrieved (`lexical` when the embedding model
+    /// is not there), when the prior searched the library.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retrieval: Option<crate::experience::retrieve::Mode>,
     /// The library version the experiences came from.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,

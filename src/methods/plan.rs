@@ -87,6 +87,7 @@ pub async fn run(
         events: Box::pin(events),
         applied: Applied {
             version: None,
+            retrieval: None,
             canary: None,
             method: Method::Plan,
             model: route.model,

@@ -4,14 +4,16 @@
 use super::{Context, Options, Selection};
 use crate::backend::{ChatRequest, Message, Role};
 use crate::error::{Error, Result};
-use crate::experience::canary::Audience;
-use crate::experience::{Experience, Inject, Served};
+use crate::experience::retrieve::Mode;
+use crate::experience::{Chosen, Experience, Inject, Query, Select, Served};
 
 /// What a prior put into a request: the experiences' ids, and what served them.
 #[derive(Debug, Clone, Default)]
 pub struct Injected {
     pub ids: Vec<String>,
     pub served: Served,
+    /// How the per-request part was retrieved, when there was one.
+    pub retrieval: Option<Mode>,
 }
 
 /// Picks the experiences for this conversation (from the live version, the version the
@@ -23,40 +25,31 @@ pub async fn inject(
     request: &mut ChatRequest,
     opts: &Options,
 ) -> Result<Injected> {
-    let (chosen, served) = choose(
-        ctx,
-        library,
-        request,
-        opts.selection,
-        opts.version,
-        &opts.audience,
-    )
-    .await?;
-    if chosen.is_empty() {
-        return Ok(Injected {
-            ids: vec![],
-            served,
-        });
+    let chosen = choose(ctx, library, request, opts).await?;
+    let injected = Injected {
+        ids: chosen.experiences.iter().map(|e| e.id.clone()).collect(),
+        served: chosen.served.clone(),
+        retrieval: chosen.retrieval,
+    };
+    if chosen.experiences.is_empty() {
+        return Ok(injected);
     }
-    apply_prior(request, &render(ctx, &chosen)?);
-    let ids: Vec<String> = chosen.into_iter().map(|e| e.id).collect();
+    apply_prior(request, &render(ctx, &chosen.experiences)?);
     let lib = ctx.store.library(library)?;
-    let used = ids.clone();
+    let used = injected.ids.clone();
     tokio::task::spawn_blocking(move || lib.record_use(&used));
-    Ok(Injected { ids, served })
+    Ok(injected)
 }
 
-/// The experiences a conversation gets: all of the library, or the most relevant ones to its
-/// user messages, as the request or else the library's settings say, from the version that
-/// serves this request.
+/// The experiences a conversation gets, in prompt order (the stable part, then those
+/// retrieved for its user messages), as the request or else the library's settings say, from
+/// the version that serves this request, within the prior's share of the context window.
 pub async fn choose(
     ctx: &Context,
     library: &str,
     request: &ChatRequest,
-    selection: Option<Selection>,
-    pin: Option<u64>,
-    who: &Audience,
-) -> Result<(Vec<Experience>, Served)> {
+    opts: &Options,
+) -> Result<Chosen> {
     let store = ctx.store.clone();
     let lib = store.library(library).map_err(|e| match e {
         Error::NotFound { message, .. } => Error::NotFound {
@@ -65,23 +58,20 @@ pub async fn choose(
         },
         other => other,
     })?;
-    let settings = lib.settings();
-    let selection = selection.unwrap_or(match settings.inject {
-        Inject::All => Selection::All,
-        Inject::TopK => Selection::TopK(settings.top_k),
-    });
-    let top = match selection {
-        Selection::All => None,
-        Selection::TopK(k) => Some(k),
-        Selection::Nothing => {
-            let version = pin.unwrap_or_else(|| lib.version());
-            return Ok((
-                vec![],
-                Served {
-                    version,
-                    canary: None,
-                },
-            ));
+    let select = match opts.selection {
+        None => Select::Library,
+        Some(Selection::All) => Select::All,
+        Some(Selection::TopK(k)) => Select::TopK(k),
+        Some(Selection::Nothing) => {
+            let version = opts.version.unwrap_or_else(|| lib.version());
+            let served = Served {
+                version,
+                canary: None,
+            };
+            return Ok(Chosen {
+                served,
+                ..Default::default()
+            });
         }
     };
     let query = request
@@ -91,11 +81,50 @@ pub async fn choose(
         .map(|m| m.content.as_str())
         .collect::<Vec<_>>()
         .join("\n");
-    let name = library.to_owned();
-    let who = who.clone();
-    tokio::task::spawn_blocking(move || store.choose(&name, &query, top, pin, &who))
-        .await
-        .map_err(Error::internal)?
+    let r = lib.settings().retrieval.with(&opts.retrieval);
+    let vector = match r.mode.semantic() && wants_search(&lib, select) {
+        true => store.embed_query(last_words(&query)).await,
+        false => None,
+    };
+    let budget = opts
+        .context_length
+        .map(|n| (f64::from(n) * r.max_share) as usize);
+    let (name, pin, who, retrieval) = (
+        library.to_owned(),
+        opts.version,
+        opts.audience.clone(),
+        opts.retrieval,
+    );
+    tokio::task::spawn_blocking(move || {
+        let q = Query {
+            vector: vector.as_deref(),
+            retrieval,
+            ..Query::text(&query, 0)
+        };
+        store.choose(&name, &q, select, budget, pin, &who)
+    })
+    .await
+    .map_err(Error::internal)?
+}
+
+/// Whether `select` may search the library (so that the query's vector is worth making).
+fn wants_search(lib: &crate::experience::Library, select: Select) -> bool {
+    let s = lib.settings();
+    match (select, s.inject) {
+        (Select::All, _) | (Select::Library, Inject::All) => false,
+        (Select::Library, Inject::Auto) => lib.len() > s.retrieval.whole_up_to,
+        _ => true,
+    }
+}
+
+/// The part of a conversation's words that its vector is made from: the latest 2,000
+/// characters, which hold the question being asked now (the model cuts what is longer
+/// anyway, from the end).
+fn last_words(q: &str) -> &str {
+    match q.char_indices().rev().nth(2000) {
+        Some((cut, _)) => &q[cut..],
+        None => q,
+    }
 }
 
 /// The prior's text: the instruction to apply the lessons, then one `[id]. text` line each.

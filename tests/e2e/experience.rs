@@ -136,12 +136,26 @@ async fn curating_a_library_over_http() {
         )
         .await;
     assert_ne!(c["id"], a_id.as_str(), "a deleted id is never reused");
+    // The deleted lesson is gone from the words and from the vectors (by meaning, the
+    // percentages lesson may still be near "quantity").
     assert!(api
-        .ok("GET", "/v1/libraries/math/experiences?q=quantity", None)
+        .ok(
+            "GET",
+            "/v1/libraries/math/experiences?q=quantity&mode=lexical",
+            None
+        )
         .await["data"]
         .as_array()
         .unwrap()
         .is_empty());
+    let near = api
+        .ok(
+            "GET",
+            "/v1/libraries/math/experiences?q=quantity&mode=semantic",
+            None,
+        )
+        .await;
+    assert!(!ids(&near).contains(&a_id), "{near}");
 
     // Bad input is refused with the envelope and changes nothing.
     let version_before = api.ok("GET", "/v1/libraries/math", None).await["version"].clone();

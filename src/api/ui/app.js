@@ -755,7 +755,7 @@ async function tryPage(name) {
 async function settingsPage(name) {
   const lib = await libraryFrame(name, "settings");
   const s = lib.settings;
-  const inject = h("select#inject", { "aria-label": "inject" }, h("option", { value: "all" }, "all experiences"), h("option", { value: "top_k" }, "the top_k most relevant"));
+  const inject = h("select#inject", { "aria-label": "inject" }, h("option", { value: "auto" }, "all while small, else the top_k most relevant"), h("option", { value: "all" }, "all experiences"), h("option", { value: "top_k" }, "the top_k most relevant"));
   inject.value = s.inject;
   const topK = h("input#top-k", { type: "number", min: 1, value: s.top_k, class: "narrow" });
   const review = h("input#review", { type: "checkbox", checked: s.review });

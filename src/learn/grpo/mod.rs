@@ -44,7 +44,7 @@ use crate::experience::proposals::Origin;
 use crate::experience::{Change, Experience};
 use crate::methods::{prior, Context};
 use crate::router::{Route, Router};
-use records::Ask;
+use records::{Ask, Duplicate};
 use run::{io, write_json};
 
 struct Learner<'a> {
@@ -511,17 +511,14 @@ impl Learner<'_> {
         };
         // The same selection as at inference, so the prior learned against is the prior
         // served; learning does not count as use.
-        let (chosen, _) = prior::choose(
-            self.ctx,
-            &o.library,
-            &request,
-            None,
-            None,
-            &Default::default(),
-        )
-        .await?;
-        if !chosen.is_empty() {
-            prior::apply_prior(&mut request, &prior::render(self.ctx, &chosen)?);
+        let opts = crate::methods::Options {
+            context_length: self.rollout.backend.context_length(),
+            ..Default::default()
+        };
+        let chosen = prior::choose(self.ctx, &o.library, &request, &opts).await?;
+        if !chosen.experiences.is_empty() {
+            let prior = prior::render(self.ctx, &chosen.experiences)?;
+            prior::apply_prior(&mut request, &prior);
         }
         let policy = crate::retry::Policy {
             retries: o.retries as usize,
@@ -809,6 +806,7 @@ impl Learner<'_> {
             reply_cut: asked.cut,
             rejected: vec![],
             fallback: None,
+            duplicates: vec![],
             result: vec![],
         };
         let merged = match asked.parsed {
@@ -830,7 +828,58 @@ impl Learner<'_> {
         };
         // The rules hold whatever the model wrote.
         c.result = ops::merge(merged, snapshot);
+        c.duplicates = self.drop_duplicates(&mut c.result).await;
         Ok(c)
+    }
+
+    /// Leaves out the ADDs whose embedding is within the library's `retrieval.duplicate_at`
+    /// of an experience or of an earlier ADD of this step: the lesson is already there, and a
+    /// second copy would only crowd the prior. Without an embedding model (or when it fails)
+    /// nothing is left out.
+    async fn drop_duplicates(&self, result: &mut Vec<Proposal>) -> Vec<Duplicate> {
+        let adds: Vec<(usize, String)> = result
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.op == ops::Kind::Add)
+            .filter_map(|(i, p)| p.text.clone().map(|t| (i, t)))
+            .collect();
+        if adds.is_empty() {
+            return vec![];
+        }
+        let texts: Vec<String> = adds.iter().map(|(_, t)| t.clone()).collect();
+        let near = match self
+            .ctx
+            .store
+            .near_duplicates(&self.options().library, &texts)
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "duplicates not checked");
+                return vec![];
+            }
+        };
+        let mut dropped = Vec::new();
+        let mut out = Vec::new();
+        for ((i, text), n) in adds.iter().zip(near) {
+            let Some((of, similarity)) = n else { continue };
+            let of = match of.strip_prefix('#').and_then(|j| j.parse::<usize>().ok()) {
+                Some(j) => texts[j].clone(),
+                None => of,
+            };
+            dropped.push(*i);
+            out.push(Duplicate {
+                text: text.clone(),
+                of,
+                similarity,
+            });
+        }
+        let mut i = 0;
+        result.retain(|_| {
+            i += 1;
+            !dropped.contains(&(i - 1))
+        });
+        out
     }
 
     async fn validate(&self) -> Result<Validation> {

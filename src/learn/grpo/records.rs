@@ -64,7 +64,19 @@ pub struct Consolidation {
     /// Set when the model's merge could not be used and the rule-based merge was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fallback: Option<String>,
+    /// ADDs left out because they say nearly what an experience (or an earlier ADD) says.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub duplicates: Vec<Duplicate>,
     pub result: Vec<Proposal>,
+}
+
+/// An ADD merged into what it nearly repeats, by embedding similarity.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Duplicate {
+    pub text: String,
+    /// The experience's id, or the earlier ADD's text.
+    pub of: String,
+    pub similarity: f32,
 }
 
 /// Accuracy on the held-out tasks, with its 95% interval.
