@@ -114,12 +114,9 @@ impl crate::experience::vectors::Embed for Embeddings {
             Some(u) => {
                 // An upstream refuses what is too long rather than cutting it; experiences are
                 // short, and a question's end says what it asks.
-                let cut: Vec<String> = texts
+                let cut: Vec<&str> = texts
                     .iter()
-                    .map(|t| {
-                        let start = t.char_indices().rev().nth(2000).map_or(0, |(i, _)| i);
-                        t[start..].to_owned()
-                    })
+                    .map(|t| crate::experience::vectors::tail(t, 2000))
                     .collect();
                 let answer = u.embed(json!({"model": "", "input": cut})).await?;
                 upstream_vectors(&answer, texts.len())?

@@ -132,6 +132,20 @@ pub enum Select {
     TopK(usize),
 }
 
+impl Select {
+    /// How many experiences a library of `size` (with `settings`) is searched for, or `None`
+    /// when it is injected whole.
+    pub fn top(self, settings: &super::Settings, size: usize) -> Option<usize> {
+        match (self, settings.inject) {
+            (Select::All, _) | (Select::Library, Inject::All) => None,
+            (Select::TopK(k), _) => Some(k),
+            (Select::Library, Inject::TopK) => Some(settings.top_k),
+            (Select::Library, Inject::Auto) if size <= settings.retrieval.whole_up_to => None,
+            (Select::Library, Inject::Auto) => Some(settings.top_k),
+        }
+    }
+}
+
 /// The experiences a request gets, in the order they go into its prompt: the stable part
 /// first (pinned, or the whole library), then the ones retrieved for this request.
 #[derive(Debug, Clone, Default)]
@@ -646,13 +660,7 @@ impl Store {
         let size = snapshot
             .as_ref()
             .map_or_else(|| lib.len(), |s| s.experiences.len());
-        let top = match (select, settings.inject) {
-            (Select::All, _) | (Select::Library, Inject::All) => None,
-            (Select::TopK(k), _) => Some(k),
-            (Select::Library, Inject::TopK) => Some(settings.top_k),
-            (Select::Library, Inject::Auto) if size <= r.whole_up_to => None,
-            (Select::Library, Inject::Auto) => Some(settings.top_k),
-        };
+        let top = select.top(&settings, size);
         let find = |id: &str| match &snapshot {
             Some(s) => s.experiences.iter().find(|e| e.id == id).cloned(),
             None => lib.get(id),
@@ -917,6 +925,15 @@ mod tests {
         }
     }
 
+    /// A store with one library, "l", whose vectors the [`Words`] stand-in makes.
+    fn embedding_store() -> (tempfile::TempDir, Arc<Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), StoreOptions::default()).unwrap());
+        store.start_embedding(Arc::new(Words));
+        store.create("l").unwrap();
+        (dir, store)
+    }
+
     async fn embedded(store: &Store, n: usize) {
         for _ in 0..200 {
             if store.library("l").unwrap().vector_status().count == n {
@@ -929,10 +946,7 @@ mod tests {
 
     #[tokio::test]
     async fn vectors_follow_the_library_and_the_prior_puts_pins_first_within_its_budget() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path(), StoreOptions::default()).unwrap());
-        store.start_embedding(Arc::new(Words));
-        store.create("l").unwrap();
+        let (dir, store) = embedding_store();
         let mut ids = Vec::new();
         for i in 0..12 {
             let text = format!("Lesson {i}: topic{i} matters {}", "word ".repeat(i));
@@ -992,10 +1006,7 @@ mod tests {
 
     #[tokio::test]
     async fn near_duplicates_are_found_in_the_library_and_among_the_new() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path(), StoreOptions::default()).unwrap());
-        store.start_embedding(Arc::new(Words));
-        store.create("l").unwrap();
+        let (_dir, store) = embedding_store();
         let e = store
             .add("l", "Units: convert all quantities first.", vec![])
             .unwrap();

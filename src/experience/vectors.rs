@@ -50,6 +50,15 @@ pub fn text_hash(text: &str) -> u64 {
     u64::from_le_bytes(d[..8].try_into().expect("a digest has 32 bytes"))
 }
 
+/// The last `chars` characters of `text`: what a question's vector is made from when it is
+/// long, since its end holds what is being asked now.
+pub fn tail(text: &str, chars: usize) -> &str {
+    match text.char_indices().rev().nth(chars) {
+        Some((cut, _)) => &text[cut..],
+        None => text,
+    }
+}
+
 /// The dot product, in eight lanes so that the compiler vectorises it (the exact search's
 /// whole cost).
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {

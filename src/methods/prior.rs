@@ -5,7 +5,8 @@ use super::{Context, Options, Selection};
 use crate::backend::{ChatRequest, Message, Role};
 use crate::error::{Error, Result};
 use crate::experience::retrieve::Mode;
-use crate::experience::{Chosen, Experience, Inject, Query, Select, Served};
+use crate::experience::vectors::tail;
+use crate::experience::{Chosen, Experience, Query, Select, Served};
 
 /// What a prior put into a request: the experiences' ids, and what served them.
 #[derive(Debug, Clone, Default)]
@@ -82,8 +83,10 @@ pub async fn choose(
         .collect::<Vec<_>>()
         .join("\n");
     let r = lib.settings().retrieval.with(&opts.retrieval);
-    let vector = match r.mode.semantic() && wants_search(&lib, select) {
-        true => store.embed_query(last_words(&query)).await,
+    // Only a library that will be searched needs the question's vector.
+    let searched = select.top(&lib.settings(), lib.len()).is_some();
+    let vector = match r.mode.semantic() && searched {
+        true => store.embed_query(tail(&query, 2000)).await,
         false => None,
     };
     let budget = opts
@@ -105,26 +108,6 @@ pub async fn choose(
     })
     .await
     .map_err(Error::internal)?
-}
-
-/// Whether `select` may search the library (so that the query's vector is worth making).
-fn wants_search(lib: &crate::experience::Library, select: Select) -> bool {
-    let s = lib.settings();
-    match (select, s.inject) {
-        (Select::All, _) | (Select::Library, Inject::All) => false,
-        (Select::Library, Inject::Auto) => lib.len() > s.retrieval.whole_up_to,
-        _ => true,
-    }
-}
-
-/// The part of a conversation's words that its vector is made from: the latest 2,000
-/// characters, which hold the question being asked now (the model cuts what is longer
-/// anyway, from the end).
-fn last_words(q: &str) -> &str {
-    match q.char_indices().rev().nth(2000) {
-        Some((cut, _)) => &q[cut..],
-        None => q,
-    }
 }
 
 /// The prior's text: the instruction to apply the lessons, then one `[id]. text` line each.

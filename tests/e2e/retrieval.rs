@@ -53,6 +53,16 @@ async fn library(name: &str) -> Vec<String> {
     panic!("the lessons of {name} were never embedded");
 }
 
+/// The ids a completion's `experient` object says were injected.
+fn injected(r: &Value) -> Vec<&str> {
+    r["experient"]["experiences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect()
+}
+
 async fn search(name: &str, q: &str, mode: &str) -> Vec<Value> {
     let url = shared().url(&format!("/v1/libraries/{name}/experiences"));
     let url =
@@ -120,12 +130,7 @@ async fn the_prior_puts_pinned_lessons_first_and_retrieves_the_rest_by_meaning()
     };
     // Twelve lessons are past `whole_up_to` (8): `auto` retrieves the top 4 after the pin.
     let r = ok("POST", "/v1/chat/completions", Some(ask(json!({})))).await;
-    let got: Vec<&str> = r["experient"]["experiences"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
+    let got = injected(&r);
     // The speed lesson shares no word with the question: it is there by meaning.
     assert_eq!(got[0], ids[9], "{got:?}");
     assert!(got[1..].contains(&ids[4].as_str()), "{got:?}");
@@ -142,12 +147,7 @@ async fn the_prior_puts_pinned_lessons_first_and_retrieves_the_rest_by_meaning()
     )
     .await;
     assert_eq!(r["experient"]["retrieval"], "lexical");
-    let words: Vec<&str> = r["experient"]["experiences"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
+    let words = injected(&r);
     assert_eq!(words[0], ids[9]);
     assert!(!words.contains(&ids[4].as_str()), "{words:?}");
     let (s, v) = call(
