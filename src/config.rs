@@ -29,6 +29,9 @@ pub struct Config {
     /// The embedding model behind `/v1/embeddings`.
     #[serde(default)]
     pub embeddings: EmbeddingsConfig,
+    /// The PostgreSQL database replicas share; unset, state is kept in files.
+    #[serde(default)]
+    pub database: crate::db::DatabaseConfig,
 }
 
 /// `[embeddings]`: the in-process embedding model and its bounds.

@@ -8,6 +8,7 @@ pub mod api;
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod db;
 pub mod error;
 pub mod experience;
 pub(crate) mod learn;

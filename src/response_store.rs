@@ -49,6 +49,8 @@ impl Default for ResponsesConfig {
 pub struct ResponseStore {
     dir: PathBuf,
     config: ResponsesConfig,
+    /// Set when responses are kept in PostgreSQL, shared by every replica, instead of files.
+    db: Option<crate::db::Db>,
     /// Kept responses by age: (written, in ns since the epoch; id) -> size in bytes.
     index: Mutex<BTreeMap<(u64, String), u64>>,
 }
@@ -89,7 +91,20 @@ impl ResponseStore {
         let store = ResponseStore {
             dir: dir.to_owned(),
             config,
+            db: None,
             index: Mutex::new(index),
+        };
+        store.prune(None)?;
+        Ok(store)
+    }
+
+    /// Keeps responses in the shared database, with the same bounds.
+    pub fn shared(db: crate::db::Db, config: ResponsesConfig) -> Result<Self> {
+        let store = ResponseStore {
+            dir: PathBuf::new(),
+            config,
+            db: Some(db),
+            index: Mutex::new(BTreeMap::new()),
         };
         store.prune(None)?;
         Ok(store)
@@ -121,6 +136,11 @@ impl ResponseStore {
                 "store",
             ));
         }
+        if let Some(db) = &self.db {
+            let text = String::from_utf8(bytes).map_err(Error::internal)?;
+            shared::put(db, id, &text)?;
+            return self.prune(Some(id));
+        }
         crate::experience::write_atomic(&self.path(id), &bytes)?;
         self.index.lock().insert(
             (nanos(SystemTime::now()), id.to_owned()),
@@ -132,6 +152,9 @@ impl ResponseStore {
     /// Removes what is past the age, count or size bound, oldest first; never `keep`, the
     /// record just written.
     fn prune(&self, keep: Option<&str>) -> Result<()> {
+        if let Some(db) = &self.db {
+            return shared::prune(db, &self.config, keep);
+        }
         let age = Duration::from_secs(self.config.max_age_days.saturating_mul(86_400));
         let oldest_allowed = nanos(SystemTime::now()).saturating_sub(age.as_nanos() as u64);
         let mut index = self.index.lock();
@@ -166,6 +189,14 @@ impl ResponseStore {
         if !valid_id(id) {
             return Ok(None);
         }
+        if let Some(db) = &self.db {
+            return match shared::get(db, id, self.config.max_age_days)? {
+                Some(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
+                    Error::Internal(format!("stored response {id} is unreadable: {e}"))
+                }),
+                None => Ok(None),
+            };
+        }
         self.prune(None)?;
         match std::fs::read(self.path(id)) {
             Ok(bytes) => serde_json::from_slice(&bytes)
@@ -181,12 +212,84 @@ impl ResponseStore {
         if !valid_id(id) {
             return Ok(false);
         }
+        if let Some(db) = &self.db {
+            return shared::delete(db, id);
+        }
         self.index.lock().retain(|(_, k), _| k != id);
         match std::fs::remove_file(self.path(id)) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// The same records as rows of `responses`, shared by every replica.
+mod shared {
+    use crate::db::{block, failed, Db};
+    use crate::error::Result;
+
+    use super::ResponsesConfig;
+
+    pub fn put(db: &Db, id: &str, record: &str) -> Result<()> {
+        block(
+            sqlx::query("INSERT INTO responses (id, record, bytes) VALUES ($1, $2, $3)")
+                .bind(id)
+                .bind(record)
+                .bind(record.len() as i64)
+                .execute(db.pool()),
+        )
+        .map(|_| ())
+        .map_err(failed)
+    }
+
+    /// A record younger than the age bound.
+    pub fn get(db: &Db, id: &str, max_age_days: u64) -> Result<Option<String>> {
+        block(
+            sqlx::query_scalar(
+                "SELECT record FROM responses WHERE id = $1 \
+                 AND created_at > now() - make_interval(days => $2)",
+            )
+            .bind(id)
+            .bind(max_age_days.min(i32::MAX as u64) as i32)
+            .fetch_optional(db.pool()),
+        )
+        .map_err(failed)
+    }
+
+    pub fn delete(db: &Db, id: &str) -> Result<bool> {
+        block(
+            sqlx::query("DELETE FROM responses WHERE id = $1")
+                .bind(id)
+                .execute(db.pool()),
+        )
+        .map(|r| r.rows_affected() > 0)
+        .map_err(failed)
+    }
+
+    /// Removes what is past the age, count or size bound, newest kept first, never `keep`.
+    /// The running totals come from one pass over the age index.
+    pub fn prune(db: &Db, c: &ResponsesConfig, keep: Option<&str>) -> Result<()> {
+        block(
+            sqlx::query(
+                "DELETE FROM responses WHERE id IN ( \
+                   SELECT id FROM ( \
+                     SELECT id, created_at, \
+                       row_number() OVER w AS n, sum(bytes) OVER w AS total \
+                     FROM responses WINDOW w AS (ORDER BY created_at DESC, id DESC) \
+                   ) r \
+                   WHERE (r.n > $1 OR r.total > $2 \
+                          OR r.created_at < now() - make_interval(days => $3)) \
+                     AND r.id IS DISTINCT FROM $4)",
+            )
+            .bind(c.max_stored.min(i64::MAX as usize) as i64)
+            .bind(c.max_total_bytes.min(i64::MAX as u64) as i64)
+            .bind(c.max_age_days.min(i32::MAX as u64) as i32)
+            .bind(keep)
+            .execute(db.pool()),
+        )
+        .map(|_| ())
+        .map_err(failed)
     }
 }
 

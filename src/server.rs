@@ -186,6 +186,8 @@ pub struct Parts {
     pub experience_dir: PathBuf,
     /// Where learning jobs write their run directories.
     pub runs_dir: PathBuf,
+    /// The database replicas share (`--database-url`); stored responses are kept there.
+    pub db: Option<crate::db::Db>,
 }
 
 /// The state every handler reads, from its parts. Opens the response and traffic stores.
@@ -198,12 +200,16 @@ pub fn state(parts: Parts) -> anyhow::Result<AppState> {
         prompts,
         experience_dir,
         runs_dir,
+        db,
     } = parts;
-    // Inside the experience directory, where a dot-name can never be a library.
-    let responses = crate::response_store::ResponseStore::open(
-        &experience_dir.join(".responses"),
-        config.responses.clone(),
-    )
+    let responses = match db {
+        Some(db) => crate::response_store::ResponseStore::shared(db, config.responses.clone()),
+        // Inside the experience directory, where a dot-name can never be a library.
+        None => crate::response_store::ResponseStore::open(
+            &experience_dir.join(".responses"),
+            config.responses.clone(),
+        ),
+    }
     .map_err(|e| anyhow::anyhow!("stored responses: {e}"))?;
     let traffic = crate::experience::traffic::Traffic::open(
         &experience_dir.join(".traffic"),
@@ -306,7 +312,15 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     check_exposure(opts.addr, &keys, opts.allow_unauthenticated)?;
     crate::sandbox::set_max_workers(opts.config.server.max_sandboxes);
     let (router, locals) = backends(&opts.config, &opts.model_cache).await?;
-    let store = open_store(&opts).await?;
+    let db = match opts.config.database.url {
+        Some(_) => Some(
+            crate::db::Db::connect(&opts.config.database)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        ),
+        None => None,
+    };
+    let store = open_store(&opts, db.clone()).await?;
     let prompts = Prompts::load(opts.prompts_dir.as_deref())?;
     prompts.report_grammar_conflicts(opts.config.methods.constrain);
     let state = state(Parts {
@@ -317,6 +331,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         prompts,
         experience_dir: opts.experience_dir.clone(),
         runs_dir: opts.runs_dir.clone(),
+        db,
     })?;
     let listener = tokio::net::TcpListener::bind(opts.addr)
         .await
@@ -351,7 +366,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     }
 }
 
-async fn open_store(opts: &ServeOptions) -> anyhow::Result<Arc<Store>> {
+/// The libraries: in the experience directory, or in the shared database (followed from then
+/// on) with the directory holding what this replica derives.
+async fn open_store(opts: &ServeOptions, db: Option<crate::db::Db>) -> anyhow::Result<Arc<Store>> {
     let dir = opts.experience_dir.clone();
     let options = StoreOptions {
         max_top_k: opts.config.bounds.max_experiences,
@@ -361,16 +378,24 @@ async fn open_store(opts: &ServeOptions) -> anyhow::Result<Arc<Store>> {
         exact_search_up_to: opts.config.embeddings.exact_search_up_to,
         ..StoreOptions::default()
     };
-    let store = tokio::task::spawn_blocking(move || Store::open(&dir, options))
-        .await
-        .context("store task failed")?
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "experience directory {}: {e}",
-                opts.experience_dir.display()
-            )
-        })?;
-    Ok(Arc::new(store))
+    let shared = db.clone();
+    let store = tokio::task::spawn_blocking(move || match shared {
+        Some(db) => Store::open_shared(&dir, options, db),
+        None => Store::open(&dir, options),
+    })
+    .await
+    .context("store task failed")?
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "experience directory {}: {e}",
+            opts.experience_dir.display()
+        )
+    })?;
+    let store = Arc::new(store);
+    if let Some(db) = db {
+        store.follow(db);
+    }
+    Ok(store)
 }
 
 /// Fetches (when it is the embedded default) and loads the embedding model in the background.

@@ -24,6 +24,11 @@ pub(super) struct ModelArgs {
     /// Directory of prompt templates that override the built-in ones, file by file.
     #[arg(long, env = "EXPERIENT_PROMPTS_DIR")]
     pub(super) prompts_dir: Option<PathBuf>,
+    /// PostgreSQL shared by replicas (`postgres://user:pass@host/db`), overriding
+    /// `[database] url`: libraries and stored responses are kept there, and the experience
+    /// directory holds only what this process derives.
+    #[arg(long, env = "EXPERIENT_DATABASE_URL", hide_env_values = true)]
+    pub(super) database_url: Option<String>,
 }
 
 impl ModelArgs {
@@ -45,14 +50,20 @@ impl ModelArgs {
         for b in &locals {
             b.load().await?;
         }
-        let store = crate::experience::Store::open(
-            &self.experience_dir,
-            crate::experience::StoreOptions {
-                max_top_k: config.bounds.max_experiences,
-                max_proposals: config.bounds.max_proposals,
-                ..Default::default()
-            },
-        )
+        let options = crate::experience::StoreOptions {
+            max_top_k: config.bounds.max_experiences,
+            max_proposals: config.bounds.max_proposals,
+            ..Default::default()
+        };
+        let store = match config.database.url {
+            Some(_) => {
+                let db = crate::db::Db::connect(&config.database)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                crate::experience::Store::open_shared(&self.experience_dir, options, db)
+            }
+            None => crate::experience::Store::open(&self.experience_dir, options),
+        }
         .map_err(|e| anyhow::anyhow!("{e}"))?;
         let prompts = crate::prompts::Prompts::load(self.prompts_dir.as_deref())?;
         prompts.report_grammar_conflicts(config.methods.constrain);
@@ -65,10 +76,14 @@ impl ModelArgs {
         Ok((router, ctx))
     }
     pub(super) fn config(&self) -> anyhow::Result<Config> {
-        match &self.config {
-            Some(p) => Config::load(p),
-            None => Ok(Config::default()),
+        let mut config = match &self.config {
+            Some(p) => Config::load(p)?,
+            None => Config::default(),
+        };
+        if let Some(url) = &self.database_url {
+            config.database.url = Some(url.clone());
         }
+        Ok(config)
     }
 
     /// The model cache, with the environment mistral.rs needs pointed into it. mistral.rs asks

@@ -1,8 +1,6 @@
 //! One library: its append-only log, the state replayed from it, and its index.
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -11,9 +9,10 @@ use parking_lot::{Mutex, RwLock};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::backing::{Backing, Files, Log, Opened};
 use super::canary::{Snapshot, Trials};
 use super::index::Index;
-use super::log::{sync_dir, write_atomic, Change, Op, Review, Version};
+use super::log::{write_atomic, Change, Op, Review, Version};
 use super::proposals::{self, Decision, Edit, Origin, Proposal, Proposals};
 use super::{Experience, Settings};
 use crate::error::{Error, Result};
@@ -205,7 +204,11 @@ pub(super) fn candidate_pool(k: usize) -> usize {
 /// and use counts. Every write appends a version to the log before memory changes.
 pub struct Library {
     pub name: String,
+    /// Where this replica keeps what it derives (index, vectors) and what is still its own
+    /// (proposals, usage, credit, trials); with the file store, the log is here too.
     dir: PathBuf,
+    /// Where the versions and settings are kept.
+    log: Box<dyn Log>,
     /// Serialises writers. The log is opened for each write rather than held open, so that a
     /// thousand libraries do not hold a thousand file descriptors.
     writer: Mutex<()>,
@@ -236,67 +239,36 @@ struct Usage {
 impl Library {
     /// Creates a new library directory with an empty first version.
     pub fn create(dir: &Path, name: &str, max_top_k: usize) -> Result<Library> {
-        if dir.exists() {
-            return Err(Error::Conflict(format!("library '{name}' already exists")));
-        }
-        let parent = dir
-            .parent()
-            .ok_or_else(|| Error::internal("library has no parent"))?;
-        // Build in a hidden directory and rename, so that a crash never leaves half a library.
-        let tmp = parent.join(format!(".creating-{name}"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp)?;
-        write_atomic(&tmp.join(SETTINGS_FILE), &pretty(&Settings::default())?)?;
-        let first = Version {
-            version: 0,
-            at: Utc::now(),
-            message: "created".into(),
-            ops: vec![],
-            review: None,
-            gate: None,
-        };
-        let mut line = serde_json::to_string(&first).map_err(Error::internal)?;
-        line.push('\n');
-        write_atomic(&tmp.join(LOG_FILE), line.as_bytes())?;
-        std::fs::rename(&tmp, dir)?;
-        sync_dir(parent)?;
+        let opened = Files.create(dir, name, max_top_k)?;
         // The creation was never acknowledged: if the new library cannot be opened, nothing of
         // it may stay behind, or the name would answer 404 to GET and 409 to POST.
-        Library::open(dir, name, max_top_k).inspect_err(|_| {
-            let _ = std::fs::remove_dir_all(dir);
-            let _ = sync_dir(parent);
+        Library::load(dir, name, max_top_k, opened).inspect_err(|_| {
+            let _ = Files.delete(dir, name);
         })
     }
 
-    /// Opens a library, replaying its log. A torn last line (a write cut off by a crash, never
-    /// acknowledged) is cut away; damage anywhere else is an error, never silently skipped.
+    /// Opens a library directory, replaying its log.
     pub fn open(dir: &Path, name: &str, max_top_k: usize) -> Result<Library> {
+        Library::load(dir, name, max_top_k, Files.open(dir, name, max_top_k)?)
+    }
+
+    /// A library from what its backing read: its state replayed from the versions, its index
+    /// and what else it derives kept in `dir`.
+    pub(super) fn load(
+        dir: &Path,
+        name: &str,
+        max_top_k: usize,
+        opened: Opened,
+    ) -> Result<Library> {
         #[cfg(test)]
         if tests::FAIL_NEXT_OPEN.with(|f| f.replace(false)) {
             return Err(Error::internal("opening failed (test failpoint)"));
         }
-        let log_path = dir.join(LOG_FILE);
-        let bytes = std::fs::read(&log_path)
-            .map_err(|e| Error::internal(format!("cannot read {}: {e}", log_path.display())))?;
-        let replay = replay(&bytes).map_err(|lineno| {
-            Error::internal(format!(
-                "{} line {lineno} is damaged; fix or remove it by hand",
-                log_path.display()
-            ))
-        })?;
-        if replay.good_len < bytes.len() {
-            tracing::warn!(library = name, "dropping a torn last log line");
-            let file = OpenOptions::new().write(true).open(&log_path)?;
-            file.set_len(replay.good_len as u64)?;
-            file.sync_all()?;
-        }
-        let versions = replay.versions;
-        if versions.is_empty() {
-            return Err(Error::internal(format!(
-                "{} holds no versions",
-                log_path.display()
-            )));
-        }
+        let Opened {
+            versions,
+            settings,
+            log,
+        } = opened;
         let mut experiences = Experiences::new();
         let mut next_id = 1;
         let mut text_since = BTreeMap::new();
@@ -305,7 +277,6 @@ impl Library {
             note_texts(&mut text_since, v);
             next_id = next_id.max(max_id(v) + 1);
         }
-        let settings = read_settings(dir, name, max_top_k)?;
         let proposals = Proposals::load(dir, &versions)?;
         let usage = match std::fs::read(dir.join(USAGE_FILE)) {
             Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
@@ -316,6 +287,7 @@ impl Library {
         Ok(Library {
             name: name.to_owned(),
             dir: dir.to_owned(),
+            log,
             writer: Mutex::new(()),
             max_top_k,
             state: RwLock::new(State {
@@ -369,9 +341,53 @@ impl Library {
     pub fn set_settings(&self, s: Settings) -> Result<()> {
         s.check(self.max_top_k)?;
         let _writer = self.writer.lock();
-        write_atomic(&self.dir.join(SETTINGS_FILE), &pretty(&s)?)?;
+        self.log.save_settings(&s)?;
         *self.settings.write() = s;
         Ok(())
+    }
+
+    /// Applies what other writers committed since this replica's newest version, and their
+    /// settings; true when anything changed.
+    pub fn catch_up(&self) -> Result<bool> {
+        let _writer = self.writer.lock();
+        let moved = self.catch_up_locked()?;
+        let settings = self.log.newer_settings()?;
+        if let Some(s) = &settings {
+            *self.settings.write() = s.clone();
+        }
+        Ok(moved || settings.is_some())
+    }
+
+    /// [`Library::catch_up`]'s versions, with the writer lock held.
+    fn catch_up_locked(&self) -> Result<bool> {
+        let newer = self.log.after(self.version())?;
+        for v in &newer {
+            self.publish_next(v)?;
+        }
+        Ok(!newer.is_empty())
+    }
+
+    /// Publishes another writer's version, which must be the next one.
+    fn publish_next(&self, v: &Version) -> Result<()> {
+        if v.version != self.version() + 1 {
+            return Err(Error::internal(format!(
+                "library '{}': version {} follows {}",
+                self.name,
+                v.version,
+                self.version()
+            )));
+        }
+        self.publish(v);
+        Ok(())
+    }
+
+    /// Which creation of the name this library is, and the settings revision it holds.
+    pub(super) fn head(&self) -> (i64, u64, i64) {
+        (
+            self.log.generation(),
+            self.version(),
+            self.log.settings_rev(),
+        )
     }
 
     /// The experience with this id in the newest version.
@@ -512,6 +528,13 @@ impl Library {
         gate: Option<serde_json::Value>,
     ) -> Result<Version> {
         let writer = self.writer.lock();
+        // Other replicas wait while this commit is open; it first applies what they committed
+        // before it, so the version is built on the newest state (an update of what another
+        // replica deleted is refused then).
+        let mut commit = self.log.begin()?;
+        for v in commit.after(self.version())? {
+            self.publish_next(&v)?;
+        }
         let (version, ops) = self.ops(changes)?;
         let record = Version {
             version,
@@ -521,7 +544,7 @@ impl Library {
             review,
             gate,
         };
-        self.append(&record)?;
+        commit.append(&record)?;
         self.publish(&record);
         drop(writer);
         Ok(record)
@@ -576,29 +599,6 @@ impl Library {
         }
         let version = s.versions.last().map(|v| v.version + 1).unwrap_or(0);
         Ok((version, ops))
-    }
-
-    /// Appends the version to the log and syncs it; on failure the file is cut back to where
-    /// it was, so it stays parseable and holds only acknowledged versions.
-    fn append(&self, record: &Version) -> Result<()> {
-        let mut line = serde_json::to_string(record).map_err(Error::internal)?;
-        line.push('\n');
-        let mut log = OpenOptions::new()
-            .append(true)
-            .open(self.dir.join(LOG_FILE))
-            .map_err(|e| Error::internal(format!("opening library '{}': {e}", self.name)))?;
-        let before = log.metadata()?.len();
-        if let Err(e) = log
-            .write_all(line.as_bytes())
-            .and_then(|()| log.sync_data())
-        {
-            let _ = log.set_len(before);
-            return Err(Error::internal(format!(
-                "writing library '{}': {e}",
-                self.name
-            )));
-        }
-        Ok(())
     }
 
     /// Makes a version on disk visible. The index goes first and the in-memory state second: a
@@ -953,42 +953,6 @@ impl Library {
     }
 }
 
-/// What a log's bytes replay to: its versions, and how many bytes of it are sound.
-struct Replay {
-    versions: Vec<Version>,
-    good_len: usize,
-}
-
-/// Replays a log from its bytes. Lines are found as bytes, not text, so that a torn last line
-/// is recognised whatever it was cut in the middle of (a multi-byte character included).
-/// Only the last line may be unreadable or unfinished, since only the last write can have been
-/// cut off; any other bad line is damage, reported by its 1-based number.
-fn replay(bytes: &[u8]) -> std::result::Result<Replay, usize> {
-    let mut versions = Vec::new();
-    let mut good_len = 0;
-    let mut rest = bytes;
-    let mut lineno = 0;
-    while !rest.is_empty() {
-        lineno += 1;
-        let (line, complete, next) = match memchr::memchr(b'\n', rest) {
-            Some(i) => (&rest[..i], true, &rest[i + 1..]),
-            None => (rest, false, &rest[rest.len()..]),
-        };
-        match serde_json::from_slice::<Version>(line) {
-            Ok(v) if complete => {
-                good_len += line.len() + 1;
-                versions.push(v);
-            }
-            _ if next.is_empty() => break,
-            _ => return Err(lineno),
-        }
-        rest = next;
-    }
-    Ok(Replay { versions, good_len })
-}
-
-/// A library's settings; a `top_k` above the bound (written by hand or under an older bound)
-/// is clamped, with a warning, rather than trusted.
 /// A JSON file's value, or the default when it is missing or unreadable (counts and trial
 /// records: statistics, not history; a damaged file starts them again, with a warning).
 fn read_or_default<T: Default + serde::de::DeserializeOwned>(path: &Path) -> T {
@@ -999,27 +963,6 @@ fn read_or_default<T: Default + serde::de::DeserializeOwned>(path: &Path) -> T {
         }),
         Err(_) => T::default(),
     }
-}
-
-fn read_settings(dir: &Path, name: &str, max_top_k: usize) -> Result<Settings> {
-    let path = dir.join(SETTINGS_FILE);
-    let mut settings: Settings = match std::fs::read(&path) {
-        Ok(b) => serde_json::from_slice(&b)
-            .map_err(|e| Error::internal(format!("{}: {e}", path.display())))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Settings::default(),
-        Err(e) => return Err(e.into()),
-    };
-    if settings.top_k > max_top_k || settings.top_k == 0 {
-        let clamped = settings.top_k.clamp(1, max_top_k);
-        tracing::warn!(
-            library = name,
-            top_k = settings.top_k,
-            clamped,
-            "library top_k is outside the server's bounds; using the bound"
-        );
-        settings.top_k = clamped;
-    }
-    Ok(settings)
 }
 
 pub(super) fn pretty<T: Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -1293,7 +1236,7 @@ pub(super) mod tests {
         /// never panics.
         #[test]
         fn replay_of_any_bytes_is_an_answer(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
-            let _ = replay(&bytes);
+            let _ = super::super::backing::replay(&bytes);
         }
 
         /// A sound log cut anywhere replays to the versions wholly before the cut.
@@ -1315,7 +1258,7 @@ pub(super) mod tests {
                 ends.push(log.len());
             }
             let cut = cut % (log.len() + 1);
-            let r = replay(&log[..cut]).expect("a cut log is torn, not damaged");
+            let r = super::super::backing::replay(&log[..cut]).expect("a cut log is torn, not damaged");
             let whole = ends.iter().filter(|&&e| e <= cut).count();
             proptest::prop_assert_eq!(r.versions.len(), whole);
             proptest::prop_assert_eq!(r.good_len, if whole == 0 { 0 } else { ends[whole - 1] });

@@ -8,11 +8,13 @@
 //! acknowledged only after its log line is fsynced, so a crash can lose at most a write that was
 //! never acknowledged, and that one only as a torn last line, which loading repairs.
 
+pub mod backing;
 pub mod canary;
 mod index;
 mod library;
 mod log;
 pub(crate) mod proposals;
+mod replicas;
 pub mod retrieve;
 mod serving;
 mod store;

@@ -9,8 +9,9 @@ use parking_lot::RwLock;
 
 use serde::Serialize;
 
+use super::backing::{Backing, Files, Postgres};
 use super::canary::{Audience, CanaryArm, Snapshot};
-use super::library::{Library, LOG_FILE};
+use super::library::Library;
 use super::log::Change;
 use super::proposals::{Edit, Origin, Proposal};
 use super::retrieve::{Mode, Ranked, Retrieval, RetrievalOverride};
@@ -208,9 +209,15 @@ fn weigh(_key: &CacheKey, hits: &Arc<Vec<Ranked>>) -> u32 {
 /// Every library under one directory, loaded when the store opens, with the search cache.
 /// One process holds a directory at a time (a lock file), so two writers never interleave.
 pub struct Store {
-    dir: PathBuf,
-    options: StoreOptions,
-    libraries: RwLock<BTreeMap<String, Arc<Library>>>,
+    pub(super) dir: PathBuf,
+    pub(super) options: StoreOptions,
+    /// Where the libraries' versions and settings are kept: files, or rows every replica
+    /// shares.
+    pub(super) backing: Arc<dyn Backing>,
+    pub(super) libraries: RwLock<BTreeMap<String, Arc<Library>>>,
+    /// Held while a library is brought up to date from other replicas, so that two
+    /// notifications never open one library (and its index) twice.
+    pub(super) following: parking_lot::Mutex<()>,
     /// Libraries that could not be opened (a log damaged mid-file), with the reason. They are
     /// refused alone, with 503, so that one bad library never keeps the others from serving;
     /// their files are left exactly as they are for a person to repair.
@@ -225,12 +232,36 @@ pub struct Store {
     /// The embedding model, once it is loaded; until then retrieval is lexical.
     embedder: std::sync::OnceLock<Arc<dyn Embed>>,
     /// Woken by every library change, for the vector refresher.
-    changed: Arc<tokio::sync::Notify>,
+    pub(super) changed: Arc<tokio::sync::Notify>,
     _lock: File,
 }
 
+/// Takes the directory's lock file: one process per directory.
+fn lock_dir(dir: &Path) -> Result<File> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Error::internal(format!(
+            "cannot create experience directory {}: {e}",
+            dir.display()
+        ))
+    })?;
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(".lock"))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Unavailable(format!(
+            "the experience directory {} is in use by another experient process; \
+             stop it or go through its HTTP API (/v1/libraries)",
+            dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
+    }
+}
+
 /// Wires a library opened or created by the store to its vector refresher.
-fn adopt(lib: &Library, options: &StoreOptions, changed: &Arc<tokio::sync::Notify>) {
+pub(super) fn adopt(lib: &Library, options: &StoreOptions, changed: &Arc<tokio::sync::Notify>) {
     lib.vectors.set_exact_up_to(options.exact_search_up_to);
     lib.notify_changes(changed.clone());
 }
@@ -271,44 +302,24 @@ impl Store {
     /// process on the same directory is refused: two writers appending to one log would
     /// interleave versions.
     pub fn open(dir: &Path, options: StoreOptions) -> Result<Store> {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            Error::internal(format!(
-                "cannot create experience directory {}: {e}",
-                dir.display()
-            ))
-        })?;
-        let lock_path = dir.join(".lock");
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(Error::Unavailable(format!(
-                    "the experience directory {} is in use by another experient process; \
-                     stop it or go through its HTTP API (/v1/libraries)",
-                    dir.display()
-                )))
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
-        }
+        Store::open_with(dir, options, Arc::new(Files))
+    }
+
+    /// Opens the libraries kept in PostgreSQL, which other replicas share; `dir` is this
+    /// replica's own, for what it derives from them (indexes, vectors).
+    pub fn open_shared(dir: &Path, options: StoreOptions, db: crate::db::Db) -> Result<Store> {
+        Store::open_with(dir, options, Arc::new(Postgres::new(db)))
+    }
+
+    fn open_with(dir: &Path, options: StoreOptions, backing: Arc<dyn Backing>) -> Result<Store> {
+        let lock = lock_dir(dir)?;
         let mut libraries = BTreeMap::new();
         let mut damaged = BTreeMap::new();
         let changed = Arc::new(tokio::sync::Notify::new());
-        for entry in std::fs::read_dir(dir)? {
-            let entry = entry?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(".creating-") {
-                // A creation cut off by a crash; it was never acknowledged.
-                let _ = std::fs::remove_dir_all(entry.path());
-                continue;
-            }
-            if validate_library_name(&name).is_err() || !entry.path().join(LOG_FILE).is_file() {
-                continue;
-            }
-            match Library::open(&entry.path(), &name, options.max_top_k) {
+        for name in backing.names(dir)? {
+            let opened = backing.open(&dir.join(&name), &name, options.max_top_k);
+            match opened.and_then(|o| Library::load(&dir.join(&name), &name, options.max_top_k, o))
+            {
                 Ok(lib) => {
                     adopt(&lib, &options, &changed);
                     libraries.insert(name, Arc::new(lib));
@@ -332,7 +343,9 @@ impl Store {
             dir: dir.to_owned(),
             snapshots,
             options,
+            backing,
             libraries: RwLock::new(libraries),
+            following: parking_lot::Mutex::new(()),
             damaged,
             cache,
             embedder: std::sync::OnceLock::new(),
@@ -370,6 +383,13 @@ impl Store {
                  server restarted: {reason}"
             )));
         }
+        if let Some(lib) = self.libraries.read().get(name) {
+            return Ok(lib.clone());
+        }
+        // Another replica may have created it a moment ago.
+        if self.shared() {
+            self.sync(name)?;
+        }
         self.libraries
             .read()
             .get(name)
@@ -384,27 +404,27 @@ impl Store {
         if libs.contains_key(name) || self.damaged.contains_key(name) {
             return Err(Error::Conflict(format!("library '{name}' already exists")));
         }
-        let lib = Arc::new(Library::create(
-            &self.dir.join(name),
-            name,
-            self.options.max_top_k,
-        )?);
+        let dir = self.dir.join(name);
+        let max = self.options.max_top_k;
+        let opened = self.backing.create(&dir, name, max)?;
+        // The creation was never acknowledged: if the new library cannot be opened, nothing of
+        // it may stay behind, or the name would answer 404 to GET and 409 to POST.
+        let lib = Library::load(&dir, name, max, opened)
+            .inspect_err(|_| {
+                let _ = self.backing.delete(&dir, name);
+            })
+            .map(Arc::new)?;
         adopt(&lib, &self.options, &self.changed);
         libs.insert(name.to_owned(), lib.clone());
         Ok(lib)
     }
 
-    /// Deletes a library: its directory is renamed away first (atomic), then removed.
+    /// Deletes a library, everywhere it is kept.
     pub fn delete(&self, name: &str) -> Result<()> {
         let lib = self.library(name)?;
         let mut libs = self.libraries.write();
-        let trash = self
-            .dir
-            .join(format!(".deleted-{name}-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::rename(lib.dir(), &trash)?;
-        super::log::sync_dir(&self.dir)?;
+        self.backing.delete(lib.dir(), name)?;
         libs.remove(name);
-        let _ = std::fs::remove_dir_all(&trash);
         Ok(())
     }
 

@@ -85,6 +85,7 @@ pub(crate) async fn serve_with(
         prompts: experient::prompts::Prompts::builtin(),
         experience_dir: experience_dir.clone(),
         runs_dir: experience_dir.join(".runs"),
+        db: None,
     })
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

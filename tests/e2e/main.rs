@@ -28,6 +28,7 @@ mod minigrid;
 mod plan;
 mod protocol;
 mod quantized_kernels;
+mod replicas;
 mod retrieval;
 mod traffic;
 mod ui;

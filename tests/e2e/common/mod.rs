@@ -3,6 +3,7 @@
 
 pub mod lcg;
 pub mod learning;
+pub mod postgres;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
