@@ -202,8 +202,10 @@ pub fn state(parts: Parts) -> anyhow::Result<AppState> {
         runs_dir,
         db,
     } = parts;
-    let responses = match db {
-        Some(db) => crate::response_store::ResponseStore::shared(db, config.responses.clone()),
+    let responses = match &db {
+        Some(db) => {
+            crate::response_store::ResponseStore::shared(db.clone(), config.responses.clone())
+        }
         // Inside the experience directory, where a dot-name can never be a library.
         None => crate::response_store::ResponseStore::open(
             &experience_dir.join(".responses"),
@@ -211,10 +213,16 @@ pub fn state(parts: Parts) -> anyhow::Result<AppState> {
         ),
     }
     .map_err(|e| anyhow::anyhow!("stored responses: {e}"))?;
-    let traffic = crate::experience::traffic::Traffic::open(
-        &experience_dir.join(".traffic"),
-        config.traffic.clone(),
-    )
+    let traffic = match &db {
+        Some(db) => Ok(crate::experience::traffic::Traffic::shared(
+            db.clone(),
+            config.traffic.clone(),
+        )),
+        None => crate::experience::traffic::Traffic::open(
+            &experience_dir.join(".traffic"),
+            config.traffic.clone(),
+        ),
+    }
     .map_err(|e| anyhow::anyhow!("recorded traffic: {e}"))?;
     Ok(AppState::new(api::Shared {
         router: Arc::new(router),

@@ -151,6 +151,8 @@ pub struct Traffic {
     index: Mutex<HashMap<String, Kept>>,
     /// Appends to one library's journals are serialised.
     writing: Mutex<()>,
+    /// Set when records and feedback are rows in the database replicas share.
+    db: Option<crate::db::Db>,
 }
 
 const RECORDS: &str = "records";
@@ -165,6 +167,7 @@ impl Traffic {
             config,
             index: Mutex::new(HashMap::new()),
             writing: Mutex::new(()),
+            db: None,
         };
         for entry in std::fs::read_dir(dir)? {
             let name = entry?.file_name().to_string_lossy().into_owned();
@@ -182,6 +185,17 @@ impl Traffic {
             }
         }
         Ok(t)
+    }
+
+    /// Records and feedback kept in the shared database, with the same bounds.
+    pub fn shared(db: crate::db::Db, config: TrafficConfig) -> Self {
+        Traffic {
+            dir: PathBuf::new(),
+            config,
+            index: Mutex::new(HashMap::new()),
+            writing: Mutex::new(()),
+            db: Some(db),
+        }
     }
 
     /// The settings the log was opened with (what the auto-learning scheduler reads).
@@ -257,6 +271,9 @@ impl Traffic {
 
     /// Keeps a served completion.
     pub fn record(&self, r: &Record) -> Result<()> {
+        if let Some(db) = &self.db {
+            return shared::record(db, &self.config, r);
+        }
         self.append(&r.library, RECORDS, r)?;
         self.index.lock().insert(r.id.clone(), Kept::of(r));
         Ok(())
@@ -264,6 +281,9 @@ impl Traffic {
 
     /// The kept records of a library, oldest first.
     pub fn records(&self, library: &str) -> Result<Vec<Record>> {
+        if let Some(db) = &self.db {
+            return shared::records(db, &self.config, library);
+        }
         Ok(self
             .read::<Record>(library, RECORDS)?
             .into_iter()
@@ -274,9 +294,7 @@ impl Traffic {
     /// The library of a recorded completion that `rater` may rate: its own, or any for an
     /// admin. Another key's completion is not found, as one that was never recorded.
     pub fn library_of(&self, response_id: &str, rater: &Rater) -> Result<String> {
-        self.index
-            .lock()
-            .get(response_id)
+        self.kept(response_id)?
             .filter(|k| rater.admin || (rater.owner.is_some() && k.owner == rater.owner))
             .map(|k| k.library.clone())
             .ok_or_else(|| Error::NotFound {
@@ -285,6 +303,17 @@ impl Traffic {
                 ),
                 param: Some("id".into()),
             })
+    }
+
+    /// What is kept of a record for rating it.
+    fn kept(&self, response_id: &str) -> Result<Option<Kept>> {
+        match &self.db {
+            Some(db) => Ok(shared::record_of(db, response_id)?.map(|(r, rated)| Kept {
+                rated,
+                ..Kept::of(&r)
+            })),
+            None => Ok(self.index.lock().get(response_id).cloned()),
+        }
     }
 
     /// Stores feedback on a recorded completion; `NotFound` when no record has that id, or
@@ -312,6 +341,11 @@ impl Traffic {
             expected,
             owner: rater.owner.clone(),
         };
+        if let Some(db) = &self.db {
+            let first = shared::add_feedback(db, &self.config, &fb)?;
+            let attribution = self.kept(response_id)?.and_then(|k| k.attribution);
+            return Ok((fb, attribution.filter(|_| first)));
+        }
         self.append(&library, FEEDBACK, &fb)?;
         let first = self.index.lock().get_mut(response_id).and_then(|k| {
             let first = !std::mem::replace(&mut k.rated, true);
@@ -326,6 +360,9 @@ impl Traffic {
         library: Option<&str>,
         since: Option<DateTime<Utc>>,
     ) -> Result<Vec<Feedback>> {
+        if let Some(db) = &self.db {
+            return shared::feedback(db, &self.config, library, since);
+        }
         let libraries: Vec<String> = match library {
             Some(l) => vec![l.to_owned()],
             None => {
@@ -368,6 +405,9 @@ impl Traffic {
 
     /// When the last automatic learning job from this library's traffic started.
     pub fn last_auto(&self, library: &str) -> Option<DateTime<Utc>> {
+        if let Some(db) = &self.db {
+            return shared::last_auto(db, library).ok().flatten();
+        }
         let text = std::fs::read_to_string(self.dir.join(library).join("auto.json")).ok()?;
         serde_json::from_str::<serde_json::Value>(&text).ok()?["started"]
             .as_str()?
@@ -378,6 +418,9 @@ impl Traffic {
     /// Records when automatic learning last started for `library`: only feedback that came
     /// after it counts towards the next automatic job, across restarts too.
     pub fn set_last_auto(&self, library: &str, t: DateTime<Utc>) -> Result<()> {
+        if let Some(db) = &self.db {
+            return shared::set_last_auto(db, library, t);
+        }
         let dir = self.dir.join(library);
         std::fs::create_dir_all(&dir)?;
         let body = serde_json::json!({"started": t.to_rfc3339()}).to_string();
@@ -398,6 +441,9 @@ impl Traffic {
 
     /// Removes everything kept for a library.
     pub fn purge(&self, library: &str) -> Result<()> {
+        if let Some(db) = &self.db {
+            return shared::purge(db, library);
+        }
         let _guard = self.writing.lock();
         self.index.lock().retain(|_, k| k.library != library);
         match std::fs::remove_dir_all(self.dir.join(library)) {
@@ -405,6 +451,180 @@ impl Traffic {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// The same journals as rows, shared by every replica. The bounds are the files': a library's
+/// records and its feedback each keep the newest half of `max_bytes`, and nothing older than
+/// `max_age_days` is read (or kept, once the next write prunes it).
+mod shared {
+    use chrono::{DateTime, Utc};
+
+    use super::{Feedback, Record, TrafficConfig};
+    use crate::db::{block, failed, Db};
+    use crate::error::{Error, Result};
+
+    fn days(c: &TrafficConfig) -> i32 {
+        c.max_age_days.min(36_500) as i32
+    }
+
+    fn parse<T: serde::de::DeserializeOwned>(rows: Vec<String>) -> Vec<T> {
+        rows.iter()
+            .filter_map(|r| serde_json::from_str(r).ok())
+            .collect()
+    }
+
+    /// Drops a library's rows of `table` past the byte or age bound, newest kept first.
+    async fn prune(db: &Db, table: &str, c: &TrafficConfig, library: &str) -> sqlx::Result<()> {
+        // `table` is one of two constants, never input.
+        let sql = format!(
+            "DELETE FROM {table} WHERE id IN ( \
+               SELECT id FROM (SELECT id, created, \
+                 sum(bytes) OVER (ORDER BY created DESC, id DESC) AS total \
+                 FROM {table} WHERE library = $1) r \
+               WHERE r.total > $2 OR r.created < now() - make_interval(days => $3))"
+        );
+        sqlx::query(&sql)
+            .bind(library)
+            .bind((c.max_bytes / 2).min(i64::MAX as u64) as i64)
+            .bind(days(c))
+            .execute(db.pool())
+            .await
+            .map(|_| ())
+    }
+
+    pub fn record(db: &Db, c: &TrafficConfig, r: &Record) -> Result<()> {
+        let text = serde_json::to_string(r).map_err(Error::internal)?;
+        block(async {
+            sqlx::query(
+                "INSERT INTO traffic_records (id, library, created, bytes, record) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(&r.id)
+            .bind(&r.library)
+            .bind(r.created)
+            .bind(text.len() as i64)
+            .bind(&text)
+            .execute(db.pool())
+            .await?;
+            prune(db, "traffic_records", c, &r.library).await
+        })
+        .map_err(failed)
+    }
+
+    pub fn records(db: &Db, c: &TrafficConfig, library: &str) -> Result<Vec<Record>> {
+        let rows = block(
+            sqlx::query_scalar(
+                "SELECT record FROM traffic_records WHERE library = $1 \
+                 AND created >= now() - make_interval(days => $2) ORDER BY created, id",
+            )
+            .bind(library)
+            .bind(days(c))
+            .fetch_all(db.pool()),
+        )
+        .map_err(failed)?;
+        Ok(parse(rows))
+    }
+
+    /// A record and whether it has feedback.
+    pub fn record_of(db: &Db, id: &str) -> Result<Option<(Record, bool)>> {
+        let row: Option<(String, bool)> = block(
+            sqlx::query_as("SELECT record, rated FROM traffic_records WHERE id = $1")
+                .bind(id)
+                .fetch_optional(db.pool()),
+        )
+        .map_err(failed)?;
+        Ok(row.and_then(|(r, rated)| serde_json::from_str(&r).ok().map(|r| (r, rated))))
+    }
+
+    /// Keeps the feedback; true when it is the record's first (marked in the same
+    /// transaction, so that two replicas never both count one answer's first rating).
+    pub fn add_feedback(db: &Db, c: &TrafficConfig, fb: &Feedback) -> Result<bool> {
+        let text = serde_json::to_string(fb).map_err(Error::internal)?;
+        block(async {
+            let mut tx = db.pool().begin().await?;
+            sqlx::query(
+                "INSERT INTO traffic_feedback (id, library, created, bytes, record) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(&fb.id)
+            .bind(&fb.library)
+            .bind(fb.created)
+            .bind(text.len() as i64)
+            .bind(&text)
+            .execute(&mut *tx)
+            .await?;
+            let first =
+                sqlx::query("UPDATE traffic_records SET rated = true WHERE id = $1 AND NOT rated")
+                    .bind(&fb.response_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                    > 0;
+            tx.commit().await?;
+            prune(db, "traffic_feedback", c, &fb.library).await?;
+            Ok(first)
+        })
+        .map_err(failed)
+    }
+
+    pub fn feedback(
+        db: &Db,
+        c: &TrafficConfig,
+        library: Option<&str>,
+        since: Option<DateTime<Utc>>,
+    ) -> Result<Vec<Feedback>> {
+        let rows = block(
+            sqlx::query_scalar(
+                "SELECT record FROM traffic_feedback \
+                 WHERE ($1::text IS NULL OR library = $1) \
+                 AND created >= now() - make_interval(days => $2) \
+                 AND ($3::timestamptz IS NULL OR created > $3) ORDER BY created, id",
+            )
+            .bind(library)
+            .bind(days(c))
+            .bind(since)
+            .fetch_all(db.pool()),
+        )
+        .map_err(failed)?;
+        Ok(parse(rows))
+    }
+
+    pub fn last_auto(db: &Db, library: &str) -> Result<Option<DateTime<Utc>>> {
+        block(
+            sqlx::query_scalar("SELECT started FROM traffic_auto WHERE library = $1")
+                .bind(library)
+                .fetch_optional(db.pool()),
+        )
+        .map_err(failed)
+    }
+
+    pub fn set_last_auto(db: &Db, library: &str, t: DateTime<Utc>) -> Result<()> {
+        block(
+            sqlx::query(
+                "INSERT INTO traffic_auto (library, started) VALUES ($1, $2) \
+                 ON CONFLICT (library) DO UPDATE SET started = $2",
+            )
+            .bind(library)
+            .bind(t)
+            .execute(db.pool()),
+        )
+        .map(|_| ())
+        .map_err(failed)
+    }
+
+    pub fn purge(db: &Db, library: &str) -> Result<()> {
+        block(async {
+            let mut tx = db.pool().begin().await?;
+            for table in ["traffic_records", "traffic_feedback", "traffic_auto"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE library = $1"))
+                    .bind(library)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await
+        })
+        .map_err(failed)
     }
 }
 

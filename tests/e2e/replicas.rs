@@ -313,3 +313,50 @@ async fn a_responses_conversation_continues_on_another_replica() {
     let (st, _) = call("GET", &r[0].url(&format!("/v1/responses/{id}")), None).await;
     assert_eq!(st, 404, "deleted on one replica, gone on all");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn feedback_on_an_answer_one_replica_served_is_taken_by_another() {
+    let r = replicas("feedback", 3);
+    ok(
+        &r[0],
+        "POST",
+        "/v1/libraries",
+        Some(json!({"name": "rec", "settings": {"record": true}})),
+    )
+    .await;
+    let answer = ok(
+        &r[0],
+        "POST",
+        "/v1/chat/completions",
+        Some(json!({
+            "model": format!("{MODEL}@rec"),
+            "messages": [{"role": "user", "content": "Is 2 even?"}],
+            "max_tokens": 2,
+        })),
+    )
+    .await;
+    let id = answer["id"].as_str().unwrap();
+    let fb = ok(
+        &r[1],
+        "POST",
+        "/v1/feedback",
+        Some(json!({"id": id, "label": "good"})),
+    )
+    .await;
+    assert_eq!(fb["response_id"], id, "{fb}");
+    assert_eq!(fb["library"], "rec", "{fb}");
+    let list = ok(&r[2], "GET", "/v1/feedback?library=rec", None).await;
+    assert_eq!(list["data"][0]["id"], fb["id"], "{list}");
+    // Feedback on an answer nobody recorded is refused on every replica alike.
+    let (st, e) = call(
+        "POST",
+        &r[2].url("/v1/feedback"),
+        Some(&json!({"id": "chatcmpl-unknown", "label": "good"})),
+    )
+    .await;
+    assert_eq!((st, e["error"]["param"].as_str()), (404, Some("id")), "{e}");
+    // Purged on one replica, gone on all.
+    ok(&r[2], "DELETE", "/v1/libraries/rec/traffic", None).await;
+    let list = ok(&r[0], "GET", "/v1/feedback?library=rec", None).await;
+    assert_eq!(list["data"], json!([]), "{list}");
+}
