@@ -929,7 +929,11 @@ mod tests {
 
     #[test]
     fn the_configs_the_deployments_mount_load() {
-        for f in ["config.toml", "config.upstream.toml", "config.replicas.toml"] {
+        for f in [
+            "config.toml",
+            "config.upstream.toml",
+            "config.replicas.toml",
+        ] {
             let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker").join(f);
             Config::load(&p).unwrap_or_else(|e| panic!("docker/{f}: {e:#}"));
         }

@@ -207,6 +207,43 @@ impl ResponseStore {
         }
     }
 
+    /// Every kept record: its id, when it was written, and its JSON text (for copying a store).
+    pub fn dump(&self) -> Result<Vec<(String, chrono::DateTime<chrono::Utc>, String)>> {
+        if let Some(db) = &self.db {
+            return shared::dump(db);
+        }
+        let kept: Vec<(u64, String)> = self.index.lock().keys().cloned().collect();
+        let mut out = Vec::new();
+        for (at, id) in kept {
+            match std::fs::read_to_string(self.path(&id)) {
+                Ok(text) => out.push((id, chrono::DateTime::from_timestamp_nanos(at as i64), text)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Keeps a record as it was, with the time it was first written (for copying a store).
+    pub fn restore(&self, id: &str, at: chrono::DateTime<chrono::Utc>, text: &str) -> Result<()> {
+        if !valid_id(id) {
+            return Err(Error::Internal(format!("not a response id: {id}")));
+        }
+        if let Some(db) = &self.db {
+            return shared::restore(db, id, at, text);
+        }
+        crate::experience::write_atomic(&self.path(id), text.as_bytes())?;
+        std::fs::File::options()
+            .write(true)
+            .open(self.path(id))?
+            .set_modified(at.into())?;
+        let nanos = at.timestamp_nanos_opt().unwrap_or(0).max(0) as u64;
+        self.index
+            .lock()
+            .insert((nanos, id.to_owned()), text.len() as u64);
+        Ok(())
+    }
+
     /// Removes `id`; false when it was not kept.
     pub fn delete(&self, id: &str) -> Result<bool> {
         if !valid_id(id) {
@@ -226,6 +263,8 @@ impl ResponseStore {
 
 /// The same records as rows of `responses`, shared by every replica.
 mod shared {
+    use chrono::{DateTime, Utc};
+
     use crate::db::{block, failed, Db};
     use crate::error::Result;
 
@@ -254,6 +293,29 @@ mod shared {
             .bind(max_age_days.min(i32::MAX as u64) as i32)
             .fetch_optional(db.pool()),
         )
+        .map_err(failed)
+    }
+
+    pub fn dump(db: &Db) -> Result<Vec<(String, DateTime<Utc>, String)>> {
+        block(
+            sqlx::query_as("SELECT id, created_at, record FROM responses ORDER BY created_at, id")
+                .fetch_all(db.pool()),
+        )
+        .map_err(failed)
+    }
+
+    pub fn restore(db: &Db, id: &str, at: DateTime<Utc>, record: &str) -> Result<()> {
+        block(
+            sqlx::query(
+                "INSERT INTO responses (id, record, bytes, created_at) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(id)
+            .bind(record)
+            .bind(record.len() as i64)
+            .bind(at)
+            .execute(db.pool()),
+        )
+        .map(|_| ())
         .map_err(failed)
     }
 

@@ -8,6 +8,7 @@ mod learn;
 mod models;
 mod plan;
 mod serve;
+mod store;
 
 use std::path::PathBuf;
 
@@ -36,6 +37,9 @@ enum Command {
     Plan(plan::PlanArgs),
     /// Curate experience libraries: list, search, add, edit, rm, export, import, versions, rollback.
     Experience(experience::ExperienceArgs),
+    /// The store as a whole: `migrate --to postgres|files` copies every library, stored
+    /// response and recorded completion between the experience directory and PostgreSQL.
+    Store(store::StoreArgs),
     /// Download the embedded default models (chat and embedding) into the cache and print
     /// their paths.
     FetchModel {
@@ -63,6 +67,7 @@ impl Cli {
         match self.command {
             Command::Serve(a) => serve::run(a),
             Command::Experience(a) => experience::run(a),
+            Command::Store(a) => store::run(a),
             Command::Eval(a) => eval::run(a),
             Command::Learn(a) => learn::run(*a),
             Command::Plan(a) => plan::run(a),

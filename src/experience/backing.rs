@@ -69,6 +69,17 @@ pub trait Backing: Send + Sync {
     /// Creates an empty library (version 0, default settings); 409 if the name is taken.
     fn create(&self, dir: &Path, name: &str, max_top_k: usize) -> Result<Opened>;
     fn delete(&self, dir: &Path, name: &str) -> Result<()>;
+    /// A library's settings and every version, read without deriving anything (for copying
+    /// a store).
+    fn export(&self, dir: &Path, name: &str) -> Result<(Settings, Vec<Version>)>;
+    /// Writes a whole library at once, every version as it was; 409 if the name is taken.
+    fn import(
+        &self,
+        dir: &Path,
+        name: &str,
+        settings: &Settings,
+        versions: &[Version],
+    ) -> Result<()>;
     /// Whether other processes write the same libraries.
     fn shared(&self) -> bool;
     /// The heads of every library, or of the one named; nothing for a store one process owns.
@@ -171,25 +182,14 @@ impl Backing for Files {
         })
     }
 
-    /// Builds the library in a hidden directory and renames it, so that a crash never leaves
-    /// half a library.
     fn create(&self, dir: &Path, name: &str, _max_top_k: usize) -> Result<Opened> {
-        if dir.exists() {
-            return Err(Error::Conflict(format!("library '{name}' already exists")));
-        }
-        let parent = dir
-            .parent()
-            .ok_or_else(|| Error::internal("library has no parent"))?;
-        let tmp = parent.join(format!(".creating-{name}"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp)?;
-        write_atomic(&tmp.join(SETTINGS_FILE), &pretty(&Settings::default())?)?;
         let first = created();
-        let mut line = serde_json::to_string(&first).map_err(Error::internal)?;
-        line.push('\n');
-        write_atomic(&tmp.join(LOG_FILE), line.as_bytes())?;
-        std::fs::rename(&tmp, dir)?;
-        sync_dir(parent)?;
+        self.import(
+            dir,
+            name,
+            &Settings::default(),
+            std::slice::from_ref(&first),
+        )?;
         Ok(Opened {
             versions: vec![first],
             settings: Settings::default(),
@@ -210,6 +210,40 @@ impl Backing for Files {
         sync_dir(parent)?;
         let _ = std::fs::remove_dir_all(&trash);
         Ok(())
+    }
+
+    fn export(&self, dir: &Path, name: &str) -> Result<(Settings, Vec<Version>)> {
+        let o = self.open(dir, name, usize::MAX)?;
+        Ok((o.settings, o.versions))
+    }
+
+    /// Builds the library in a hidden directory and renames it, so that a crash never leaves
+    /// half a library.
+    fn import(
+        &self,
+        dir: &Path,
+        name: &str,
+        settings: &Settings,
+        versions: &[Version],
+    ) -> Result<()> {
+        if dir.exists() {
+            return Err(Error::Conflict(format!("library '{name}' already exists")));
+        }
+        let parent = dir
+            .parent()
+            .ok_or_else(|| Error::internal("library has no parent"))?;
+        let tmp = parent.join(format!(".creating-{name}"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)?;
+        write_atomic(&tmp.join(SETTINGS_FILE), &pretty(settings)?)?;
+        let mut log = String::new();
+        for v in versions {
+            log.push_str(&serde_json::to_string(v).map_err(Error::internal)?);
+            log.push('\n');
+        }
+        write_atomic(&tmp.join(LOG_FILE), log.as_bytes())?;
+        std::fs::rename(&tmp, dir)?;
+        sync_dir(parent)
     }
 
     fn shared(&self) -> bool {
@@ -353,16 +387,9 @@ fn parse_settings(text: &str, name: &str, max_top_k: usize) -> Result<Settings> 
     Ok(clamp_settings(s, name, max_top_k))
 }
 
-impl Backing for Postgres {
-    fn names(&self, _store_dir: &Path) -> Result<Vec<String>> {
-        block(
-            sqlx::query_scalar::<_, String>("SELECT name FROM libraries ORDER BY name")
-                .fetch_all(self.db.pool()),
-        )
-        .map_err(db::failed)
-    }
-
-    fn open(&self, dir: &Path, name: &str, max_top_k: usize) -> Result<Opened> {
+impl Postgres {
+    /// A library's generation, settings (as stored) and revision, and every version.
+    fn read(&self, name: &str) -> Result<(i64, String, i64, Vec<Version>)> {
         let pool = self.db.pool();
         let (row, records) = block(async {
             let row: Option<(i64, String, i64)> =
@@ -388,6 +415,21 @@ impl Backing for Postgres {
             .iter()
             .map(|r| parse_version(r, name))
             .collect::<Result<Vec<_>>>()?;
+        Ok((generation, settings, rev, versions))
+    }
+}
+
+impl Backing for Postgres {
+    fn names(&self, _store_dir: &Path) -> Result<Vec<String>> {
+        block(
+            sqlx::query_scalar::<_, String>("SELECT name FROM libraries ORDER BY name")
+                .fetch_all(self.db.pool()),
+        )
+        .map_err(db::failed)
+    }
+
+    fn open(&self, dir: &Path, name: &str, max_top_k: usize) -> Result<Opened> {
+        let (generation, settings, rev, versions) = self.read(name)?;
         prepare_local(dir, generation)?;
         Ok(Opened {
             versions,
@@ -400,6 +442,55 @@ impl Backing for Postgres {
                 max_top_k,
             }),
         })
+    }
+
+    fn export(&self, _dir: &Path, name: &str) -> Result<(Settings, Vec<Version>)> {
+        let (_, settings, _, versions) = self.read(name)?;
+        Ok((parse_settings(&settings, name, usize::MAX)?, versions))
+    }
+
+    /// One transaction: the library row and every version, announced once.
+    fn import(
+        &self,
+        _dir: &Path,
+        name: &str,
+        settings: &Settings,
+        versions: &[Version],
+    ) -> Result<()> {
+        let settings = serde_json::to_string(settings).map_err(Error::internal)?;
+        let records = versions
+            .iter()
+            .map(|v| serde_json::to_string(v).map(|r| (v.version as i64, r)))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(Error::internal)?;
+        let pool = self.db.pool();
+        let done = block(async {
+            let mut tx = pool.begin().await?;
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO libraries (name, settings) VALUES ($1, $2) RETURNING id",
+            )
+            .bind(name)
+            .bind(&settings)
+            .fetch_one(&mut *tx)
+            .await?;
+            for (version, record) in &records {
+                sqlx::query("INSERT INTO versions (library, version, record) VALUES ($1, $2, $3)")
+                    .bind(id)
+                    .bind(version)
+                    .bind(record)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            notify(&mut tx, name).await?;
+            tx.commit().await
+        });
+        match done {
+            Ok(()) => Ok(()),
+            Err(e) if db::taken(&e) => {
+                Err(Error::Conflict(format!("library '{name}' already exists")))
+            }
+            Err(e) => Err(db::failed(e)),
+        }
     }
 
     fn create(&self, dir: &Path, name: &str, max_top_k: usize) -> Result<Opened> {

@@ -24,7 +24,9 @@ pub mod vectors;
 pub use library::{Diff, Library, VersionSummary, Votes};
 pub use log::{write_atomic, Change, Op, Version};
 pub use serving::Credit;
-pub use store::{Attribution, Chosen, Query, SearchHit, Select, Served, Store, StoreOptions};
+pub use store::{
+    lock_dir, Attribution, Chosen, Query, SearchHit, Select, Served, Store, StoreOptions,
+};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};

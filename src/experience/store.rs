@@ -237,7 +237,7 @@ pub struct Store {
 }
 
 /// Takes the directory's lock file: one process per directory.
-fn lock_dir(dir: &Path) -> Result<File> {
+pub fn lock_dir(dir: &Path) -> Result<File> {
     std::fs::create_dir_all(dir).map_err(|e| {
         Error::internal(format!(
             "cannot create experience directory {}: {e}",

@@ -101,6 +101,14 @@ impl Kept {
     }
 }
 
+/// A library's kept traffic, as a whole.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dump {
+    pub records: Vec<Record>,
+    pub feedback: Vec<Feedback>,
+    pub last_auto: Option<DateTime<Utc>>,
+}
+
 /// What a person said about one served completion.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Feedback {
@@ -439,6 +447,56 @@ impl Traffic {
             .map(|(m, _)| m))
     }
 
+    /// The libraries that have records or feedback kept.
+    pub fn libraries(&self) -> Result<Vec<String>> {
+        if let Some(db) = &self.db {
+            return shared::libraries(db);
+        }
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if super::validate_library_name(&name).is_ok() {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Everything kept for a library: its records, its feedback and when automatic learning
+    /// last started (for copying a store).
+    pub fn dump(&self, library: &str) -> Result<Dump> {
+        Ok(Dump {
+            records: self.records(library)?,
+            feedback: self.feedback(Some(library), None)?,
+            last_auto: self.last_auto(library),
+        })
+    }
+
+    /// Keeps a dump as it was: the same ids, times and feedback.
+    pub fn restore(&self, library: &str, dump: &Dump) -> Result<()> {
+        for r in &dump.records {
+            self.record(r)?;
+        }
+        for f in &dump.feedback {
+            match &self.db {
+                Some(db) => {
+                    shared::add_feedback(db, &self.config, f)?;
+                }
+                None => {
+                    self.append(library, FEEDBACK, f)?;
+                    if let Some(k) = self.index.lock().get_mut(&f.response_id) {
+                        k.rated = true;
+                    }
+                }
+            }
+        }
+        if let Some(t) = dump.last_auto {
+            self.set_last_auto(library, t)?;
+        }
+        Ok(())
+    }
+
     /// Removes everything kept for a library.
     pub fn purge(&self, library: &str) -> Result<()> {
         if let Some(db) = &self.db {
@@ -610,6 +668,17 @@ mod shared {
             .execute(db.pool()),
         )
         .map(|_| ())
+        .map_err(failed)
+    }
+
+    pub fn libraries(db: &Db) -> Result<Vec<String>> {
+        block(
+            sqlx::query_scalar(
+                "SELECT library FROM traffic_records UNION SELECT library FROM traffic_feedback \
+                 ORDER BY 1",
+            )
+            .fetch_all(db.pool()),
+        )
         .map_err(failed)
     }
 

@@ -360,3 +360,106 @@ async fn feedback_on_an_answer_one_replica_served_is_taken_by_another() {
     let list = ok(&r[0], "GET", "/v1/feedback?library=rec", None).await;
     assert_eq!(list["data"], json!([]), "{list}");
 }
+
+/// What a store shows a curator and a client: the library's versions and experiences, a stored
+/// response, the feedback.
+async fn snapshot(s: &Server, response: &str) -> Value {
+    json!({
+        "versions": ok(s, "GET", "/v1/libraries/kept/versions", None).await["data"],
+        "experiences": ok(s, "GET", "/v1/libraries/kept/experiences", None).await["data"],
+        "settings": ok(s, "GET", "/v1/libraries/kept", None).await["settings"],
+        "response": ok(s, "GET", &format!("/v1/responses/{response}"), None).await["output"],
+        "feedback": ok(s, "GET", "/v1/feedback?library=kept", None).await["data"],
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_store_moves_to_postgres_and_back_whole() {
+    let url = cluster().database("migrate");
+    let files = start(None, &[]);
+    ok(
+        &files,
+        "POST",
+        "/v1/libraries",
+        Some(json!({"name": "kept", "settings": {"record": true}})),
+    )
+    .await;
+    for text in ["Check units first.", "Estimate before computing."] {
+        let body = json!({ "text": text });
+        ok(&files, "POST", "/v1/libraries/kept/experiences", Some(body)).await;
+    }
+    let patch = json!({"text": "Check the units of every quantity first."});
+    ok(
+        &files,
+        "PATCH",
+        "/v1/libraries/kept/experiences/E1",
+        Some(patch),
+    )
+    .await;
+    let chat = json!({"model": format!("{MODEL}@kept"), "max_tokens": 2,
+        "messages": [{"role": "user", "content": "2 m + 30 cm?"}]});
+    let answer = ok(&files, "POST", "/v1/chat/completions", Some(chat)).await;
+    let fb = json!({"id": answer["id"], "label": "bad", "expected": "2.3 m"});
+    ok(&files, "POST", "/v1/feedback", Some(fb)).await;
+    let resp = json!({"model": MODEL, "input": "Hi.", "max_output_tokens": 2});
+    let response = ok(&files, "POST", "/v1/responses", Some(resp)).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let before = snapshot(&files, &response).await;
+    let home = files.kill(libc::SIGTERM);
+
+    let exp = home.path().join("experience");
+    let env = [("EXPERIENT_DATABASE_URL", url.as_str())];
+    let moved = crate::common::cli_json(&["store", "migrate", "--to", "postgres"], &exp, &env);
+    assert_eq!(
+        (
+            &moved["libraries"],
+            &moved["versions"],
+            &moved["responses"],
+            &moved["traffic_records"],
+            &moved["feedback"],
+            &moved["verified"]
+        ),
+        (
+            &json!(1),
+            &json!(4),
+            &json!(1),
+            &json!(1),
+            &json!(1),
+            &json!(true)
+        ),
+        "{moved}"
+    );
+    // A new replica serves the same, but for the use counts and credit, which are still each
+    // replica's own (docs/deployment.md).
+    let replica = start(None, &env);
+    assert_eq!(
+        without_counts(snapshot(&replica, &response).await),
+        without_counts(before.clone())
+    );
+    // The old directory, now a replica's own, serves all of it, counts included.
+    let old = crate::common::start_in(home, None, &env);
+    assert_eq!(snapshot(&old, &response).await, before);
+    drop(old.kill(libc::SIGTERM));
+    drop(replica.kill(libc::SIGTERM));
+
+    let back = tempfile::tempdir().unwrap();
+    let exp = back.path().join("experience");
+    let moved = crate::common::cli_json(&["store", "migrate", "--to", "files"], &exp, &env);
+    assert_eq!(moved["versions"], 4, "{moved}");
+    let files = crate::common::start_in(back, None, &[]);
+    assert_eq!(
+        without_counts(snapshot(&files, &response).await),
+        without_counts(before)
+    );
+}
+
+fn without_counts(mut v: Value) -> Value {
+    for e in v["experiences"].as_array_mut().unwrap() {
+        for k in ["uses", "helpful", "harmful", "credit"] {
+            e.as_object_mut().unwrap().remove(k);
+        }
+    }
+    v
+}
