@@ -106,11 +106,10 @@ fn migrate(to: Target, dir: &Path, db: Db) -> anyhow::Result<serde_json::Value> 
     let mut versions = 0;
     for name in &names {
         let lib_dir = dir.join(name);
-        let (settings, vs) = from.backing.export(&lib_dir, name)?;
-        into.backing.import(&lib_dir, name, &settings, &vs)?;
-        let back = into.backing.export(&lib_dir, name)?;
+        let library = from.backing.export(&lib_dir, name)?;
+        into.backing.import(&lib_dir, name, &library)?;
         anyhow::ensure!(
-            back == (settings, vs.clone()),
+            into.backing.export(&lib_dir, name)? == library,
             "library '{name}' reads back differently from the target"
         );
         if to == Target::Postgres {
@@ -122,7 +121,7 @@ fn migrate(to: Target, dir: &Path, db: Db) -> anyhow::Result<serde_json::Value> 
                 generation.to_string().as_bytes(),
             )?;
         }
-        versions += vs.len();
+        versions += library.versions.len();
         bar.inc(1);
     }
     bar.finish_and_clear();

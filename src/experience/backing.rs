@@ -29,8 +29,21 @@ pub trait Commit {
     fn append(self: Box<Self>, v: &Version) -> Result<()>;
 }
 
+/// One read-modify-write of a library's document (its proposals): while held, no other
+/// writer changes the document. Dropped without [`DocEdit::save`], nothing changes.
+pub trait DocEdit {
+    /// The document as stored, when another writer may have changed it since it was read.
+    fn current(&mut self) -> Result<Option<String>>;
+    fn save(self: Box<Self>, body: &str) -> Result<()>;
+}
+
 /// One library's versions and settings where they are kept.
 pub trait Log: Send + Sync {
+    /// The document `name` as stored elsewhere, when others may change it (`None` for files,
+    /// which only this process writes: what it holds is current).
+    fn load_doc(&self, name: &str) -> Result<Option<String>>;
+    /// Starts a read-modify-write of the document `name`.
+    fn begin_doc(&self, name: &str) -> Result<Box<dyn DocEdit + '_>>;
     /// Starts a commit, waiting (in order of arrival) for other writers' to end.
     fn begin(&self) -> Result<Box<dyn Commit + '_>>;
     /// Versions newer than `version` that other writers made, oldest first.
@@ -52,6 +65,16 @@ pub struct Opened {
     pub log: Box<dyn Log>,
 }
 
+/// A whole library as it is kept: settings, every version, and its proposals' document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exported {
+    pub settings: Settings,
+    pub versions: Vec<Version>,
+    pub proposals: Option<String>,
+}
+
+const PROPOSALS: &str = super::proposals::PROPOSALS_FILE;
+
 /// A library's place in the shared store, for a replica to compare with what it holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Head {
@@ -69,17 +92,10 @@ pub trait Backing: Send + Sync {
     /// Creates an empty library (version 0, default settings); 409 if the name is taken.
     fn create(&self, dir: &Path, name: &str, max_top_k: usize) -> Result<Opened>;
     fn delete(&self, dir: &Path, name: &str) -> Result<()>;
-    /// A library's settings and every version, read without deriving anything (for copying
-    /// a store).
-    fn export(&self, dir: &Path, name: &str) -> Result<(Settings, Vec<Version>)>;
+    /// A whole library, read without deriving anything (for copying a store).
+    fn export(&self, dir: &Path, name: &str) -> Result<Exported>;
     /// Writes a whole library at once, every version as it was; 409 if the name is taken.
-    fn import(
-        &self,
-        dir: &Path,
-        name: &str,
-        settings: &Settings,
-        versions: &[Version],
-    ) -> Result<()>;
+    fn import(&self, dir: &Path, name: &str, library: &Exported) -> Result<()>;
     /// Whether other processes write the same libraries.
     fn shared(&self) -> bool;
     /// The heads of every library, or of the one named; nothing for a store one process owns.
@@ -184,12 +200,12 @@ impl Backing for Files {
 
     fn create(&self, dir: &Path, name: &str, _max_top_k: usize) -> Result<Opened> {
         let first = created();
-        self.import(
-            dir,
-            name,
-            &Settings::default(),
-            std::slice::from_ref(&first),
-        )?;
+        let new = Exported {
+            settings: Settings::default(),
+            versions: vec![first.clone()],
+            proposals: None,
+        };
+        self.import(dir, name, &new)?;
         Ok(Opened {
             versions: vec![first],
             settings: Settings::default(),
@@ -212,20 +228,23 @@ impl Backing for Files {
         Ok(())
     }
 
-    fn export(&self, dir: &Path, name: &str) -> Result<(Settings, Vec<Version>)> {
+    fn export(&self, dir: &Path, name: &str) -> Result<Exported> {
         let o = self.open(dir, name, usize::MAX)?;
-        Ok((o.settings, o.versions))
+        let proposals = match std::fs::read_to_string(dir.join(PROPOSALS)) {
+            Ok(t) => Some(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Exported {
+            settings: o.settings,
+            versions: o.versions,
+            proposals,
+        })
     }
 
     /// Builds the library in a hidden directory and renames it, so that a crash never leaves
     /// half a library.
-    fn import(
-        &self,
-        dir: &Path,
-        name: &str,
-        settings: &Settings,
-        versions: &[Version],
-    ) -> Result<()> {
+    fn import(&self, dir: &Path, name: &str, library: &Exported) -> Result<()> {
         if dir.exists() {
             return Err(Error::Conflict(format!("library '{name}' already exists")));
         }
@@ -235,9 +254,12 @@ impl Backing for Files {
         let tmp = parent.join(format!(".creating-{name}"));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
-        write_atomic(&tmp.join(SETTINGS_FILE), &pretty(settings)?)?;
+        write_atomic(&tmp.join(SETTINGS_FILE), &pretty(&library.settings)?)?;
+        if let Some(p) = &library.proposals {
+            write_atomic(&tmp.join(PROPOSALS), p.as_bytes())?;
+        }
         let mut log = String::new();
-        for v in versions {
+        for v in &library.versions {
             log.push_str(&serde_json::to_string(v).map_err(Error::internal)?);
             log.push('\n');
         }
@@ -285,9 +307,36 @@ impl Commit for &FileLog {
     }
 }
 
+/// A document in the library's directory, rewritten atomically.
+struct FileDoc<'a> {
+    path: std::path::PathBuf,
+    _log: &'a FileLog,
+}
+
+impl DocEdit for FileDoc<'_> {
+    fn current(&mut self) -> Result<Option<String>> {
+        Ok(None)
+    }
+
+    fn save(self: Box<Self>, body: &str) -> Result<()> {
+        write_atomic(&self.path, body.as_bytes())
+    }
+}
+
 impl Log for FileLog {
     fn begin(&self) -> Result<Box<dyn Commit + '_>> {
         Ok(Box::new(self))
+    }
+
+    fn load_doc(&self, _name: &str) -> Result<Option<String>> {
+        Ok(None)
+    }
+
+    fn begin_doc(&self, name: &str) -> Result<Box<dyn DocEdit + '_>> {
+        Ok(Box::new(FileDoc {
+            path: self.dir.join(name),
+            _log: self,
+        }))
     }
 
     fn after(&self, _version: u64) -> Result<Vec<Version>> {
@@ -444,21 +493,29 @@ impl Backing for Postgres {
         })
     }
 
-    fn export(&self, _dir: &Path, name: &str) -> Result<(Settings, Vec<Version>)> {
-        let (_, settings, _, versions) = self.read(name)?;
-        Ok((parse_settings(&settings, name, usize::MAX)?, versions))
+    fn export(&self, _dir: &Path, name: &str) -> Result<Exported> {
+        let (generation, settings, _, versions) = self.read(name)?;
+        let proposals = block(
+            sqlx::query_scalar(
+                "SELECT body FROM library_documents WHERE library = $1 AND name = $2",
+            )
+            .bind(generation)
+            .bind(PROPOSALS)
+            .fetch_optional(self.db.pool()),
+        )
+        .map_err(db::failed)?;
+        Ok(Exported {
+            settings: parse_settings(&settings, name, usize::MAX)?,
+            versions,
+            proposals,
+        })
     }
 
     /// One transaction: the library row and every version, announced once.
-    fn import(
-        &self,
-        _dir: &Path,
-        name: &str,
-        settings: &Settings,
-        versions: &[Version],
-    ) -> Result<()> {
-        let settings = serde_json::to_string(settings).map_err(Error::internal)?;
-        let records = versions
+    fn import(&self, _dir: &Path, name: &str, library: &Exported) -> Result<()> {
+        let settings = serde_json::to_string(&library.settings).map_err(Error::internal)?;
+        let records = library
+            .versions
             .iter()
             .map(|v| serde_json::to_string(v).map(|r| (v.version as i64, r)))
             .collect::<std::result::Result<Vec<_>, _>>()
@@ -480,6 +537,16 @@ impl Backing for Postgres {
                     .bind(record)
                     .execute(&mut *tx)
                     .await?;
+            }
+            if let Some(p) = &library.proposals {
+                sqlx::query(
+                    "INSERT INTO library_documents (library, name, body) VALUES ($1, $2, $3)",
+                )
+                .bind(id)
+                .bind(PROPOSALS)
+                .bind(p)
+                .execute(&mut *tx)
+                .await?;
             }
             notify(&mut tx, name).await?;
             tx.commit().await
@@ -657,6 +724,60 @@ impl Drop for PgCommit<'_> {
     }
 }
 
+/// A document's read-modify-write in PostgreSQL: the transaction holding its lock.
+struct PgDoc<'a> {
+    log: &'a PgLog,
+    name: String,
+    tx: Option<sqlx::Transaction<'static, sqlx::Postgres>>,
+}
+
+impl DocEdit for PgDoc<'_> {
+    fn current(&mut self) -> Result<Option<String>> {
+        let tx = self
+            .tx
+            .as_mut()
+            .ok_or_else(|| Error::internal("edit ended"))?;
+        block(
+            sqlx::query_scalar(
+                "SELECT body FROM library_documents WHERE library = $1 AND name = $2",
+            )
+            .bind(self.log.generation)
+            .bind(&self.name)
+            .fetch_optional(&mut **tx),
+        )
+        .map_err(db::failed)
+    }
+
+    fn save(mut self: Box<Self>, body: &str) -> Result<()> {
+        let mut tx = self
+            .tx
+            .take()
+            .ok_or_else(|| Error::internal("edit ended"))?;
+        block(async {
+            sqlx::query(
+                "INSERT INTO library_documents (library, name, body) VALUES ($1, $2, $3) \
+                 ON CONFLICT (library, name) DO UPDATE SET body = $3",
+            )
+            .bind(self.log.generation)
+            .bind(&self.name)
+            .bind(body)
+            .execute(&mut *tx)
+            .await?;
+            notify(&mut tx, &self.log.name).await?;
+            tx.commit().await
+        })
+        .map_err(db::failed)
+    }
+}
+
+impl Drop for PgDoc<'_> {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = block(tx.rollback());
+        }
+    }
+}
+
 struct PgLog {
     db: Db,
     name: String,
@@ -681,7 +802,7 @@ impl Log for PgLog {
         let tx = block(async {
             let mut tx = pool.begin().await?;
             sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(self.generation)
+                .bind(self.generation.wrapping_mul(2))
                 .execute(&mut *tx)
                 .await?;
             Ok::<_, sqlx::Error>(tx)
@@ -689,6 +810,38 @@ impl Log for PgLog {
         .map_err(db::failed)?;
         Ok(Box::new(PgCommit {
             log: self,
+            tx: Some(tx),
+        }))
+    }
+
+    fn load_doc(&self, name: &str) -> Result<Option<String>> {
+        block(
+            sqlx::query_scalar(
+                "SELECT body FROM library_documents WHERE library = $1 AND name = $2",
+            )
+            .bind(self.generation)
+            .bind(name)
+            .fetch_optional(self.db.pool()),
+        )
+        .map_err(db::failed)
+    }
+
+    /// A transaction holding the library's document lock (another key than its commit
+    /// lock: an approval holds this one while it commits).
+    fn begin_doc(&self, name: &str) -> Result<Box<dyn DocEdit + '_>> {
+        let pool = self.db.pool();
+        let tx = block(async {
+            let mut tx = pool.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(self.generation.wrapping_mul(2).wrapping_add(1))
+                .execute(&mut *tx)
+                .await?;
+            Ok::<_, sqlx::Error>(tx)
+        })
+        .map_err(db::failed)?;
+        Ok(Box::new(PgDoc {
+            log: self,
+            name: name.to_owned(),
             tx: Some(tx),
         }))
     }

@@ -9,11 +9,11 @@ use parking_lot::{Mutex, RwLock};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::backing::{Backing, Files, Log, Opened};
+use super::backing::{Backing, DocEdit, Files, Log, Opened};
 use super::canary::{Snapshot, Trials};
 use super::index::Index;
 use super::log::{write_atomic, Change, Op, Review, Version};
-use super::proposals::{self, Decision, Edit, Origin, Proposal, Proposals};
+use super::proposals::{self, Decision, Edit, Origin, Proposal, Proposals, PROPOSALS_FILE};
 use super::{Experience, Settings};
 use crate::error::{Error, Result};
 
@@ -277,7 +277,14 @@ impl Library {
             note_texts(&mut text_since, v);
             next_id = next_id.max(max_id(v) + 1);
         }
-        let proposals = Proposals::load(dir, &versions)?;
+        let proposals = match log.load_doc(PROPOSALS_FILE)? {
+            Some(text) => {
+                let mut p = Proposals::parse(&text)?;
+                p.reconcile(&versions);
+                p
+            }
+            None => Proposals::load(dir, &versions)?,
+        };
         let usage = match std::fs::read(dir.join(USAGE_FILE)) {
             Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
             Err(_) => BTreeMap::new(),
@@ -746,9 +753,47 @@ impl Library {
         }
     }
 
-    /// The proposals, locked (taken before the writer when both are held).
+    /// The proposals, locked (taken before the writer when both are held), with what other
+    /// replicas changed read first.
     pub(super) fn proposals_lock(&self) -> parking_lot::MutexGuard<'_, Proposals> {
-        self.proposals.lock()
+        let mut p = self.proposals.lock();
+        match self.log.load_doc(PROPOSALS_FILE) {
+            Ok(Some(text)) => self.replace_proposals(&mut p, &text),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(library = %self.name, error = %e, "proposals not reread; showing this replica's")
+            }
+        }
+        p
+    }
+
+    /// The proposals, locked for a change that no other replica makes meanwhile: the edit
+    /// saves them ([`DocEdit::save`]) or, dropped, leaves them as they were.
+    fn edit_proposals(
+        &self,
+    ) -> Result<(
+        parking_lot::MutexGuard<'_, Proposals>,
+        Box<dyn DocEdit + '_>,
+    )> {
+        let mut p = self.proposals.lock();
+        let mut doc = self.log.begin_doc(PROPOSALS_FILE)?;
+        if let Some(text) = doc.current()? {
+            self.replace_proposals(&mut p, &text);
+        }
+        Ok((p, doc))
+    }
+
+    /// Takes the stored proposals over the ones held, reconciled with the versions.
+    fn replace_proposals(&self, p: &mut Proposals, text: &str) {
+        match Proposals::parse(text) {
+            Ok(mut fresh) => {
+                fresh.reconcile(&self.state.read().versions);
+                *p = fresh;
+            }
+            Err(e) => {
+                tracing::error!(library = %self.name, error = %e, "stored proposals unreadable")
+            }
+        }
     }
 
     /// The library's directory.
@@ -772,17 +817,17 @@ impl Library {
 
     /// Every kept proposal, pending and decided, oldest first.
     pub fn proposals(&self) -> Vec<Proposal> {
-        self.proposals.lock().all().to_vec()
+        self.proposals_lock().all().to_vec()
     }
 
     /// The proposal with this id.
     pub fn proposal(&self, id: &str) -> Option<Proposal> {
-        self.proposals.lock().get(id).cloned()
+        self.proposals_lock().get(id).cloned()
     }
 
     /// Proposals waiting for review.
     pub fn pending_proposals(&self) -> usize {
-        self.proposals.lock().pending()
+        self.proposals_lock().pending()
     }
 
     /// Holds `changes` back as pending proposals (at most `max_pending` at a time), written
@@ -804,7 +849,7 @@ impl Library {
                 }
             }
         }
-        let mut p = self.proposals.lock();
+        let (mut p, doc) = self.edit_proposals()?;
         if p.pending() + changes.len() > max_pending {
             return Err(Error::Conflict(format!(
                 "library '{}' holds {} pending proposals and may hold at most {max_pending} \
@@ -815,7 +860,7 @@ impl Library {
         }
         let before = p.clone();
         let made = p.add(changes, origin);
-        if let Err(e) = p.save(&self.dir) {
+        if let Err(e) = p.text().and_then(|t| doc.save(&t)) {
             *p = before;
             return Err(e);
         }
@@ -863,7 +908,7 @@ impl Library {
                 "edits",
             ));
         }
-        let mut p = self.proposals.lock();
+        let (mut p, doc) = self.edit_proposals()?;
         let decision = Decision {
             at: Utc::now(),
             reviewer: reviewer.clone(),
@@ -910,8 +955,8 @@ impl Library {
             keep,
         );
         // The version is on disk and names the proposals, so a failed save is repaired by
-        // the reconciliation at the next open; the approval stands.
-        if let Err(e) = p.save(&self.dir) {
+        // the reconciliation at the next read; the approval stands.
+        if let Err(e) = p.text().and_then(|t| doc.save(&t)) {
             tracing::error!(library = %self.name, error = %e, "saving proposals after an approval failed; the log will reconcile them");
         }
         Ok(v)
@@ -932,7 +977,7 @@ impl Library {
                 "ids",
             ));
         }
-        let mut p = self.proposals.lock();
+        let (mut p, doc) = self.edit_proposals()?;
         for id in ids {
             p.pending_one(&self.name, id)?;
         }
@@ -945,7 +990,7 @@ impl Library {
             reason,
         };
         p.decide(ids, proposals::Status::Rejected, &decision, &[], keep);
-        if let Err(e) = p.save(&self.dir) {
+        if let Err(e) = p.text().and_then(|t| doc.save(&t)) {
             *p = before;
             return Err(e);
         }

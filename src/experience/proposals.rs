@@ -125,17 +125,37 @@ impl Proposals {
     /// proposal that a version of the log already carries.
     pub fn load(dir: &Path, versions: &[Version]) -> Result<Proposals> {
         let path = dir.join(PROPOSALS_FILE);
-        let mut p: Proposals = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| Error::internal(format!("{}: {e}", path.display())))?,
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Proposals::default()),
             Err(e) => return Err(e.into()),
         };
+        let mut p = Proposals::parse(&text)
+            .map_err(|e| Error::internal(format!("{}: {e}", path.display())))?;
+        if p.reconcile(versions) {
+            p.save(dir)?;
+        }
+        Ok(p)
+    }
+
+    /// Proposals as stored (`proposals.json`, or its row in the database).
+    pub fn parse(text: &str) -> Result<Proposals> {
+        serde_json::from_str(text).map_err(|e| Error::internal(format!("stored proposals: {e}")))
+    }
+
+    /// Their stored form.
+    pub fn text(&self) -> Result<String> {
+        serde_json::to_string_pretty(self).map_err(Error::internal)
+    }
+
+    /// Marks approved every pending proposal that one of `versions` carries (an approval whose
+    /// proposals were not saved after its version was); true when any changed.
+    pub fn reconcile(&mut self, versions: &[Version]) -> bool {
         let mut reconciled = false;
         for v in versions {
             let Some(r) = &v.review else { continue };
             for id in &r.proposals {
-                if let Some(x) = p.list.iter_mut().find(|x| &x.id == id) {
+                if let Some(x) = self.list.iter_mut().find(|x| &x.id == id) {
                     if x.status == Status::Pending {
                         x.status = Status::Approved;
                         x.decision = Some(Decision {
@@ -150,16 +170,12 @@ impl Proposals {
                 }
             }
         }
-        if reconciled {
-            p.save(dir)?;
-        }
-        Ok(p)
+        reconciled
     }
 
     /// Writes the proposals atomically (a crash leaves the old file or the new one).
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let b = serde_json::to_vec_pretty(self).map_err(Error::internal)?;
-        write_atomic(&dir.join(PROPOSALS_FILE), &b)
+        write_atomic(&dir.join(PROPOSALS_FILE), self.text()?.as_bytes())
     }
 
     /// Proposals not yet decided.

@@ -463,3 +463,58 @@ fn without_counts(mut v: Value) -> Value {
     }
     v
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proposals_made_on_two_replicas_are_reviewed_on_a_third() {
+    let r = replicas("review", 3);
+    ok(&r[0], "POST", "/v1/libraries", Some(json!({"name": "rev"}))).await;
+    // Proposals made at once on two replicas: none is lost, ids do not collide.
+    let mut made = Vec::new();
+    for (i, s) in r[..2].iter().enumerate() {
+        for j in 0..5 {
+            let url = s.url("/v1/libraries/rev/experiences?review=true");
+            made.push(tokio::spawn(async move {
+                let body = json!({"text": format!("Proposed {i}-{j}: check the sign.")});
+                call("POST", &url, Some(&body)).await
+            }));
+        }
+    }
+    let mut ids = Vec::new();
+    for m in made {
+        let (st, v) = m.await.unwrap();
+        assert_eq!(st, 202, "{v}");
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 10, "{ids:?}");
+    let list = ok(&r[2], "GET", "/v1/libraries/rev/proposals", None).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 10, "{list}");
+    // Approved on the third, the version and the decision are seen everywhere.
+    let v = ok(
+        &r[2],
+        "POST",
+        "/v1/libraries/rev/proposals/approve",
+        Some(json!({"ids": [ids[0], ids[7]], "reviewer": "ana"})),
+    )
+    .await;
+    assert_eq!(v["version"], 1, "{v}");
+    for s in &r[..2] {
+        let pending = ok(s, "GET", "/v1/libraries/rev/proposals", None).await;
+        assert_eq!(pending["data"].as_array().unwrap().len(), 8, "{pending}");
+        within(Duration::from_secs(1), "the approved version", || async {
+            let (_, v) = call("GET", &s.url("/v1/libraries/rev/experiences"), None).await;
+            v["data"].as_array().is_some_and(|d| d.len() == 2)
+        })
+        .await;
+    }
+    // Deciding it again on another replica is refused: it is decided.
+    let (st, e) = call(
+        "POST",
+        &r[1].url(&format!("/v1/libraries/rev/proposals/{}/approve", ids[0])),
+        Some(&json!({})),
+    )
+    .await;
+    assert_eq!(st, 409, "{e}");
+}
