@@ -8,40 +8,13 @@ use serde_json::{json, Value};
 use crate::common::postgres::cluster;
 use crate::common::{call, start, Server, MODEL};
 
-/// Servers stopped when the test ends (each holds a model: left running until the test
-/// binary exits, the replica tests' servers alone would take gigabytes).
-struct Replicas(Vec<Server>);
-
-impl std::ops::Deref for Replicas {
-    type Target = Vec<Server>;
-    fn deref(&self) -> &Vec<Server> {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Replicas {
-    fn deref_mut(&mut self) -> &mut Vec<Server> {
-        &mut self.0
-    }
-}
-
-impl Drop for Replicas {
-    fn drop(&mut self) {
-        for s in &self.0 {
-            s.signal(libc::SIGKILL);
-        }
-    }
-}
-
 /// `n` replicas on one fresh database.
-fn replicas(db: &str, n: usize) -> Replicas {
+fn replicas(db: &str, n: usize) -> Vec<Server> {
     let url = cluster().database(db);
     // Started one after another: each migrates (the first) or finds the schema migrated.
-    Replicas(
-        (0..n)
-            .map(|_| start(None, &[("EXPERIENT_DATABASE_URL", url.as_str())]))
-            .collect(),
-    )
+    (0..n)
+        .map(|_| start(None, &[("EXPERIENT_DATABASE_URL", url.as_str())]))
+        .collect()
 }
 
 async fn ok(s: &Server, method: &str, path: &str, body: Option<Value>) -> Value {
@@ -211,7 +184,7 @@ async fn concurrent_commits_from_three_replicas_are_sequential_and_complete() {
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    for s in r.iter() {
+    for s in &r {
         within(
             Duration::from_secs(2),
             "every write on every replica",
@@ -402,8 +375,7 @@ async fn snapshot(s: &Server, response: &str) -> Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_file_store_moves_to_postgres_and_back_whole() {
     let url = cluster().database("migrate");
-    let mut r = Replicas(vec![start(None, &[])]);
-    let files = r.pop().unwrap();
+    let files = start(None, &[]);
     ok(
         &files,
         "POST",
@@ -475,9 +447,9 @@ async fn a_file_store_moves_to_postgres_and_back_whole() {
     let exp = back.path().join("experience");
     let moved = crate::common::cli_json(&["store", "migrate", "--to", "files"], &exp, &env);
     assert_eq!(moved["versions"], 4, "{moved}");
-    r.push(crate::common::start_in(back, None, &[]));
+    let files = crate::common::start_in(back, None, &[]);
     assert_eq!(
-        without_counts(snapshot(&r[0], &response).await),
+        without_counts(snapshot(&files, &response).await),
         without_counts(before)
     );
 }

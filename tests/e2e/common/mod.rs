@@ -15,8 +15,10 @@ use async_openai::Client;
 
 pub const MODEL: &str = "smollm2-135m";
 
-/// A server process. It dies with the test process (PR_SET_PDEATHSIG), so a failed or
-/// interrupted test run never leaves servers behind.
+/// A server process. It is killed when the value is dropped (each holds its models: the
+/// suite's servers, left running until the test binary exits, would fill the machine's
+/// memory), and dies with the test process (PR_SET_PDEATHSIG), so a failed or interrupted
+/// test run never leaves servers behind.
 pub struct Server {
     pub base: String,
     pub pid: u32,
@@ -37,7 +39,7 @@ impl Server {
     }
 
     /// Kills the process and waits until it no longer answers, keeping its directory.
-    pub fn kill(self, sig: i32) -> tempfile::TempDir {
+    pub fn kill(mut self, sig: i32) -> tempfile::TempDir {
         self.signal(sig);
         let deadline = Instant::now() + Duration::from_secs(30);
         while http_status(&self.url("/health")).is_ok() {
@@ -48,13 +50,23 @@ impl Server {
         while unsafe { libc::kill(self.pid as i32, 0) } == 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.dir
+        // Gone and reaped: its pid may name another process now, which drop must not kill.
+        self.pid = 0;
+        std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"))
     }
 
     /// Sends a signal to the process.
     pub fn signal(&self, sig: i32) {
         unsafe {
             libc::kill(self.pid as i32, sig);
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.pid != 0 {
+            self.signal(libc::SIGKILL);
         }
     }
 }
