@@ -6,6 +6,7 @@
 //! versions and kept in the library's local directory on each replica, tagged by version; a
 //! replica that sees another's version applies it the way it applies its own.
 
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::Path;
@@ -13,7 +14,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use chrono::Utc;
 
-use super::library::{pretty, LOG_FILE, SETTINGS_FILE};
+use super::library::{pretty, LOG_FILE, SETTINGS_FILE, USAGE_FILE};
 use super::log::{sync_dir, write_atomic, Version};
 use super::{validate_library_name, Settings};
 use crate::db::{self, block, Db};
@@ -39,6 +40,15 @@ pub trait DocEdit {
 
 /// One library's versions and settings where they are kept.
 pub trait Log: Send + Sync {
+    /// Stores the use counts: `totals` where only this process counts, or adds `added` (what
+    /// this process counted since its last save) to the shared sums and returns them.
+    fn save_uses(
+        &self,
+        totals: &BTreeMap<String, u64>,
+        added: &BTreeMap<String, u64>,
+    ) -> Result<Option<BTreeMap<String, u64>>>;
+    /// The shared use counts (`None` where only this process counts: its own are current).
+    fn load_uses(&self) -> Result<Option<BTreeMap<String, u64>>>;
     /// The document `name` as stored elsewhere, when others may change it (`None` for files,
     /// which only this process writes: what it holds is current).
     fn load_doc(&self, name: &str) -> Result<Option<String>>;
@@ -71,6 +81,8 @@ pub struct Exported {
     pub settings: Settings,
     pub versions: Vec<Version>,
     pub proposals: Option<String>,
+    /// Use counts per experience.
+    pub uses: BTreeMap<String, u64>,
 }
 
 const PROPOSALS: &str = super::proposals::PROPOSALS_FILE;
@@ -204,6 +216,7 @@ impl Backing for Files {
             settings: Settings::default(),
             versions: vec![first.clone()],
             proposals: None,
+            uses: BTreeMap::new(),
         };
         self.import(dir, name, &new)?;
         Ok(Opened {
@@ -235,10 +248,15 @@ impl Backing for Files {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(e.into()),
         };
+        let uses = match std::fs::read(dir.join(USAGE_FILE)) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
+            Err(_) => BTreeMap::new(),
+        };
         Ok(Exported {
             settings: o.settings,
             versions: o.versions,
             proposals,
+            uses,
         })
     }
 
@@ -257,6 +275,9 @@ impl Backing for Files {
         write_atomic(&tmp.join(SETTINGS_FILE), &pretty(&library.settings)?)?;
         if let Some(p) = &library.proposals {
             write_atomic(&tmp.join(PROPOSALS), p.as_bytes())?;
+        }
+        if !library.uses.is_empty() {
+            write_atomic(&tmp.join(USAGE_FILE), &pretty(&library.uses)?)?;
         }
         let mut log = String::new();
         for v in &library.versions {
@@ -329,6 +350,19 @@ impl Log for FileLog {
     }
 
     fn load_doc(&self, _name: &str) -> Result<Option<String>> {
+        Ok(None)
+    }
+
+    fn save_uses(
+        &self,
+        totals: &BTreeMap<String, u64>,
+        _added: &BTreeMap<String, u64>,
+    ) -> Result<Option<BTreeMap<String, u64>>> {
+        write_atomic(&self.dir.join(USAGE_FILE), &pretty(totals)?)?;
+        Ok(None)
+    }
+
+    fn load_uses(&self) -> Result<Option<BTreeMap<String, u64>>> {
         Ok(None)
     }
 
@@ -495,19 +529,31 @@ impl Backing for Postgres {
 
     fn export(&self, _dir: &Path, name: &str) -> Result<Exported> {
         let (generation, settings, _, versions) = self.read(name)?;
-        let proposals = block(
-            sqlx::query_scalar(
+        let pool = self.db.pool();
+        let (proposals, uses) = block(async {
+            let proposals = sqlx::query_scalar(
                 "SELECT body FROM library_documents WHERE library = $1 AND name = $2",
             )
             .bind(generation)
             .bind(PROPOSALS)
-            .fetch_optional(self.db.pool()),
-        )
+            .fetch_optional(pool)
+            .await?;
+            let uses: Vec<(String, i64)> =
+                sqlx::query_as("SELECT experience, uses FROM experience_uses WHERE library = $1")
+                    .bind(generation)
+                    .fetch_all(pool)
+                    .await?;
+            Ok::<_, sqlx::Error>((proposals, uses))
+        })
         .map_err(db::failed)?;
         Ok(Exported {
             settings: parse_settings(&settings, name, usize::MAX)?,
             versions,
             proposals,
+            uses: uses
+                .into_iter()
+                .map(|(e, n)| (e, n.max(0) as u64))
+                .collect(),
         })
     }
 
@@ -548,6 +594,21 @@ impl Backing for Postgres {
                 .execute(&mut *tx)
                 .await?;
             }
+            let ids: Vec<&str> = library.uses.keys().map(String::as_str).collect();
+            let counts: Vec<i64> = library
+                .uses
+                .values()
+                .map(|&n| n.min(i64::MAX as u64) as i64)
+                .collect();
+            sqlx::query(
+                "INSERT INTO experience_uses (library, experience, uses) \
+                 SELECT $1, e, n FROM unnest($2::text[], $3::bigint[]) AS t (e, n)",
+            )
+            .bind(id)
+            .bind(&ids)
+            .bind(&counts)
+            .execute(&mut *tx)
+            .await?;
             notify(&mut tx, name).await?;
             tx.commit().await
         });
@@ -812,6 +873,47 @@ impl Log for PgLog {
             log: self,
             tx: Some(tx),
         }))
+    }
+
+    /// One statement adds every count; then the sums are read back.
+    fn save_uses(
+        &self,
+        _totals: &BTreeMap<String, u64>,
+        added: &BTreeMap<String, u64>,
+    ) -> Result<Option<BTreeMap<String, u64>>> {
+        let ids: Vec<&str> = added.keys().map(String::as_str).collect();
+        let counts: Vec<i64> = added
+            .values()
+            .map(|&n| n.min(i64::MAX as u64) as i64)
+            .collect();
+        block(
+            sqlx::query(
+                "INSERT INTO experience_uses (library, experience, uses) \
+                 SELECT $1, e, n FROM unnest($2::text[], $3::bigint[]) AS t (e, n) \
+                 ON CONFLICT (library, experience) \
+                 DO UPDATE SET uses = experience_uses.uses + EXCLUDED.uses",
+            )
+            .bind(self.generation)
+            .bind(&ids)
+            .bind(&counts)
+            .execute(self.db.pool()),
+        )
+        .map_err(db::failed)?;
+        self.load_uses()
+    }
+
+    fn load_uses(&self) -> Result<Option<BTreeMap<String, u64>>> {
+        let rows: Vec<(String, i64)> = block(
+            sqlx::query_as("SELECT experience, uses FROM experience_uses WHERE library = $1")
+                .bind(self.generation)
+                .fetch_all(self.db.pool()),
+        )
+        .map_err(db::failed)?;
+        Ok(Some(
+            rows.into_iter()
+                .map(|(e, n)| (e, n.max(0) as u64))
+                .collect(),
+        ))
     }
 
     fn load_doc(&self, name: &str) -> Result<Option<String>> {

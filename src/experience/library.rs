@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::backing::{Backing, DocEdit, Files, Log, Opened};
 use super::canary::{Snapshot, Trials};
 use super::index::Index;
-use super::log::{write_atomic, Change, Op, Review, Version};
+use super::log::{Change, Op, Review, Version};
 use super::proposals::{self, Decision, Edit, Origin, Proposal, Proposals, PROPOSALS_FILE};
 use super::{Experience, Settings};
 use crate::error::{Error, Result};
@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 pub const LOG_FILE: &str = "log.jsonl";
 /// The library's settings (injection, review), rewritten atomically.
 pub const SETTINGS_FILE: &str = "library.json";
-const USAGE_FILE: &str = "usage.json";
+pub(super) const USAGE_FILE: &str = "usage.json";
 
 /// Feedback on answers an experience was injected into: at or above 0.5 it helped, below it
 /// harmed.
@@ -232,6 +232,8 @@ pub struct Library {
 #[derive(Default)]
 struct Usage {
     counts: BTreeMap<String, u64>,
+    /// Counted since the last save (what a shared store adds to its sums).
+    added: BTreeMap<String, u64>,
     dirty: bool,
     last_flush: Option<std::time::Instant>,
 }
@@ -285,9 +287,12 @@ impl Library {
             }
             None => Proposals::load(dir, &versions)?,
         };
-        let usage = match std::fs::read(dir.join(USAGE_FILE)) {
-            Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
-            Err(_) => BTreeMap::new(),
+        let usage = match log.load_uses()? {
+            Some(shared) => shared,
+            None => match std::fs::read(dir.join(USAGE_FILE)) {
+                Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
+                Err(_) => BTreeMap::new(),
+            },
         };
         let version = versions.last().map(|v| v.version).unwrap_or(0);
         let index = Index::open(&dir.join(".index"), experiences.values(), version)?;
@@ -723,6 +728,7 @@ impl Library {
         let mut u = self.usage.lock();
         for id in ids {
             *u.counts.entry(id.clone()).or_default() += 1;
+            *u.added.entry(id.clone()).or_default() += 1;
         }
         u.dirty = true;
         if u.last_flush.is_none_or(|t| t.elapsed().as_secs() >= 2) {
@@ -745,12 +751,33 @@ impl Library {
         if !u.dirty {
             return;
         }
-        if let Ok(b) = pretty(&u.counts) {
-            if write_atomic(&self.dir.join(USAGE_FILE), &b).is_ok() {
+        match self.log.save_uses(&u.counts, &u.added) {
+            Ok(shared) => {
+                if let Some(sums) = shared {
+                    u.counts = sums;
+                }
+                u.added.clear();
                 u.dirty = false;
                 u.last_flush = Some(std::time::Instant::now());
             }
+            Err(e) => {
+                tracing::warn!(library = %self.name, error = %e, "use counts not saved; trying again later")
+            }
         }
+    }
+
+    /// Takes the use counts other replicas added (what this one has not saved yet kept on
+    /// top).
+    pub(super) fn refresh_uses(&self) -> Result<()> {
+        let Some(mut sums) = self.log.load_uses()? else {
+            return Ok(());
+        };
+        let mut u = self.usage.lock();
+        for (id, n) in &u.added {
+            *sums.entry(id.clone()).or_default() += n;
+        }
+        u.counts = sums;
+        Ok(())
     }
 
     /// The proposals, locked (taken before the writer when both are held), with what other

@@ -36,6 +36,13 @@ impl Store {
         for gone in held.iter().filter(|n| !heads.iter().any(|h| &h.name == *n)) {
             self.sync_to(gone, None)?;
         }
+        let held: Vec<Arc<Library>> = self.libraries.read().values().cloned().collect();
+        for lib in held {
+            // Use counts change with every request served anywhere, and are not announced.
+            if let Err(e) = lib.refresh_uses() {
+                tracing::warn!(library = %lib.name, error = %e, "could not read use counts");
+            }
+        }
         for head in &heads {
             let current = self.libraries.read().get(&head.name).map(|l| l.head());
             if current != Some((head.generation, head.version, head.settings_rev)) {

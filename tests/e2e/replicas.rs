@@ -430,12 +430,12 @@ async fn a_file_store_moves_to_postgres_and_back_whole() {
         ),
         "{moved}"
     );
-    // A new replica serves the same, but for the use counts and credit, which are still each
-    // replica's own (docs/deployment.md).
+    // A new replica serves the same, use counts included, but for the credit, which is still
+    // each replica's own (docs/deployment.md).
     let replica = start(None, &env);
     assert_eq!(
-        without_counts(snapshot(&replica, &response).await),
-        without_counts(before.clone())
+        without_credit(snapshot(&replica, &response).await),
+        without_credit(before.clone())
     );
     // The old directory, now a replica's own, serves all of it, counts included.
     let old = crate::common::start_in(home, None, &env);
@@ -449,14 +449,14 @@ async fn a_file_store_moves_to_postgres_and_back_whole() {
     assert_eq!(moved["versions"], 4, "{moved}");
     let files = crate::common::start_in(back, None, &[]);
     assert_eq!(
-        without_counts(snapshot(&files, &response).await),
-        without_counts(before)
+        without_credit(snapshot(&files, &response).await),
+        without_credit(before)
     );
 }
 
-fn without_counts(mut v: Value) -> Value {
+fn without_credit(mut v: Value) -> Value {
     for e in v["experiences"].as_array_mut().unwrap() {
-        for k in ["uses", "helpful", "harmful", "credit"] {
+        for k in ["helpful", "harmful", "credit"] {
             e.as_object_mut().unwrap().remove(k);
         }
     }
