@@ -471,6 +471,72 @@ fn parse_settings(text: &str, name: &str, max_top_k: usize) -> Result<Settings> 
 }
 
 impl Postgres {
+    /// One transaction: the library row, every version, its proposals and counts, announced
+    /// once; the new library's generation.
+    fn insert(&self, name: &str, library: &Exported) -> Result<i64> {
+        let settings = serde_json::to_string(&library.settings).map_err(Error::internal)?;
+        let records = library
+            .versions
+            .iter()
+            .map(|v| serde_json::to_string(v).map(|r| (v.version as i64, r)))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(Error::internal)?;
+        let pool = self.db.pool();
+        let done = block(async {
+            let mut tx = pool.begin().await?;
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO libraries (name, settings) VALUES ($1, $2) RETURNING id",
+            )
+            .bind(name)
+            .bind(&settings)
+            .fetch_one(&mut *tx)
+            .await?;
+            for (version, record) in &records {
+                sqlx::query("INSERT INTO versions (library, version, record) VALUES ($1, $2, $3)")
+                    .bind(id)
+                    .bind(version)
+                    .bind(record)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if let Some(p) = &library.proposals {
+                sqlx::query(
+                    "INSERT INTO library_documents (library, name, body) VALUES ($1, $2, $3)",
+                )
+                .bind(id)
+                .bind(PROPOSALS)
+                .bind(p)
+                .execute(&mut *tx)
+                .await?;
+            }
+            let ids: Vec<&str> = library.uses.keys().map(String::as_str).collect();
+            let counts: Vec<i64> = library
+                .uses
+                .values()
+                .map(|&n| n.min(i64::MAX as u64) as i64)
+                .collect();
+            sqlx::query(
+                "INSERT INTO experience_uses (library, experience, uses) \
+                 SELECT $1, e, n FROM unnest($2::text[], $3::bigint[]) AS t (e, n)",
+            )
+            .bind(id)
+            .bind(&ids)
+            .bind(&counts)
+            .execute(&mut *tx)
+            .await?;
+            notify(&mut tx, name).await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(id)
+        });
+        match done {
+            Ok(id) => Ok(id),
+            Err(e) if db::taken(&e) => {
+                Err(Error::Conflict(format!("library '{name}' already exists")))
+            }
+            Err(e) => Err(db::failed(e)),
+        }
+    }
+
     /// A library's generation, settings (as stored) and revision, and every version.
     fn read(&self, name: &str) -> Result<(i64, String, i64, Vec<Version>)> {
         let pool = self.db.pool();
@@ -557,101 +623,22 @@ impl Backing for Postgres {
         })
     }
 
-    /// One transaction: the library row and every version, announced once.
     fn import(&self, _dir: &Path, name: &str, library: &Exported) -> Result<()> {
-        let settings = serde_json::to_string(&library.settings).map_err(Error::internal)?;
-        let records = library
-            .versions
-            .iter()
-            .map(|v| serde_json::to_string(v).map(|r| (v.version as i64, r)))
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(Error::internal)?;
-        let pool = self.db.pool();
-        let done = block(async {
-            let mut tx = pool.begin().await?;
-            let id: i64 = sqlx::query_scalar(
-                "INSERT INTO libraries (name, settings) VALUES ($1, $2) RETURNING id",
-            )
-            .bind(name)
-            .bind(&settings)
-            .fetch_one(&mut *tx)
-            .await?;
-            for (version, record) in &records {
-                sqlx::query("INSERT INTO versions (library, version, record) VALUES ($1, $2, $3)")
-                    .bind(id)
-                    .bind(version)
-                    .bind(record)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            if let Some(p) = &library.proposals {
-                sqlx::query(
-                    "INSERT INTO library_documents (library, name, body) VALUES ($1, $2, $3)",
-                )
-                .bind(id)
-                .bind(PROPOSALS)
-                .bind(p)
-                .execute(&mut *tx)
-                .await?;
-            }
-            let ids: Vec<&str> = library.uses.keys().map(String::as_str).collect();
-            let counts: Vec<i64> = library
-                .uses
-                .values()
-                .map(|&n| n.min(i64::MAX as u64) as i64)
-                .collect();
-            sqlx::query(
-                "INSERT INTO experience_uses (library, experience, uses) \
-                 SELECT $1, e, n FROM unnest($2::text[], $3::bigint[]) AS t (e, n)",
-            )
-            .bind(id)
-            .bind(&ids)
-            .bind(&counts)
-            .execute(&mut *tx)
-            .await?;
-            notify(&mut tx, name).await?;
-            tx.commit().await
-        });
-        match done {
-            Ok(()) => Ok(()),
-            Err(e) if db::taken(&e) => {
-                Err(Error::Conflict(format!("library '{name}' already exists")))
-            }
-            Err(e) => Err(db::failed(e)),
-        }
+        self.insert(name, library).map(|_| ())
     }
 
     fn create(&self, dir: &Path, name: &str, max_top_k: usize) -> Result<Opened> {
         let first = created();
         let settings = Settings::default();
-        let record = serde_json::to_string(&first).map_err(Error::internal)?;
-        let settings_text = serde_json::to_string(&settings).map_err(Error::internal)?;
-        let pool = self.db.pool();
-        let made = block(async {
-            let mut tx = pool.begin().await?;
-            let id: i64 = sqlx::query_scalar(
-                "INSERT INTO libraries (name, settings) VALUES ($1, $2) RETURNING id",
-            )
-            .bind(name)
-            .bind(&settings_text)
-            .fetch_one(&mut *tx)
-            .await?;
-            sqlx::query("INSERT INTO versions (library, version, record) VALUES ($1, 0, $2)")
-                .bind(id)
-                .bind(&record)
-                .execute(&mut *tx)
-                .await?;
-            notify(&mut tx, name).await?;
-            tx.commit().await?;
-            Ok::<_, sqlx::Error>(id)
-        });
-        let generation = match made {
-            Ok(id) => id,
-            Err(e) if db::taken(&e) => {
-                return Err(Error::Conflict(format!("library '{name}' already exists")))
-            }
-            Err(e) => return Err(db::failed(e)),
-        };
+        let generation = self.insert(
+            name,
+            &Exported {
+                settings: settings.clone(),
+                versions: vec![first.clone()],
+                proposals: None,
+                uses: BTreeMap::new(),
+            },
+        )?;
         prepare_local(dir, generation)?;
         Ok(Opened {
             versions: vec![first],
