@@ -597,13 +597,7 @@ impl Backing for Postgres {
         let (generation, settings, _, versions) = self.read(name)?;
         let pool = self.db.pool();
         let (proposals, uses) = block(async {
-            let proposals = sqlx::query_scalar(
-                "SELECT body FROM library_documents WHERE library = $1 AND name = $2",
-            )
-            .bind(generation)
-            .bind(PROPOSALS)
-            .fetch_optional(pool)
-            .await?;
+            let proposals = document(pool, generation, PROPOSALS).await?;
             let uses: Vec<(String, i64)> =
                 sqlx::query_as("SELECT experience, uses FROM experience_uses WHERE library = $1")
                     .bind(generation)
@@ -696,6 +690,47 @@ impl Backing for Postgres {
     }
 }
 
+/// The versions of library `generation` after `version`, as stored.
+async fn versions_after<'e>(
+    ex: impl sqlx::PgExecutor<'e>,
+    generation: i64,
+    version: u64,
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT record FROM versions WHERE library = $1 AND version > $2 ORDER BY version",
+    )
+    .bind(generation)
+    .bind(version as i64)
+    .fetch_all(ex)
+    .await
+}
+
+/// The library's document `name`, if it has one.
+async fn document<'e>(
+    ex: impl sqlx::PgExecutor<'e>,
+    generation: i64,
+    name: &str,
+) -> sqlx::Result<Option<String>> {
+    sqlx::query_scalar("SELECT body FROM library_documents WHERE library = $1 AND name = $2")
+        .bind(generation)
+        .bind(name)
+        .fetch_optional(ex)
+        .await
+}
+
+/// A transaction holding the advisory lock `key` until it ends.
+async fn locked(
+    pool: &sqlx::PgPool,
+    key: i64,
+) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(key)
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
 /// Tells every replica, when the transaction commits, that `name` changed.
 async fn notify(tx: &mut sqlx::PgConnection, name: &str) -> sqlx::Result<()> {
     sqlx::query("SELECT pg_notify($1, $2)")
@@ -718,15 +753,8 @@ impl Commit for PgCommit<'_> {
             .tx
             .as_mut()
             .ok_or_else(|| Error::internal("commit ended"))?;
-        let records: Vec<String> = block(
-            sqlx::query_scalar(
-                "SELECT record FROM versions WHERE library = $1 AND version > $2 ORDER BY version",
-            )
-            .bind(self.log.generation)
-            .bind(version as i64)
-            .fetch_all(&mut **tx),
-        )
-        .map_err(db::failed)?;
+        let records =
+            block(versions_after(&mut **tx, self.log.generation, version)).map_err(db::failed)?;
         records
             .iter()
             .map(|r| parse_version(r, &self.log.name))
@@ -785,15 +813,7 @@ impl DocEdit for PgDoc<'_> {
             .tx
             .as_mut()
             .ok_or_else(|| Error::internal("edit ended"))?;
-        block(
-            sqlx::query_scalar(
-                "SELECT body FROM library_documents WHERE library = $1 AND name = $2",
-            )
-            .bind(self.log.generation)
-            .bind(&self.name)
-            .fetch_optional(&mut **tx),
-        )
-        .map_err(db::failed)
+        block(document(&mut **tx, self.log.generation, &self.name)).map_err(db::failed)
     }
 
     fn save(mut self: Box<Self>, body: &str) -> Result<()> {
@@ -846,16 +866,8 @@ impl Log for PgLog {
     /// order, so replicas committing at once take turns rather than racing (a writer that lost
     /// races to a replica already up to date could lose them all).
     fn begin(&self) -> Result<Box<dyn Commit + '_>> {
-        let pool = self.db.pool();
-        let tx = block(async {
-            let mut tx = pool.begin().await?;
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(self.generation.wrapping_mul(2))
-                .execute(&mut *tx)
-                .await?;
-            Ok::<_, sqlx::Error>(tx)
-        })
-        .map_err(db::failed)?;
+        let tx =
+            block(locked(self.db.pool(), self.generation.wrapping_mul(2))).map_err(db::failed)?;
         Ok(Box::new(PgCommit {
             log: self,
             tx: Some(tx),
@@ -904,29 +916,16 @@ impl Log for PgLog {
     }
 
     fn load_doc(&self, name: &str) -> Result<Option<String>> {
-        block(
-            sqlx::query_scalar(
-                "SELECT body FROM library_documents WHERE library = $1 AND name = $2",
-            )
-            .bind(self.generation)
-            .bind(name)
-            .fetch_optional(self.db.pool()),
-        )
-        .map_err(db::failed)
+        block(document(self.db.pool(), self.generation, name)).map_err(db::failed)
     }
 
     /// A transaction holding the library's document lock (another key than its commit
     /// lock: an approval holds this one while it commits).
     fn begin_doc(&self, name: &str) -> Result<Box<dyn DocEdit + '_>> {
-        let pool = self.db.pool();
-        let tx = block(async {
-            let mut tx = pool.begin().await?;
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(self.generation.wrapping_mul(2).wrapping_add(1))
-                .execute(&mut *tx)
-                .await?;
-            Ok::<_, sqlx::Error>(tx)
-        })
+        let tx = block(locked(
+            self.db.pool(),
+            self.generation.wrapping_mul(2).wrapping_add(1),
+        ))
         .map_err(db::failed)?;
         Ok(Box::new(PgDoc {
             log: self,
@@ -936,15 +935,8 @@ impl Log for PgLog {
     }
 
     fn after(&self, version: u64) -> Result<Vec<Version>> {
-        let records: Vec<String> = block(
-            sqlx::query_scalar(
-                "SELECT record FROM versions WHERE library = $1 AND version > $2 ORDER BY version",
-            )
-            .bind(self.generation)
-            .bind(version as i64)
-            .fetch_all(self.db.pool()),
-        )
-        .map_err(db::failed)?;
+        let records =
+            block(versions_after(self.db.pool(), self.generation, version)).map_err(db::failed)?;
         records
             .iter()
             .map(|r| parse_version(r, &self.name))
